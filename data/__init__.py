@@ -1,0 +1,1 @@
+"""Data layer: dataset adapters -> canonical samples -> rendered ids/labels -> collated batches."""

@@ -1,0 +1,181 @@
+"""Phi-3-Vision on transformers' own Phi3 decoder, in the hub checkpoint's layout.
+
+`Phi3VForCausalLM(Phi3ForCausalLM)` whose `.model` is a `Phi3VModel(Phi3Model)` holding `vision_embed_tokens`
+(CLIP tower, separators, projector). Parameter names equal the hub's `model.safetensors.index.json` keys, so
+`from_pretrained` reads the unmodified hub checkpoint and `save_pretrained` writes the same layout. TRL's trainers
+and PEFT see an ordinary Phi3 causal LM.
+
+Image slots are the positive `<|image|>` id (`config.image_token_id`, 32044 on the hub); the official model's
+negative ids and its in-place `input_ids` clamp (REFERENCE.md §3.7) do not exist here: nothing mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+from transformers import Phi3ForCausalLM, Phi3Model
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+from transformers.models.phi3.modeling_phi3 import (
+    Phi3DecoderLayer,
+    Phi3PreTrainedModel,
+    Phi3RMSNorm,
+    Phi3RotaryEmbedding,
+)
+
+from .configuration import Phi3VConfig
+from .vision import Phi3VImageEmbedding
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+class Phi3VPreTrainedModel(Phi3PreTrainedModel):
+    config_class = Phi3VConfig
+    config: Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Phi3VImageEmbedding):
+            # The official code starts the separators at zero; random ones make a randomly initialised model
+            # sensitive to where they sit, which is what tests of a tiny model need to see.
+            nn.init.normal_(module.glb_GN, std=std)
+            nn.init.normal_(module.sub_GN, std=std)
+        elif isinstance(module, CLIPVisionEmbeddings):
+            nn.init.normal_(module.class_embedding, std=module.embed_dim**-0.5)
+            module.position_ids.copy_(torch.arange(module.num_positions).expand((1, -1)))
+
+
+class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
+    """The Phi3 decoder whose input embeddings carry image features at the `<|image|>` slots."""
+
+    def __init__(self, config: Phi3VConfig):
+        # Phi3Model.__init__ would initialise every weight once before the vision tower exists and once after:
+        # build its four parts here instead (same names, same classes) and initialise once.
+        Phi3VPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Phi3RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.post_init()
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_features: list[torch.Tensor] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features written at the image slots, out of place.
+
+        Features fill the slots in row-major (sample, position) order, images in the order given, as the official
+        model does. `image_features` (from `vision_embed_tokens(...)`) skips the vision pass: DPO encodes each
+        image once and reuses its features for chosen, rejected and the reference pass.
+        """
+        embeds = self.embed_tokens(input_ids)
+        slots = input_ids == self.config.image_token_id
+        if image_features is None and pixel_values is None:
+            return embeds
+        if image_features is None:
+            image_features = self.vision_embed_tokens(pixel_values, image_sizes)
+        features = torch.cat(list(image_features)) if isinstance(image_features, (list, tuple)) else image_features
+        num_slots = int(slots.sum())
+        if num_slots != features.shape[0]:
+            raise ValueError(
+                f"input_ids hold {num_slots} image slots (id {self.config.image_token_id}) but the images give "
+                f"{features.shape[0]} features: the ids and the images must come from the same processor call"
+            )
+        return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_features: list[torch.Tensor] | torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_features)
+            input_ids = None
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
+    """Phi-3-Vision / Phi-3.5-vision. `model(**processor(text=..., images=...))` returns logits;
+    `generate(**inputs)` stops at `<|end|>` or `<|endoftext|>`."""
+
+    def __init__(self, config: Phi3VConfig):
+        # Not Phi3ForCausalLM.__init__: it would build (and initialise) a text-only Phi3Model first.
+        Phi3VPreTrainedModel.__init__(self, config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        # The hub's generation_config says eos 2; the model ends its turns with <|end|> (REFERENCE.md §2.9).
+        self.generation_config.eos_token_id = list(config.end_token_ids or (32007, 32000))
+        self.generation_config.pad_token_id = config.pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, attn_implementation: str = "sdpa", **kwargs):
+        """Load the hub checkpoint (a hub id or a local folder) with no remote code.
+
+        Fails when a parameter of the model is missing from the checkpoint; unused keys (e.g. a re-saved official
+        model's duplicate `vision_embed_tokens.wte`) are reported by transformers and ignored.
+        """
+        check_attn_implementation(attn_implementation)
+        kwargs.pop("trust_remote_code", None)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *args,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            **kwargs,
+        )
+        if info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not a complete Phi-3-V checkpoint: {len(missing)} parameters "
+                f"are missing, e.g. {missing[:5]}"
+            )
+        return model
+
+    def prepare_inputs_for_generation(self, input_ids, *args, pixel_values=None, image_sizes=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        # The image path runs whenever the decoder is fed the whole prompt: the first step, and again when Phi-3
+        # drops its cache on crossing the 4096-token short/long RoPE switch (Phi3ForCausalLM does that).
+        cache = inputs.get("cache")
+        if cache is None or cache.get_seq_length() == 0:
+            inputs["pixel_values"] = pixel_values
+            inputs["image_sizes"] = image_sizes
+        return inputs
+
+
+def check_attn_implementation(name: str) -> None:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package, which is not installed: "
+            "install the project's `gpu` extra (pip install -e '.[gpu]') on a CUDA machine, or use 'sdpa'"
+        )

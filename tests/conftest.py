@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny Phi-3-V-shaped model and processor built in-process, the real hub files when present."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
+from models.phi3v.tiny import build_tiny_tokenizer, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+HUB_DIR = Path(os.environ.get("PHI3V_HUB_DIR", REPO.parent / "shared" / "phi3v" / "hub"))
+PHI3V_HUB = HUB_DIR / "Phi-3-vision-128k-instruct"
+PHI35V_HUB = HUB_DIR / "Phi-3.5-vision-instruct"
+
+TINY_TEXTS = [
+    "What colour is the shape?", "How many shapes are there?", "Which bar is tallest?", "Describe the image.",
+    "red", "green", "blue", "yellow", "one", "two", "three", "four", "circle", "square", "triangle",
+    "You are a helpful assistant.", "The answer is", "Compare the two images.",
+]
+
+
+def needs_hub(path: Path):
+    """Skip (with the reason) where the real hub files are absent: a user's fresh clone has no ../shared."""
+    return pytest.mark.skipif(not path.is_dir(), reason=f"real hub files not found at {path} (set PHI3V_HUB_DIR)")
+
+
+def deterministic_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Fill every parameter from a generator seeded by (seed, parameter name), so values do not depend on
+    construction order or on torch's global RNG: golden numbers stay put when the module tree changes order."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
+            if name.endswith(("norm.weight", "layernorm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight")):
+                values += 1.0
+            param.copy_(values.to(param.dtype))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer(TINY_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_tokenizer):
+    return Phi3VProcessor(Phi3VImageProcessor(num_crops=4, crop_size=32, patch_size=8), tiny_tokenizer)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    model = Phi3VForCausalLM(tiny_config(tiny_tokenizer))
+    deterministic_init_(model)
+    return model.eval()
+
+
+def drawn_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A deterministic picture: a colour gradient with a few shapes, so crops differ from one another."""
+    xs = np.arange(width) * 255 // max(width - 1, 1)
+    ys = np.arange(height) * 255 // max(height - 1, 1)
+    rgb = np.zeros((height, width, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = xs[None, :], ys[:, None], (seed * 67) % 256
+    image = Image.fromarray(rgb, "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width // 4, height // 4, width // 2, height // 2], fill=(250, 30, 30))
+    draw.rectangle([width // 2, height // 2, 3 * width // 4, 7 * height // 8], fill=(30, 30, 250))
+    return image.convert(mode)
+
+
+def chat(processor, question: str, num_images: int = 1, answer: str | None = None) -> str:
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return processor.apply_chat_template(messages, add_generation_prompt=answer is None)

@@ -1,0 +1,97 @@
+"""HD transform geometry, token counts (REFERENCE.md §2.7) and crops, from sizes alone and from pixels."""
+
+import pytest
+import torch
+from PIL import Image
+
+from models.phi3v import Phi3VImageProcessor, crop_grid, hd_canvas_size, num_image_tokens
+from models.phi3v.image_processing import hd_canvas, normalize_uint8
+
+from .conftest import drawn_image
+
+# (width, height): tokens at num_crops 16, 4, 1 -- the table of REFERENCE.md §2.7, checked there against the
+# official processor.
+TOKEN_TABLE = {
+    (336, 336): (2509, 757, 313),
+    (1344, 1344): (2509, 757, 313),
+    (1000, 600): (2353, 757, 313),
+    (600, 1000): (2377, 757, 313),
+    (640, 480): (1921, 757, None),
+    (1920, 1080): (2353, 757, None),
+    (50, 8000): (2653, 781, None),
+}
+
+
+@pytest.mark.parametrize("size", sorted(TOKEN_TABLE))
+def test_token_count_table(size):
+    for num_crops, expected in zip((16, 4, 1), TOKEN_TABLE[size]):
+        if expected is not None:
+            assert num_image_tokens(*size, num_crops=num_crops) == expected
+
+
+def test_canvas_sizes_seen_with_the_official_processor():
+    # REFERENCE.md §5: image_sizes [H, W] is the padded canvas; small images are upscaled.
+    assert hd_canvas_size(1000, 600, 16) == (1680, 1008)
+    assert hd_canvas_size(17, 23, 16) == (1008, 1344)
+    assert crop_grid(64, 900, 16) == (14, 1)
+
+
+@pytest.mark.parametrize("size", [(17, 23), (1000, 600), (600, 1000), (64, 900), (50, 8000), (3, 3)])
+@pytest.mark.parametrize("num_crops", [16, 4, 1])
+def test_pixels_agree_with_size_only_count(size, num_crops):
+    processor = Phi3VImageProcessor(num_crops=num_crops)
+    out = processor([drawn_image(*size)], do_normalize=False)
+    rows, cols = crop_grid(*size, num_crops)
+    assert out["pixel_values"].shape == (rows * cols, 3, 336, 336)
+    assert out["pixel_values"].dtype == torch.uint8
+    assert out["image_sizes"].tolist() == [[rows * 336, cols * 336]]
+    assert out["num_img_tokens"] == [num_image_tokens(*size, num_crops)]
+    assert rows * cols <= num_crops
+
+
+def test_padding_is_white_and_centred():
+    canvas = hd_canvas(Image.new("RGB", (1000, 600), (0, 0, 0)), num_crops=16)
+    assert canvas.size == (1680, 1008)
+    # 1680 / (1000/600) = 1008 rows: no padding needed; a wider image pads top and bottom with white.
+    wide = hd_canvas(Image.new("RGB", (1000, 100), (0, 0, 0)), num_crops=4)
+    column = [wide.getpixel((10, y)) for y in range(wide.height)]
+    assert column[0] == (255, 255, 255) and column[-1] == (255, 255, 255)
+    assert column[wide.height // 2] == (0, 0, 0)
+
+
+def test_float_output_is_the_normalised_uint8_output():
+    processor = Phi3VImageProcessor(num_crops=4)
+    image = drawn_image(640, 480)
+    raw = processor([image], do_normalize=False)["pixel_values"]
+    normalised = processor([image])["pixel_values"]
+    assert normalised.dtype == torch.float32
+    assert torch.equal(normalize_uint8(raw), normalised)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "1"])
+def test_image_modes_become_rgb(mode):
+    image = drawn_image(100, 80, mode=mode)
+    out = Phi3VImageProcessor(num_crops=1)([image], do_normalize=False)
+    assert out["pixel_values"].shape == (1, 3, 336, 336)
+
+
+def test_grayscale_gives_equal_channels():
+    out = Phi3VImageProcessor(num_crops=1)([drawn_image(90, 60, mode="L")], do_normalize=False)["pixel_values"]
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
+
+
+def test_too_elongated_image_is_a_clear_error():
+    with pytest.raises(ValueError, match="too elongated"):
+        num_image_tokens(100_000, 1, num_crops=1)
+
+
+def test_huge_image_costs_the_same_tokens_as_small():
+    # Token counts depend on the aspect ratio only (images are resized to fill the crop budget).
+    assert num_image_tokens(8000, 8000, 16) == num_image_tokens(16, 16, 16) == 2509
+
+
+def test_caller_image_is_not_modified():
+    image = drawn_image(120, 200, mode="RGBA")
+    before = image.tobytes()
+    Phi3VImageProcessor(num_crops=4)([image])
+    assert image.mode == "RGBA" and image.tobytes() == before
