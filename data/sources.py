@@ -1,0 +1,298 @@
+"""Reading the rows of one recipe data source as canonical samples, and mixing several sources by weight.
+
+One loading path for every source: `datasets.load_dataset`. A hub id or a local dataset folder (an imagefolder with
+`metadata.jsonl`/`metadata.csv` and a `file_name` column, or a clone of a hub dataset repo) is passed as the path; a
+local `.json` (a list of rows), `.jsonl`, `.parquet` or `.arrow` file goes through the matching packaged builder as
+the single split `train`. The result is read as an `IterableDataset` with Image decoding off, so image columns give
+`{"bytes", "path"}` dicts that become `ImageRef`s and pixels are never decoded here.
+
+    skips = SkipCounter()
+    source = SourceSpec(format="vqa", path="HuggingFaceM4/ChartQA", split="train", weight=2.0)
+    for sample in iter_samples(source, on_bad_sample="skip", skip_counter=skips):
+        ...
+    print(skips.summary())
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import datasets
+
+from data.adapters import Adapter, adapter_for, apply_columns, skip_reason
+from data.sample import DataError, Origin, PreferenceSample, SFTSample
+
+logger = logging.getLogger(__name__)
+
+Sample = SFTSample | PreferenceSample
+OnBadSample = Literal["error", "skip"]
+S = TypeVar("S")
+
+# A local file is read by the packaged `datasets` builder for its suffix.
+LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+class SourceLike(Protocol):
+    """What this module reads from a data source: `SourceSpec` here, or the recipe's `Source` (same fields)."""
+
+    format: str
+    path: str
+    config: str | None
+    split: str
+    revision: str | None
+    streaming: bool
+    columns: Mapping[str, str] | None
+    image_root: str | None
+    weight: float
+    limit: int | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SourceSpec:
+    """One data source, mirroring the recipe's `data.sources[]` entry."""
+
+    format: str
+    """The row format, one of `data.adapters.FORMATS`."""
+    path: str
+    """A hub dataset id, a local dataset folder, or a local .json/.jsonl/.parquet/.arrow file."""
+    config: str | None = None
+    """The hub dataset's configuration name (`load_dataset(name=...)`)."""
+    split: str = "train"
+    """The split to read; slices such as `train[:100]` work for non-streaming sources. A local file is `train`."""
+    revision: str | None = None
+    """The hub revision (branch, tag or commit) to pin."""
+    streaming: bool = False
+    """Read rows lazily instead of materialising the dataset in the datasets cache first."""
+    columns: Mapping[str, str] = field(default_factory=dict)
+    """Renames applied to every row before adapting it: {raw column name: name the format reads}."""
+    image_root: str | None = None
+    """The folder image paths are resolved against and confined to; defaults to the folder of a local source."""
+    weight: float = 1.0
+    """This source's share of a mixture, relative to the other sources' weights."""
+    limit: int | None = None
+    """Read at most this many rows (bad rows included)."""
+
+
+def source_name(source: SourceLike) -> str:
+    """How errors, skips and origins name the source: `path[config]:split`."""
+    config = f"[{source.config}]" if source.config else ""
+    return f"{source.path}{config}:{source.split}"
+
+
+def image_root_of(source: SourceLike) -> Path | None:
+    """The source's image_root, else the local folder it lives in; None for a hub dataset (paths then fail)."""
+    if source.image_root is not None:
+        return Path(source.image_root)
+    path = Path(source.path)
+    if path.is_dir():
+        return path
+    return path.parent if path.is_file() else None
+
+
+def _load_dataset(source: SourceLike) -> datasets.Dataset | datasets.IterableDataset:
+    path = Path(source.path)
+    if path.suffix in LOCAL_FILE_BUILDERS:
+        if not path.is_file():
+            raise ValueError(f"data source {source.path!r}: no such file; fix the source's path")
+        return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files={"train": str(path)},
+                                     split=source.split, streaming=source.streaming)
+    if (path.is_absolute() or source.path.startswith(".")) and not path.exists():
+        raise ValueError(f"data source {source.path!r}: no such folder; fix the source's path")
+    return datasets.load_dataset(source.path, name=source.config, split=source.split, revision=source.revision,
+                                 streaming=source.streaming)
+
+
+def _with_undecoded_images(feature: Any) -> Any:
+    """`feature` with every (nested) Image set to decode=False, so rows carry `{"bytes", "path"}` dicts. Only Image:
+    `IterableDataset.decode(False)` would also stop decoding Json columns, in which `datasets` stores mixed-type
+    values as JSON text (message content that is a string in one turn and a list in another would arrive as '"S"')."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(mode=feature.mode, decode=False)
+    if isinstance(feature, dict):  # Features, or the dict of a struct
+        return type(feature)({key: _with_undecoded_images(value) for key, value in feature.items()})
+    if isinstance(feature, datasets.List):
+        return datasets.List(_with_undecoded_images(feature.feature), length=feature.length)
+    if isinstance(feature, datasets.LargeList):
+        return datasets.LargeList(_with_undecoded_images(feature.feature))
+    return feature
+
+
+def load_rows(source: SourceLike) -> datasets.IterableDataset:
+    """The source's raw rows, in order, with image columns left encoded (`{"bytes", "path"}` dicts)."""
+    dataset = _load_dataset(source)
+    if isinstance(dataset, datasets.Dataset):
+        dataset = dataset.to_iterable_dataset()
+    if not isinstance(dataset, datasets.IterableDataset):
+        raise ValueError(f"data source {source_name(source)}: split {source.split!r} does not name one split "
+                         f"(got {type(dataset).__name__}); set the source's split")
+    if dataset.features is not None:  # unknown features (streamed json) hold no Image columns
+        dataset = dataset.cast(_with_undecoded_images(dataset.features))
+    return dataset if source.limit is None else dataset.take(source.limit)
+
+
+class SkipCounter:
+    """Rows skipped under `on_bad_sample: skip`, counted per dataset and reason. A row is counted once even when its
+    source is read again (a mixture re-reads a source to fill its quota)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._skipped: set[Origin] = set()
+
+    def record(self, error: DataError) -> None:
+        if error.origin in self._skipped:
+            return
+        self._skipped.add(error.origin)
+        key = (error.origin.dataset, skip_reason(error))
+        self._counts[key] += 1
+        # The first skip of each kind is a warning with its full message; the rest go to debug, not to flood the log.
+        log = logger.warning if self._counts[key] == 1 else logger.debug
+        log("skipping bad row: %s (counted under '%s')", error, key[1])
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{dataset: {reason: number of rows skipped}}."""
+        by_dataset: dict[str, dict[str, int]] = {}
+        for (dataset, reason), count in sorted(self._counts.items()):
+            by_dataset.setdefault(dataset, {})[reason] = count
+        return by_dataset
+
+    def summary(self) -> str:
+        """One line per dataset, for the end-of-run log."""
+        if not self._counts:
+            return "no rows skipped"
+        return "\n".join(
+            f"{dataset}: {sum(reasons.values())} rows skipped ("
+            + ", ".join(f"{reason}: {count}" for reason, count in reasons.items()) + ")"
+            for dataset, reasons in self.counts().items()
+        )
+
+
+def _check_skip_policy(on_bad_sample: str, skip_counter: SkipCounter | None) -> None:
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample is {on_bad_sample!r}; choose 'error' or 'skip'")
+    if on_bad_sample == "skip" and skip_counter is None:
+        raise ValueError("on_bad_sample='skip' needs a SkipCounter, so that the skipped rows can be reported")
+
+
+def iter_samples(source: SourceLike, *, on_bad_sample: OnBadSample = "error",
+                 skip_counter: SkipCounter | None = None) -> Iterator[Sample]:
+    """The source's rows as canonical samples, in row order. A bad row raises its `DataError`, or under 'skip' is
+    counted in `skip_counter` and left out; a source whose every row is bad raises even under 'skip' (it is a wrong
+    format or columns mapping, not bad data)."""
+    adapter = adapter_for(source.format, dataset=source_name(source))
+    _check_skip_policy(on_bad_sample, skip_counter)
+    return _adapted(source, adapter, on_bad_sample=on_bad_sample, skip_counter=skip_counter)
+
+
+def _adapted(source: SourceLike, adapter: Adapter, *, on_bad_sample: OnBadSample,
+             skip_counter: SkipCounter | None) -> Iterator[Sample]:
+    name, image_root, columns = source_name(source), image_root_of(source), dict(source.columns or {})
+    first_error: DataError | None = None
+    num_rows = num_samples = 0
+    for num_rows, row in enumerate(load_rows(source), start=1):
+        origin = Origin(dataset=name, row=num_rows - 1)
+        try:
+            sample = adapter(apply_columns(row, columns, origin=origin), origin=origin, image_root=image_root)
+        except DataError as error:
+            if on_bad_sample == "error":
+                raise
+            skip_counter.record(error)
+            first_error = first_error or error
+            continue
+        num_samples += 1
+        yield sample
+    if num_samples == 0 and first_error is not None:
+        raise ValueError(f"data source {name}: all {num_rows} rows are bad, the first: {first_error}; check the "
+                         "source's format and columns")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSamples:
+    """`iter_samples` of one source as a re-iterable: each `iter()` reads the source again from its first row."""
+
+    source: SourceLike
+    on_bad_sample: OnBadSample = "error"
+    skip_counter: SkipCounter | None = None
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter_samples(self.source, on_bad_sample=self.on_bad_sample, skip_counter=self.skip_counter)
+
+
+def apportion(num_samples: int, weights: Sequence[float]) -> list[int]:
+    """Integer quotas summing to `num_samples`, proportional to `weights` (largest remainder; ties go to the
+    earlier stream)."""
+    total = sum(weights)
+    exact = [num_samples * weight / total for weight in weights]
+    quotas = [math.floor(share) for share in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (quotas[i] - exact[i], i))
+    for i in by_remainder[: num_samples - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def _check_mix_args(streams: Sequence[Iterable[S]], weights: Sequence[float], num_samples: int) -> None:
+    if not streams or len(streams) != len(weights):
+        raise ValueError(f"mix needs one weight per stream, got {len(streams)} streams and {len(weights)} weights")
+    for i, weight in enumerate(weights):
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"mixture weight {i} is {weight!r}; weights must be positive numbers (leave a source "
+                             "out rather than giving it weight 0)")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"mixture num_samples is {num_samples!r}; it must be a positive integer")
+
+
+def mix(streams: Sequence[Iterable[S]], weights: Sequence[float], *, seed: int, num_samples: int) -> Iterator[S]:
+    """`num_samples` items drawn from `streams` in proportion to `weights`; each item is passed through unchanged
+    (a sample keeps its Origin).
+
+    Policy: the quotas are exact (`apportion`). The order is a seeded random draw without replacement from the
+    remaining quotas, so every interleaving is equally likely and the same seed gives the same order. Each stream
+    is read in its own order; a stream that runs out before its quota is read again from its start (a weight above
+    the stream's share of the data upsamples it), which needs a re-iterable stream (a list, a dataset,
+    `SourceSamples`), not a one-shot iterator.
+    """
+    _check_mix_args(streams, weights, num_samples)
+    return _draw(streams, apportion(num_samples, weights), random.Random(seed))
+
+
+def _draw(streams: Sequence[Iterable[S]], quotas: list[int], rng: random.Random) -> Iterator[S]:
+    remaining = list(quotas)
+    iterators = [iter(stream) for stream in streams]
+    for _ in range(sum(quotas)):
+        # Picking stream i with probability remaining[i] / sum(remaining) is a uniform shuffle of the quotas.
+        i = rng.choices(range(len(streams)), weights=remaining)[0]
+        remaining[i] -= 1
+        yield _next_item(streams, iterators, i)
+
+
+def _next_item(streams: Sequence[Iterable[S]], iterators: list[Iterator[S]], i: int) -> S:
+    try:
+        return next(iterators[i])
+    except StopIteration:
+        logger.info("mixture: stream %d ran out before its quota; reading it again from the start", i)
+    iterators[i] = iter(streams[i])
+    try:
+        return next(iterators[i])
+    except StopIteration:
+        raise ValueError(f"mixture stream {i} has no items to fill its quota: it is empty, or a one-shot iterator "
+                         "that cannot be read again (pass a list or a SourceSamples)") from None
+
+
+def mix_sources(sources: Sequence[SourceLike], *, seed: int, num_samples: int, on_bad_sample: OnBadSample = "error",
+                skip_counter: SkipCounter | None = None) -> Iterator[Sample]:
+    """The recipe's sources mixed by their `weight` (see `mix` for the policy)."""
+    _check_skip_policy(on_bad_sample, skip_counter)
+    for source in sources:  # a wrong format fails here, before any source is read
+        adapter_for(source.format, dataset=source_name(source))
+    streams = [SourceSamples(source=source, on_bad_sample=on_bad_sample, skip_counter=skip_counter) for source in sources]
+    return mix(streams, [source.weight for source in sources], seed=seed, num_samples=num_samples)
