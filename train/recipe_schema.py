@@ -1,0 +1,435 @@
+"""What a recipe is: one frozen, keyword-only dataclass per YAML section, and the rules across its fields.
+
+Every field carries its default, its documentation and its numeric range here, and nowhere else:
+`train.recipe.recipe_help()` prints them for `--help`, `train.recipe.parse_recipe` checks types and ranges, and
+`recipe_problems` lists every cross-field problem of a well-typed recipe, one line each (key path, value,
+consequence, fix). Reading YAML, overrides and provenance live in `train/recipe.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+SourceFormat = Literal["trl_messages", "llava", "sharegpt", "vqa", "trl_preference", "rlaif_v", "synthetic"]
+DpoLossType = Literal[
+    "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
+]
+Stage = Literal["sft", "dpo", "eval", "export"]
+TrainedStage = Literal["base", "sft", "dpo"]
+
+# Which training stage reads which source formats; `synthetic` draws both conversations and preference pairs.
+STAGE_FORMATS = {
+    "sft": frozenset({"trl_messages", "llava", "sharegpt", "vqa", "synthetic"}),
+    "dpo": frozenset({"trl_preference", "rlaif_v", "synthetic"}),
+}
+# TRL's DPO losses whose formula has a label-smoothing term (conservative DPO, robust DPO).
+LABEL_SMOOTHING_LOSSES = frozenset({"sigmoid", "robust"})
+STAGE_ORDER: tuple[Stage, ...] = ("sft", "dpo", "eval", "export")
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """The allowed range of a numeric field (of each item, for a list)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+
+    def admits(self, value: float) -> bool:
+        return value == value and not (  # NaN (YAML .nan) is in no range
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.lt is not None and value >= self.lt)
+        )
+
+    def __str__(self) -> str:  # ">= 1", "> 0", "in [0, 1)"; every range the schema uses has a lower end
+        if self.lt is None:
+            return f">= {self.ge}" if self.ge is not None else f"> {self.gt}"
+        return f"in [{self.ge}, {self.lt})" if self.ge is not None else f"in ({self.gt}, {self.lt})"
+
+
+def option(
+    default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, lt: float | None = None
+) -> Any:
+    """A schema field: its default, its documentation and its numeric range, in one place."""
+    assert lt is None or ge is not None or gt is not None, "Bounds.__str__ needs a lower end"
+    bounds = Bounds(ge=ge, gt=gt, lt=lt) if (ge, gt, lt) != (None, None, None) else None
+    metadata = {"doc": doc, "bounds": bounds}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(factory: Any, doc: str) -> Any:
+    """A nested-section field whose default is the section with all its defaults."""
+    return field(default_factory=factory, metadata={"doc": doc, "bounds": None})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelSection:
+    name_or_path: str = option(
+        "microsoft/Phi-3.5-vision-instruct",
+        "Hub id, local directory, or `tiny`: a tiny randomly-initialised Phi-3-V-shaped model built from config "
+        "(demo and dry runs; nothing is downloaded).",
+    )
+    revision: str | None = option(None, "Hub branch, tag or commit to load; null: the default branch.")
+    dtype: Dtype = option("bfloat16", "Dtype the weights are loaded in.")
+    attn_implementation: AttnImplementation = option("sdpa", "Attention kernel (flash_attention_2: 16-bit).")
+    num_crops: int = option(16, "Most 336x336 crops per image; fewer crops, fewer image tokens.", ge=1)
+    vision: Literal["frozen", "lora", "full"] = option("frozen", "How the CLIP vision tower is trained.")
+    projector: Literal["frozen", "full"] = option("full", "How the image projector (2-layer MLP) is trained.")
+    language: Literal["lora", "full"] = option("lora", "How the language model is trained.")
+    gradient_checkpointing: bool = option(True, "Recompute activations: less memory, ~30% slower.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoraSection:
+    r: int = option(16, "LoRA rank.", ge=1)
+    alpha: int = option(32, "LoRA updates are scaled by alpha/r (rsLoRA: alpha/sqrt(r)).", ge=1)
+    dropout: float = option(0.05, "Dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: tuple[str, ...] = option(
+        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        "Language-model modules that get LoRA (Phi-3's fused attention and MLP projections).",
+    )
+    vision_target_modules: tuple[str, ...] = option(
+        ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        "CLIP modules that get LoRA when model.vision is lora.",
+    )
+    use_rslora: bool = option(False, "Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA).")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Source:
+    format: SourceFormat = option(
+        "trl_messages",
+        "Row format. SFT reads trl_messages, llava, sharegpt, vqa; DPO reads trl_preference, rlaif_v; synthetic "
+        "(drawn in-process) feeds both.",
+    )
+    path: str = option("", "Hub dataset id, or a local file or directory.")
+    config: str | None = option(None, "Hub dataset configuration name.")
+    split: str = option("train", "Dataset split.")
+    revision: str | None = option(None, "Hub dataset branch, tag or commit.")
+    streaming: bool = option(False, "Stream rows instead of downloading the whole split first.")
+    columns: dict[str, str] = option({}, "Column renames, raw name -> canonical name.")
+    image_root: str | None = option(None, "Where relative image paths resolve (and stay confined).")
+    weight: float = option(1.0, "Sampling weight relative to the stage's other sources.", gt=0)
+    limit: int | None = option(None, "Read at most this many rows; null: all.", ge=1)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataSection:
+    train: tuple[Source, ...] = option((), "Training sources; each stage reads the formats it understands.")
+    eval: tuple[Source, ...] = option((), "Held-out sources for the eval loss during training; may be empty.")
+    max_length: int = option(4096, "Most tokens per sample, image tokens included.", ge=1)
+    on_overlong: Literal["drop", "error"] = option("drop", "Over-long sample: drop and count it, or raise.")
+    on_bad_sample: Literal["error", "skip"] = option(
+        "error", "Invalid row: raise naming it, or skip and count it."
+    )
+    max_image_pixels: int = option(89_478_485, "Refuse larger images (PIL's decompression-bomb limit).", ge=1)
+    assistant_turns: Literal["all", "last"] = option("all", "Which assistant turns are supervised.")
+    num_workers: int = option(2, "DataLoader worker processes per rank.", ge=0)
+    group_by_length: bool = option(False, "Batch samples of similar token counts together (less padding).")
+    packing: bool = option(False, "Pack several samples into one sequence up to max_length.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainSection:
+    micro_batch_size: int = option(1, "Samples per device per forward pass.", ge=1)
+    grad_accum: int = option(8, "Micro-batches per optimizer step.", ge=1)
+    max_steps: int | None = option(None, "Optimizer steps; set exactly one of max_steps and epochs.", ge=1)
+    epochs: float | None = option(None, "Data passes; set exactly one of max_steps and epochs.", gt=0)
+    lr: float = option(2.0e-4, "Peak learning rate of the language model (LoRA or full).", gt=0)
+    lr_vision: float | None = option(None, "Peak learning rate of the vision tower; null: lr.", gt=0)
+    lr_projector: float | None = option(None, "Peak learning rate of the image projector; null: lr.", gt=0)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay.", ge=0)
+    adam_betas: tuple[float, ...] = option((0.9, 0.999), "AdamW [beta1, beta2].", ge=0, lt=1)
+    adam_eps: float = option(1.0e-8, "AdamW epsilon.", gt=0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option(
+        "cosine", "LR schedule."
+    )
+    warmup_ratio: float = option(0.03, "Warmup as a fraction of all optimizer steps.", ge=0, lt=1)
+    warmup_steps: int | None = option(None, "Warmup steps; overrides warmup_ratio when set.", ge=0)
+    max_grad_norm: float | None = option(1.0, "Clip the global gradient norm to this; null: off.", gt=0)
+    precision: Literal["bf16", "fp32"] = option("bf16", "Autocast precision of the forward pass.")
+    checkpoint_every: int = option(500, "Save a resumable checkpoint every this many optimizer steps.", ge=1)
+    keep_checkpoints: int = option(2, "Keep the newest this many checkpoints; older ones are deleted.", ge=1)
+    log_every: int = option(10, "Log metrics every this many optimizer steps.", ge=1)
+    resume: bool = option(False, "Resume from the newest checkpoint in the run directory.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DpoLoss:
+    type: DpoLossType = option("sigmoid", "Preference loss, named as in TRL's DPOTrainer.")
+    weight: float = option(1.0, "Weight of this loss in the sum of losses.", gt=0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DpoSection:
+    losses: tuple[DpoLoss, ...] = option((DpoLoss(),), "Preference losses, summed with their weights (MPO).")
+    beta: float = option(0.1, "Strength of the KL penalty to the reference model.", gt=0)
+    label_smoothing: float = option(0.0, "Flipped-label rate (sigmoid and robust losses only).", ge=0, lt=0.5)
+    sft_weight: float = option(0.0, "Weight of the NLL loss on the chosen completion (RPO); 0: off.", ge=0)
+    mdpo_weight: float = option(0.0, "Weight of mDPO's image-conditional preference term; 0: off.", ge=0)
+    lr: float | None = option(None, "Peak learning rate of the DPO stage; null: train.lr.", gt=0)
+    precompute_ref_logps: bool = option(
+        False, "Compute reference log-probs once before training; cache them."
+    )
+    from_sft: str | None = option(None, "SFT run dir or adapter path to start from; null: the base model.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalSection:
+    tasks: tuple[str, ...] = option((), "Eval task names (see eval/tasks).")
+    limit: int | None = option(None, "Score at most this many examples per task; null: all.", ge=1)
+    when: tuple[TrainedStage, ...] = option((), "Models to score; empty: base and every trained stage.")
+    every_steps: int | None = option(None, "Also score every this many training steps; null: never.", ge=1)
+    max_new_tokens: int = option(128, "Most generated tokens per answer.", ge=1)
+    batch_size: int = option(8, "Prompts generated per batch per device.", ge=1)
+    gate_margin: float | None = option(
+        None, "Fail when a stage scores this far below the previous one.", ge=0
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExportSection:
+    adapter: bool = option(True, "Save the LoRA adapter (PEFT layout).")
+    merged: bool = option(False, "Save merged weights in the original hub layout.")
+    merged_dtype: Dtype = option("bfloat16", "Dtype of the merged weights.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoggingSection:
+    report_to: tuple[Literal["wandb", "tensorboard"], ...] = option(("tensorboard",), "Metric trackers.")
+    project: str | None = option(None, "Tracker project name; null: the tracker's default.")
+    run_name: str | None = option(None, "Tracker run name; null: the run directory's name.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Recipe:
+    model: ModelSection = section(ModelSection, "Which model to load and which parts to train.")
+    lora: LoraSection = section(LoraSection, "LoRA, used when model.language or model.vision is lora.")
+    data: DataSection = section(DataSection, "Data sources and how samples are rendered and batched.")
+    train: TrainSection = section(TrainSection, "Optimiser, schedule and checkpoints (SFT and DPO).")
+    dpo: DpoSection = section(DpoSection, "The DPO stage.")
+    eval: EvalSection = section(EvalSection, "Scoring with task metrics.")
+    export: ExportSection = section(ExportSection, "What the export stage writes.")
+    stages: tuple[Stage, ...] = option(
+        ("sft", "export"), "Stages to run, in the order sft, dpo, eval, export."
+    )
+    output_dir: str | None = option(None, "Run directory; null: runs/<recipe-name>-<timestamp>/.")
+    overwrite_output_dir: bool = option(False, "Allow writing into a run directory that already holds files.")
+    seed: int = option(42, "Seed of every random number generator (numpy takes [0, 2**32)).", ge=0, lt=2**32)
+    logging: LoggingSection = section(LoggingSection, "Metric trackers.")
+    # (dotted key, origin) pairs set by train.recipe.parse_recipe; read them with train.recipe.provenance.
+    # Not a recipe key: no init, no equality, no repr.
+    _provenance: Any = field(default=None, init=False, compare=False, repr=False)
+
+
+# ----------------------------------------------------------------------------------------------- cross-field checks
+
+
+def show(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def issue(path: str, value: Any, what: str, fix: str) -> str:
+    """One problem as one line: key path, value, what is wrong and its consequence, and the fix."""
+    return f"{path} = {show(value)}: {what}. Fix: {fix}."
+
+
+def uses_lora(model: ModelSection) -> bool:
+    return model.language == "lora" or model.vision == "lora"
+
+
+def _duplicates(path: str, values: tuple[str, ...], consequence: str) -> list[str]:
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    return [
+        issue(path, values, f"{value!r} is listed twice, {consequence}", "list it once") for value in repeated
+    ]
+
+
+def _stage_problems(stages: tuple[str, ...]) -> list[str]:
+    if not stages:
+        return [issue("stages", stages, "nothing would run", "list some of sft, dpo, eval, export")]
+    problems = _duplicates("stages", stages, "so it would run twice")
+    listed = list(dict.fromkeys(stages))
+    if listed != sorted(listed, key=STAGE_ORDER.index):
+        what = "stages run in the order sft, dpo, eval, export: each uses the output of the one before"
+        problems.append(issue("stages", stages, what, f"write {sorted(listed, key=STAGE_ORDER.index)}"))
+    return problems
+
+
+def _model_problems(recipe: Recipe) -> list[str]:
+    model, lora = recipe.model, recipe.lora
+    problems = []
+    if model.attn_implementation == "flash_attention_2" and model.dtype == "float32":
+        what = "flash-attention runs only in 16 bits, but model.dtype is 'float32'"
+        fix = "set model.dtype: bfloat16, or model.attn_implementation: sdpa"
+        problems.append(issue("model.attn_implementation", model.attn_implementation, what, fix))
+    for part, path, names in (
+        ("language", "lora.target_modules", lora.target_modules),
+        ("vision", "lora.vision_target_modules", lora.vision_target_modules),
+    ):
+        if getattr(model, part) == "lora" and not names:
+            what = f"model.{part} is lora but no module would get an adapter"
+            problems.append(
+                issue(path, names, what, f"list module names, or delete {path} to get the defaults")
+            )
+    return problems
+
+
+def _data_problems(recipe: Recipe, min_image_tokens: int | None) -> list[str]:
+    data, problems = recipe.data, []
+    if min_image_tokens is not None and data.max_length < min_image_tokens:
+        what = (
+            f"the smallest image takes {min_image_tokens} tokens at model.num_crops={recipe.model.num_crops}, "
+            "so no sample with an image would fit"
+        )
+        fix = "raise data.max_length above that plus the text, or lower model.num_crops"
+        problems.append(issue("data.max_length", data.max_length, what, fix))
+    for group, sources in (("train", data.train), ("eval", data.eval)):
+        for index, source in enumerate(sources):
+            if not source.path and source.format != "synthetic":
+                what, fix = (
+                    "the source has nothing to read",
+                    "give a hub dataset id or a local file or directory",
+                )
+                problems.append(issue(f"data.{group}.{index}.path", source.path, what, fix))
+    return problems + _stage_data_problems(data, recipe.stages)
+
+
+def _stage_data_problems(data: DataSection, stages: tuple[str, ...]) -> list[str]:
+    """Each training stage needs a source in a format it reads; a source no stage reads would be ignored."""
+    training = [stage for stage in STAGE_FORMATS if stage in stages]
+    formats = [source.format for source in data.train]
+    problems = []
+    for stage in training:
+        if not STAGE_FORMATS[stage] & set(formats):
+            what = f"stage {stage} needs a source in one of the formats {', '.join(sorted(STAGE_FORMATS[stage]))}"
+            problems.append(
+                issue("data.train", formats, what, f"add such a source, or remove {stage} from stages")
+            )
+    for index, source in enumerate(data.train):
+        if training and not any(source.format in STAGE_FORMATS[stage] for stage in training):
+            what = f"no stage in stages {list(stages)} reads this format, so the source would be ignored"
+            fix = "remove the source, or add the stage that reads it"
+            problems.append(issue(f"data.train.{index}.format", source.format, what, fix))
+    return problems
+
+
+def _train_problems(recipe: Recipe) -> list[str]:
+    train, problems = recipe.train, []
+    if {"sft", "dpo"} & set(recipe.stages) and (train.max_steps is None) == (train.epochs is None):
+        if train.max_steps is None:
+            what, fix = (
+                "train.epochs is null too, so training has no length",
+                "set one, e.g. train.epochs: 1.0",
+            )
+        else:
+            what = f"train.epochs is set too ({train.epochs}), so it is unclear which one ends training"
+            fix = "keep one and set the other to null (on the command line: train.epochs=null)"
+        problems.append(issue("train.max_steps", train.max_steps, what, fix))
+    if len(train.adam_betas) != 2:
+        problems.append(
+            issue("train.adam_betas", train.adam_betas, "AdamW takes two betas", "write [0.9, 0.999]")
+        )
+    if train.resume and recipe.overwrite_output_dir:
+        what = "overwrite_output_dir is true too, and overwriting deletes the checkpoints to resume from"
+        problems.append(issue("train.resume", True, what, "set overwrite_output_dir: false"))
+    if train.resume and recipe.output_dir is None:
+        what = "output_dir is null, so the run gets a fresh directory without checkpoints"
+        problems.append(issue("train.resume", True, what, "set output_dir to the run directory to resume"))
+    return problems
+
+
+def _dpo_problems(recipe: Recipe) -> list[str]:
+    dpo = recipe.dpo
+    if "dpo" not in recipe.stages:
+        return []
+    problems = _duplicates("dpo.losses", tuple(loss.type for loss in dpo.losses), "so it would count twice")
+    if not dpo.losses:
+        fix = "list one, e.g. [{type: sigmoid, weight: 1.0}]"
+        problems.append(issue("dpo.losses", dpo.losses, "the DPO stage would have no loss", fix))
+    for index, loss in enumerate(dpo.losses):
+        if dpo.label_smoothing != 0 and loss.type not in LABEL_SMOOTHING_LOSSES:
+            what = (
+                f"the {loss.type!r} loss (dpo.losses.{index}) has no label smoothing, so it would be ignored"
+            )
+            fix = "set dpo.label_smoothing: 0.0, or use only the sigmoid and robust losses"
+            problems.append(issue("dpo.label_smoothing", dpo.label_smoothing, what, fix))
+    if dpo.from_sft is not None and "sft" in recipe.stages:
+        what = "stages run sft too, so DPO would have two starting points"
+        fix = "set dpo.from_sft: null to start from this run's SFT, or remove sft from stages"
+        problems.append(issue("dpo.from_sft", dpo.from_sft, what, fix))
+    return problems
+
+
+def _eval_problems(recipe: Recipe) -> list[str]:
+    ev = recipe.eval
+    if "eval" not in recipe.stages:
+        return []
+    problems = _duplicates("eval.when", ev.when, "so it would be scored twice")
+    if not ev.tasks:
+        fix = "list task names, or remove eval from stages"
+        problems.append(issue("eval.tasks", ev.tasks, "the eval stage would score nothing", fix))
+    for stage in dict.fromkeys(ev.when):
+        if stage != "base" and stage not in recipe.stages:
+            what = f"stage {stage} does not run, so there is no {stage} model to score"
+            problems.append(
+                issue("eval.when", ev.when, what, f"add {stage} to stages, or remove it from eval.when")
+            )
+    return problems
+
+
+def _export_problems(recipe: Recipe) -> list[str]:
+    export = recipe.export
+    if "export" not in recipe.stages:
+        return []
+    if not (export.adapter or export.merged):
+        what = "export.merged is false too, so the export stage would write nothing"
+        return [issue("export.adapter", False, what, "set export.adapter or export.merged to true")]
+    if export.adapter and not uses_lora(recipe.model):
+        what = "no part of the model trains with LoRA, so there is no adapter to save"
+        return [issue("export.adapter", True, what, "set export.adapter: false and export.merged: true")]
+    return []
+
+
+def recipe_problems(recipe: Recipe, *, min_image_tokens: int | None = None) -> list[str]:
+    """Every cross-field problem of a well-typed, in-range recipe; empty when it is valid.
+
+    `min_image_tokens` is the fewest tokens one image takes under `recipe.model` (the model code knows its geometry:
+    Phi-3-V needs 313 at num_crops=1 and over 2000 at 16); data.max_length must hold it. None skips that check.
+    """
+    return [
+        *_stage_problems(recipe.stages),
+        *_model_problems(recipe),
+        *_data_problems(recipe, min_image_tokens),
+        *_train_problems(recipe),
+        *_dpo_problems(recipe),
+        *_eval_problems(recipe),
+        *_export_problems(recipe),
+        *_duplicates("logging.report_to", recipe.logging.report_to, "so it would log twice"),
+    ]
+
+
+def recipe_warnings(recipe: Recipe, origins: dict[str, str]) -> list[str]:
+    """Settings that have no effect on the run; `origins` (train.recipe.provenance) says which were set explicitly."""
+    model, train, data = recipe.model, recipe.train, recipe.data
+    found = []
+    if not uses_lora(model) and any(
+        path.startswith("lora.") and o != "default" for path, o in origins.items()
+    ):
+        found.append("the lora section is ignored: model.language is full and model.vision is not lora")
+    if train.lr_vision is not None and model.vision == "frozen":
+        found.append(f"train.lr_vision = {train.lr_vision} is ignored: model.vision is frozen")
+    if train.lr_projector is not None and model.projector == "frozen":
+        found.append(f"train.lr_projector = {train.lr_projector} is ignored: model.projector is frozen")
+    if data.packing and data.group_by_length:
+        found.append(
+            "data.group_by_length is ignored: data.packing fills every sequence up to data.max_length"
+        )
+    return found
