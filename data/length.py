@@ -1,0 +1,253 @@
+"""Length planning from image headers alone, and batching by length.
+
+    skips = SkipCounter()
+    planned = plan_lengths(samples, processor, max_length=4096, on_overlong="drop", on_bad_sample="skip", skips=skips)
+    sampler = LengthGroupedSampler([p.num_tokens for p in planned], batch_size=4, seed=42, num_replicas=2, rank=0)
+    print(skips.summary())
+
+`plan_lengths` reads each image's (width, height) from its file header (`data.images.image_size`, no pixel is
+decoded), gets its slot count from `processor.num_image_tokens(width, height)` and tokenises the conversation once
+(`data.render`), so every sample's exact token length is known before training starts. A sample over `max_length`
+is dropped and counted, or raises, per the recipe's `data.on_overlong`; nothing is ever truncated, so no image is
+cut. A bad row (unreadable image, image tag in the text, ...) raises or is counted, per `data.on_bad_sample`.
+Skips are counted in `data.sources.SkipCounter`, the one counter the adapters use too, under the reason that
+starts each problem (`"over-long"`, `"unreadable image"`, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from data.images import DEFAULT_MAX_PIXELS, image_size
+from data.render import render_preference, sft_length
+from data.sample import DataError, ImageRef, Origin, PreferenceSample, SFTSample
+from data.sources import SkipCounter
+from models.phi3v.processing import Phi3VProcessor
+
+logger = logging.getLogger(__name__)
+
+Sample = SFTSample | PreferenceSample
+OnOverlong = Literal["drop", "error"]
+OnBadSample = Literal["error", "skip"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedSample:
+    """A sample with everything batching needs, known without decoding a pixel."""
+
+    sample: Sample
+    num_tokens: int
+    """Tokens of the rendered sample, image slots included; for a preference pair, the longer of its two sequences."""
+    image_token_counts: tuple[int, ...]
+    image_sizes: tuple[tuple[int, int], ...]
+    """(width, height) in pixels of each image, from its header."""
+    rejected_image_token_counts: tuple[int, ...] | None = None
+    """Only for a preference pair with its own rejected images (image-contrast pairs)."""
+    rejected_image_sizes: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ImagePlan:
+    sizes: tuple[tuple[int, int], ...]
+    token_counts: tuple[int, ...]
+
+
+def _image_plan(
+    refs: Sequence[ImageRef], processor: Phi3VProcessor, origin: Origin, field: str, max_pixels: int
+) -> _ImagePlan:
+    sizes, counts = [], []
+    for k, ref in enumerate(refs):
+        try:
+            width, height = image_size(ref, origin, f"{field}[{k}]", max_pixels)
+        except DataError as error:
+            # data.images states the problem in prose (with the path); skips are counted by the phrase before ':'.
+            raise DataError(origin, error.field, f"bad image: {error.problem}") from error
+        try:
+            counts.append(processor.num_image_tokens(width, height))
+        except ValueError as error:  # too elongated for the HD transform
+            raise DataError(origin, f"{field}[{k}]", f"unusable image size: {error}") from error
+        sizes.append((width, height))
+    return _ImagePlan(sizes=tuple(sizes), token_counts=tuple(counts))
+
+
+def plan_sample(sample: Sample, processor: Phi3VProcessor, *, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> PlannedSample:
+    """One sample's token length and image plan; a bad row raises its `DataError`."""
+    images = _image_plan(sample.images, processor, sample.origin, "images", max_image_pixels)
+    if isinstance(sample, SFTSample):
+        num_tokens = sft_length(sample, processor, images.token_counts)
+        return PlannedSample(sample=sample, num_tokens=num_tokens, image_token_counts=images.token_counts,
+                             image_sizes=images.sizes)
+    if sample.rejected_images is None:
+        pair = render_preference(sample, processor, images.token_counts)
+        return PlannedSample(sample=sample, num_tokens=pair.num_tokens, image_token_counts=images.token_counts,
+                             image_sizes=images.sizes)
+    rejected = _image_plan(sample.rejected_images, processor, sample.origin, "rejected_images", max_image_pixels)
+    pair = render_preference(sample, processor, images.token_counts, rejected.token_counts)
+    return PlannedSample(
+        sample=sample, num_tokens=pair.num_tokens, image_token_counts=images.token_counts, image_sizes=images.sizes,
+        rejected_image_token_counts=rejected.token_counts, rejected_image_sizes=rejected.sizes,
+    )
+
+
+def overlong_error(planned: PlannedSample, max_length: int) -> DataError:
+    image_tokens = sum(planned.image_token_counts)
+    field = "turns" if isinstance(planned.sample, SFTSample) else "chosen/rejected"
+    return DataError(
+        planned.sample.origin, field,
+        f"over-long: {planned.num_tokens} tokens ({image_tokens} of them image slots, "
+        f"{len(planned.image_token_counts)} image(s)) exceed data.max_length={max_length}; samples are never cut "
+        "(that could cut through an image). Fix: raise data.max_length, lower model.num_crops (fewer slots per "
+        "image), or set data.on_overlong: drop to leave such samples out",
+    )
+
+
+def _check_policies(max_length: int, on_overlong: str, on_bad_sample: str) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive number of tokens, got {max_length!r}")
+    if on_overlong not in ("drop", "error"):
+        raise ValueError(f"on_overlong is {on_overlong!r}; choose 'drop' or 'error'")
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample is {on_bad_sample!r}; choose 'error' or 'skip'")
+
+
+def plan_lengths(
+    samples: Iterable[Sample], processor: Phi3VProcessor, *, max_length: int, on_overlong: OnOverlong = "drop",
+    max_image_pixels: int = DEFAULT_MAX_PIXELS, on_bad_sample: OnBadSample = "error", skips: SkipCounter,
+) -> list[PlannedSample]:
+    """Every usable sample with its token length, in input order. Dropped and skipped rows are recorded in `skips`
+    (per dataset and reason; the first of each kind is logged as a warning) and summarised in the log at the end."""
+    _check_policies(max_length, on_overlong, on_bad_sample)
+    planned, num_skipped_before = [], skips.total
+    for sample in samples:
+        try:
+            plan = plan_sample(sample, processor, max_image_pixels=max_image_pixels)
+        except DataError as error:
+            if on_bad_sample == "error":
+                raise
+            skips.record(error)
+            continue
+        if plan.num_tokens > max_length:
+            error = overlong_error(plan, max_length)
+            if on_overlong == "error":
+                raise error
+            skips.record(error)
+            continue
+        planned.append(plan)
+    if skips.total > num_skipped_before:
+        logger.info("length planning kept %d samples; rows left out so far:\n%s", len(planned), skips.summary())
+    return planned
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def _check_lengths(lengths: Sequence[int]) -> list[int]:
+    values = [int(length) for length in lengths]
+    if not values:
+        raise ValueError("no samples to batch: lengths is empty")
+    if any(length < 1 for length in values):
+        raise ValueError(f"lengths must be positive token counts, got a minimum of {min(values)}")
+    return values
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """A batch sampler (`DataLoader(dataset, batch_sampler=sampler)`) that puts samples of similar length together.
+
+    Per epoch: shuffle all indices (seeded by `seed` and the epoch), cut them into mega-batches of
+    `batch_size * num_replicas * mega_batch_mult`, sort each by length (longest first), cut that into steps of
+    `batch_size * num_replicas` samples (so the ranks of one step get similar lengths and wait little for each
+    other), shuffle the steps, and move the step holding the longest sample first (an out-of-memory shows at step 1,
+    not hours in). Rank `rank` takes the `rank`-th batch of every step, so every rank gets the same number of full
+    batches. The index list is first padded by wrapping around to a whole number of steps (`drop_last=False`, as
+    `DistributedSampler` does), or cut to one (`drop_last=True`).
+
+    The same (seed, epoch) gives the same batches on every rank and every run; call `set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, mega_batch_mult: int = 50, *,
+        num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
+    ):
+        self.lengths = _check_lengths(lengths)
+        for name, value in (("batch_size", batch_size), ("mega_batch_mult", mega_batch_mult),
+                            ("num_replicas", num_replicas)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        self.batch_size, self.seed, self.mega_batch_mult = batch_size, seed, mega_batch_mult
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        self.epoch = 0
+        if len(self) == 0:
+            raise ValueError(f"{len(self.lengths)} samples do not fill one step of batch_size {batch_size} x "
+                             f"{num_replicas} rank(s) with drop_last=True; use drop_last=False or fewer ranks")
+
+    @property
+    def step_size(self) -> int:
+        return self.batch_size * self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch."""
+        steps = len(self.lengths) / self.step_size
+        return math.floor(steps) if self.drop_last else math.ceil(steps)
+
+    def steps(self) -> list[list[list[int]]]:
+        """This epoch's steps; step s holds one batch of sample indices per rank."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = _fit(rng.permutation(len(self.lengths)).tolist(), len(self) * self.step_size)
+        mega = self.step_size * self.mega_batch_mult
+        steps = []
+        for start in range(0, len(order), mega):
+            # Python's sort is stable: equal lengths keep their shuffled order.
+            chunk = sorted(order[start: start + mega], key=lambda i: -self.lengths[i])
+            for first in range(0, len(chunk), self.step_size):
+                step = chunk[first: first + self.step_size]
+                steps.append([step[r * self.batch_size: (r + 1) * self.batch_size] for r in range(self.num_replicas)])
+        steps = [steps[i] for i in rng.permutation(len(steps))]
+        # Each step's first index is its longest sample (sorted above).
+        longest = max(range(len(steps)), key=lambda s: self.lengths[steps[s][0][0]])
+        steps[0], steps[longest] = steps[longest], steps[0]
+        return steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter([step[self.rank] for step in self.steps()])
+
+
+def _fit(order: list[int], size: int) -> list[int]:
+    """`order` cut to `size`, or repeated from its start until it reaches `size`."""
+    repeats = -(-size // len(order))
+    return (order * repeats)[:size]
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, seed: int) -> list[list[int]]:
+    """Batches of sample indices whose padded cost `len(batch) * longest sample` is at most `max_tokens`.
+
+    Indices are shuffled (seeded), sorted by length (stable, longest first) and filled greedily, so each batch holds
+    samples of similar length; the batches are then shuffled. Every index appears exactly once. A sample longer than
+    `max_tokens` raises: it fits no batch.
+    """
+    values = _check_lengths(lengths)
+    too_long = [i for i, length in enumerate(values) if length > max_tokens]
+    if too_long:
+        raise ValueError(f"{len(too_long)} sample(s) exceed max_tokens={max_tokens}, e.g. index {too_long[0]} with "
+                         f"{values[too_long[0]]} tokens; raise max_tokens to at least data.max_length")
+    rng = np.random.default_rng(seed)
+    order = sorted(rng.permutation(len(values)).tolist(), key=lambda i: -values[i])
+    batches: list[list[int]] = []
+    for i in order:
+        # The batch's first index is its longest sample: the order is longest first.
+        if batches and (len(batches[-1]) + 1) * values[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return [batches[b] for b in rng.permutation(len(batches))]

@@ -1,0 +1,170 @@
+"""data.length: token lengths planned from image headers, over-long and bad-row policies, length-grouped batching."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from data.length import LengthGroupedSampler, plan_lengths, token_budget_batches
+from data.render import render_preference, render_sft
+from data.sample import DataError, ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
+from data.sources import SkipCounter
+from tests.conftest import drawn_image
+
+
+def png(tmp_path: Path, name: str, size: tuple[int, int]) -> ImageRef:
+    path = tmp_path / f"{name}.png"
+    drawn_image(*size).save(path)
+    return ImageRef(path=path)
+
+
+def image_sample(row: int, refs: tuple[ImageRef, ...], answer: str = "red", dataset: str = "charts") -> SFTSample:
+    user = Turn(role="user", parts=(*(ImagePart() for _ in refs), TextPart("What colour is the shape?")))
+    return SFTSample(turns=(user, Turn(role="assistant", parts=(TextPart(answer),))), images=refs,
+                     origin=Origin(dataset=dataset, row=row))
+
+
+def test_lengths_and_token_counts_come_from_the_headers(tiny_processor, tmp_path):
+    refs = (png(tmp_path, "wide", (90, 30)), png(tmp_path, "tall", (30, 70)))
+    sample = image_sample(0, refs)
+    [plan] = plan_lengths([sample], tiny_processor, max_length=10_000, skips=SkipCounter())
+    counts = (tiny_processor.num_image_tokens(90, 30), tiny_processor.num_image_tokens(30, 70))
+    assert plan.image_token_counts == counts and plan.image_sizes == ((90, 30), (30, 70))
+    assert plan.num_tokens == len(render_sft(sample, tiny_processor, counts).input_ids)
+
+
+def test_planning_reads_no_pixel_data(tiny_processor, tmp_path):
+    """A PNG cut after its header plans fine (decoding its pixels would fail): sizes come from the header alone."""
+    whole = tmp_path / "whole.png"
+    drawn_image(64, 48).save(whole)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole.read_bytes()[:100])
+    [plan] = plan_lengths([image_sample(0, (ImageRef(path=cut),))], tiny_processor, max_length=10_000,
+                          skips=SkipCounter())
+    assert plan.image_sizes == ((64, 48),)
+
+
+def test_overlong_samples_are_dropped_counted_and_logged(tiny_processor, tmp_path, caplog):
+    ref = png(tmp_path, "a", (40, 30))
+    samples = [image_sample(0, (ref,)), image_sample(1, (ref, ref, ref)), image_sample(2, ()),
+               image_sample(3, (ref, ref, ref), dataset="docs")]
+    lengths = [plan.num_tokens for plan in plan_lengths(samples, tiny_processor, max_length=10_000,
+                                                        skips=SkipCounter())]
+    skips = SkipCounter()
+    with caplog.at_level(logging.INFO):
+        kept = plan_lengths(samples, tiny_processor, max_length=lengths[0], on_overlong="drop", skips=skips)
+    assert [plan.sample.origin.row for plan in kept] == [0, 2]
+    assert skips.counts() == {"charts": {"over-long": 1}, "docs": {"over-long": 1}}
+    assert "over-long" in skips.summary() and "over-long" in caplog.text
+
+
+def test_overlong_error_names_dataset_row_and_length(tiny_processor, tmp_path):
+    ref = png(tmp_path, "a", (40, 30))
+    sample = image_sample(5, (ref, ref))
+    length = plan_lengths([sample], tiny_processor, max_length=10_000, skips=SkipCounter())[0].num_tokens
+    with pytest.raises(DataError, match=rf"charts row 5, field 'turns': over-long: {length} tokens .*"
+                                        rf"data.max_length={length - 1}"):
+        plan_lengths([sample], tiny_processor, max_length=length - 1, on_overlong="error", skips=SkipCounter())
+
+
+def test_bad_images_raise_or_are_counted(tiny_processor, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    good, bad = image_sample(0, (png(tmp_path, "a", (40, 30)),)), image_sample(1, (ImageRef(path=broken),))
+    with pytest.raises(DataError, match=r"charts row 1, field 'images\[0\]'"):
+        plan_lengths([good, bad], tiny_processor, max_length=10_000, on_bad_sample="error", skips=SkipCounter())
+    skips = SkipCounter()
+    kept = plan_lengths([good, bad], tiny_processor, max_length=10_000, on_bad_sample="skip", skips=skips)
+    assert [plan.sample.origin.row for plan in kept] == [0] and skips.counts() == {"charts": {"bad image": 1}}
+
+
+def test_too_elongated_image_is_a_data_error(tiny_processor, tmp_path):
+    sample = image_sample(3, (png(tmp_path, "strip", (1000, 1)),))
+    with pytest.raises(DataError, match=r"row 3, field 'images\[0\]': unusable image size"):
+        plan_lengths([sample], tiny_processor, max_length=10_000, skips=SkipCounter())
+
+
+def test_max_image_pixels_is_enforced_from_the_header(tiny_processor, tmp_path):
+    sample = image_sample(0, (png(tmp_path, "a", (40, 30)),))
+    with pytest.raises(DataError, match="decompression-bomb"):
+        plan_lengths([sample], tiny_processor, max_length=10_000, max_image_pixels=1000, skips=SkipCounter())
+
+
+def test_preference_length_is_the_longer_sequence(tiny_processor, tmp_path):
+    small, large = png(tmp_path, "small", (40, 30)), png(tmp_path, "large", (30, 120))
+    prompt = (Turn(role="user", parts=(ImagePart(), TextPart("How many shapes are there?"))),)
+    sample = PreferenceSample(prompt=prompt, chosen=Turn(role="assistant", parts=(TextPart("one"),)),
+                              rejected=Turn(role="assistant", parts=(TextPart("two"),)), images=(small,),
+                              origin=Origin(dataset="pairs", row=0), rejected_images=(large,))
+    [plan] = plan_lengths([sample], tiny_processor, max_length=10_000, skips=SkipCounter())
+    counts, rejected = [tiny_processor.num_image_tokens(40, 30)], [tiny_processor.num_image_tokens(30, 120)]
+    assert plan.rejected_image_token_counts == tuple(rejected) and plan.rejected_image_sizes == ((30, 120),)
+    pair = render_preference(sample, tiny_processor, counts, rejected)
+    assert plan.num_tokens == len(pair.rejected_sequence()[0]) > len(pair.chosen_sequence()[0])
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+LENGTHS = [(i * 37) % 101 + 1 for i in range(103)]  # 103 samples, lengths 1..101 in a scrambled order
+
+
+def rank_batches(num_replicas: int, epoch: int = 0, **kwargs) -> list[list[list[int]]]:
+    batches = []
+    for rank in range(num_replicas):
+        sampler = LengthGroupedSampler(LENGTHS, 4, seed=3, mega_batch_mult=5, num_replicas=num_replicas, rank=rank,
+                                       **kwargs)
+        sampler.set_epoch(epoch)
+        batches.append(list(sampler))
+        assert len(batches[-1]) == len(sampler)
+    return batches
+
+
+def test_sampler_is_deterministic_per_seed_and_epoch():
+    assert rank_batches(2, epoch=0) == rank_batches(2, epoch=0)
+    assert rank_batches(2, epoch=0) != rank_batches(2, epoch=1)
+    other_seed = list(LengthGroupedSampler(LENGTHS, 4, seed=4, mega_batch_mult=5))
+    assert other_seed != rank_batches(1)[0]
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2, 3])
+def test_sampler_shards_every_index_into_equal_full_batches(num_replicas):
+    per_rank = rank_batches(num_replicas)
+    assert len({len(batches) for batches in per_rank}) == 1
+    assert all(len(batch) == 4 for batches in per_rank for batch in batches)
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert set(seen) == set(range(len(LENGTHS)))
+    assert len(seen) - len(LENGTHS) < 4 * num_replicas  # only the wrap-around padding repeats
+
+
+def test_sampler_drop_last_repeats_nothing():
+    per_rank = rank_batches(2, drop_last=True)
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == (len(LENGTHS) // 8) * 8
+
+
+def test_sampler_groups_similar_lengths_and_starts_with_the_longest():
+    [batches] = rank_batches(1)
+    padded = sum(len(batch) * max(LENGTHS[i] for i in batch) for batch in batches)
+    shuffled = list(range(len(LENGTHS)))
+    random_padded = sum(4 * max(LENGTHS[i] for i in shuffled[s: s + 4]) for s in range(0, len(shuffled), 4))
+    assert padded < 0.8 * random_padded
+    assert max(LENGTHS) == LENGTHS[batches[0][0]]
+    # The ranks of one step get neighbouring lengths: rank 0's batch is never shorter than rank 1's.
+    rank0, rank1 = rank_batches(2)
+    assert all(min(LENGTHS[i] for i in a) >= max(LENGTHS[i] for i in b) for a, b in zip(rank0, rank1))
+
+
+def test_token_budget_batches_respect_the_budget_and_cover_every_index_once():
+    batches = token_budget_batches(LENGTHS, max_tokens=256, seed=0)
+    assert all(len(batch) * max(LENGTHS[i] for i in batch) <= 256 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(LENGTHS)))
+    assert batches == token_budget_batches(LENGTHS, max_tokens=256, seed=0)
+    assert batches != token_budget_batches(LENGTHS, max_tokens=256, seed=1)
+    assert len(batches) < len(LENGTHS) / 2  # samples are actually grouped, not one per batch
+
+
+def test_token_budget_refuses_a_sample_over_the_budget():
+    with pytest.raises(ValueError, match="index 3 with 90 tokens"):
+        token_budget_batches([10, 20, 30, 90], max_tokens=64, seed=0)
