@@ -175,6 +175,7 @@ class DpoSection:
     sft_weight: float = option(0.0, "Weight of the NLL loss on the chosen completion (RPO); 0: off.", ge=0)
     mdpo_weight: float = option(0.0, "Weight of mDPO's image-conditional preference term; 0: off.", ge=0)
     lr: float | None = option(None, "Peak learning rate of the DPO stage; null: train.lr.", gt=0)
+    max_steps: int | None = option(None, "Optimizer steps of the DPO stage; null: train.max_steps / train.epochs.", ge=1)
     precompute_ref_logps: bool = option(
         False, "Compute reference log-probs once before training; cache them."
     )
@@ -340,6 +341,9 @@ def _train_problems(recipe: Recipe) -> list[str]:
     if train.resume and recipe.overwrite_output_dir:
         what = "overwrite_output_dir is true too, and overwriting deletes the checkpoints to resume from"
         problems.append(issue("train.resume", True, what, "set overwrite_output_dir: false"))
+    if train.precision == "fp32" and recipe.model.dtype != "float32":
+        what = f"model.dtype is {recipe.model.dtype}, and fp32 training without autocast cannot mix it with fp32 trained parts"
+        problems.append(issue("train.precision", "fp32", what, "set model.dtype: float32, or train.precision: bf16"))
     if train.resume and recipe.output_dir is None:
         what = "output_dir is null, so the run gets a fresh directory without checkpoints"
         problems.append(issue("train.resume", True, what, "set output_dir to the run directory to resume"))

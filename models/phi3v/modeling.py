@@ -16,6 +16,7 @@ import importlib.util
 import torch
 from torch import nn
 from transformers import Phi3ForCausalLM, Phi3Model
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import (
@@ -39,14 +40,15 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
+        # transformers' `init` functions skip tensors already loaded from a checkpoint.
         if isinstance(module, Phi3VImageEmbedding):
             # The official code starts the separators at zero; random ones make a randomly initialised model
             # sensitive to where they sit, which is what tests of a tiny model need to see.
-            nn.init.normal_(module.glb_GN, std=std)
-            nn.init.normal_(module.sub_GN, std=std)
+            init.normal_(module.glb_GN, std=std)
+            init.normal_(module.sub_GN, std=std)
         elif isinstance(module, CLIPVisionEmbeddings):
-            nn.init.normal_(module.class_embedding, std=module.embed_dim**-0.5)
-            module.position_ids.copy_(torch.arange(module.num_positions).expand((1, -1)))
+            init.normal_(module.class_embedding, std=module.embed_dim**-0.5)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
 
 
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
@@ -72,20 +74,28 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         image_features: list[torch.Tensor] | torch.Tensor | None = None,
+        sequence_images: list[list[int]] | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features written at the image slots, out of place.
 
         Features fill the slots in row-major (sample, position) order, images in the order given, as the official
-        model does. `image_features` (from `vision_embed_tokens(...)`) skips the vision pass: DPO encodes each
-        image once and reuses its features for chosen, rejected and the reference pass.
+        model does. `image_features` (one tensor per image, from `vision_embed_tokens(...)`) skips the vision pass.
+        `sequence_images[row]` lists the images (indices into the given ones) that row `row` holds, in slot order:
+        a batch can then carry each image once for several rows (DPO: chosen and rejected share the prompt's image).
         """
         embeds = self.embed_tokens(input_ids)
         slots = input_ids == self.config.image_token_id
         if image_features is None and pixel_values is None:
-            return embeds
+            return embeds + self.blank_image_term(embeds) if self.training else embeds
         if image_features is None:
             image_features = self.vision_embed_tokens(pixel_values, image_sizes)
-        features = torch.cat(list(image_features)) if isinstance(image_features, (list, tuple)) else image_features
+        if isinstance(image_features, torch.Tensor):
+            features = image_features
+        else:
+            per_image = list(image_features)
+            if sequence_images is not None:
+                per_image = [per_image[j] for row in sequence_images for j in row]
+            features = torch.cat(per_image)
         num_slots = int(slots.sum())
         if num_slots != features.shape[0]:
             raise ValueError(
@@ -93,6 +103,15 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
                 f"{features.shape[0]} features: the ids and the images must come from the same processor call"
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+
+    def blank_image_term(self, embeds: torch.Tensor) -> torch.Tensor:
+        """0 x the features of one blank crop. In training, a text-only batch still runs the vision path, so that
+        every rank uses the same parameters in every step: DDP then finds no unused parameter, and ZeRO-3, which
+        gathers each parameter with a collective call on all ranks, does not hang when one rank has no image."""
+        s = self.vision_embed_tokens.crop_size
+        blank = torch.zeros(1, 3, s, s, dtype=torch.uint8, device=embeds.device)
+        features = self.vision_embed_tokens(blank, torch.tensor([[s, s]]))
+        return 0.0 * features[0].sum().to(embeds.dtype)
 
     def forward(
         self,
@@ -105,10 +124,11 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         image_features: list[torch.Tensor] | torch.Tensor | None = None,
+        sequence_images: list[list[int]] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_features)
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_features, sequence_images)
             input_ids = None
         return super().forward(
             input_ids=input_ids,

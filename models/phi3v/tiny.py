@@ -91,6 +91,7 @@ def tiny_config(
     vision_layers: int = 3,
     crop_size: int = 32,
     patch_size: int = 8,
+    initializer_range: float = 0.02,
 ) -> Phi3VConfig:
     """A Phi-3-V-shaped config: the real module layout, long/short RoPE switch and HD image path, tiny widths.
 
@@ -105,6 +106,7 @@ def tiny_config(
         intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
+        initializer_range=initializer_range,
         max_position_embeddings=131072,
         original_max_position_embeddings=4096,
         rope_scaling={"type": "su", "short_factor": [1.0 + 0.01 * i for i in range(half_head)],

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 
-from .image_processing import CLIP_MEAN, CLIP_STD
+from .image_processing import normalize_uint8
 
 
 class CLIPTrunk(nn.Module):
@@ -86,16 +86,13 @@ class Phi3VImageEmbedding(nn.Module):
         self.img_projection = nn.Sequential(
             nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
         )
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN)[:, None, None], persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD)[:, None, None], persistent=False)
 
     def normalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """uint8 crops are normalised here, on the model's device (the official ToTensor + Normalize arithmetic);
         float crops are taken as already normalised. Returns float32."""
         if pixel_values.dtype == torch.uint8:
-            mean = self.pixel_mean.to(device=pixel_values.device, dtype=torch.float32)
-            std = self.pixel_std.to(device=pixel_values.device, dtype=torch.float32)
-            return pixel_values.to(torch.float32).div(255).sub(mean).div(std)
+            # Not buffers: transformers' loader leaves non-persistent buffers uninitialised on from_pretrained.
+            return normalize_uint8(pixel_values)
         return pixel_values.to(torch.float32)
 
     def global_views(self, crops: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
@@ -134,7 +131,8 @@ class Phi3VImageEmbedding(nn.Module):
             sequences.append(torch.cat([sub, self.glb_GN[0].to(sub.dtype), glb]))
             start += rows * cols
         lengths = [len(s) for s in sequences]
-        projected = self.img_projection(torch.cat(sequences).to(self.img_projection[0].weight.dtype))
+        # Features stay in the tower's dtype: the projector runs in the same dtype, or under autocast in training.
+        projected = self.img_projection(torch.cat(sequences))
         return list(projected.split(lengths))
 
     def with_row_separators(self, grid_HWC: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# One launcher for every scale: a CPU smoke run, one GPU, N GPUs, N nodes (SLURM or plain env vars).
+# Runs the recipe's stages in order: sft -> dpo (each with its eval hook when `eval` is a stage) -> export.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: ./launch.sh [--dry-run] [--config NAME] RECIPE [key=value ...]
+
+  RECIPE          a YAML recipe, e.g. recipes/demo.yaml (CPU demo) or recipes/chartqa.yaml
+  key=value       recipe overrides by dotted path, e.g. train.lr=1.0e-4 data.train.0.limit=1000
+  --config NAME   accelerate config in recipes/accelerate/: cpu, ddp, zero2, zero3, fsdp
+                  (default: cpu without a GPU, ddp with GPUs)
+  --dry-run       print the exact commands and exit
+  -h, --help      this help
+
+Environment (SLURM's variables are read when present):
+  NPROC        processes per node    (default: number of GPUs, or 1 on CPU)
+  NNODES       nodes                 (default: $SLURM_NNODES or 1)
+  NODE_RANK    this node's rank      (default: $SLURM_NODEID or 0)
+  MASTER_ADDR  rank-0 host           (default: first host of $SLURM_JOB_NODELIST, or 127.0.0.1)
+  MASTER_PORT  rendezvous port       (default: 29500)
+  PYTHON       interpreter           (default: python)
+USAGE
+}
+
+dry_run=0
+config=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) dry_run=1; shift ;;
+    --config) config="${2:?--config needs a name}"; shift 2 ;;
+    --config=*) config="${1#--config=}"; shift ;;
+    -*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+[[ $# -ge 1 ]] || { usage >&2; exit 2; }
+recipe="$1"; shift
+overrides=("$@")
+[[ -f "$recipe" ]] || { echo "launch.sh: recipe file '$recipe' not found" >&2; exit 2; }
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || echo 0)
+fi
+NPROC="${NPROC:-$(( gpus > 0 ? gpus : 1 ))}"
+NNODES="${NNODES:-${SLURM_NNODES:-1}}"
+NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
+if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
+  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+fi
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+config="${config:-$([[ $gpus -gt 0 ]] && echo ddp || echo cpu)}"
+config_file="$here/recipes/accelerate/$config.yaml"
+[[ -f "$config_file" ]] || { echo "launch.sh: no accelerate config '$config' ($config_file)" >&2; exit 2; }
+for n in NPROC NNODES NODE_RANK MASTER_PORT; do
+  [[ "${!n}" =~ ^[0-9]+$ ]] || { echo "launch.sh: $n must be a whole number, got '${!n}'" >&2; exit 2; }
+done
+
+# Everything derived from the recipe comes from Python (validation included: a bad recipe stops here).
+output_dir="$("$PYTHON" -m train.plan "$recipe" "${overrides[@]}" --field output_dir)"
+read -r -a stages <<< "$("$PYTHON" -m train.plan "$recipe" "${overrides[@]}" --field stages)"
+world=$(( NPROC * NNODES ))
+# Every stage writes into the same run directory.
+run_overrides=("${overrides[@]}")
+[[ " ${overrides[*]} " == *" output_dir="* ]] || run_overrides+=("output_dir=$output_dir")
+
+launcher=("$PYTHON" -m accelerate.commands.launch --config_file "$config_file"
+          --num_machines "$NNODES" --num_processes "$world" --machine_rank "$NODE_RANK"
+          --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT")
+env_prefix=()
+if [[ "$config" == cpu ]]; then
+  if [[ $world -gt 1 ]]; then
+    # Several CPU processes need --multi_gpu with ACCELERATE_USE_CPU=1 (--cpu alone runs one process).
+    env_prefix=(env ACCELERATE_USE_CPU=1)
+    launcher+=(--multi_gpu)
+  else
+    launcher=("$PYTHON")  # one process: no launcher needed
+  fi
+fi
+
+commands=()
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    sft|dpo) commands+=("$(printf '%q ' "${env_prefix[@]}" "${launcher[@]}" "$here/train/$stage.py" "$recipe" "${run_overrides[@]}")") ;;
+    eval) ;;  # the eval hook runs inside the training stages; alone it is: python -m eval RECIPE --model RUN_DIR
+    export) commands+=("$(printf '%q ' "$PYTHON" -m train.export "$output_dir")") ;;
+  esac
+done
+if [[ " ${stages[*]} " == *" eval "* && " ${stages[*]} " != *" sft "* && " ${stages[*]} " != *" dpo "* ]]; then
+  commands+=("$(printf '%q ' "$PYTHON" -m eval "$recipe" --model "$output_dir")")
+fi
+
+echo "launch.sh: recipe $recipe, stages: ${stages[*]}, run directory: $output_dir"
+echo "launch.sh: $NNODES node(s) x $NPROC process(es), accelerate config '$config'"
+for command in "${commands[@]}"; do echo "+ $command"; done
+[[ $dry_run -eq 1 ]] && exit 0
+
+for command in "${commands[@]}"; do
+  eval "$command"
+done
+echo "launch.sh: done; run directory: $output_dir"

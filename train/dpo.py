@@ -1,0 +1,245 @@
+"""Preference tuning (DPO and its loss family) of Phi-3-Vision after SFT, from a YAML recipe.
+
+    accelerate launch train/dpo.py recipes/rlaif_v.yaml [key=value ...]
+    ./launch.sh recipes/demo.yaml                          # SFT, then this stage on the same run directory
+
+Starting point: `dpo.from_sft` (an SFT run directory or adapter), else this run's `sft/` when the recipe's stages
+include sft, else the base model. The SFT adapter is merged into the weights; DPO trains a fresh LoRA on top (the
+language model, and the CLIP tower when `model.vision: lora`; everything else is frozen), and the reference model
+is the same network with the adapter disabled: exactly the SFT policy, no second copy in memory (DESIGN.md
+decision 5). `dpo/start.json` records the starting point and the SFT adapter's content hash.
+
+One vision pass per pair (decision 6): chosen and rejected share the prompt's image; the batch carries it once, its
+features are computed once and reused for both completions and, the tower being frozen (or LoRA-free), for the
+reference pass. The loss is summed over pairs and divided by the pairs of the whole optimizer step (train/loop.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+import models
+from data.sources import SkipCounter
+from train import common
+from train.checkpoint import Checkpointer
+from train.data import load_samples, loader_factory, plan
+from train.dpo_losses import combined_loss, reward_metrics
+from train.eval_hook import run_eval_hook
+from train.loop import LoopConfig, LoopState, run_loop, total_steps_for
+from train.parts import configure_trainable, parameter_groups
+from train.recipe import load_recipe, recipe_help
+from train.recipe_schema import ModelSection, Recipe
+from train.run_dir import prepare_run_dir
+from train.sft import flat_config, tracker_names, write_summary
+
+log = logging.getLogger("train.dpo")
+
+
+# ---------------------------------------------------------------------------------------------- starting point
+
+
+def starting_point(recipe: Recipe, run_dir: Path) -> dict:
+    """{"base": path or hub id, "revision", "sft_adapter": folder or None} for this DPO run."""
+    source = Path(recipe.dpo.from_sft) if recipe.dpo.from_sft else (run_dir if "sft" in recipe.stages else None)
+    if source is None:
+        base = str(run_dir / "base") if recipe.model.name_or_path == "tiny" else recipe.model.name_or_path
+        return {"base": base, "revision": recipe.model.revision, "sft_adapter": None}
+    if (source / "adapter_config.json").exists():
+        adapter, sft_run = source, source.parent.parent
+    elif (source / "sft" / "adapter").is_dir():
+        adapter, sft_run = source / "sft" / "adapter", source
+    elif (source / "sft" / "merged" / "config.json").exists():  # SFT trained in full
+        return {"base": str(source / "sft" / "merged"), "revision": None, "sft_adapter": None}
+    else:
+        raise FileNotFoundError(f"dpo starting point {source}: no SFT adapter (sft/adapter/) or merged model there")
+    sft_recipe = load_recipe(sft_run / "recipe.resolved.yaml") if (sft_run / "recipe.resolved.yaml").exists() else recipe
+    base = str(sft_run / "base") if sft_recipe.model.name_or_path == "tiny" else sft_recipe.model.name_or_path
+    return {"base": base, "revision": sft_recipe.model.revision, "sft_adapter": str(adapter)}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_policy(start: dict, model_section: ModelSection):
+    """The SFT policy: the base with the SFT adapter merged in."""
+    model, processor = models.load(start["base"], revision=start["revision"], dtype=model_section.dtype,
+                                   attn_implementation=model_section.attn_implementation,
+                                   num_crops=model_section.num_crops)
+    if start["sft_adapter"]:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, start["sft_adapter"]).merge_and_unload()
+    return model, processor
+
+
+def dpo_parts(model_section: ModelSection) -> ModelSection:
+    """DPO trains LoRA only (the reference is the adapter-disabled network): the language model always, the tower
+    when the recipe puts LoRA there; the projector and every full part stay frozen."""
+    return replace(model_section, language="lora", vision="lora" if model_section.vision == "lora" else "frozen",
+                   projector="frozen")
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+
+def completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, token counts) of each row's supervised tokens; only those positions get logits."""
+    targets = batch["labels"][:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                   **image_kwargs).logits
+    targets = targets[:, keep]
+    mask = targets != -100
+    token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+
+
+class DPOLoss:
+    """Per micro-batch: the summed preference loss of its pairs and summed metrics (the loop averages per pair)."""
+
+    def __init__(self, recipe: Recipe, accelerator, share_features: bool):
+        self.dpo, self.accelerator, self.share_features = recipe.dpo, accelerator, share_features
+
+    def image_kwargs(self, peft_model, batch: dict) -> tuple[dict, dict]:
+        """(policy kwargs, reference kwargs). With a frozen tower the images are encoded once, here, for all four
+        uses (chosen, rejected, policy, reference); otherwise the policy pass encodes them with its adapters on and
+        the reference pass again with them off (still once for chosen and rejected together)."""
+        if "pixel_values" not in batch:
+            return {}, {}
+        seq = batch["sequence_images"]
+        if self.share_features:
+            with torch.no_grad():
+                features = peft_model.get_base_model().model.vision_embed_tokens(batch["pixel_values"], batch["image_sizes"])
+            shared = {"image_features": features, "sequence_images": seq}
+            return shared, shared
+        pixels = {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"], "sequence_images": seq}
+        return pixels, pixels
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        peft_model = self.accelerator.unwrap_model(model)
+        policy_kwargs, reference_kwargs = self.image_kwargs(peft_model, batch)
+        policy_logps, num_tokens = completion_logps(model, batch, policy_kwargs)
+        with torch.no_grad(), peft_model.disable_adapter():
+            reference_logps, _ = completion_logps(peft_model, batch, reference_kwargs)
+        pairs = batch["input_ids"].shape[0] // 2
+        chosen, rejected = slice(0, pairs), slice(pairs, 2 * pairs)
+        losses, metrics = combined_loss(
+            [(loss.type, loss.weight) for loss in self.dpo.losses],
+            policy_logps[chosen], policy_logps[rejected], reference_logps[chosen], reference_logps[rejected],
+            beta=self.dpo.beta, label_smoothing=self.dpo.label_smoothing,
+            chosen_num_tokens=num_tokens[chosen], rejected_num_tokens=num_tokens[rejected],
+            sft_weight=self.dpo.sft_weight,
+            # RPO's SFT term: the chosen completion's mean token NLL, per pair.
+            chosen_nll_per_pair=(-policy_logps[chosen] / num_tokens[chosen].clamp_min(1)) if self.dpo.sft_weight else None,
+        )
+        metrics.update(reward_metrics(policy_logps[chosen], policy_logps[rejected], reference_logps[chosen],
+                                      reference_logps[rejected], beta=self.dpo.beta))
+        # The loop divides metric sums by the step's pairs: hand it sums.
+        return losses.sum(), {k: float(v) * pairs for k, v in metrics.items()}
+
+
+def count_pairs(batch: dict) -> int:
+    return batch["input_ids"].shape[0] // 2
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None) -> Path:
+    """Run DPO; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
+    preemption would (resume then continues it)."""
+    from train.recipe import resolve_output_dir
+
+    started = time.perf_counter()
+    run_dir = resolve_output_dir(recipe, recipe_path)
+    accelerator = common.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
+    stage_dir = prepare_run_dir(run_dir, recipe, stage="dpo", is_main=accelerator.is_main_process)
+    device = accelerator.device
+
+    start = starting_point(recipe, run_dir)
+    if start["sft_adapter"]:
+        start["sft_adapter_sha256"] = file_sha256(Path(start["sft_adapter"]) / "adapter_model.safetensors")
+    if accelerator.is_main_process:
+        (stage_dir / "start.json").write_text(json.dumps(start, indent=1) + "\n")
+    model, processor = load_policy(start, recipe.model)
+
+    skips = SkipCounter()
+    samples = load_samples(recipe.data.train, "dpo", recipe.data, seed=recipe.seed, skips=skips,
+                           main_first=accelerator.main_process_first)
+    planned = plan(samples, processor, recipe.data, skips)
+    make_loader, batches_per_epoch = loader_factory(
+        planned, processor, recipe.data, stage="dpo", micro_batch_size=recipe.train.micro_batch_size,
+        seed=recipe.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum,
+                                  recipe.dpo.max_steps or recipe.train.max_steps,
+                                  None if recipe.dpo.max_steps else recipe.train.epochs)
+    log.info("%d pairs planned, %d micro-batches per rank per epoch, %d optimizer steps", len(planned),
+             batches_per_epoch, total_steps)
+
+    parts = dpo_parts(recipe.model)
+    model.to(device)
+    model = configure_trainable(model, parts, recipe.lora)
+    common.upcast_trainable_(model)
+    log.info(common.report_trainable(model))
+    loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora")
+
+    lr_scale = (recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0
+    optimizer = common.make_optimizer(parameter_groups(model, recipe.train), recipe.train, lr_scale=lr_scale)
+    scheduler = common.make_scheduler(optimizer, recipe.train, total_steps)
+    model, optimizer = common.prepare(accelerator, model, optimizer, recipe.train.micro_batch_size)
+    accelerator.register_for_checkpointing(scheduler)
+    checkpointer = Checkpointer(accelerator, stage_dir / "checkpoints", keep=recipe.train.keep_checkpoints)
+    state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
+    accelerator.init_trackers(recipe.logging.project or "phi3v-tune", config=flat_config(recipe),
+                              init_kwargs=tracker_names(recipe, run_dir))
+
+    def loss_on_device(model_, batch):
+        with common.autocast_context(accelerator):
+            return loss_fn(model_, common.to_device(batch, device))
+
+    config = LoopConfig(total_steps=total_steps, grad_accum=recipe.train.grad_accum,
+                        max_grad_norm=recipe.train.max_grad_norm, log_every=recipe.train.log_every,
+                        checkpoint_every=recipe.train.checkpoint_every, unit_name="pairs")
+    state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                     make_loader=make_loader, loss_sum=loss_on_device, count=count_pairs, config=config,
+                     state=state, checkpointer=checkpointer, on_step=common.stopper(stop_after_step))
+
+    trained = common.save_trained(accelerator, model, processor, stage_dir / "adapter")
+    write_summary(stage_dir, state, skips, started, accelerator, trained)
+    run_eval_hook("dpo", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=start["base"],
+                  accelerator=accelerator)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def cli(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(recipe_help())
+        raise SystemExit(0)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return main(load_recipe(argv[0], argv[1:]), argv[0])
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,111 @@
+"""Which parameters train, and how: the vision tower, the projector and the language model, each its own way.
+
+Parts are told apart by parameter name (the hub layout): `vision_embed_tokens.img_processor.*` is the CLIP tower,
+`vision_embed_tokens.{img_projection,glb_GN,sub_GN}` the projector, everything else the language model. LoRA goes
+through peft on explicit targets (peft has no default for Phi-3-V, REFERENCE.md §3.11); a part trained in full next
+to LoRA is saved in the adapter as peft `modules_to_save`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from .recipe_schema import LoraSection, ModelSection, TrainSection
+
+VISION = "vision"
+PROJECTOR = "projector"
+LANGUAGE = "language"
+PARTS = (VISION, PROJECTOR, LANGUAGE)
+
+
+def part_of(name: str) -> str:
+    if "vision_embed_tokens.img_processor." in name:
+        return VISION
+    if "vision_embed_tokens." in name:
+        return PROJECTOR
+    return LANGUAGE
+
+
+def lora_target_regex(model, model_section: ModelSection, lora: LoraSection) -> str:
+    """One regex over module names: LM linears under `model.layers`, and CLIP linears of the layers that run."""
+    patterns = []
+    if model_section.language == "lora":
+        names = "|".join(re.escape(t) for t in lora.target_modules)
+        patterns.append(rf"(.*\.)?model\.layers\.\d+\.(self_attn|mlp)\.({names})")
+    if model_section.vision == "lora":
+        names = "|".join(re.escape(t) for t in lora.vision_target_modules)
+        used = model.model.vision_embed_tokens.img_processor.vision_model.num_layers_run
+        layers = "|".join(str(i) for i in range(used))  # the last CLIP layer never runs: no adapter there
+        patterns.append(rf"(.*\.)?img_processor\.vision_model\.encoder\.layers\.({layers})\.(self_attn|mlp)\.({names})")
+    return "^(" + "|".join(patterns) + ")$"
+
+
+def configure_trainable(model, model_section: ModelSection, lora: LoraSection):
+    """Freeze, add LoRA, unfreeze full parts; returns the model to train (a PeftModel when LoRA is used)."""
+    model.requires_grad_(False)
+    uses_lora = "lora" in (model_section.language, model_section.vision)
+    full_parts = {p for p, mode in [(VISION, model_section.vision), (PROJECTOR, model_section.projector),
+                                    (LANGUAGE, model_section.language)] if mode == "full"}
+    if model_section.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    if uses_lora:
+        modules_to_save = []
+        if PROJECTOR in full_parts:
+            modules_to_save.append("img_projection")
+        if VISION in full_parts:
+            modules_to_save.append("img_processor")
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora_target_regex(model, model_section, lora),
+            use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,
+            modules_to_save=modules_to_save or None,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if part_of(name) in full_parts and "lora_" not in name and not never_runs(name):
+            if not uses_lora or "modules_to_save" in name:
+                param.requires_grad_(True)
+    return model
+
+
+def never_runs(name: str) -> bool:
+    """CLIP's post_layernorm and the layers after the feature layer are in the checkpoint but never computed."""
+    return "post_layernorm" in name
+
+
+def parameter_groups(model, train: TrainSection) -> list[dict]:
+    """AdamW groups: one per part that trains, each with its own learning rate; no decay on norms, biases, GN."""
+    lrs = {LANGUAGE: train.lr, VISION: train.lr_vision or train.lr, PROJECTOR: train.lr_projector or train.lr}
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = defaultdict(list)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            no_decay = param.ndim < 2 or "norm" in name
+            groups[(part_of(name), no_decay)].append(param)
+    return [
+        {"params": params, "lr": lrs[part], "weight_decay": 0.0 if no_decay else train.weight_decay, "part": part}
+        for (part, no_decay), params in sorted(groups.items())
+    ]
+
+
+def trainable_counts(model) -> dict[str, dict[str, int]]:
+    """Per part: trainable and total parameter counts (a LoRA adapter counts towards the part it adapts)."""
+    counts = {p: {"trainable": 0, "total": 0} for p in PARTS}
+    for name, param in model.named_parameters():
+        part = counts[part_of(name)]
+        part["total"] += param.numel()
+        if param.requires_grad:
+            part["trainable"] += param.numel()
+    return counts
+
+
+def base_model_of(model):
+    """The Phi3VForCausalLM under a PeftModel (or the model itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -1,0 +1,188 @@
+"""Supervised fine-tuning of Phi-3-Vision (LoRA or full) from a YAML recipe.
+
+    accelerate launch train/sft.py recipes/chartqa.yaml [key=value ...]
+    python train/sft.py recipes/demo.yaml                  # one process, e.g. the CPU demo
+    python train/sft.py --help                             # every recipe key with its documentation
+
+Reads top to bottom: recipe, run directory, data, model and LoRA, preflight, loop, save, eval hook.
+The loss is summed over supervised tokens and divided by the supervised tokens of the whole optimizer step, across
+micro-batches and ranks (train/loop.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch train/sft.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from data.sources import SkipCounter
+from train import common
+from train.checkpoint import Checkpointer
+from train.data import load_samples, loader_factory, plan
+from train.eval_hook import run_eval_hook
+from train.loop import LoopConfig, LoopState, run_loop, total_steps_for
+from train.parts import configure_trainable, parameter_groups
+from train.recipe import load_recipe, recipe_help, recipe_to_dict, redact_secrets, resolve_output_dir
+from train.recipe_schema import Recipe
+from train.run_dir import prepare_run_dir
+
+log = logging.getLogger("train.sft")
+
+
+def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Summed cross-entropy over supervised tokens. Only positions that predict a supervised token get logits
+    (`logits_to_keep`): with a 2,500-token image, that skips the vocabulary projection of ~99% of the sequence."""
+    targets = batch["labels"][:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)  # positions t whose next token is supervised somewhere
+    logits = model(**common.model_inputs(batch), logits_to_keep=keep).logits  # (B, K, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100, reduction="sum")
+    return loss, {}
+
+
+def supervised_tokens(batch: dict) -> int:
+    return int(batch["num_supervised_tokens"])
+
+
+def preflight(accelerator, model, first_batch: dict, recipe: Recipe) -> None:
+    """Before step 1: report what trains and the first batch's supervised tokens; one forward and backward must
+    reach every part the recipe trains."""
+    log.info(common.report_trainable(model))
+    log.info("first batch: %d sequences, %d supervised tokens", first_batch["input_ids"].shape[0],
+             supervised_tokens(first_batch))
+    with common.autocast_context(accelerator):
+        loss, _ = sft_loss_sum(model, first_batch)
+    loss.backward()
+    common.check_gradients(model, common.trained_parts(recipe.model))
+    model.zero_grad(set_to_none=True)
+
+
+def first_batch_with_images(make_loader, limit: int = 32) -> dict:
+    """The first batch of epoch 0 that holds an image (the vision parts get no gradient from text-only batches)."""
+    first = None
+    for i, batch in enumerate(make_loader(0)):
+        first = first or batch
+        if "pixel_values" in batch or i >= limit:
+            return batch
+    return first
+
+
+def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None) -> Path:
+    """Run SFT; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
+    preemption would (resume then continues it)."""
+    started = time.perf_counter()
+    run_dir = resolve_output_dir(recipe, recipe_path)
+    accelerator = common.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
+    stage_dir = prepare_run_dir(run_dir, recipe, stage="sft", is_main=accelerator.is_main_process)
+    device = accelerator.device
+
+    # Model first: the demo's tiny model builds its tokenizer from the data's texts; the data needs the processor.
+    model, processor, base_path = common.load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
+
+    skips = SkipCounter()
+    samples = load_samples(recipe.data.train, "sft", recipe.data, seed=recipe.seed, skips=skips,
+                           main_first=accelerator.main_process_first)
+    planned = plan(samples, processor, recipe.data, skips)
+    make_loader, batches_per_epoch = loader_factory(
+        planned, processor, recipe.data, stage="sft", micro_batch_size=recipe.train.micro_batch_size,
+        seed=recipe.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum, recipe.train.max_steps, recipe.train.epochs)
+    log.info("%d samples planned, %d micro-batches per rank per epoch, %d optimizer steps", len(planned),
+             batches_per_epoch, total_steps)
+
+    model.to(device)
+    run_eval_hook("base", model, processor, recipe, run_dir, base_path=base_path, accelerator=accelerator)
+
+    model = configure_trainable(model, recipe.model, recipe.lora)
+    common.upcast_trainable_(model)
+    preflight(accelerator, model, common.to_device(first_batch_with_images(make_loader), device), recipe)
+
+    optimizer = common.make_optimizer(parameter_groups(model, recipe.train), recipe.train)
+    scheduler = common.make_scheduler(optimizer, recipe.train, total_steps)
+    model, optimizer = common.prepare(accelerator, model, optimizer, recipe.train.micro_batch_size)
+    accelerator.register_for_checkpointing(scheduler)
+    checkpointer = Checkpointer(accelerator, stage_dir / "checkpoints", keep=recipe.train.keep_checkpoints)
+    state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
+    accelerator.init_trackers(recipe.logging.project or "phi3v-tune", config=flat_config(recipe),
+                              init_kwargs=tracker_names(recipe, run_dir))
+
+    def loss_on_device(model_, batch):
+        with common.autocast_context(accelerator):
+            return sft_loss_sum(model_, common.to_device(batch, device))
+
+    config = LoopConfig(total_steps=total_steps, grad_accum=recipe.train.grad_accum,
+                        max_grad_norm=recipe.train.max_grad_norm, log_every=recipe.train.log_every,
+                        checkpoint_every=recipe.train.checkpoint_every)
+    state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                     make_loader=make_loader, loss_sum=loss_on_device, count=supervised_tokens, config=config,
+                     state=state, checkpointer=checkpointer, on_step=common.stopper(stop_after_step))
+
+    trained = common.save_trained(accelerator, model, processor,
+                                  stage_dir / ("adapter" if common.is_peft(accelerator.unwrap_model(model)) else "merged"))
+    write_summary(stage_dir, state, skips, started, accelerator, trained)
+    run_eval_hook("sft", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=base_path,
+                  accelerator=accelerator)
+    if skips.total:
+        log.warning("rows left out of this run:\n%s", skips.summary())
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def write_summary(stage_dir: Path, state: LoopState, skips: SkipCounter, started: float, accelerator, trained: Path) -> None:
+    if not accelerator.is_main_process:
+        return
+    summary = {
+        "steps": state.step,
+        "epochs_started": state.epoch + (1 if state.micro_batches_in_epoch else 0),
+        "supervised_tokens": state.units_seen,
+        "samples": state.samples_seen,
+        "seconds": round(time.perf_counter() - started, 1),
+        "saved": str(trained),
+        "skipped_rows": skips.counts(),
+        "history": state.history,
+    }
+    (stage_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def flat_config(recipe: Recipe) -> dict:
+    """The recipe, secrets redacted, flattened to dotted keys (what trackers accept)."""
+    out = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", redact_secrets(recipe_to_dict(recipe)))
+    return out
+
+
+def tracker_names(recipe: Recipe, run_dir: Path) -> dict:
+    name = recipe.logging.run_name or run_dir.name
+    return {"wandb": {"name": name}} if "wandb" in recipe.logging.report_to else {}
+
+
+def cli(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(recipe_help())
+        raise SystemExit(0)
+    recipe_path, overrides = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return main(load_recipe(recipe_path, overrides), recipe_path)
+
+
+if __name__ == "__main__":
+    cli()
