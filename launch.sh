@@ -5,9 +5,9 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: ./launch.sh [--dry-run] [--config NAME] RECIPE [key=value ...]
+Usage: ./launch.sh [--dry-run] [--config NAME] [RECIPE [key=value ...]]
 
-  RECIPE          a YAML recipe, e.g. recipes/demo.yaml (CPU demo) or recipes/chartqa.yaml
+  RECIPE          a YAML recipe, e.g. recipes/chartqa.yaml; default: recipes/demo.yaml (the CPU demo)
   key=value       recipe overrides by dotted path, e.g. train.lr=1.0e-4 data.train.0.limit=1000
   --config NAME   accelerate config in recipes/accelerate/: cpu, ddp, zero2, zero3, fsdp
                   (default: cpu without a GPU, ddp with GPUs)
@@ -36,12 +36,16 @@ while [[ $# -gt 0 ]]; do
     *) break ;;
   esac
 done
-[[ $# -ge 1 ]] || { usage >&2; exit 2; }
-recipe="$1"; shift
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ $# -ge 1 ]]; then
+  recipe="$1"; shift
+else
+  recipe="$here/recipes/demo.yaml"
+  echo "launch.sh: no recipe given; running the CPU demo, $recipe"
+fi
 overrides=("$@")
 [[ -f "$recipe" ]] || { echo "launch.sh: recipe file '$recipe' not found" >&2; exit 2; }
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
 
 gpus=0

@@ -179,3 +179,12 @@ def test_eager_and_sdpa_agree(tiny_tokenizer, tiny_processor):
         batch = image_batch(tiny_processor, [("Describe the image.", [drawn_image(64, 48)])])
         outs.append(model.eval()(**batch).logits)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_loaded_model_normalises_uint8_pixels_like_the_saved_one(tiny_model, tiny_processor, tmp_path):
+    # Regression: state that is not in the checkpoint (e.g. non-persistent buffers) must not come back
+    # uninitialised from from_pretrained.
+    tiny_model.save_pretrained(tmp_path)
+    loaded = Phi3VForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    batch = image_batch(tiny_processor, [("Describe the image.", [drawn_image(64, 48)])], do_normalize=False)
+    assert torch.equal(loaded(**batch).logits, tiny_model(**batch).logits)
