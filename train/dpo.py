@@ -77,8 +77,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_policy(start: dict, model_section: ModelSection):
-    """The SFT policy: the base with the SFT adapter merged in."""
+def load_policy(start: dict, recipe: Recipe, run_dir: Path, accelerator):
+    """The SFT policy: the base with the SFT adapter merged in (or the base itself, built first for `tiny`)."""
+    if start["sft_adapter"] is None and start["base"] in (recipe.model.name_or_path, str(run_dir / "base")):
+        model, processor, _ = common.load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
+        return model, processor
+    model_section = recipe.model
     model, processor = models.load(start["base"], revision=start["revision"], dtype=model_section.dtype,
                                    attn_implementation=model_section.attn_implementation,
                                    num_crops=model_section.num_crops)
@@ -103,8 +107,9 @@ def completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tens
     """(summed log-probs, token counts) of each row's supervised tokens; only those positions get logits."""
     targets = batch["labels"][:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    # use_cache=False: no cache in training, and with packed position_ids a cache would let samples see each other.
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                   **image_kwargs).logits
+                   use_cache=False, **image_kwargs).logits
     targets = targets[:, keep]
     mask = targets != -100
     token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -117,14 +122,15 @@ class DPOLoss:
     def __init__(self, recipe: Recipe, accelerator, share_features: bool):
         self.dpo, self.accelerator, self.share_features = recipe.dpo, accelerator, share_features
 
-    def image_kwargs(self, peft_model, batch: dict) -> tuple[dict, dict]:
+    @staticmethod
+    def image_kwargs_for(peft_model, batch: dict, share_features: bool) -> tuple[dict, dict]:
         """(policy kwargs, reference kwargs). With a frozen tower the images are encoded once, here, for all four
         uses (chosen, rejected, policy, reference); otherwise the policy pass encodes them with its adapters on and
         the reference pass again with them off (still once for chosen and rejected together)."""
         if "pixel_values" not in batch:
             return {}, {}
         seq = batch["sequence_images"]
-        if self.share_features:
+        if share_features:
             with torch.no_grad():
                 features = peft_model.get_base_model().model.vision_embed_tokens(batch["pixel_values"], batch["image_sizes"])
             shared = {"image_features": features, "sequence_images": seq}
@@ -134,7 +140,7 @@ class DPOLoss:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         peft_model = self.accelerator.unwrap_model(model)
-        policy_kwargs, reference_kwargs = self.image_kwargs(peft_model, batch)
+        policy_kwargs, reference_kwargs = self.image_kwargs_for(peft_model, batch, self.share_features)
         policy_logps, num_tokens = completion_logps(model, batch, policy_kwargs)
         with torch.no_grad(), peft_model.disable_adapter():
             reference_logps, _ = completion_logps(peft_model, batch, reference_kwargs)
@@ -159,6 +165,43 @@ def count_pairs(batch: dict) -> int:
     return batch["input_ids"].shape[0] // 2
 
 
+@torch.no_grad()
+def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) -> dict | None:
+    """Held-out preference accuracy (log p(chosen) > log p(rejected)) and mean log-prob margin of the DPO policy and
+    of the SFT policy it started from (the adapter disabled), on the recipe's `data.eval` preference sources."""
+    from train.data import stage_sources
+
+    if not stage_sources(recipe.data.eval, "dpo"):
+        return None
+    skips = SkipCounter()
+    samples = load_samples(recipe.data.eval, "dpo", recipe.data, seed=recipe.seed, skips=skips,
+                           main_first=accelerator.main_process_first)
+    planned = plan(samples, processor, replace(recipe.data, on_bad_sample="skip", on_overlong="drop"), skips)
+    make_loader, _ = loader_factory(planned, processor, replace(recipe.data, group_by_length=False), stage="dpo",
+                                    micro_batch_size=recipe.eval.batch_size, seed=recipe.seed,
+                                    num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    peft_model = accelerator.unwrap_model(model)
+    was_training = peft_model.training
+    peft_model.eval()
+    margins = {"dpo": [], "sft": []}
+    for batch in make_loader(0):
+        batch = common.to_device(batch, device)
+        kwargs, _ = DPOLoss.image_kwargs_for(peft_model, batch, share_features=True)
+        pairs = count_pairs(batch)
+        for stage, context in (("dpo", common.nullcontext()), ("sft", peft_model.disable_adapter())):
+            with context:
+                logps, _ = completion_logps(peft_model, batch, kwargs)
+            margins[stage].append(logps[:pairs] - logps[pairs:])
+    peft_model.train(was_training)
+    result = {}
+    for stage, values in margins.items():
+        local = torch.cat(values)
+        gathered = accelerator.gather_for_metrics(local) if accelerator.num_processes > 1 else local
+        result[stage] = {"pairs": int(gathered.numel()), "accuracy": float((gathered > 0).float().mean()),
+                         "mean_margin": float(gathered.mean())}
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- the stage
 
 
@@ -178,7 +221,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
         start["sft_adapter_sha256"] = file_sha256(Path(start["sft_adapter"]) / "adapter_model.safetensors")
     if accelerator.is_main_process:
         (stage_dir / "start.json").write_text(json.dumps(start, indent=1) + "\n")
-    model, processor = load_policy(start, recipe.model)
+    model, processor = load_policy(start, recipe, run_dir, accelerator)
 
     skips = SkipCounter()
     samples = load_samples(recipe.data.train, "dpo", recipe.data, seed=recipe.seed, skips=skips,
@@ -223,6 +266,10 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
 
     trained = common.save_trained(accelerator, model, processor, stage_dir / "adapter")
     write_summary(stage_dir, state, skips, started, accelerator, trained)
+    held_out = preference_eval(accelerator, model, processor, recipe, device=device)
+    if held_out and accelerator.is_main_process:
+        (stage_dir / "preference_eval.json").write_text(json.dumps(held_out, indent=1) + "\n")
+        log.info("held-out preferences: %s", held_out)
     run_eval_hook("dpo", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=start["base"],
                   accelerator=accelerator)
     accelerator.end_training()

@@ -42,7 +42,7 @@ def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, dict]:
     (`logits_to_keep`): with a 2,500-token image, that skips the vocabulary projection of ~99% of the sequence."""
     targets = batch["labels"][:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().squeeze(1)  # positions t whose next token is supervised somewhere
-    logits = model(**common.model_inputs(batch), logits_to_keep=keep).logits  # (B, K, V)
+    logits = model(**common.model_inputs(batch), logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100, reduction="sum")
     return loss, {}
 

@@ -1,0 +1,60 @@
+"""Small runs of the real entry points on the demo recipe, for the training tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from train import dpo, sft
+from train.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "demo.yaml"
+
+
+def small_overrides(run_dir: Path, synthetic: Path, stage: str, **train) -> list[str]:
+    """The demo recipe cut down to a few fp32 steps on 64 rows, every step logged and no eval or export."""
+    settings = {"max_steps": 3, "micro_batch_size": 4, "grad_accum": 2, "log_every": 1, "checkpoint_every": 100,
+                **train}
+    overrides = [f"output_dir={run_dir}", f"data.train.0.path={synthetic}", f"data.eval.0.path={synthetic}",
+                 "data.train.0.limit=64", f"stages=[{stage}]", "dpo.max_steps=null"]
+    return overrides + [f"train.{key}={value}" for key, value in settings.items()]
+
+
+def run_stage(stage: str, overrides: list[str], **kwargs) -> Path:
+    module = sft if stage == "sft" else dpo
+    return module.main(load_recipe(DEMO, overrides), DEMO, **kwargs)
+
+
+def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = False, timeout: int = 600) -> None:
+    """The stage in 2 CPU processes over gloo (DDP, or DeepSpeed ZeRO-2), through accelerate's launcher."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
+    if deepspeed:
+        command += ["--use_deepspeed", "--zero_stage", "2", "--gradient_clipping", "1.0"]
+    else:
+        command += ["--multi_gpu"]
+    command += [str(REPO / "train" / f"{stage}.py"), str(DEMO), *overrides]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"2-process {stage} run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+
+
+def history(run_dir: Path, stage: str) -> list[dict]:
+    return json.loads((run_dir / stage / "summary.json").read_text())["history"]
+
+
+def adapter(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / stage / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
