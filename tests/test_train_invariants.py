@@ -4,12 +4,18 @@ import math
 
 import pytest
 
+from data.synthetic import write_synthetic
 from train.common import Preempted
 from train.data import SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 
-from .train_helpers import (adapter, assert_same_adapter, history, launch_two_processes, run_stage,
-                            small_overrides)
+from .train_helpers import (
+    adapter,
+    assert_same_adapter,
+    history,
+    launch_two_processes,
+    run_stage,
+    small_overrides,
+)
 
 
 @pytest.fixture(scope="module")
