@@ -1,0 +1,141 @@
+"""The CPU demo end to end (recipes/demo.yaml: SFT -> DPO -> eval -> export), run once per test session."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from data.synthetic import write_synthetic
+from models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+from train import export
+from train.data import SYNTHETIC_COUNTS
+from train.recipe import load_recipe
+
+from .train_helpers import run_stage
+
+# DPO may trade a little exact match for preference margin; more than this is a regression.
+DPO_EXACT_MATCH_TOLERANCE = 0.10
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    synthetic = root / "synthetic"
+    write_synthetic(synthetic, seed=0, **SYNTHETIC_COUNTS)
+    overrides = [f"output_dir={root / 'run'}", f"data.train.0.path={synthetic}", f"data.eval.0.path={synthetic}"]
+    run_dir = run_stage("sft", overrides)
+    run_stage("dpo", overrides)
+    export.main([str(run_dir)])
+    return run_dir
+
+
+def test_run_directory_holds_exactly_the_expected_files(demo_run):
+    files = {p.relative_to(demo_run).as_posix() for p in demo_run.rglob("*") if p.is_file()}
+    thumbnails = {f for f in files if f.startswith("eval/thumbnails/")}
+    caches = {f for f in files if f.startswith("eval/cache/")}
+    assert thumbnails and all(f.endswith(".png") for f in thumbnails)
+    assert len(caches) == 1 and next(iter(caches)).startswith("eval/cache/base-synthetic-")
+    model_files = {"config.json", "generation_config.json", "model.safetensors", "chat_template.jinja",
+                   "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"}
+    adapter_files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+                     "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"}
+    checkpoint_files = {"custom_checkpoint_0.pkl", "loop_state.json", "model.safetensors", "optimizer.bin",
+                        "random_states_0.pkl"}
+    recipe = load_recipe(demo_run / "recipe.resolved.yaml")
+    expected = {"recipe.resolved.yaml", "env.json", "eval/results.json", "eval/report.html",
+                *(f"eval/predictions/{s}/synthetic.jsonl" for s in ("base", "sft", "dpo")),
+                *(f"base/{f}" for f in model_files),
+                "dpo/start.json", "dpo/preference_eval.json"}
+    for stage, steps in (("sft", recipe.train.max_steps), ("dpo", recipe.dpo.max_steps)):
+        expected |= {f"{stage}/summary.json", *(f"{stage}/adapter/{f}" for f in adapter_files),
+                     *(f"{stage}/merged/{f}" for f in model_files),
+                     *(f"{stage}/checkpoints/step-{steps:08d}/{f}" for f in checkpoint_files)}
+    assert files - thumbnails - caches == expected
+
+
+def test_sft_loss_falls(demo_run):
+    history = json.loads((demo_run / "sft" / "summary.json").read_text())["history"]
+    first, last = history[0]["loss"], min(h["loss"] for h in history[-3:])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert last < 0.7 * first, (first, last)
+
+
+def test_lora_weights_changed_and_base_weights_did_not(demo_run):
+    adapter = load_file(demo_run / "sft" / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # peft starts lora_B at zero
+    base = load_file(demo_run / "base" / "model.safetensors")
+    trained = load_file(next((demo_run / "sft" / "checkpoints").iterdir()) / "model.safetensors")
+    frozen = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in trained.items()
+              if "lora_" not in k and "modules_to_save" not in k}
+    frozen = {k.replace(".original_module", ""): v for k, v in frozen.items()}
+    assert frozen.keys() == base.keys()
+    assert all(torch.equal(frozen[k], base[k]) for k in base)
+
+
+@pytest.fixture(scope="module")
+def inputs(demo_run):
+    processor = Phi3VProcessor.from_pretrained(demo_run / "base")
+    rows = [json.loads(line) for line in (demo_run.parent / "synthetic" / "sft_eval.jsonl").read_text().splitlines()[:4]]
+    from PIL import Image
+
+    prompts = [processor.apply_chat_template(r["messages"][:-1], add_generation_prompt=True) for r in rows]
+    images = [[Image.open(demo_run.parent / "synthetic" / p) for p in r["images"]] for r in rows]
+    return processor(text=prompts, images=images, padding_side="left", do_normalize=False)
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def test_saved_adapter_reloads_to_the_trained_logits(demo_run, inputs):
+    base = Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, demo_run / "sft" / "adapter")
+    from_checkpoint = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32),
+                                                demo_run / "sft" / "adapter")
+    checkpoint = load_file(next((demo_run / "sft" / "checkpoints").iterdir()) / "model.safetensors")
+    from_checkpoint.load_state_dict(checkpoint, strict=True)
+    assert torch.equal(logits_of(reloaded, inputs), logits_of(from_checkpoint, inputs))
+    with reloaded.disable_adapter():
+        assert not torch.allclose(logits_of(reloaded, inputs), logits_of(from_checkpoint, inputs))
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_merged_checkpoint_gives_the_adapter_logits(demo_run, inputs, stage):
+    merged = Phi3VForCausalLM.from_pretrained(demo_run / stage / "merged", dtype=torch.float32)
+    model = Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, demo_run / "sft" / "adapter")
+    if stage == "dpo":
+        model = PeftModel.from_pretrained(model.merge_and_unload(), demo_run / "dpo" / "adapter")
+    torch.testing.assert_close(logits_of(merged, inputs), logits_of(model, inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_tuned_model_beats_the_base_on_held_out_data(demo_run):
+    scores = json.loads((demo_run / "eval" / "results.json").read_text())["synthetic"]["exact_match"]
+    assert set(scores) == {"base", "sft", "dpo"}
+    assert scores["sft"] >= scores["base"] + 0.3, scores
+    assert scores["dpo"] >= scores["sft"] - DPO_EXACT_MATCH_TOLERANCE, scores
+
+
+def test_dpo_raises_held_out_preference_accuracy_and_margins(demo_run):
+    held_out = json.loads((demo_run / "dpo" / "preference_eval.json").read_text())
+    assert held_out["dpo"]["pairs"] == held_out["sft"]["pairs"] > 0
+    assert held_out["dpo"]["accuracy"] > held_out["sft"]["accuracy"], held_out
+    assert held_out["dpo"]["mean_margin"] > held_out["sft"]["mean_margin"], held_out
+
+
+def test_dpo_records_its_starting_point(demo_run):
+    start = json.loads((demo_run / "dpo" / "start.json").read_text())
+    assert start["sft_adapter"] == str(demo_run / "sft" / "adapter")
+    import hashlib
+
+    digest = hashlib.sha256((demo_run / "sft" / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert start["sft_adapter_sha256"] == digest
+
+
+def test_report_shows_every_stage(demo_run):
+    html = (demo_run / "eval" / "report.html").read_text()
+    assert all(stage in html for stage in ("base", "sft", "dpo")) and "<img" in html
