@@ -422,6 +422,14 @@ def _trl_completion(value: Any, *, origin: Origin, field: str) -> Turn:
     return turn
 
 
+def _distinct_pair(sample: PreferenceSample) -> PreferenceSample:
+    """A pair whose chosen equals its rejected (same text, same images) teaches nothing and gives a zero margin."""
+    if sample.rejected_images is None and sample.chosen.text == sample.rejected.text:
+        raise _error(sample.origin, "rejected", "identical completions",
+                     f"chosen and rejected are the same text ({_preview(sample.chosen.text)}): drop the row or fix it")
+    return sample
+
+
 def adapt_trl_preference(row: Mapping[str, Any], *, origin: Origin, image_root: Path | None) -> PreferenceSample:
     images = _images_list(row.get("images"), image_root=image_root, origin=origin, field="images")
     prompt = _trl_prompt(_require(row, "prompt", origin=origin), origin=origin)
@@ -436,8 +444,8 @@ def adapt_trl_preference(row: Mapping[str, Any], *, origin: Origin, image_root: 
         if len(rejected_images) != len(images):
             raise _error(origin, "rejected_images", "image count mismatch",
                          f"{len(rejected_images)} rejected image(s) for {len(images)} prompt image slot(s)")
-    return PreferenceSample(prompt=prompt, chosen=chosen, rejected=rejected, images=images, origin=origin,
-                            rejected_images=rejected_images or None)
+    return _distinct_pair(PreferenceSample(prompt=prompt, chosen=chosen, rejected=rejected, images=images,
+                                           origin=origin, rejected_images=rejected_images or None))
 
 
 def adapt_rlaif_v(row: Mapping[str, Any], *, origin: Origin, image_root: Path | None) -> PreferenceSample:
@@ -448,8 +456,8 @@ def adapt_rlaif_v(row: Mapping[str, Any], *, origin: Origin, image_root: Path | 
     for key in ("chosen", "rejected"):
         completions[key] = Turn(role="assistant", parts=text_parts(_require_str(row, key, origin=origin)))
         _check_completion(completions[key], origin=origin, field=key)
-    return PreferenceSample(prompt=prompt, chosen=completions["chosen"], rejected=completions["rejected"],
-                            images=(image,), origin=origin)
+    return _distinct_pair(PreferenceSample(prompt=prompt, chosen=completions["chosen"], rejected=completions["rejected"],
+                                           images=(image,), origin=origin))
 
 
 Adapter = Callable[..., SFTSample | PreferenceSample]

@@ -600,3 +600,22 @@ def test_mix_sources_keeps_origins_and_follows_weights(root):
         [SourceSamples(source=source) for source in sources], [1.0, 1.0], seed=3, num_samples=8))
     with pytest.raises(ValueError, match="unknown format"):
         mix_sources([SourceSpec(format="?", path=str(doc))], seed=0, num_samples=1)
+
+
+def test_preference_row_with_identical_chosen_and_rejected_is_refused_or_counted(tmp_path):
+    from data.adapters import adapt_row
+    from data.sample import DataError, Origin
+
+    row = {"image": {"bytes": png_bytes(), "path": None}, "question": "What colour?", "chosen": "red", "rejected": "red"}
+    with pytest.raises(DataError, match=r"row 3, field 'rejected': identical completions"):
+        adapt_row(row, format="rlaif_v", columns={}, origin=Origin("pairs", 3), image_root=None)
+
+
+def test_preference_row_with_missing_image_is_refused(tmp_path):
+    from data.adapters import adapt_row
+    from data.sample import DataError, Origin
+
+    row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}],
+           "chosen": "a", "rejected": "b", "images": ["missing.png"]}
+    with pytest.raises(DataError, match="row 0, field 'images"):
+        adapt_row(row, format="trl_preference", columns={}, origin=Origin("pairs", 0), image_root=tmp_path)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.adapters import PREFERENCE_ADAPTERS, SFT_ADAPTERS
 from data.collate import DPOCollator, PackedSFTCollator, RenderedDataset, SFTCollator
-from data.length import LengthGroupedSampler, PlannedSample, plan_lengths, token_budget_batches
+from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
 from data.sources import SkipCounter, SourceSpec, iter_samples, mix
 from data.synthetic import write_synthetic
 
@@ -92,8 +92,28 @@ class ShuffledBatchSampler(Sampler[list[int]]):
             yield order[first : first + self.batch_size]
 
 
+def pack_first_fit(lengths: list[int], max_tokens: int, seed: int) -> list[list[int]]:
+    """Packs of whole samples whose token SUM is at most `max_tokens` (a packed sequence has no padding), by
+    first-fit decreasing: fewer, fuller packs than a padded budget (len x longest), which never puts two samples
+    longer than half the budget together. Samples are shuffled first so that equal lengths mix across epochs."""
+    order = np.random.default_rng(seed).permutation(len(lengths)).tolist()
+    order.sort(key=lambda i: -lengths[i])  # stable: the shuffle decides among equal lengths
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        slot = next((k for k, free in enumerate(room) if free >= lengths[i]), None)
+        if slot is None:
+            packs.append([i])
+            room.append(max_tokens - lengths[i])
+        else:
+            packs[slot].append(i)
+            room[slot] -= lengths[i]
+    return packs
+
+
 class PackedBatchSampler(Sampler[list[int]]):
-    """Packs of whole samples up to `max_tokens` (token_budget_batches), reshuffled per epoch, sharded by rank."""
+    """Packs up to `max_tokens` (pack_first_fit), reshuffled per epoch, sharded by rank (the tail that does not
+    divide by the rank count is left out, so every rank runs the same number of steps)."""
 
     def __init__(self, lengths: list[int], max_tokens: int, seed: int, *, num_replicas: int = 1, rank: int = 0):
         self.lengths, self.max_tokens, self.seed = lengths, max_tokens, seed
@@ -104,8 +124,9 @@ class PackedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def _packs(self) -> list[list[int]]:
-        # A pack's cost is len * longest <= budget; with lengths all below max_tokens, packs are never empty.
-        return token_budget_batches(self.lengths, self.max_tokens, seed=self.seed + self.epoch)
+        packs = pack_first_fit(self.lengths, self.max_tokens, seed=self.seed + self.epoch)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(packs))
+        return [packs[i] for i in order]
 
     def __len__(self) -> int:
         return self._count
@@ -113,6 +134,31 @@ class PackedBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         packs = self._packs()[: self._count * self.num_replicas]
         return iter(packs[self.rank :: self.num_replicas])
+
+
+class IndexedRows(Dataset):
+    """Rows paired with their sample index, so a batch can say which planned samples it holds (`indices`)."""
+
+    def __init__(self, rows: Dataset):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        return index, self.rows[index]
+
+
+class CollateWithIndices:
+    """The stage's collator on the rows, plus `indices` (int64, one per sample) of the planned samples."""
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[int, dict]]) -> dict:
+        batch = self.collate([row for _, row in items])
+        batch["indices"] = torch.tensor([index for index, _ in items], dtype=torch.long)
+        return batch
 
 
 def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *, stage: str, micro_batch_size: int,
@@ -138,8 +184,8 @@ def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *
 
     def make(epoch: int) -> DataLoader:
         sampler.set_epoch(epoch)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+        return DataLoader(IndexedRows(dataset), batch_sampler=sampler, collate_fn=CollateWithIndices(collate),
+                          num_workers=data.num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
 
     return make, len(sampler)
 

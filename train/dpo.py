@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import models
 from data.sources import SkipCounter
-from train import common
+from train import common, reference_cache
 from train.checkpoint import Checkpointer
 from train.data import load_samples, loader_factory, plan
 from train.dpo_losses import combined_loss, reward_metrics
@@ -117,10 +117,20 @@ def completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tens
 
 
 class DPOLoss:
-    """Per micro-batch: the summed preference loss of its pairs and summed metrics (the loop averages per pair)."""
+    """Per micro-batch: the summed preference loss of its pairs and summed metrics (the loop averages per pair).
 
-    def __init__(self, recipe: Recipe, accelerator, share_features: bool):
+    `reference_table` (pairs x 2, from train/reference_cache.py) replaces the reference pass when given.
+    `dpo.mdpo_weight` adds mDPO's image-conditional term (Wang et al. 2024): the chosen answer must become more
+    likely, relative to the reference, with the real image than with a corrupted one,
+    -log sigmoid(beta * [(pi - ref)(chosen | image) - (pi - ref)(chosen | corrupted image)]). The paper corrupts by
+    cropping to under 20% of the image; here a random 80% of each crop is masked white, which keeps the crop grid
+    and so the image's token count.
+    """
+
+    def __init__(self, recipe: Recipe, accelerator, share_features: bool, reference_table: torch.Tensor | None = None):
         self.dpo, self.accelerator, self.share_features = recipe.dpo, accelerator, share_features
+        self.reference_table = reference_table
+        self.generator = torch.Generator().manual_seed(recipe.seed)
 
     @staticmethod
     def image_kwargs_for(peft_model, batch: dict, share_features: bool) -> tuple[dict, dict]:
@@ -138,12 +148,40 @@ class DPOLoss:
         pixels = {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"], "sequence_images": seq}
         return pixels, pixels
 
+    def reference(self, peft_model, batch: dict, kwargs: dict) -> torch.Tensor:
+        if self.reference_table is not None:
+            table = self.reference_table.to(batch["input_ids"].device)[batch["indices"]]
+            return torch.cat([table[:, 0], table[:, 1]])
+        with torch.no_grad(), peft_model.disable_adapter():
+            return completion_logps(peft_model, batch, kwargs)[0]
+
+    def corrupted(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Each uint8 crop with a random 80% of its 8x8-pixel cells set to white."""
+        crops, _, size, _ = pixel_values.shape
+        cells = -(-size // 8)
+        keep = torch.rand(crops, 1, cells, cells, generator=self.generator) < 0.2
+        keep = keep.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., :size, :size].to(pixel_values.device)
+        return torch.where(keep, pixel_values, torch.full_like(pixel_values, 255))
+
+    def conditional_term(self, model, peft_model, batch: dict, policy_chosen, reference_chosen) -> torch.Tensor:
+        """mDPO's per-pair term on the chosen rows with corrupted images."""
+        pairs = batch["input_ids"].shape[0] // 2
+        chosen = {k: batch[k][:pairs] for k in ("input_ids", "attention_mask", "labels")}
+        corrupted = {**batch, "pixel_values": self.corrupted(batch["pixel_values"])}
+        kwargs, ref_kwargs = self.image_kwargs_for(peft_model, corrupted, self.share_features)
+        kwargs = {**kwargs, "sequence_images": batch["sequence_images"][:pairs]}
+        ref_kwargs = {**ref_kwargs, "sequence_images": batch["sequence_images"][:pairs]}
+        policy_corrupted, _ = completion_logps(model, chosen, kwargs)
+        with torch.no_grad(), peft_model.disable_adapter():
+            reference_corrupted, _ = completion_logps(peft_model, chosen, ref_kwargs)
+        margin = (policy_chosen - reference_chosen) - (policy_corrupted - reference_corrupted)
+        return -F.logsigmoid(self.dpo.beta * margin)
+
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         peft_model = self.accelerator.unwrap_model(model)
         policy_kwargs, reference_kwargs = self.image_kwargs_for(peft_model, batch, self.share_features)
         policy_logps, num_tokens = completion_logps(model, batch, policy_kwargs)
-        with torch.no_grad(), peft_model.disable_adapter():
-            reference_logps, _ = completion_logps(peft_model, batch, reference_kwargs)
+        reference_logps = self.reference(peft_model, batch, reference_kwargs)
         pairs = batch["input_ids"].shape[0] // 2
         chosen, rejected = slice(0, pairs), slice(pairs, 2 * pairs)
         losses, metrics = combined_loss(
@@ -155,6 +193,10 @@ class DPOLoss:
             # RPO's SFT term: the chosen completion's mean token NLL, per pair.
             chosen_nll_per_pair=(-policy_logps[chosen] / num_tokens[chosen].clamp_min(1)) if self.dpo.sft_weight else None,
         )
+        if self.dpo.mdpo_weight and "pixel_values" in batch:
+            conditional = self.conditional_term(model, peft_model, batch, policy_logps[chosen], reference_logps[chosen])
+            losses = losses + self.dpo.mdpo_weight * conditional
+            metrics["loss/mdpo"] = conditional.detach().mean()
         metrics.update(reward_metrics(policy_logps[chosen], policy_logps[rejected], reference_logps[chosen],
                                       reference_logps[rejected], beta=self.dpo.beta))
         # The loop divides metric sums by the step's pairs: hand it sums.
@@ -238,10 +280,14 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
 
     parts = dpo_parts(recipe.model)
     model.to(device)
-    model = configure_trainable(model, parts, recipe.lora)
+    reference_table = None
+    if recipe.dpo.precompute_ref_logps:  # before the fresh adapter exists: the model is the reference
+        reference_table = reference_cache.reference_logps(model, processor, planned, recipe, start, run_dir, stage_dir,
+                                                          accelerator)
+    model = configure_trainable(model, parts, recipe.lora, seed=recipe.seed)
     common.upcast_trainable_(model)
     log.info(common.report_trainable(model))
-    loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora")
+    loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora", reference_table=reference_table)
 
     lr_scale = (recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0
     optimizer = common.make_optimizer(parameter_groups(model, recipe.train), recipe.train, lr_scale=lr_scale)

@@ -44,8 +44,11 @@ def lora_target_regex(model, model_section: ModelSection, lora: LoraSection) -> 
     return "^(" + "|".join(patterns) + ")$"
 
 
-def configure_trainable(model, model_section: ModelSection, lora: LoraSection):
-    """Freeze, add LoRA, unfreeze full parts; returns the model to train (a PeftModel when LoRA is used)."""
+def configure_trainable(model, model_section: ModelSection, lora: LoraSection, seed: int = 0):
+    """Freeze, add LoRA, unfreeze full parts; returns the model to train (a PeftModel when LoRA is used).
+
+    The adapter's initial weights come from `seed` alone, not from whatever consumed the global RNG before (a
+    DataLoader iterator draws from it, so an eval pass or a reference-log-prob pass would otherwise change them)."""
     model.requires_grad_(False)
     uses_lora = "lora" in (model_section.language, model_section.vision)
     full_parts = {p for p, mode in [(VISION, model_section.vision), (PROJECTOR, model_section.projector),
@@ -68,7 +71,9 @@ def configure_trainable(model, model_section: ModelSection, lora: LoraSection):
             modules_to_save=modules_to_save or None,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, config)
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            torch.manual_seed(seed)
+            model = get_peft_model(model, config)
     for name, param in model.named_parameters():
         if part_of(name) in full_parts and "lora_" not in name and not never_runs(name):
             if not uses_lora or "modules_to_save" in name:

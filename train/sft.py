@@ -100,7 +100,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     model.to(device)
     run_eval_hook("base", model, processor, recipe, run_dir, base_path=base_path, accelerator=accelerator)
 
-    model = configure_trainable(model, recipe.model, recipe.lora)
+    model = configure_trainable(model, recipe.model, recipe.lora, seed=recipe.seed)
     common.upcast_trainable_(model)
     preflight(accelerator, model, common.to_device(first_batch_with_images(make_loader), device), recipe)
 

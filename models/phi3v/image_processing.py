@@ -72,7 +72,8 @@ def num_image_tokens(width: int, height: int, num_crops: int = 16, crop_size: in
 def hd_canvas(image: Image.Image, num_crops: int, crop_size: int = 336) -> Image.Image:
     """The padded RGB HD canvas, exactly as the official `HD_transform` builds it (transpose dance included: PIL's
     two-pass resize rounds between passes, so resizing the transposed image is not the same as resizing the original)."""
-    image = image.convert("RGB")
+    if image.mode != "RGB":  # convert() copies even an RGB image; nothing below modifies `image` in place
+        image = image.convert("RGB")
     canvas_w, canvas_h = hd_canvas_size(image.width, image.height, num_crops, crop_size)
     transposed = image.width < image.height
     if transposed:
@@ -148,7 +149,7 @@ class Phi3VImageProcessor:
             rows, cols = canvas.height // self.crop_size, canvas.width // self.crop_size
             counts.append(tokens_for_grid(rows, cols, self.crop_size, self.patch_size))
         if crops:
-            pixel_values = torch.cat(crops)
+            pixel_values = crops[0] if len(crops) == 1 else torch.cat(crops)
         else:
             pixel_values = torch.empty(0, 3, self.crop_size, self.crop_size, dtype=torch.uint8)
         if do_normalize:

@@ -1,0 +1,108 @@
+"""Precomputed reference log-probs for DPO: one pass before training, cached on disk under a key of the model, the
+SFT adapter, the data and the rendering settings; reused by later runs with the same key.
+
+Where: `<runs root>/.cache/ref_logps/<key>.safetensors` (the runs root is the run directory's parent), one row per
+planned pair in planning order: [chosen, rejected] summed log-probs under the reference (the SFT policy). The run
+records the key's fields in `dpo/ref_logps.json`; resuming a run whose fields no longer match (other data, another
+adapter, other settings) is refused, naming the fields that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from data.collate import DPOCollator, RenderedDataset
+
+log = logging.getLogger(__name__)
+
+
+def key_fields(start: dict, recipe, planned) -> dict:
+    digest = hashlib.sha256()
+    for plan in planned:
+        digest.update(f"{plan.sample.origin}|{plan.num_tokens}|{plan.image_token_counts}\n".encode())
+    return {
+        "base": start["base"], "revision": start.get("revision"), "sft_adapter_sha256": start.get("sft_adapter_sha256"),
+        "data": digest.hexdigest(), "pairs": len(planned), "dtype": recipe.model.dtype,
+        "num_crops": recipe.model.num_crops, "max_length": recipe.data.max_length,
+        "assistant_turns": recipe.data.assistant_turns,
+    }
+
+
+def cache_path(run_dir: Path, fields: dict) -> Path:
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(run_dir).resolve().parent / ".cache" / "ref_logps" / f"{key}.safetensors"
+
+
+def check_run_record(stage_dir: Path, fields: dict, resuming: bool) -> None:
+    record = stage_dir / "ref_logps.json"
+    if resuming and record.exists():
+        before = json.loads(record.read_text())
+        changed = sorted(k for k in set(before) | set(fields) if before.get(k) != fields.get(k))
+        if changed:
+            raise ValueError(
+                f"{record}: this run's reference log-probs were computed for other inputs ({', '.join(changed)} "
+                f"changed since); resuming would mix two references. Start a new run directory instead"
+            )
+    record.write_text(json.dumps(fields, indent=1) + "\n")
+
+
+@torch.no_grad()
+def compute(model, processor, planned, data, batch_size: int, device) -> torch.Tensor:
+    """(pairs, 2) reference log-probs, in planning order, one vision pass per batch of pairs."""
+    from train.dpo import completion_logps
+
+    dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
+                              max_image_pixels=data.max_image_pixels)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=data.num_workers,
+                        collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id))
+    was_training = model.training
+    model.eval()
+    rows = []
+    for batch in loader:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        kwargs = {}
+        if "pixel_values" in batch:
+            features = model.model.vision_embed_tokens(batch["pixel_values"], batch["image_sizes"])
+            kwargs = {"image_features": features, "sequence_images": batch["sequence_images"]}
+        logps, _ = completion_logps(model, batch, kwargs)
+        pairs = batch["input_ids"].shape[0] // 2
+        rows.append(torch.stack([logps[:pairs], logps[pairs:]], dim=1).float().cpu())
+    model.train(was_training)
+    return torch.cat(rows)
+
+
+def reference_logps(model, processor, planned, recipe, start: dict, run_dir: Path, stage_dir: Path, accelerator) -> torch.Tensor:
+    """The table of reference log-probs for `planned`, from the cache or computed once (by rank 0) and cached."""
+    fields = key_fields(start, recipe, planned)
+    path = cache_path(run_dir, fields)
+    if accelerator.is_main_process:
+        check_run_record(stage_dir, fields, resuming=recipe.train.resume)
+        if path.exists():
+            log.info("reference log-probs: reusing %s", path)
+        else:
+            log.info("reference log-probs: computing %d pairs once, caching in %s", len(planned), path)
+            table = compute(model, processor, planned, recipe.data, recipe.eval.batch_size, accelerator.device)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"ref_logps": table}, str(tmp), metadata={"fields": json.dumps(fields, sort_keys=True)})
+            tmp.replace(path)
+    accelerator.wait_for_everyone()
+    loaded = load_file(str(path))
+    stored = json.loads(_metadata(path)["fields"])
+    if stored != fields:
+        raise ValueError(f"{path}: cached for other inputs than this run's; delete it to recompute")
+    return loaded["ref_logps"]
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
