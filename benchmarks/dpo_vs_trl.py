@@ -1,0 +1,581 @@
+"""DPO steps on the same tiny Phi-3-V: our stage (train/dpo.py) vs TRL's `DPOTrainer`, side by side.
+
+    python benchmarks/dpo_vs_trl.py                        # 3 warm-up + 30 timed steps of 16 pairs, 3 runs a side
+    python benchmarks/dpo_vs_trl.py --steps 10 --batch-size 8 --repeats 1
+    python benchmarks/dpo_vs_trl.py --side ours --workdir DIR ...   # one side only (what the parent runs)
+
+The parent prepares one temporary folder: the synthetic preference pairs (`data.synthetic.write_synthetic`,
+`pref_train.jsonl` in TRL's conversational preference format, PNG images) and the demo's tiny model
+(`train.common.build_tiny` with recipes/demo.yaml's `model` section, saved once). It then runs each side in its own
+subprocess (`--side`), alternating, `--repeats` times, so that the sides share no memory high-water mark,
+allocator or import state, and a burst of load from other programs hits one run rather than one side. Both sides
+load the same saved weights and add the same peft `LoraConfig` after the same seed (the demo's `lora` section on
+the language model's qkv_proj, o_proj, gate_up_proj, down_proj; tower and projector frozen, as
+`train.dpo.dpo_parts` has it). Both train the first `(warmup + steps) x batch_size` pairs of the file in file
+order, fp32 on CPU, with the demo's loss and beta, AdamW at the demo's DPO learning rate (constant, no warm-up),
+gradient clipping at the demo's 1.0, and as reference the same network with the adapter disabled.
+
+- ours: `train.loop.train_step` (the loop's optimizer step: forward, backward, clip, AdamW step, zero_grad) with
+  `train.dpo.DPOLoss` on batches from `RenderedDataset` + `DPOCollator`. A batch carries each image once per
+  pair, and the frozen tower encodes it once for chosen, rejected, policy and reference.
+- TRL: `trl.DPOTrainer(model, args=DPOConfig(...), train_dataset=..., processing_class=Phi3VProcessor,
+  peft_config=LoraConfig)`. Its `DataCollatorForVisionPreference` repeats every image for chosen and rejected,
+  and the policy and the reference pass each run the tower on them. What TRL needs here (`trl_config`,
+  `trl_dataset`):
+  - `max_length=None`: its collator cuts `input_ids` at max_length but never the images, and a cut inside an
+    image breaks the forward; None truncates nothing;
+  - `gradient_checkpointing=False`, `bf16=False`: TRL defaults both to True, and the demo runs fp32 without
+    checkpointing;
+  - `train_sampling_strategy="sequential"` (file order, as ours), `use_cpu=True`, `report_to=[]`,
+    `save_strategy="no"`;
+  - the `images` column holds file paths cast to `datasets.Image()`, so that rows reach the collator as PIL images.
+  Token sequences differ slightly between the sides. TRL tokenises the prompt with `add_special_tokens=False`, so
+  its rows lack the `<s>` that Phi-3-V puts before each text chunk (at the start and after every image). Its
+  completion mask also covers the `▁ \\n` that follows `<|end|>`, which ours leaves unsupervised.
+
+Measured per side over the timed steps (the warm-up steps run but are not counted):
+- pairs/s: pairs / seconds of forward + backward + clip + optimizer step. For TRL that is a callback's
+  `on_step_begin` to `on_step_end`, the same span of `Trainer._inner_training_loop`. Fetching and collating a batch
+  (PNG decode, HD crops, tokenisation) happens before that span on both sides and is timed apart (data ms/step);
+- CLIP calls/step, CLIP images/step, CLIP ms/step: forward calls of `model.model.vision_embed_tokens.img_processor`
+  (the CLIP trunk), the crops plus global views they encode, and the seconds spent inside them, from forward hooks;
+- LM tokens/step: rows x padded length, summed over the decoder's forward passes (policy and reference);
+- saved MB/step: bytes of the tensors autograd keeps for backward (`torch.autograd.graph.saved_tensors_hooks`;
+  one count per storage, parameters left out), i.e. the activation memory of a step whatever the allocator does;
+- memory from /proc/self/status: peak RSS is the process's high-water mark over its whole life (imports, model,
+  data, training); train +MB is the high-water mark during training (warm-up included) minus the resident size
+  when training began. The mark is reset there through /proc/self/clear_refs. Where that is refused, the growth of
+  getrusage's ru_maxrss is shown instead, which reads 0 if setup peaked higher.
+The losses of the first and last step are printed as a sanity check. Both sides start at ln 2 = 0.6931: LoRA's B
+starts at zero, so policy = reference.
+
+Each side runs single-threaded by default (`--threads 1`). On a 2-core machine that other programs keep busy, two
+OpenMP threads per side stall at every parallel region whenever one thread is descheduled. At 2 threads, with
+other jobs holding the load average near 6, a step of 16 pairs took 2.7 s on both sides. At 1 thread it took
+0.15-0.26 s, and repeated runs of one side still differed by up to 20 %; hence the alternating repeats and the
+fastest run in the table. `--threads 0` leaves torch's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata as metadata
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "demo.yaml"
+SIDES = ("ours", "trl")
+SEED = 0  # the synthetic data's seed, as train.data.concrete writes the demo's
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+class ResidentMemory:
+    """Resident set size from /proc/self/status (kB), with the high-water mark resettable where Linux allows."""
+
+    def __init__(self):
+        self.start_kb = self._status_kb("VmRSS")
+        self.reset_ok = self._reset_peak()
+        self.start_maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+        assert match, f"/proc/self/status has no {key}"
+        return int(match.group(1))
+
+    @staticmethod
+    def _reset_peak() -> bool:
+        # "5" resets VmHWM to the current RSS (Linux >= 4.0, proc(5)); a sandbox may refuse the write.
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def growth_mb(self) -> float:
+        """MB the high-water mark rose above the resident size at construction."""
+        if self.reset_ok:
+            return (self._status_kb("VmHWM") - self.start_kb) / 1024
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.start_maxrss_kb) / 1024
+
+
+def lifetime_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def trainable_fingerprint(model) -> str:
+    """Count, elements and float64 sum of the trainable tensors: equal on both sides iff LoRA starts the same."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(float(p.detach().double().sum()) for p in params)
+    return f"{len(params)} tensors, {sum(p.numel() for p in params)} values, sum {total:.12g}"
+
+
+class StepMeter:
+    """Per optimizer step: CLIP trunk calls, the crops they encode and the seconds they take, decoder tokens, and
+    the bytes of the tensors autograd keeps for backward (activations; the parameters it also references are not
+    counted)."""
+
+    def __init__(self, model):
+        backbone = model.model  # hooked on the Phi3VForCausalLM itself, before peft wraps it
+        clip = backbone.vision_embed_tokens.img_processor
+        clip.register_forward_pre_hook(self._on_clip_start)
+        clip.register_forward_hook(self._on_clip_end)
+        backbone.layers[0].register_forward_pre_hook(self._on_decoder, with_kwargs=True)
+        self._saving = None
+        self._clip_started = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.clip_calls = self.clip_images = self.lm_tokens = 0
+        self.clip_seconds = 0.0
+        self.saved_bytes: dict[int, int] = {}  # storage address -> bytes: views of one storage count once
+
+    def _on_clip_start(self, _module, args) -> None:
+        self.clip_calls += 1
+        self.clip_images += int(args[0].shape[0])  # (global views + crops, 3, S, S)
+        self._clip_started = time.perf_counter()
+
+    def _on_clip_end(self, _module, _args, _output) -> None:
+        self.clip_seconds += time.perf_counter() - self._clip_started
+
+    def _on_decoder(self, _module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]  # (rows, padded length, hidden)
+        self.lm_tokens += int(hidden.shape[0] * hidden.shape[1])
+
+    def _on_save(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._parameter_storages:
+            self.saved_bytes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def begin(self, model) -> None:
+        self._reset()
+        self._parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._saving = torch.autograd.graph.saved_tensors_hooks(self._on_save, lambda tensor: tensor)
+        self._saving.__enter__()
+
+    def end(self) -> dict:
+        self._saving.__exit__(None, None, None)
+        return {"clip_calls": self.clip_calls, "clip_images": self.clip_images, "clip_seconds": self.clip_seconds,
+                "lm_tokens": self.lm_tokens, "saved_mb": sum(self.saved_bytes.values()) / 2**20}
+
+
+# ------------------------------------------------------------------------------------------------ shared setup
+
+
+def load_demo_recipe():
+    from train.recipe import load_recipe
+
+    return load_recipe(RECIPE)
+
+
+def prepare_workdir(workdir: Path, num_pairs: int) -> None:
+    """The synthetic preference pairs and the tiny base model (saved once; both sides load this copy)."""
+    from data.synthetic import write_synthetic
+    from train.common import build_tiny
+
+    # Only the training preference pairs are read.
+    write_synthetic(workdir / "synthetic", seed=SEED, n_train=0, n_eval=0, n_pref_train=num_pairs, n_pref_eval=0)
+    recipe = load_demo_recipe()
+    model, processor = build_tiny(recipe.model, recipe.seed)
+    model.save_pretrained(workdir / "base")
+    processor.save_pretrained(workdir / "base")
+
+
+def load_base(workdir: Path, recipe):
+    import models
+
+    return models.load(str(workdir / "base"), dtype=recipe.model.dtype,
+                       attn_implementation=recipe.model.attn_implementation, num_crops=recipe.model.num_crops)
+
+
+def lora_config(model, recipe):
+    """The LoraConfig `train.parts.configure_trainable` builds for the DPO stage's parts (LM only here)."""
+    from peft import LoraConfig
+
+    from train.dpo import dpo_parts
+    from train.parts import lora_target_regex
+
+    lora = recipe.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.use_rslora,
+                      use_dora=lora.use_dora, target_modules=lora_target_regex(model, dpo_parts(recipe.model), lora),
+                      task_type="CAUSAL_LM")
+
+
+def dpo_lr(recipe) -> float:
+    return recipe.dpo.lr or recipe.train.lr
+
+
+# ------------------------------------------------------------------------------------------------ ours
+
+
+def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from data.collate import DPOCollator, RenderedDataset
+    from data.sources import SkipCounter
+    from train import common
+    from train.data import load_samples, plan
+    from train.dpo import DPOLoss, count_pairs, dpo_parts
+    from train.loop import LoopConfig, train_step
+    from train.parts import configure_trainable, parameter_groups
+    from train.recipe_schema import Source
+
+    recipe = load_demo_recipe()
+    total = warmup + steps
+    source = Source(format="trl_preference", path=str(workdir / "synthetic" / "pref_train.jsonl"),
+                    image_root=str(workdir / "synthetic"), limit=total * batch_size)
+    data = replace(recipe.data, train=(source,), num_workers=0)
+    accelerator = common.make_accelerator(recipe, workdir / "ours_run", grad_accum=1)  # seeds like train.dpo.main
+    model, processor = load_base(workdir, recipe)
+    meter = StepMeter(model)
+    skips = SkipCounter()
+    samples = load_samples(data.train, "dpo", data, seed=recipe.seed, skips=skips,
+                           main_first=accelerator.main_process_first)
+    planned = plan(samples, processor, data, skips)
+    if len(planned) != total * batch_size:
+        raise RuntimeError(f"ours: {len(planned)} pairs planned, {total * batch_size} needed:\n{skips.summary()}")
+    # File order in batches of batch_size, as TRL's sequential sampler gives them.
+    loader = DataLoader(RenderedDataset(planned, processor), batch_size=batch_size, shuffle=False, num_workers=0,
+                        collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id))
+
+    parts = dpo_parts(recipe.model)
+    set_seed(recipe.seed)  # as DPOTrainer does right before it adds the adapter: the same LoRA initialisation
+    model = configure_trainable(model, parts, recipe.lora)
+    fingerprint = trainable_fingerprint(model)
+    common.upcast_trainable_(model)
+    train_section = replace(recipe.train, scheduler="constant", warmup_steps=0)
+    optimizer = common.make_optimizer(parameter_groups(model, train_section), train_section,
+                                      lr_scale=dpo_lr(recipe) / recipe.train.lr)
+    scheduler = common.make_scheduler(optimizer, train_section, total)
+    model, optimizer = common.prepare(accelerator, model, optimizer, batch_size)
+    loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora")
+    config = LoopConfig(total_steps=total, grad_accum=1, max_grad_norm=recipe.train.max_grad_norm, log_every=1,
+                        checkpoint_every=total)
+
+    def loss_on_device(model_, batch):
+        return loss_fn(model_, common.to_device(batch, accelerator.device))
+
+    model.train()
+    memory = ResidentMemory()
+    records, batches = [], iter(loader)
+    for _ in range(total):
+        fetched = time.perf_counter()
+        batch = next(batches)
+        meter.begin(model)
+        started = time.perf_counter()
+        record = train_step(accelerator, model, optimizer, scheduler, [batch], loss_on_device, count_pairs, config)
+        ended = time.perf_counter()
+        records.append({"seconds": ended - started, "data_seconds": started - fetched, "loss": record["loss"],
+                        **meter.end()})
+    return {"steps": records, "train_growth_mb": memory.growth_mb(), "peak_reset": memory.reset_ok,
+            "initial_trainable": fingerprint}
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+
+
+def trl_dataset(workdir: Path, num_pairs: int):
+    """The first `num_pairs` rows of pref_train.jsonl as a datasets.Dataset whose `images` decode to PIL."""
+    from datasets import Dataset, Image, List
+
+    root = workdir / "synthetic"
+    with open(root / "pref_train.jsonl", encoding="utf-8") as stream:
+        rows = [json.loads(line) for _, line in zip(range(num_pairs), stream)]
+    for row in rows:
+        row["images"] = [str(root / path) for path in row["images"]]
+    return Dataset.from_list(rows).cast_column("images", List(Image()))
+
+
+def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
+    from trl import DPOConfig
+
+    train = recipe.train
+    return DPOConfig(
+        output_dir=str(workdir / "trl_run"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        beta=recipe.dpo.beta,
+        loss_type=[loss.type for loss in recipe.dpo.losses],
+        loss_weights=[loss.weight for loss in recipe.dpo.losses],
+        learning_rate=dpo_lr(recipe),
+        lr_scheduler_type="constant",
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_betas[0],
+        adam_beta2=train.adam_betas[1],
+        adam_epsilon=train.adam_eps,
+        max_grad_norm=train.max_grad_norm or 0.0,
+        max_length=None,  # the vision collator would cut input_ids but not the images
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=recipe.seed,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+
+
+class TrlStepRecorder(TrainerCallback):
+    """Per optimizer step of a `Trainer`: the seconds from on_step_begin to on_step_end, the seconds its batch
+    fetch took just before, and the StepMeter counts; the trainable weights' fingerprint and memory at the start."""
+
+    def __init__(self, meter: StepMeter):
+        self.meter = meter
+        self.records: list[dict] = []
+        self.fetch_seconds = 0.0
+
+    def time_fetches(self, trainer) -> None:
+        # Trainer fetches and collates a step's batches in get_batch_samples, before on_step_begin.
+        fetch = trainer.get_batch_samples
+
+        def timed_fetch(*args, **kwargs):
+            started = time.perf_counter()
+            result = fetch(*args, **kwargs)
+            self.fetch_seconds = time.perf_counter() - started
+            return result
+
+        trainer.get_batch_samples = timed_fetch
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.fingerprint = trainable_fingerprint(model)
+        self.memory = ResidentMemory()
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.meter.begin(model)
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        seconds = time.perf_counter() - self.started
+        self.records.append({"seconds": seconds, "data_seconds": self.fetch_seconds, **self.meter.end()})
+
+
+def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
+    from trl import DPOTrainer
+
+    recipe = load_demo_recipe()
+    total = warmup + steps
+    model, processor = load_base(workdir, recipe)
+    recorder = TrlStepRecorder(StepMeter(model))
+    trainer = DPOTrainer(model=model, args=trl_config(workdir, recipe, total, batch_size),
+                         train_dataset=trl_dataset(workdir, total * batch_size), processing_class=processor,
+                         peft_config=lora_config(model, recipe))
+    recorder.time_fetches(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # logging_steps=1
+    if len(losses) != len(recorder.records):
+        raise RuntimeError(f"trl: {len(losses)} logged losses for {len(recorder.records)} steps")
+    for record, loss in zip(recorder.records, losses):
+        record["loss"] = loss
+    return {"steps": recorder.records, "train_growth_mb": recorder.memory.growth_mb(),
+            "peak_reset": recorder.memory.reset_ok, "initial_trainable": recorder.fingerprint}
+
+
+# ------------------------------------------------------------------------------------------------ one side
+
+
+def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    runner = run_ours if side == "ours" else run_trl
+    result = runner(workdir, steps, warmup, batch_size)
+    result.update(side=side, lifetime_peak_mb=lifetime_peak_mb(), torch_threads=torch.get_num_threads())
+    (workdir / f"{side}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ the parent
+
+
+@dataclass(frozen=True, kw_only=True)
+class SideSummary:
+    pairs_per_s: float
+    seconds_per_step: float
+    data_ms_per_step: float
+    clip_calls: float
+    clip_images: float
+    clip_ms: float
+    lm_tokens: float
+    saved_mb: float
+    peak_mb: float
+    train_growth_mb: float
+    first_loss: float
+    last_loss: float
+
+
+def summarise(result: dict, warmup: int, batch_size: int) -> SideSummary:
+    timed = result["steps"][warmup:]
+    seconds = sum(step["seconds"] for step in timed)
+
+    def mean(key: str) -> float:
+        return sum(step[key] for step in timed) / len(timed)
+
+    return SideSummary(pairs_per_s=batch_size * len(timed) / seconds, seconds_per_step=seconds / len(timed),
+                       data_ms_per_step=1000 * mean("data_seconds"), clip_calls=mean("clip_calls"),
+                       clip_images=mean("clip_images"), clip_ms=1000 * mean("clip_seconds"),
+                       lm_tokens=mean("lm_tokens"), saved_mb=mean("saved_mb"),
+                       peak_mb=result["lifetime_peak_mb"], train_growth_mb=result["train_growth_mb"],
+                       first_loss=result["steps"][0]["loss"], last_loss=result["steps"][-1]["loss"])
+
+
+def spawn_side(side: str, workdir: Path, args: argparse.Namespace) -> tuple[dict | None, str]:
+    """(result, '') or (None, the tail of the failed subprocess's output)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads)]
+    env = {**os.environ, **OFFLINE_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, (done.stdout + done.stderr)[-4000:]
+    return json.loads((workdir / f"{side}.json").read_text()), ""
+
+
+def versions() -> str:
+    # From the installed metadata: importing trl here would only slow the parent down.
+    packages = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
+    return f"python {platform.python_version()}, " + ", ".join(f"{name} {metadata.version(name)}" for name in packages)
+
+
+def print_header(args: argparse.Namespace, recipe) -> None:
+    from train.common import TINY_MODEL
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cpus = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    threads = args.threads or f"torch's default ({torch.get_num_threads()})"
+    lora = recipe.lora
+    print(f"# DPO steps, ours vs TRL DPOTrainer, {now:%Y-%m-%d %H:%M} UTC")
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
+    print(f"machine: {platform.platform()}, {platform.machine()}, {cpus} CPUs ({usable} usable); torch threads "
+          f"per side: {threads}")
+    print(f"versions: {versions()}")
+    print("load average at start (1/5/15 min): " + "/".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"model: tiny Phi-3-V {TINY_MODEL}, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
+          f"{recipe.model.num_crops}; LoRA r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on the LM's "
+          f"{', '.join(lora.target_modules)}; tower and projector frozen")
+    print(f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} pairs, the first "
+          f"{(args.warmup + args.steps) * args.batch_size} synthetic pairs in file order; "
+          f"{'+'.join(loss.type for loss in recipe.dpo.losses)} loss, beta {recipe.dpo.beta}, AdamW lr "
+          f"{dpo_lr(recipe):g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
+          f"alternating, each in a fresh subprocess; the table shows each side's fastest run")
+
+
+COLUMNS = (("pairs/s", "pairs_per_s", "{:.1f}"), ("s/step", "seconds_per_step", "{:.3f}"),
+           ("data ms/step", "data_ms_per_step", "{:.0f}"), ("CLIP calls/step", "clip_calls", "{:.1f}"),
+           ("CLIP images/step", "clip_images", "{:.0f}"), ("CLIP ms/step", "clip_ms", "{:.1f}"),
+           ("LM tokens/step", "lm_tokens", "{:.0f}"),
+           ("saved MB/step", "saved_mb", "{:.1f}"), ("peak RSS MB", "peak_mb", "{:.0f}"),
+           ("train +MB", "train_growth_mb", "{:.0f}"))
+
+
+def print_table(summaries: dict[str, SideSummary | None]) -> None:
+    widths = [max(len(title), 8) for title, _, _ in COLUMNS]
+    print(f"{'side':<9}" + " ".join(f"{title:>{w}}" for (title, _, _), w in zip(COLUMNS, widths)) + "  loss first/last")
+    for side, summary in summaries.items():
+        if summary is None:
+            print(f"{side:<9} failed (its output is below)")
+            continue
+        cells = [fmt.format(getattr(summary, key)) for _, key, fmt in COLUMNS]
+        print(f"{side:<9}" + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths))
+              + f"  {summary.first_loss:.4f}/{summary.last_loss:.4f}")
+    ours, theirs = summaries.get("ours"), summaries.get("TRL")
+    if ours and theirs:
+        ratios = [getattr(ours, key) / getattr(theirs, key) if getattr(theirs, key) else float("nan")
+                  for _, key, _ in COLUMNS]
+        print(f"{'ours/TRL':<9}" + " ".join(f"{r:>{w - 1}.2f}x" for r, w in zip(ratios, widths)))
+
+
+def print_fingerprints(fingerprints: dict[str, set[str]]) -> None:
+    seen = set().union(*fingerprints.values())
+    if len(seen) == 1:
+        print(f"initial trainable weights: identical in every run of both sides ({seen.pop()})")
+    else:
+        print("initial trainable weights DIFFER: " + "; ".join(f"{label}: {sorted(values)}"
+                                                              for label, values in fingerprints.items()))
+
+
+def run_both(args: argparse.Namespace) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # build_tiny's config notes and save progress bars
+    transformers.logging.disable_progress_bar()
+    recipe = load_demo_recipe()
+    print_header(args, recipe)
+    labels = {"ours": "ours", "trl": "TRL"}
+    runs: dict[str, list[SideSummary]] = {label: [] for label in labels.values()}
+    fingerprints: dict[str, set[str]] = {label: set() for label in labels.values()}
+    failures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="dpo_vs_trl-") as tmp:
+        workdir = Path(tmp)
+        prepare_workdir(workdir, (args.warmup + args.steps) * args.batch_size)
+        for repeat in range(args.repeats):
+            for side, label in labels.items():
+                if label in failures:
+                    continue
+                started = time.perf_counter()
+                result, failure = spawn_side(side, workdir, args)
+                if result is None:
+                    failures[label] = failure
+                    print(f"run {repeat + 1} {label}: failed after {time.perf_counter() - started:.0f} s")
+                    continue
+                runs[label].append(summarise(result, args.warmup, args.batch_size))
+                fingerprints[label].add(result["initial_trainable"])
+                print(f"run {repeat + 1} {label}: {runs[label][-1].pairs_per_s:.1f} pairs/s, subprocess "
+                      f"{time.perf_counter() - started:.0f} s; memory high-water mark reset: {result['peak_reset']}")
+    print_fingerprints(fingerprints)
+    print_table({label: max(summaries, key=lambda s: s.pairs_per_s) if summaries else None
+                 for label, summaries in runs.items()})
+    for label, failure in failures.items():
+        print(f"\n{label} failed; the tail of its output:\n{failure}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side")
+    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not timed")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (the demo's 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating; the fastest is shown")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per side (1: see the module docstring; 0: torch's default)")
+    parser.add_argument("--side", choices=SIDES, help="run one side in this process (needs --workdir)")
+    parser.add_argument("--workdir", type=Path, help="a folder the parent prepared (with --side)")
+    args = parser.parse_args()
+    if min(args.steps, args.batch_size, args.repeats) < 1 or min(args.warmup, args.threads) < 0:
+        parser.error(f"need --steps, --batch-size, --repeats >= 1 and --warmup, --threads >= 0; got {args.steps}, "
+                     f"{args.batch_size}, {args.repeats}, {args.warmup}, {args.threads}")
+    if args.side:
+        if args.workdir is None:
+            parser.error("--side needs --workdir (a folder prepared by the parent run)")
+        run_side(args.side, args.workdir, args.steps, args.warmup, args.batch_size, args.threads)
+    else:
+        run_both(args)
+
+
+if __name__ == "__main__":
+    main()
