@@ -286,3 +286,30 @@ def evaluate_stage(stage: str, model, processor, recipe_eval, run_dir: str | Pat
         accelerator.wait_for_everyone()
     check_gate(results, stage, tasks, recipe_eval.gate_margin, run_dir)
     return scores
+
+
+def score_during_training(stage: str, step: int, model, processor, recipe_eval, run_dir: str | Path, *,
+                          accelerator=None, data=None, examples_by_task: dict | None = None) -> dict[str, dict[str, float]]:
+    """`eval.every_steps`: score the training model on the same fixed subset (`eval.limit`) of every task, log the
+    scores to the trackers at `step` and append them to `eval/during_training.jsonl`. Not a stage: results.json,
+    the base cache, the report and the gate are left to the end-of-stage hook. `examples_by_task` (filled on the
+    first call) keeps the subset loaded between calls."""
+    examples_by_task = {} if examples_by_task is None else examples_by_task
+    scores = {}
+    for task in resolve_tasks(recipe_eval.tasks, data=data):
+        if task.name not in examples_by_task:
+            examples_by_task[task.name] = load_examples(task, limit=recipe_eval.limit)
+        examples = examples_by_task[task.name]
+        predictions = generate_answers(model, processor, examples, batch_size=recipe_eval.batch_size,
+                                       max_new_tokens=recipe_eval.max_new_tokens, accelerator=accelerator)
+        scores[task.name], _ = score_task(task, examples, predictions)
+    if accelerator is None or accelerator.is_main_process:
+        path = eval_dir(Path(run_dir)) / "during_training.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as stream:
+            stream.write(json.dumps({"stage": stage, "step": step, "scores": scores}) + "\n")
+    if accelerator is not None:
+        accelerator.log({f"eval/{stage}/{task}/{metric}": value
+                         for task, metrics in scores.items() for metric, value in metrics.items()}, step=step)
+    log.info("eval during %s at step %d: %s", stage, step, scores)
+    return scores

@@ -54,7 +54,10 @@ def adapter(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(run_dir / stage / "adapter" / "adapter_model.safetensors")
 
 
-def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float = 1e-3) -> None:
+    """Each adapter tensor equal to `rel` in relative Frobenius norm. Not element-wise: Adam divides by the root of
+    the squared gradients, so an entry whose gradient is ~0 moves by about +-lr either way on float rounding."""
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        gap = (a[key] - b[key]).norm() / a[key].norm().clamp_min(1e-12)
+        assert gap <= rel, f"{key}: relative difference {gap:.2e} > {rel:.0e}"

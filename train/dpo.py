@@ -32,17 +32,15 @@ import torch.nn.functional as F
 
 import models
 from data.sources import SkipCounter
-from train import common, reference_cache
-from train.checkpoint import Checkpointer
+from train import common, reference_cache, stage
 from train.data import load_samples, loader_factory, plan
 from train.dpo_losses import combined_loss, reward_metrics
 from train.eval_hook import run_eval_hook
-from train.loop import LoopConfig, LoopState, run_loop, total_steps_for
-from train.parts import configure_trainable, parameter_groups
-from train.recipe import load_recipe, recipe_help
+from train.loop import total_steps_for
+from train.parts import configure_trainable
+from train.recipe import load_recipe
 from train.recipe_schema import ModelSection, Recipe
 from train.run_dir import prepare_run_dir
-from train.sft import flat_config, tracker_names, write_summary
 
 log = logging.getLogger("train.dpo")
 
@@ -230,16 +228,16 @@ def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) ->
         batch = common.to_device(batch, device)
         kwargs, _ = DPOLoss.image_kwargs_for(peft_model, batch, share_features=True)
         pairs = count_pairs(batch)
-        for stage, context in (("dpo", common.nullcontext()), ("sft", peft_model.disable_adapter())):
+        for which, context in (("dpo", common.nullcontext()), ("sft", peft_model.disable_adapter())):
             with context:
                 logps, _ = completion_logps(peft_model, batch, kwargs)
-            margins[stage].append(logps[:pairs] - logps[pairs:])
+            margins[which].append(logps[:pairs] - logps[pairs:])
     peft_model.train(was_training)
     result = {}
-    for stage, values in margins.items():
+    for which, values in margins.items():
         local = torch.cat(values)
         gathered = accelerator.gather_for_metrics(local) if accelerator.num_processes > 1 else local
-        result[stage] = {"pairs": int(gathered.numel()), "accuracy": float((gathered > 0).float().mean()),
+        result[which] = {"pairs": int(gathered.numel()), "accuracy": float((gathered > 0).float().mean()),
                          "mean_margin": float(gathered.mean())}
     return result
 
@@ -289,29 +287,13 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     log.info(common.report_trainable(model))
     loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora", reference_table=reference_table)
 
-    lr_scale = (recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0
-    optimizer = common.make_optimizer(parameter_groups(model, recipe.train), recipe.train, lr_scale=lr_scale)
-    scheduler = common.make_scheduler(optimizer, recipe.train, total_steps)
-    model, optimizer = common.prepare(accelerator, model, optimizer, recipe.train.micro_batch_size)
-    accelerator.register_for_checkpointing(scheduler)
-    checkpointer = Checkpointer(accelerator, stage_dir / "checkpoints", keep=recipe.train.keep_checkpoints)
-    state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
-    accelerator.init_trackers(recipe.logging.project or "phi3v-tune", config=flat_config(recipe),
-                              init_kwargs=tracker_names(recipe, run_dir))
-
-    def loss_on_device(model_, batch):
-        with common.autocast_context(accelerator):
-            return loss_fn(model_, common.to_device(batch, device))
-
-    config = LoopConfig(total_steps=total_steps, grad_accum=recipe.train.grad_accum,
-                        max_grad_norm=recipe.train.max_grad_norm, log_every=recipe.train.log_every,
-                        checkpoint_every=recipe.train.checkpoint_every, unit_name="pairs")
-    state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                     make_loader=make_loader, loss_sum=loss_on_device, count=count_pairs, config=config,
-                     state=state, checkpointer=checkpointer, on_step=common.stopper(stop_after_step))
+    model, state = stage.fit(accelerator, recipe, model, make_loader=make_loader, loss_sum=loss_fn, count=count_pairs,
+                             total_steps=total_steps, stage_dir=stage_dir, run_dir=run_dir, unit_name="pairs",
+                             lr_scale=(recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0,
+                             stop_after_step=stop_after_step, processor=processor, stage="dpo")
 
     trained = common.save_trained(accelerator, model, processor, stage_dir / "adapter")
-    write_summary(stage_dir, state, skips, started, accelerator, trained)
+    stage.write_summary(stage_dir, state, skips, started, accelerator, trained)
     held_out = preference_eval(accelerator, model, processor, recipe, device=device)
     if held_out and accelerator.is_main_process:
         (stage_dir / "preference_eval.json").write_text(json.dumps(held_out, indent=1) + "\n")
@@ -325,13 +307,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
 
 
 def cli(argv: list[str] | None = None) -> Path:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print(recipe_help())
-        raise SystemExit(0)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return main(load_recipe(argv[0], argv[1:]), argv[0])
+    return stage.cli(main, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,28 @@ def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *
                               accelerator=accelerator, data=recipe.data)
     finally:
         model.train(was_training)
+
+
+def every_steps_callback(stage: str, model, processor, recipe: Recipe, run_dir: Path, *, accelerator):
+    """An `on_step` callback scoring the training model every `eval.every_steps` steps (not at the last step: the
+    end-of-stage hook scores that); None when the recipe does not ask for it."""
+    every = recipe.eval.every_steps
+    if not every or not stages_to_score(recipe):
+        return None
+    from eval.hook import score_during_training
+
+    examples_by_task: dict = {}
+    total = {"sft": recipe.train.max_steps, "dpo": recipe.dpo.max_steps or recipe.train.max_steps}[stage]
+
+    def on_step(state) -> None:
+        if state.step % every or state.step == total:
+            return
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        try:
+            score_during_training(stage, state.step, unwrapped, processor, recipe.eval, run_dir,
+                                  accelerator=accelerator, data=recipe.data, examples_by_task=examples_by_task)
+        finally:
+            unwrapped.train()
+
+    return on_step

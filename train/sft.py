@@ -11,7 +11,6 @@ micro-batches and ranks (train/loop.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -24,13 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from data.sources import SkipCounter
-from train import common
-from train.checkpoint import Checkpointer
+from train import common, stage
 from train.data import load_samples, loader_factory, plan
 from train.eval_hook import run_eval_hook
-from train.loop import LoopConfig, LoopState, run_loop, total_steps_for
-from train.parts import configure_trainable, parameter_groups
-from train.recipe import load_recipe, recipe_help, recipe_to_dict, redact_secrets, resolve_output_dir
+from train.loop import total_steps_for
+from train.parts import configure_trainable
+from train.recipe import resolve_output_dir
 from train.recipe_schema import Recipe
 from train.run_dir import prepare_run_dir
 
@@ -104,29 +102,13 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     common.upcast_trainable_(model)
     preflight(accelerator, model, common.to_device(first_batch_with_images(make_loader), device), recipe)
 
-    optimizer = common.make_optimizer(parameter_groups(model, recipe.train), recipe.train)
-    scheduler = common.make_scheduler(optimizer, recipe.train, total_steps)
-    model, optimizer = common.prepare(accelerator, model, optimizer, recipe.train.micro_batch_size)
-    accelerator.register_for_checkpointing(scheduler)
-    checkpointer = Checkpointer(accelerator, stage_dir / "checkpoints", keep=recipe.train.keep_checkpoints)
-    state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
-    accelerator.init_trackers(recipe.logging.project or "phi3v-tune", config=flat_config(recipe),
-                              init_kwargs=tracker_names(recipe, run_dir))
-
-    def loss_on_device(model_, batch):
-        with common.autocast_context(accelerator):
-            return sft_loss_sum(model_, common.to_device(batch, device))
-
-    config = LoopConfig(total_steps=total_steps, grad_accum=recipe.train.grad_accum,
-                        max_grad_norm=recipe.train.max_grad_norm, log_every=recipe.train.log_every,
-                        checkpoint_every=recipe.train.checkpoint_every)
-    state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                     make_loader=make_loader, loss_sum=loss_on_device, count=supervised_tokens, config=config,
-                     state=state, checkpointer=checkpointer, on_step=common.stopper(stop_after_step))
+    model, state = stage.fit(accelerator, recipe, model, make_loader=make_loader, loss_sum=sft_loss_sum,
+                             count=supervised_tokens, total_steps=total_steps, stage_dir=stage_dir, run_dir=run_dir,
+                             unit_name="tokens", stop_after_step=stop_after_step, processor=processor, stage="sft")
 
     trained = common.save_trained(accelerator, model, processor,
                                   stage_dir / ("adapter" if common.is_peft(accelerator.unwrap_model(model)) else "merged"))
-    write_summary(stage_dir, state, skips, started, accelerator, trained)
+    stage.write_summary(stage_dir, state, skips, started, accelerator, trained)
     run_eval_hook("sft", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=base_path,
                   accelerator=accelerator)
     if skips.total:
@@ -137,51 +119,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     return run_dir
 
 
-def write_summary(stage_dir: Path, state: LoopState, skips: SkipCounter, started: float, accelerator, trained: Path) -> None:
-    if not accelerator.is_main_process:
-        return
-    summary = {
-        "steps": state.step,
-        "epochs_started": state.epoch + (1 if state.micro_batches_in_epoch else 0),
-        "supervised_tokens": state.units_seen,
-        "samples": state.samples_seen,
-        "seconds": round(time.perf_counter() - started, 1),
-        "saved": str(trained),
-        "skipped_rows": skips.counts(),
-        "history": state.history,
-    }
-    (stage_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-
-
-def flat_config(recipe: Recipe) -> dict:
-    """The recipe, secrets redacted, flattened to dotted keys (what trackers accept)."""
-    out = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", redact_secrets(recipe_to_dict(recipe)))
-    return out
-
-
-def tracker_names(recipe: Recipe, run_dir: Path) -> dict:
-    name = recipe.logging.run_name or run_dir.name
-    return {"wandb": {"name": name}} if "wandb" in recipe.logging.report_to else {}
-
-
 def cli(argv: list[str] | None = None) -> Path:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print(recipe_help())
-        raise SystemExit(0)
-    recipe_path, overrides = argv[0], argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return main(load_recipe(recipe_path, overrides), recipe_path)
+    return stage.cli(main, __doc__, argv)
 
 
 if __name__ == "__main__":
