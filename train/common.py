@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from contextlib import nullcontext  # noqa: F401 - re-exported for the stages
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch

@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -228,7 +229,7 @@ def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) ->
         batch = common.to_device(batch, device)
         kwargs, _ = DPOLoss.image_kwargs_for(peft_model, batch, share_features=True)
         pairs = count_pairs(batch)
-        for which, context in (("dpo", common.nullcontext()), ("sft", peft_model.disable_adapter())):
+        for which, context in (("dpo", nullcontext()), ("sft", peft_model.disable_adapter())):
             with context:
                 logps, _ = completion_logps(peft_model, batch, kwargs)
             margins[which].append(logps[:pairs] - logps[pairs:])
