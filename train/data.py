@@ -189,3 +189,15 @@ def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *
 
     return make, len(sampler)
 
+
+
+def stage_loaders(recipe, processor, stage: str, accelerator, skips: SkipCounter):
+    """(planned samples, epoch -> DataLoader, micro-batches per rank per epoch) of the recipe's training data for
+    `stage` ('sft' or 'dpo'), sharded over the accelerator's ranks."""
+    samples = load_samples(recipe.data.train, stage, recipe.data, seed=recipe.seed, skips=skips,
+                           main_first=accelerator.main_process_first)
+    planned = plan(samples, processor, recipe.data, skips)
+    make_loader, batches_per_epoch = loader_factory(
+        planned, processor, recipe.data, stage=stage, micro_batch_size=recipe.train.micro_batch_size,
+        seed=recipe.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    return planned, make_loader, batches_per_epoch

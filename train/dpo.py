@@ -34,12 +34,12 @@ import torch.nn.functional as F
 import models
 from data.sources import SkipCounter
 from train import common, reference_cache, stage
-from train.data import load_samples, loader_factory, plan
+from train.data import load_samples, loader_factory, plan, stage_loaders
 from train.dpo_losses import combined_loss, reward_metrics
 from train.eval_hook import run_eval_hook
 from train.loop import total_steps_for
 from train.parts import configure_trainable
-from train.recipe import load_recipe
+from train.recipe import load_recipe, resolve_output_dir
 from train.recipe_schema import ModelSection, Recipe
 from train.run_dir import prepare_run_dir
 
@@ -249,8 +249,6 @@ def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) ->
 def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None) -> Path:
     """Run DPO; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
     preemption would (resume then continues it)."""
-    from train.recipe import resolve_output_dir
-
     started = time.perf_counter()
     run_dir = resolve_output_dir(recipe, recipe_path)
     accelerator = common.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
@@ -265,12 +263,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     model, processor = load_policy(start, recipe, run_dir, accelerator)
 
     skips = SkipCounter()
-    samples = load_samples(recipe.data.train, "dpo", recipe.data, seed=recipe.seed, skips=skips,
-                           main_first=accelerator.main_process_first)
-    planned = plan(samples, processor, recipe.data, skips)
-    make_loader, batches_per_epoch = loader_factory(
-        planned, processor, recipe.data, stage="dpo", micro_batch_size=recipe.train.micro_batch_size,
-        seed=recipe.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    planned, make_loader, batches_per_epoch = stage_loaders(recipe, processor, "dpo", accelerator, skips)
     total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum,
                                   recipe.dpo.max_steps or recipe.train.max_steps,
                                   None if recipe.dpo.max_steps else recipe.train.epochs)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from data.sources import SkipCounter
 from train import common, stage
-from train.data import load_samples, loader_factory, plan
+from train.data import stage_loaders
 from train.eval_hook import run_eval_hook
 from train.loop import total_steps_for
 from train.parts import configure_trainable
@@ -85,12 +85,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     model, processor, base_path = common.load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
 
     skips = SkipCounter()
-    samples = load_samples(recipe.data.train, "sft", recipe.data, seed=recipe.seed, skips=skips,
-                           main_first=accelerator.main_process_first)
-    planned = plan(samples, processor, recipe.data, skips)
-    make_loader, batches_per_epoch = loader_factory(
-        planned, processor, recipe.data, stage="sft", micro_batch_size=recipe.train.micro_batch_size,
-        seed=recipe.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    planned, make_loader, batches_per_epoch = stage_loaders(recipe, processor, "sft", accelerator, skips)
     total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum, recipe.train.max_steps, recipe.train.epochs)
     log.info("%d samples planned, %d micro-batches per rank per epoch, %d optimizer steps", len(planned),
              batches_per_epoch, total_steps)
