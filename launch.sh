@@ -9,7 +9,7 @@ Usage: ./launch.sh [--dry-run] [--config NAME] [RECIPE [key=value ...]]
 
   RECIPE          a YAML recipe, e.g. recipes/chartqa.yaml; default: recipes/demo.yaml (the CPU demo)
   key=value       recipe overrides by dotted path, e.g. train.lr=1.0e-4 data.train.0.limit=1000
-  --config NAME   accelerate config in recipes/accelerate/: cpu, ddp, zero2, zero3, fsdp
+  --config NAME   accelerate config in recipes/accelerate/: cpu, ddp, zero2, fsdp
                   (default: cpu without a GPU, ddp with GPUs)
   --dry-run       print the exact commands and exit
   -h, --help      this help

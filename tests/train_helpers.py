@@ -41,9 +41,13 @@ def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = 
     else:
         command += ["--multi_gpu"]
     command += [str(REPO / "train" / f"{stage}.py"), str(DEMO), *overrides]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    if not deepspeed:  # DDP on CPU; with ACCELERATE_USE_CPU, accelerate would also turn DeepSpeed into plain DDP
+        env["ACCELERATE_USE_CPU"] = "1"
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"2-process {stage} run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    expected = "DistributedType.DEEPSPEED" if deepspeed else "DistributedType.MULTI_CPU"
+    assert f"accelerate: {expected}, 2 process(es)" in result.stderr, result.stderr[-4000:]
 
 
 def history(run_dir: Path, stage: str) -> list[dict]:

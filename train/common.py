@@ -39,14 +39,26 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int) -> Accelera
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     accelerator = Accelerator(
-        # Without cpu=True a CPU run under torchrun reports DistributedType.NO and its reduce/gather act locally.
-        cpu=not torch.cuda.is_available(),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",
         log_with=list(recipe.logging.report_to) or None,
         project_dir=str(run_dir / "logs"),
         kwargs_handlers=kwargs,
     )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(
+            f"{accelerator.num_processes} processes but no distributed backend: launch CPU runs with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (launch.sh does), not bare torchrun"
+        )
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is not None and plugin.zero_stage == 3:
+        raise RuntimeError(
+            "DeepSpeed ZeRO-3 is not supported yet: it partitions the parameters at load time, so the preflight, "
+            "the base eval and generation (which needs synced ranks) cannot run as written. Use "
+            "recipes/accelerate/zero2.yaml (optimizer states and gradients sharded) or ddp.yaml"
+        )
+    log.info("accelerate: %s, %d process(es), device %s, mixed precision %s", accelerator.distributed_type,
+             accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
     set_seed(recipe.seed)
     return accelerator
 
