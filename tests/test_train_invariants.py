@@ -88,3 +88,10 @@ def test_eval_every_steps_scores_during_training(synthetic, tmp_path):
     assert set(lines[0]["scores"]["synthetic"]) == {"exact_match"}
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["synthetic"]["exact_match"]) == {"sft"}
+
+
+def test_zero3_is_refused_with_its_reason(synthetic, tmp_path):
+    result = launch_two_processes("sft", small_overrides(tmp_path / "z3", synthetic, "sft"), deepspeed=True,
+                                  zero_stage=3, timeout=300, expect_failure=True)
+    assert "DeepSpeed ZeRO-3 is not supported yet" in result.stderr
+    assert "zero2.yaml" in result.stderr

@@ -32,12 +32,13 @@ def run_stage(stage: str, overrides: list[str], **kwargs) -> Path:
     return module.main(load_recipe(DEMO, overrides), DEMO, **kwargs)
 
 
-def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = False, timeout: int = 600) -> None:
-    """The stage in 2 CPU processes over gloo (DDP, or DeepSpeed ZeRO-2), through accelerate's launcher."""
+def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
+                         timeout: int = 600, expect_failure: bool = False) -> subprocess.CompletedProcess:
+    """The stage in 2 CPU processes over gloo (DDP, or DeepSpeed), through accelerate's launcher."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
     if deepspeed:
-        command += ["--use_deepspeed", "--zero_stage", "2", "--gradient_clipping", "1.0"]
+        command += ["--use_deepspeed", "--zero_stage", str(zero_stage), "--gradient_clipping", "1.0"]
     else:
         command += ["--multi_gpu"]
     command += [str(REPO / "train" / f"{stage}.py"), str(DEMO), *overrides]
@@ -45,9 +46,13 @@ def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = 
     if not deepspeed:  # DDP on CPU; with ACCELERATE_USE_CPU, accelerate would also turn DeepSpeed into plain DDP
         env["ACCELERATE_USE_CPU"] = "1"
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_failure:
+        assert result.returncode != 0, result.stderr[-4000:]
+        return result
     assert result.returncode == 0, f"2-process {stage} run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     expected = "DistributedType.DEEPSPEED" if deepspeed else "DistributedType.MULTI_CPU"
     assert f"accelerate: {expected}, 2 process(es)" in result.stderr, result.stderr[-4000:]
+    return result
 
 
 def history(run_dir: Path, stage: str) -> list[dict]:
