@@ -63,20 +63,24 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int) -> Accelera
     return accelerator
 
 
+def base_path(model_section: ModelSection, run_dir: Path) -> str:
+    """Where a run's base weights are: the hub id or folder of the recipe, or run_dir/base for the demo's `tiny`."""
+    return str(Path(run_dir) / "base") if model_section.name_or_path == "tiny" else model_section.name_or_path
+
+
 def load_model(model_section: ModelSection, run_dir: Path, *, seed: int, accelerator: Accelerator):
     """(model, processor, base_path). `tiny` builds the demo model once into run_dir/base and loads it from there,
     so every later stage (DPO, eval, export) loads its base like any other checkpoint folder."""
-    source = model_section.name_or_path
-    if source == "tiny":
-        source = run_dir / "base"
+    source = base_path(model_section, run_dir)
+    if model_section.name_or_path == "tiny":
         with accelerator.main_process_first():
-            if accelerator.is_main_process and not (source / "config.json").exists():
+            if accelerator.is_main_process and not (Path(source) / "config.json").exists():
                 tiny_model, tiny_processor = build_tiny(model_section, seed)
-                save_atomically(source, lambda tmp: (tiny_model.save_pretrained(tmp), tiny_processor.save_pretrained(tmp)))
-    model, processor = models.load(str(source), revision=model_section.revision, dtype=model_section.dtype,
+                save_atomically(Path(source), lambda tmp: (tiny_model.save_pretrained(tmp), tiny_processor.save_pretrained(tmp)))
+    model, processor = models.load(source, revision=model_section.revision, dtype=model_section.dtype,
                                    attn_implementation=model_section.attn_implementation,
                                    num_crops=model_section.num_crops)
-    return model, processor, str(source)
+    return model, processor, source
 
 
 def build_tiny(model_section: ModelSection, seed: int) -> tuple[Phi3VForCausalLM, Phi3VProcessor]:

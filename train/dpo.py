@@ -39,9 +39,8 @@ from train.dpo_losses import combined_loss, reward_metrics
 from train.eval_hook import run_eval_hook
 from train.loop import total_steps_for
 from train.parts import configure_trainable
-from train.recipe import load_recipe, resolve_output_dir
+from train.recipe import load_recipe
 from train.recipe_schema import ModelSection, Recipe
-from train.run_dir import prepare_run_dir
 
 log = logging.getLogger("train.dpo")
 
@@ -53,8 +52,7 @@ def starting_point(recipe: Recipe, run_dir: Path) -> dict:
     """{"base": path or hub id, "revision", "sft_adapter": folder or None} for this DPO run."""
     source = Path(recipe.dpo.from_sft) if recipe.dpo.from_sft else (run_dir if "sft" in recipe.stages else None)
     if source is None:
-        base = str(run_dir / "base") if recipe.model.name_or_path == "tiny" else recipe.model.name_or_path
-        return {"base": base, "revision": recipe.model.revision, "sft_adapter": None}
+        return {"base": common.base_path(recipe.model, run_dir), "revision": recipe.model.revision, "sft_adapter": None}
     if (source / "adapter_config.json").exists():
         adapter, sft_run = source, source.parent.parent
     elif (source / "sft" / "adapter").is_dir():
@@ -64,8 +62,7 @@ def starting_point(recipe: Recipe, run_dir: Path) -> dict:
     else:
         raise FileNotFoundError(f"dpo starting point {source}: no SFT adapter (sft/adapter/) or merged model there")
     sft_recipe = load_recipe(sft_run / "recipe.resolved.yaml") if (sft_run / "recipe.resolved.yaml").exists() else recipe
-    base = str(sft_run / "base") if sft_recipe.model.name_or_path == "tiny" else sft_recipe.model.name_or_path
-    return {"base": base, "revision": sft_recipe.model.revision, "sft_adapter": str(adapter)}
+    return {"base": common.base_path(sft_recipe.model, sft_run), "revision": sft_recipe.model.revision, "sft_adapter": str(adapter)}
 
 
 def file_sha256(path: Path) -> str:
@@ -250,9 +247,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     """Run DPO; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
     preemption would (resume then continues it)."""
     started = time.perf_counter()
-    run_dir = resolve_output_dir(recipe, recipe_path)
-    accelerator = common.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
-    stage_dir = prepare_run_dir(run_dir, recipe, stage="dpo", is_main=accelerator.is_main_process)
+    run_dir, accelerator, stage_dir = stage.open_stage(recipe, recipe_path, "dpo")
     device = accelerator.device
 
     start = starting_point(recipe, run_dir)

@@ -20,7 +20,7 @@ from peft import PeftModel
 import models
 from models import DTYPES
 
-from .common import save_atomically
+from .common import base_path, save_atomically
 from .recipe import load_recipe
 
 log = logging.getLogger("train.export")
@@ -28,10 +28,9 @@ log = logging.getLogger("train.export")
 
 def base_source(run_dir: Path) -> tuple[str, str | None]:
     """(path or hub id, revision) of the model SFT started from."""
-    recipe = load_recipe(run_dir / "recipe.resolved.yaml")
-    if recipe.model.name_or_path == "tiny":
-        return str(run_dir / "base"), None
-    return recipe.model.name_or_path, recipe.model.revision
+    model_section = load_recipe(run_dir / "recipe.resolved.yaml").model
+    revision = None if model_section.name_or_path == "tiny" else model_section.revision
+    return base_path(model_section, run_dir), revision
 
 
 def adapters_upto(run_dir: Path, stage: str) -> tuple[str, str | None, list[Path]]:

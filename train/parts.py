@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from .recipe_schema import LoraSection, ModelSection, TrainSection
 
@@ -110,7 +110,3 @@ def trainable_counts(model) -> dict[str, dict[str, int]]:
             part["trainable"] += param.numel()
     return counts
 
-
-def base_model_of(model):
-    """The Phi3VForCausalLM under a PeftModel (or the model itself)."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model

@@ -28,9 +28,7 @@ from train.data import stage_loaders
 from train.eval_hook import run_eval_hook
 from train.loop import total_steps_for
 from train.parts import configure_trainable
-from train.recipe import resolve_output_dir
 from train.recipe_schema import Recipe
-from train.run_dir import prepare_run_dir
 
 log = logging.getLogger("train.sft")
 
@@ -76,9 +74,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     """Run SFT; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
     preemption would (resume then continues it)."""
     started = time.perf_counter()
-    run_dir = resolve_output_dir(recipe, recipe_path)
-    accelerator = common.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
-    stage_dir = prepare_run_dir(run_dir, recipe, stage="sft", is_main=accelerator.is_main_process)
+    run_dir, accelerator, stage_dir = stage.open_stage(recipe, recipe_path, "sft")
     device = accelerator.device
 
     # Model first: the demo's tiny model builds its tokenizer from the data's texts; the data needs the processor.

@@ -15,8 +15,17 @@ from .checkpoint import Checkpointer
 from .eval_hook import every_steps_callback
 from .loop import LoopConfig, LoopState, run_loop
 from .parts import parameter_groups
-from .recipe import load_recipe, recipe_help, recipe_to_dict, redact_secrets
+from .recipe import load_recipe, recipe_help, recipe_to_dict, redact_secrets, resolve_output_dir
 from .recipe_schema import Recipe
+from .run_dir import prepare_run_dir
+
+
+def open_stage(recipe: Recipe, recipe_path, stage: str):
+    """(run_dir, accelerator, stage_dir) for a stage: the run directory resolved, accelerate set up, and
+    `<run>/<stage>` created (never over an earlier run of it unless the recipe says so)."""
+    run_dir = resolve_output_dir(recipe, recipe_path)
+    accelerator = common.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
+    return run_dir, accelerator, prepare_run_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
 
 
 def fit(accelerator, recipe: Recipe, model, *, make_loader: Callable, loss_sum: Callable, count: Callable,
