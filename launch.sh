@@ -68,8 +68,8 @@ for n in NPROC NNODES NODE_RANK MASTER_PORT; do
 done
 
 # Everything derived from the recipe comes from Python (validation included: a bad recipe stops here).
-output_dir="$("$PYTHON" -m train.plan "$recipe" "${overrides[@]}" --field output_dir)"
-read -r -a stages <<< "$("$PYTHON" -m train.plan "$recipe" "${overrides[@]}" --field stages)"
+output_dir="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field output_dir)"
+read -r -a stages <<< "$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field stages)"
 world=$(( NPROC * NNODES ))
 # Every stage writes into the same run directory.
 run_overrides=("${overrides[@]}")

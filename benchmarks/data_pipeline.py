@@ -13,11 +13,11 @@ pointing at a file of the pool. Tokens come from the real hub tokenizer when `$P
 1. **Loader throughput**: samples/s of `DataLoader(RenderedDataset(planned), batch_size, collate_fn=SFTCollator)`,
    i.e. render + decode the file + HD crops + collate, at num_workers 0 and 2 and num_crops 16 and 4. The time
    covers one pass over the samples, worker start-up included. Also the bytes of crops a batch moves: our uint8
-   real crops vs the official layout (every image padded to num_crops + 1 float32 crops, REFERENCE.md §2.3 step 8).
+   real crops vs the official layout (every image padded to num_crops + 1 float32 crops, docs/phi3v.md#hd-transform).
 2. **Padding waste** (padding tokens / all tokens the model computes) of five layouts over the planned token
-   lengths (image slots included, from the image headers): random batches (`train.data.ShuffledBatchSampler`),
+   lengths (image slots included, from the image headers): random batches (`data.loaders.ShuffledBatchSampler`),
    length-grouped batches (`data.length.LengthGroupedSampler`), token-budget batches padded (`SFTCollator`) and
-   packed (`PackedSFTCollator`) (`data.length.token_budget_batches`), and what `train.data.loader_factory` runs
+   packed (`PackedSFTCollator`) (`token_budget_batches` below), and what `data.loaders.loader_factory` runs
    with `data.packing` (`PackedBatchSampler`, one pack per max_length). Each batch goes through the real collator
    (rows of the planned lengths), so the computed tokens are the collated tensor's size, not a formula. Fill = real
    tokens per batch / the tokens the batch must be provisioned for (batch x max_length, or the token budget).
@@ -45,13 +45,13 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 from data.collate import PackedSFTCollator, RenderedDataset, SFTCollator
-from data.length import LengthGroupedSampler, PlannedSample, plan_lengths, token_budget_batches
+from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
+from data.loaders import PackedBatchSampler, ShuffledBatchSampler
 from data.render import IGNORE_INDEX
 from data.sample import ImagePart, ImageRef, Origin, SFTSample, TextPart, Turn
 from data.sources import SkipCounter
 from models.phi3v import Phi3VImageProcessor, Phi3VProcessor
 from models.phi3v.tiny import build_tiny_tokenizer
-from train.data import PackedBatchSampler, ShuffledBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_DIR = Path(os.environ.get("PHI3V_HUB_DIR", REPO.parent / "shared" / "phi3v" / "hub"))
@@ -333,6 +333,30 @@ class LayoutStats:
     computed_tokens: int
     """Size of the collated input_ids over all batches: real tokens plus padding."""
     real_tokens: int
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, seed: int) -> list[list[int]]:
+    """Batches of sample indices whose padded cost `len(batch) * longest sample` is at most `max_tokens`.
+
+    Indices are shuffled (seeded), sorted by length (stable, longest first) and filled greedily, so each batch holds
+    samples of similar length; the batches are then shuffled. Every index appears exactly once. A sample longer than
+    `max_tokens` raises: it fits no batch.
+    """
+    values = [int(length) for length in lengths]
+    too_long = [i for i, length in enumerate(values) if length > max_tokens]
+    if too_long:
+        raise ValueError(f"{len(too_long)} sample(s) exceed max_tokens={max_tokens}, e.g. index {too_long[0]} with "
+                         f"{values[too_long[0]]} tokens; raise max_tokens to at least data.max_length")
+    rng = np.random.default_rng(seed)
+    order = sorted(rng.permutation(len(values)).tolist(), key=lambda i: -values[i])
+    batches: list[list[int]] = []
+    for i in order:
+        # The batch's first index is its longest sample: the order is longest first.
+        if batches and (len(batches[-1]) + 1) * values[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return [batches[b] for b in rng.permutation(len(batches))]
 
 
 def layouts(lengths: list[int], batch_size: int, token_budget: int, max_length: int, pad_token_id: int,

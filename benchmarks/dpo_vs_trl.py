@@ -6,17 +6,17 @@
 
 The parent prepares one temporary folder: the synthetic preference pairs (`data.synthetic.write_synthetic`,
 `pref_train.jsonl` in TRL's conversational preference format, PNG images) and the demo's tiny model
-(`train.common.build_tiny` with recipes/demo.yaml's `model` section, saved once). It then runs each side in its own
+(`train.model_loading.build_tiny` with recipes/demo.yaml's `model` section, saved once). It then runs each side in its own
 subprocess (`--side`), alternating, `--repeats` times, so that the sides share no memory high-water mark,
 allocator or import state, and a burst of load from other programs hits one run rather than one side. Both sides
 load the same saved weights and add the same peft `LoraConfig` after the same seed (the demo's `lora` section on
 the language model's qkv_proj, o_proj, gate_up_proj, down_proj; tower and projector frozen, as
-`train.dpo.dpo_parts` has it). Both train the first `(warmup + steps) x batch_size` pairs of the file in file
+`train.trainable.dpo_parts` has it). Both train the first `(warmup + steps) x batch_size` pairs of the file in file
 order, fp32 on CPU, with the demo's loss and beta, AdamW at the demo's DPO learning rate (constant, no warm-up),
 gradient clipping at the demo's 1.0, and as reference the same network with the adapter disabled.
 
 - ours: `train.loop.train_step` (the loop's optimizer step: forward, backward, clip, AdamW step, zero_grad) with
-  `train.dpo.DPOLoss` on batches from `RenderedDataset` + `DPOCollator`. A batch carries each image once per
+  `train.losses.DPOLoss` on batches from `RenderedDataset` + `DPOCollator`. A batch carries each image once per
   pair, and the frozen tower encodes it once for chosen, rejected, policy and reference.
 - TRL: `trl.DPOTrainer(model, args=DPOConfig(...), train_dataset=..., processing_class=Phi3VProcessor,
   peft_config=LoraConfig)`. Its `DataCollatorForVisionPreference` repeats every image for chosen and rejected,
@@ -80,7 +80,7 @@ from transformers import TrainerCallback
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "demo.yaml"
 SIDES = ("ours", "trl")
-SEED = 0  # the synthetic data's seed, as train.data.concrete writes the demo's
+SEED = 0  # the synthetic data's seed, as data.loaders.concrete writes the demo's
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 
@@ -183,7 +183,7 @@ class StepMeter:
 
 
 def load_demo_recipe():
-    from train.recipe import load_recipe
+    from recipe import load_recipe
 
     return load_recipe(RECIPE)
 
@@ -191,7 +191,7 @@ def load_demo_recipe():
 def prepare_workdir(workdir: Path, num_pairs: int) -> None:
     """The synthetic preference pairs and the tiny base model (saved once; both sides load this copy)."""
     from data.synthetic import write_synthetic
-    from train.common import build_tiny
+    from train.model_loading import build_tiny
 
     # Only the training preference pairs are read.
     write_synthetic(workdir / "synthetic", seed=SEED, n_train=0, n_eval=0, n_pref_train=num_pairs, n_pref_eval=0)
@@ -209,11 +209,10 @@ def load_base(workdir: Path, recipe):
 
 
 def lora_config(model, recipe):
-    """The LoraConfig `train.parts.configure_trainable` builds for the DPO stage's parts (LM only here)."""
+    """The LoraConfig `train.trainable.configure_trainable` builds for the DPO stage's parts (LM only here)."""
     from peft import LoraConfig
 
-    from train.dpo import dpo_parts
-    from train.parts import lora_target_regex
+    from train.trainable import dpo_parts, lora_target_regex
 
     lora = recipe.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.use_rslora,
@@ -233,20 +232,20 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     from torch.utils.data import DataLoader
 
     from data.collate import DPOCollator, RenderedDataset
+    from data.loaders import load_samples, plan
     from data.sources import SkipCounter
-    from train import common
-    from train.data import load_samples, plan
-    from train.dpo import DPOLoss, count_pairs, dpo_parts
+    from recipe import Source
+    from train import device, optim
     from train.loop import LoopConfig, train_step
-    from train.parts import configure_trainable, parameter_groups
-    from train.recipe_schema import Source
+    from train.losses import DPOLoss, count_pairs
+    from train.trainable import configure_trainable, dpo_parts, parameter_groups, upcast_trainable_
 
     recipe = load_demo_recipe()
     total = warmup + steps
     source = Source(format="trl_preference", path=str(workdir / "synthetic" / "pref_train.jsonl"),
                     image_root=str(workdir / "synthetic"), limit=total * batch_size)
     data = replace(recipe.data, train=(source,), num_workers=0)
-    accelerator = common.make_accelerator(recipe, workdir / "ours_run", grad_accum=1)  # seeds like train.dpo.main
+    accelerator = device.make_accelerator(recipe, workdir / "ours_run", grad_accum=1)  # seeds like train.dpo.main
     model, processor = load_base(workdir, recipe)
     meter = StepMeter(model)
     skips = SkipCounter()
@@ -263,18 +262,18 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     set_seed(recipe.seed)  # as DPOTrainer does right before it adds the adapter: the same LoRA initialisation
     model = configure_trainable(model, parts, recipe.lora)
     fingerprint = trainable_fingerprint(model)
-    common.upcast_trainable_(model)
+    upcast_trainable_(model)
     train_section = replace(recipe.train, scheduler="constant", warmup_steps=0)
-    optimizer = common.make_optimizer(parameter_groups(model, train_section), train_section,
-                                      lr_scale=dpo_lr(recipe) / recipe.train.lr)
-    scheduler = common.make_scheduler(optimizer, train_section, total)
-    model, optimizer = common.prepare(accelerator, model, optimizer, batch_size)
+    optimizer = optim.make_optimizer(parameter_groups(model, train_section), train_section,
+                                     lr_scale=dpo_lr(recipe) / recipe.train.lr)
+    scheduler = optim.make_scheduler(optimizer, train_section, total)
+    model, optimizer = device.prepare(accelerator, model, optimizer, batch_size)
     loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora")
     config = LoopConfig(total_steps=total, grad_accum=1, max_grad_norm=recipe.train.max_grad_norm, log_every=1,
                         checkpoint_every=total)
 
     def loss_on_device(model_, batch):
-        return loss_fn(model_, common.to_device(batch, accelerator.device))
+        return loss_fn(model_, device.to_device(batch, accelerator.device))
 
     model.train()
     memory = ResidentMemory()
@@ -463,7 +462,7 @@ def versions() -> str:
 
 
 def print_header(args: argparse.Namespace, recipe) -> None:
-    from train.common import TINY_MODEL
+    from models.phi3v.tiny import DEMO_MODEL as TINY_MODEL
 
     now = datetime.datetime.now(datetime.timezone.utc)
     cpus = os.cpu_count()

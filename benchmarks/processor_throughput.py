@@ -5,7 +5,7 @@
 Runs `Phi3VImageProcessor` on a fixed mix of image sizes (phone photos, screenshots, charts, documents, thumbnails)
 at num_crops 16 and 4, single-threaded (torch.set_num_threads(1)), and prints a table: images/s, mean crops per
 image, and the bytes a DataLoader moves per image for our uint8 crops, our float32 crops, and the official layout
-(num_crops + 1 float32 crops per image, padding crops included: REFERENCE.md §2.3 step 8). The comparison of bytes
+(num_crops + 1 float32 crops per image, padding crops included: docs/phi3v.md#hd-transform). The comparison of bytes
 is exact arithmetic on shapes; the throughput is measured.
 """
 

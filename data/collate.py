@@ -260,8 +260,8 @@ class PackedSFTCollator:
         lengths = [len(row["input_ids"]) for row in rows]
         if sum(lengths) > self.max_tokens:
             raise ValueError(f"the batch holds {sum(lengths)} tokens ({len(rows)} rows), over the packing budget "
-                             f"max_tokens={self.max_tokens}; batch with data.length.token_budget_batches(lengths, "
-                             f"max_tokens={self.max_tokens}, seed)")
+                             f"max_tokens={self.max_tokens}; batch with data.loaders.PackedBatchSampler (what `data.packing: true` "
+                             "uses), which fills each pack up to the budget")
         ids, labels, positions = [], [], []
         for i, row in enumerate(rows):
             _check_same_length(row["input_ids"], row["labels"], f"batch row {i} ({row.get('origin', '')})")

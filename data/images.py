@@ -35,10 +35,11 @@ import numpy as np
 from PIL import Image
 
 from data.sample import DataError, ImageRef, Origin
+from recipe.schema import MAX_IMAGE_PIXELS
 
-DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 """The same bound as Pillow's default `MAX_IMAGE_PIXELS` (~ 9459 x 9459), stated here so it holds even where
-another library disabled Pillow's own check."""
+another library disabled Pillow's own check; the recipe's `data.max_image_pixels` defaults to it."""
 
 # What Pillow raises on unreadable or corrupt data: UnidentifiedImageError and "image file is truncated" are
 # OSErrors; some plugins raise SyntaxError, ValueError, EOFError or struct.error on malformed headers.

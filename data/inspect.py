@@ -217,9 +217,10 @@ def load_processor(recipe) -> Phi3VProcessor:
     folder, or a hub id (its json files only)."""
     model = recipe.model
     if model.name_or_path == "tiny":
-        from train.common import build_tiny
+        from data.synthetic import synthetic_texts
+        from models.phi3v.tiny import build_demo_model
 
-        return build_tiny(model, recipe.seed)[1]
+        return build_demo_model(synthetic_texts(), num_crops=model.num_crops, seed=recipe.seed)[1]
     folder = Path(model.name_or_path)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
@@ -230,9 +231,9 @@ def load_processor(recipe) -> Phi3VProcessor:
 
 def recipe_samples(recipe, n: int, skips) -> Iterator:
     """The first `n` samples of each training source, per stage (SFT, then DPO), read as training reads them
-    (`train.data`: a `synthetic` source is written under its path and read in the stage's format)."""
+    (`data.loaders`: a `synthetic` source is written under its path and read in the stage's format)."""
+    from data.loaders import concrete, stage_sources
     from data.sources import iter_samples
-    from train.data import concrete, stage_sources
 
     for stage in ("sft", "dpo"):
         for source in stage_sources(recipe.data.train, stage):
@@ -249,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     from data.sources import SkipCounter
-    from train.recipe import load_recipe
+    from recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     processor = load_processor(recipe)

@@ -227,27 +227,3 @@ def _fit(order: list[int], size: int) -> list[int]:
     """`order` cut to `size`, or repeated from its start until it reaches `size`."""
     repeats = -(-size // len(order))
     return (order * repeats)[:size]
-
-
-def token_budget_batches(lengths: Sequence[int], max_tokens: int, seed: int) -> list[list[int]]:
-    """Batches of sample indices whose padded cost `len(batch) * longest sample` is at most `max_tokens`.
-
-    Indices are shuffled (seeded), sorted by length (stable, longest first) and filled greedily, so each batch holds
-    samples of similar length; the batches are then shuffled. Every index appears exactly once. A sample longer than
-    `max_tokens` raises: it fits no batch.
-    """
-    values = _check_lengths(lengths)
-    too_long = [i for i, length in enumerate(values) if length > max_tokens]
-    if too_long:
-        raise ValueError(f"{len(too_long)} sample(s) exceed max_tokens={max_tokens}, e.g. index {too_long[0]} with "
-                         f"{values[too_long[0]]} tokens; raise max_tokens to at least data.max_length")
-    rng = np.random.default_rng(seed)
-    order = sorted(rng.permutation(len(values)).tolist(), key=lambda i: -values[i])
-    batches: list[list[int]] = []
-    for i in order:
-        # The batch's first index is its longest sample: the order is longest first.
-        if batches and (len(batches[-1]) + 1) * values[batches[-1][0]] <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return [batches[b] for b in rng.permutation(len(batches))]

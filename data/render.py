@@ -21,15 +21,15 @@ tokenizer rather than predicted. Not supervised (-100): BOS, system and user tur
 **No `<|endoftext|>` after the last turn.** Decision and evidence:
 
 - The hub chat template of both Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct closes every turn with
-  `<|end|>\\n` and never writes `<|endoftext|>` (REFERENCE.md §2.9), so without it a training sequence is exactly the
+  `<|end|>\\n` and never writes `<|endoftext|>` (docs/phi3v.md#tokenizer-ids-and-chat-template), so without it a training sequence is exactly the
   text the template (and every serving stack that applies it) produces at inference, for the last turn as for the
   earlier ones.
 - The model ends its turns with `<|end|>` (32007): our `Phi3VForCausalLM` generates with
   `eos_token_id=[<|end|>, <|endoftext|>]`, and onnxruntime-genai switched the Phi-3-V EOS to 32007 for that reason
-  (REFERENCE.md §2.9). Generation never reaches a token after `<|end|>`, so nothing there needs training.
+  (docs/phi3v.md#tokenizer-ids-and-chat-template). Generation never reaches a token after `<|end|>`, so nothing there needs training.
 - The official Phi-3CookBook recipe appends `<|end|>\\n<|endoftext|>` and supervises it; its eval calls
   `generate(eos_token_id=processor.tokenizer.eos_token_id)`, i.e. it stops on 32000 only, which is why it must teach
-  the model to emit 32000 (REFERENCE.md §4). 2U1/Phi3-Vision-Finetune appends a bare 32000 (no newline) with its
+  the model to emit 32000 (docs/phi3v.md#training-sequence-end). 2U1/Phi3-Vision-Finetune appends a bare 32000 (no newline) with its
   label, a layout the template never produces. Both supervise the last turn differently from the earlier turns of
   the same conversation.
 - Consequence: a tuned model is to be run with `<|end|>` among its stop tokens (our generation config, vLLM and

@@ -7,7 +7,7 @@ the single split `train`. The result is read as an `IterableDataset` with Image 
 `{"bytes", "path"}` dicts that become `ImageRef`s and pixels are never decoded here.
 
     skips = SkipCounter()
-    source = SourceSpec(format="vqa", path="HuggingFaceM4/ChartQA", split="train", weight=2.0)
+    source = Source(format="vqa", path="HuggingFaceM4/ChartQA", split="train", weight=2.0)  # recipe.Source
     for sample in iter_samples(source, on_bad_sample="skip", skip_counter=skips):
         ...
     print(skips.summary())
@@ -19,15 +19,15 @@ import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 import datasets
 
 from data.adapters import Adapter, adapter_for, apply_columns, skip_reason
 from data.sample import DataError, Origin, PreferenceSample, SFTSample
+from recipe.schema import Source
 
 logger = logging.getLogger(__name__)
 
@@ -39,54 +39,13 @@ S = TypeVar("S")
 LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-class SourceLike(Protocol):
-    """What this module reads from a data source: `SourceSpec` here, or the recipe's `Source` (same fields)."""
-
-    format: str
-    path: str
-    config: str | None
-    split: str
-    revision: str | None
-    streaming: bool
-    columns: Mapping[str, str] | None
-    image_root: str | None
-    weight: float
-    limit: int | None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SourceSpec:
-    """One data source, mirroring the recipe's `data.sources[]` entry."""
-
-    format: str
-    """The row format, one of `data.adapters.FORMATS`."""
-    path: str
-    """A hub dataset id, a local dataset folder, or a local .json/.jsonl/.parquet/.arrow file."""
-    config: str | None = None
-    """The hub dataset's configuration name (`load_dataset(name=...)`)."""
-    split: str = "train"
-    """The split to read; slices such as `train[:100]` work for non-streaming sources. A local file is `train`."""
-    revision: str | None = None
-    """The hub revision (branch, tag or commit) to pin."""
-    streaming: bool = False
-    """Read rows lazily instead of materialising the dataset in the datasets cache first."""
-    columns: Mapping[str, str] = field(default_factory=dict)
-    """Renames applied to every row before adapting it: {raw column name: name the format reads}."""
-    image_root: str | None = None
-    """The folder image paths are resolved against and confined to; defaults to the folder of a local source."""
-    weight: float = 1.0
-    """This source's share of a mixture, relative to the other sources' weights."""
-    limit: int | None = None
-    """Read at most this many rows (bad rows included)."""
-
-
-def source_name(source: SourceLike) -> str:
+def source_name(source: Source) -> str:
     """How errors, skips and origins name the source: `path[config]:split`."""
     config = f"[{source.config}]" if source.config else ""
     return f"{source.path}{config}:{source.split}"
 
 
-def image_root_of(source: SourceLike) -> Path | None:
+def image_root_of(source: Source) -> Path | None:
     """The source's image_root, else the local folder it lives in; None for a hub dataset (paths then fail)."""
     if source.image_root is not None:
         return Path(source.image_root)
@@ -96,7 +55,7 @@ def image_root_of(source: SourceLike) -> Path | None:
     return path.parent if path.is_file() else None
 
 
-def _load_dataset(source: SourceLike) -> datasets.Dataset | datasets.IterableDataset:
+def _load_dataset(source: Source) -> datasets.Dataset | datasets.IterableDataset:
     path = Path(source.path)
     if path.suffix in LOCAL_FILE_BUILDERS:
         if not path.is_file():
@@ -124,7 +83,7 @@ def _with_undecoded_images(feature: Any) -> Any:
     return feature
 
 
-def load_rows(source: SourceLike) -> datasets.IterableDataset:
+def load_rows(source: Source) -> datasets.IterableDataset:
     """The source's raw rows, in order, with image columns left encoded (`{"bytes", "path"}` dicts)."""
     dataset = _load_dataset(source)
     if isinstance(dataset, datasets.Dataset):
@@ -184,7 +143,7 @@ def _check_skip_policy(on_bad_sample: str, skip_counter: SkipCounter | None) -> 
         raise ValueError("on_bad_sample='skip' needs a SkipCounter, so that the skipped rows can be reported")
 
 
-def iter_samples(source: SourceLike, *, on_bad_sample: OnBadSample = "error",
+def iter_samples(source: Source, *, on_bad_sample: OnBadSample = "error",
                  skip_counter: SkipCounter | None = None) -> Iterator[Sample]:
     """The source's rows as canonical samples, in row order. A bad row raises its `DataError`, or under 'skip' is
     counted in `skip_counter` and left out; a source whose every row is bad raises even under 'skip' (it is a wrong
@@ -194,7 +153,7 @@ def iter_samples(source: SourceLike, *, on_bad_sample: OnBadSample = "error",
     return _adapted(source, adapter, on_bad_sample=on_bad_sample, skip_counter=skip_counter)
 
 
-def _adapted(source: SourceLike, adapter: Adapter, *, on_bad_sample: OnBadSample,
+def _adapted(source: Source, adapter: Adapter, *, on_bad_sample: OnBadSample,
              skip_counter: SkipCounter | None) -> Iterator[Sample]:
     name, image_root, columns = source_name(source), image_root_of(source), dict(source.columns or {})
     first_error: DataError | None = None
@@ -214,18 +173,6 @@ def _adapted(source: SourceLike, adapter: Adapter, *, on_bad_sample: OnBadSample
     if num_samples == 0 and first_error is not None:
         raise ValueError(f"data source {name}: all {num_rows} rows are bad, the first: {first_error}; check the "
                          "source's format and columns")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SourceSamples:
-    """`iter_samples` of one source as a re-iterable: each `iter()` reads the source again from its first row."""
-
-    source: SourceLike
-    on_bad_sample: OnBadSample = "error"
-    skip_counter: SkipCounter | None = None
-
-    def __iter__(self) -> Iterator[Sample]:
-        return iter_samples(self.source, on_bad_sample=self.on_bad_sample, skip_counter=self.skip_counter)
 
 
 def apportion(num_samples: int, weights: Sequence[float]) -> list[int]:
@@ -285,14 +232,4 @@ def _next_item(streams: Sequence[Iterable[S]], iterators: list[Iterator[S]], i: 
         return next(iterators[i])
     except StopIteration:
         raise ValueError(f"mixture stream {i} has no items to fill its quota: it is empty, or a one-shot iterator "
-                         "that cannot be read again (pass a list or a SourceSamples)") from None
-
-
-def mix_sources(sources: Sequence[SourceLike], *, seed: int, num_samples: int, on_bad_sample: OnBadSample = "error",
-                skip_counter: SkipCounter | None = None) -> Iterator[Sample]:
-    """The recipe's sources mixed by their `weight` (see `mix` for the policy)."""
-    _check_skip_policy(on_bad_sample, skip_counter)
-    for source in sources:  # a wrong format fails here, before any source is read
-        adapter_for(source.format, dataset=source_name(source))
-    streams = [SourceSamples(source=source, on_bad_sample=on_bad_sample, skip_counter=skip_counter) for source in sources]
-    return mix(streams, [source.weight for source in sources], seed=seed, num_samples=num_samples)
+                         "that cannot be read again (pass a list)") from None

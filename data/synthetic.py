@@ -100,6 +100,11 @@ class SyntheticPaths:
                    images=root / "images", manifest=root / "manifest.json")
 
 
+# The demo's dataset (recipes/demo.yaml): 1,536 SFT conversations and 768 preference pairs to train on, 128 of each
+# held out.
+DEMO_COUNTS = {"n_train": 1536, "n_eval": 128, "n_pref_train": 768, "n_pref_eval": 128}
+
+
 def write_synthetic(root: Path, *, seed: int = 0, n_train: int, n_eval: int, n_pref_train: int, n_pref_eval: int,
                     image_sizes: tuple[tuple[int, int], ...] = DEFAULT_IMAGE_SIZES) -> SyntheticPaths:
     """Write the dataset under `root` unless a complete one with the same arguments is already there.

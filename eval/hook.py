@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,7 +41,6 @@ from eval.generate import generate_answers, rgb_image
 from eval.report import (
     STAGES,
     biggest_changes,
-    eval_dir,
     predictions_path,
     read_predictions,
     save_thumbnail,
@@ -50,6 +48,7 @@ from eval.report import (
     write_report,
 )
 from eval.tasks import EvalExample, Task, load_examples, resolve_tasks, score_task
+from recipe.run_dir import eval_dir, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +85,9 @@ def _on_main(accelerator, compute: Callable[[], T]) -> T:
     return value[0]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-
-
 def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     # default=str: a dataset's descriptive columns in `meta` may hold values JSON has no type for.
-    _write_atomically(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
 # ------------------------------------------------------------------------------------------------ base cache
@@ -131,7 +123,7 @@ def read_cache(path: Path, key: Mapping[str, Any], examples: Sequence[EvalExampl
 def write_cache(path: Path, key: Mapping[str, Any], examples: Sequence[EvalExample],
                 predictions: Sequence[str]) -> None:
     entry = {"key": key, "ids": [example.id for example in examples], "predictions": list(predictions)}
-    _write_atomically(path, json.dumps(entry, ensure_ascii=False) + "\n")
+    write_text_atomically(path, json.dumps(entry, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ one task
@@ -203,7 +195,7 @@ def merge_results(run_dir: Path, stage: str, scores: Mapping[str, Mapping[str, f
     for task, metrics in scores.items():
         for metric, value in metrics.items():
             results.setdefault(task, {}).setdefault(metric, {})[stage] = value
-    _write_atomically(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
     return results
 
 

@@ -10,8 +10,7 @@ Per-sample scores (a float in [0, 1] for one prediction against its references; 
 | `exact_match` | short-answer tasks | VLMEvalKit `process_line(method='accuracy')`, normalisation widened |
 | `multiple_choice_accuracy` | AI2D, ScienceQA | `extract_choice`: VLMEvalKit `can_infer` plus one lmms-eval rule |
 
-Dataset-level scores: `circular_accuracy` (MMBench CircularEval, VLMEvalKit `mcq_circular_eval`) and `pope`
-(AoiDragon/POPE `evaluate.py`). All scores are fractions in [0, 1], never percentages.
+Dataset-level score: `pope` (AoiDragon/POPE `evaluate.py`). All scores are fractions in [0, 1], never percentages.
 
 Pure Python (no torch, no numpy): importable anywhere, including the CPU-only test run.
 """
@@ -300,7 +299,7 @@ def exact_match(prediction: str, targets: Sequence[str]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Multiple choice: answer extraction, AI2D/ScienceQA accuracy, MMBench circular evaluation
+# Multiple choice: answer extraction, AI2D/ScienceQA accuracy
 # ---------------------------------------------------------------------------------------------------------------
 
 _CHOICE_SEPARATORS = re.compile(r"[.()\[\],:;!*#{}\s]+")  # VLMEvalKit `can_infer_option`'s chars, and spaces
@@ -426,33 +425,6 @@ def multiple_choice_accuracy(
     """
     letters = _option_map("multiple_choice_accuracy", options)
     return float(extract_choice(prediction, letters) == _answer_letter(answer, letters))
-
-
-def circular_accuracy(groups: Sequence[Sequence[bool]]) -> float:
-    """MMBench CircularEval: the fraction of questions answered correctly under every circular shift of options.
-
-    `groups[q][k]` says whether pass k of question q was answered correctly: pass 0 shows the options in their
-    original order, pass k rotates them by k, so a question with N options has N passes (MMBench stores pass k as
-    row index q + k * 1_000_000; group rows by index % 1_000_000, score each with `multiple_choice_accuracy`
-    against that row's own answer letter). Follows VLMEvalKit `mcq_circular_eval` / `prefetch_circular_group` and
-    lmms-eval `mmbench_evals.eval_sub_data`: one wrong pass makes the whole question wrong.
-    """
-    if isinstance(groups, str) or not isinstance(groups, Sequence) or not groups:
-        raise ValueError(
-            f"circular_accuracy: groups must be a non-empty list of lists of bool, got {groups!r}."
-        )
-    for q, passes in enumerate(groups):
-        if isinstance(passes, str) or not isinstance(passes, Sequence) or not passes:
-            raise ValueError(
-                f"circular_accuracy: groups[{q}] is {passes!r}; each question needs a non-empty list with one "
-                "bool per circular pass."
-            )
-        if not all(isinstance(correct, bool) for correct in passes):
-            raise ValueError(
-                f"circular_accuracy: groups[{q}] is {passes!r}; it must hold bools (was each pass correct?), "
-                "not predictions or letters. Compare each pass's extracted letter with its answer first."
-            )
-    return sum(all(passes) for passes in groups) / len(groups)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,13 +20,14 @@ import base64
 import hashlib
 import html
 import json
-import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from recipe.run_dir import eval_dir, write_file_atomically, write_text_atomically
 
 STAGES = ("base", "sft", "dpo")
 DELTAS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"))
@@ -44,10 +45,6 @@ pre { white-space: pre-wrap; margin: 0; max-width: 40em; }
 """
 
 
-def eval_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "eval"
-
-
 def predictions_path(run_dir: str | Path, stage: str, task: str) -> Path:
     return eval_dir(run_dir) / "predictions" / stage / f"{task}.jsonl"
 
@@ -62,10 +59,7 @@ def save_thumbnail(image: Image.Image, path: Path) -> None:
     """A PNG of at most THUMBNAIL_SIDE pixels a side, written atomically."""
     thumbnail = image.convert("RGB")
     thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    thumbnail.save(staging, format="PNG")
-    os.replace(staging, path)
+    write_file_atomically(path, lambda tmp: thumbnail.save(tmp, format="PNG"))
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -194,9 +188,4 @@ def render_report(run_dir: str | Path) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Render run_dir/eval/report.html (atomically) and return its path."""
-    path = eval_dir(run_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(render_report(run_dir), encoding="utf-8")
-    os.replace(staging, path)
-    return path
+    return write_text_atomically(eval_dir(run_dir) / "report.html", render_report(run_dir))

@@ -28,15 +28,15 @@ from PIL import Image
 from data.adapters import adapt_row, apply_columns, resolve_image, vqa_references
 from data.render import to_messages
 from data.sample import DataError, ImageRef, Origin, SFTSample
-from data.sources import LOCAL_FILE_BUILDERS, SourceSpec, image_root_of, load_rows, source_name
+from data.sources import LOCAL_FILE_BUILDERS, image_root_of, load_rows, source_name
 from data.synthetic import question_task
 from eval import metrics
+from recipe.schema import SYNTHETIC_DIR, Source
 
 SINGLE_WORD_OR_PHRASE = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."
 CHARTQA_INSTRUCTION = "\nAnswer the question with a single word."
-SYNTHETIC_DIR = "runs/.data/synthetic"
-"""Where the demo writes its synthetic dataset when the recipe's synthetic source names no path (train/data.py)."""
+"""Where the demo writes its synthetic dataset when the recipe's synthetic source names no path (data/loaders.py)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -374,9 +374,9 @@ def _data_path(task: Task) -> str:
     return str(path / task.data_file)
 
 
-def _source(task: Task, limit: int | None) -> SourceSpec:
+def _source(task: Task, limit: int | None) -> Source:
     # `format` is not read by load_rows; the row mapper is this task's own.
-    return SourceSpec(format="vqa", path=_data_path(task), config=task.config, split=task.split,
+    return Source(format="vqa", path=_data_path(task), config=task.config, split=task.split,
                       revision=task.revision, limit=limit)
 
 

@@ -1,7 +1,8 @@
 """Model loading: one small registry from a checkpoint's `model_type` to the loader of its family.
 
-Phi-3-V checkpoints (`model_type: phi3_v`) load natively (`models.phi3v`); any other image-text-to-text model of
-transformers goes through transformers' Auto classes, never with remote code.
+Phi-3-V checkpoints (`model_type: phi3_v`) load natively (`models.phi3v`), never with remote code. Rendering,
+collation, the trainable-parts logic and the DPO loss rely on Phi-3-V's `encode_prompt` and `vision_embed_tokens`,
+so no other family is offered: a checkpoint of another `model_type` is refused by name.
 """
 
 from __future__ import annotations
@@ -20,15 +21,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def _load_phi3v(folder: Path, *, dtype, attn_implementation, num_crops):
     model = Phi3VForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
     return model, Phi3VProcessor.from_pretrained(folder, num_crops=num_crops)
-
-
-def _load_auto(folder: Path, *, dtype, attn_implementation, num_crops):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(
-        str(folder), dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False
-    )
-    return model, AutoProcessor.from_pretrained(str(folder), trust_remote_code=False)
 
 
 LOADERS = {"phi3_v": _load_phi3v}
@@ -50,5 +42,8 @@ def load(
     if not config_file.exists():
         raise ValueError(f"{name_or_path}: no config.json in {folder}; is this a model checkpoint folder?")
     model_type = json.loads(config_file.read_text()).get("model_type")
-    loader = LOADERS.get(model_type, _load_auto)
+    if model_type not in LOADERS:
+        raise ValueError(f"{name_or_path}: model_type {model_type!r} is not supported; this project trains "
+                         f"{', '.join(sorted(LOADERS))} checkpoints (Phi-3-Vision, Phi-3.5-vision)")
+    loader = LOADERS[model_type]
     return loader(folder, dtype=DTYPES[dtype], attn_implementation=attn_implementation, num_crops=num_crops)

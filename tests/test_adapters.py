@@ -24,7 +24,8 @@ from data.adapters import (
     vqa_references,
 )
 from data.sample import DataError, ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
-from data.sources import SkipCounter, SourceSamples, SourceSpec, apportion, iter_samples, mix, mix_sources
+from data.sources import SkipCounter, apportion, iter_samples, mix
+from recipe import Source as SourceSpec
 
 ORIGIN = Origin(dataset="fixture", row=7)
 
@@ -586,20 +587,21 @@ def test_mix_rejects_bad_arguments_and_one_shot_iterators():
         list(mix([iter([1, 2])], [1.0], seed=0, num_samples=3))
 
 
-def test_mix_sources_keeps_origins_and_follows_weights(root):
+def test_training_mixes_sources_by_weight_and_keeps_origins(root):
+    from data.loaders import load_samples
+    from recipe import DataSection
+
     chart = write_rows(root / "chart.jsonl", [{"image": "a.png", "query": f"C{i}", "label": "c"} for i in range(6)])
     doc = write_rows(root / "doc.json", [{"image": "a.png", "question": f"D{i}", "answers": ["d"]} for i in range(2)])
-    sources = [SourceSpec(format="vqa", path=str(chart), weight=1.0),
-               SourceSpec(format="vqa", path=str(doc), weight=1.0)]
-    mixed = list(mix_sources(sources, seed=3, num_samples=8))
+    sources = (SourceSpec(format="vqa", path=str(chart), weight=1.0), SourceSpec(format="vqa", path=str(doc), weight=1.0))
+    mixed = load_samples(sources, "sft", DataSection(), seed=3, skips=SkipCounter())
     assert Counter(s.origin.dataset for s in mixed) == {f"{chart}:train": 4, f"{doc}:train": 4}
     doc_samples = [s for s in mixed if s.origin.dataset == f"{doc}:train"]
     assert [s.origin.row for s in doc_samples] == [0, 1, 0, 1]  # upsampled: read twice
     assert [s.turns[0].text for s in doc_samples] == ["D0", "D1", "D0", "D1"]
-    assert mixed == list(mix(
-        [SourceSamples(source=source) for source in sources], [1.0, 1.0], seed=3, num_samples=8))
+    assert mixed == list(mix([list(iter_samples(source)) for source in sources], [1.0, 1.0], seed=3, num_samples=8))
     with pytest.raises(ValueError, match="unknown format"):
-        mix_sources([SourceSpec(format="?", path=str(doc))], seed=0, num_samples=1)
+        list(iter_samples(SourceSpec(format="?", path=str(doc))))
 
 
 def test_preference_row_with_identical_chosen_and_rejected_is_refused_or_counted(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from trl.trainer.dpo_trainer import DPOTrainer
 
+from recipe.schema import LABEL_SMOOTHING_LOSSES, DpoLossType
 from train import dpo_losses
 from train.dpo_losses import (
     LABEL_SMOOTHING_LOSS_TYPES,
@@ -27,7 +28,6 @@ from train.dpo_losses import (
     reward_metrics,
     sft_nll_per_pair,
 )
-from train.recipe_schema import LABEL_SMOOTHING_LOSSES, DpoLossType
 
 ATOL = 1e-6
 BATCH, SEQ_LEN = 6, 14

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
-from train.data import SYNTHETIC_COUNTS
 
 from .train_helpers import adapter, assert_same_adapter, history, run_stage, small_overrides
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from data.loaders import load_samples, loader_factory, plan
 from data.sources import SkipCounter
 from data.synthetic import write_synthetic
-from train import common
-from train.data import load_samples, loader_factory, plan
-from train.dpo import DPOLoss, dpo_parts
-from train.parts import configure_trainable
-from train.recipe import load_recipe
+from recipe import load_recipe
+from train import model_loading as common
+from train.losses import DPOLoss
+from train.trainable import configure_trainable, dpo_parts
 
 from .train_helpers import DEMO
 

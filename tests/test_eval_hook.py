@@ -24,8 +24,7 @@ from eval.generate import generate_answers, merge_gathered, shard_for_rank
 from eval.hook import EvalGateError, evaluate_stage, gate_violations
 from eval.report import biggest_changes, write_report
 from eval.tasks import TASKS, load_examples
-from train.recipe import parse_recipe
-from train.recipe_schema import EvalSection
+from recipe import EvalSection, parse_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -382,33 +381,74 @@ def touch(folder: Path, name: str) -> Path:
 
 
 def test_model_plans_for_run_directories(tmp_path):
+    from recipe.run_dir import Weights, write_start
+
     recipe = parse_recipe({"model": {"name_or_path": "org/base"}, "stages": ["eval"], "eval": {"tasks": ["chartqa"]}},
                           source="test")
     run = tmp_path / "run"
     sft_adapter = touch(run / "sft" / "adapter", "adapter_config.json")
+    (sft_adapter / "adapter_model.safetensors").write_bytes(b"weights")
     (run / "recipe.resolved.yaml").write_text("")
     assert plan_model(str(run), recipe, stage=None, adapter=None) == ModelPlan(
-        weights="org/base", adapters=(sft_adapter,), stage="sft", run_dir=run)
+        weights=Weights(base="org/base", adapters=(sft_adapter,)), stage="sft", run_dir=run)
+    write_start(run, Weights(base="org/base", adapters=(sft_adapter,)))
     dpo_adapter = touch(run / "dpo" / "adapter", "adapter_config.json")
-    assert plan_model(str(run), recipe, stage=None, adapter=None).adapters == (sft_adapter, dpo_adapter)
-    sft_merged = touch(run / "sft" / "merged", "config.json")
+    assert plan_model(str(run), recipe, stage=None, adapter=None).weights.adapters == (sft_adapter, dpo_adapter)
+    touch(run / "sft" / "merged", "config.json")  # an export: the adapter over the base stays the SFT model
     assert plan_model(str(run), recipe, stage="dpo", adapter=None) == ModelPlan(
-        weights=str(sft_merged), adapters=(dpo_adapter,), stage="dpo", run_dir=run)
-    assert plan_model(str(run), recipe, stage="base", adapter=None).weights == "org/base"
+        weights=Weights(base="org/base", adapters=(sft_adapter, dpo_adapter)), stage="dpo", run_dir=run)
+    assert plan_model(str(run), recipe, stage="base", adapter=None).weights.base == "org/base"
     other = touch(tmp_path / "other", "adapter_config.json")
-    assert plan_model(str(run), recipe, stage="sft", adapter=other).adapters == (other,)
+    assert plan_model(str(run), recipe, stage="sft", adapter=other).weights.adapters == (other,)
     assert plan_model("org/base", recipe, stage=None, adapter=other) == ModelPlan(
-        weights="org/base", adapters=(other,), stage="sft")
+        weights=Weights(base="org/base", adapters=(other,)), stage="sft")
 
-    from_sft = replace(recipe, dpo=replace(recipe.dpo, from_sft=str(tmp_path / "sft_run")))
-    external = touch(tmp_path / "sft_run" / "sft" / "adapter", "adapter_config.json")
     lone = tmp_path / "lone"
     touch(lone / "dpo" / "adapter", "adapter_config.json")
-    assert plan_model(str(lone), from_sft, stage=None, adapter=None).adapters == (external, lone / "dpo" / "adapter")
-    with pytest.raises(ValueError, match="has no sft model: neither .*merged nor .*adapter exists"):
+    external = touch(tmp_path / "sft_run" / "sft" / "adapter", "adapter_config.json")
+    write_start(lone, Weights(base="org/base", adapters=()))
+    (lone / "dpo" / "start.json").write_text(f'{{"base": "org/base", "adapters": ["{external}"]}}')
+    assert plan_model(str(lone), recipe, stage=None, adapter=None).weights.adapters == (external, lone / "dpo" / "adapter")
+    with pytest.raises(FileNotFoundError, match="has no sft model: neither .*adapter nor .*merged"):
         plan_model(str(lone), recipe, stage="sft", adapter=None)
     with pytest.raises(ValueError, match="no adapter_config.json there"):
         plan_model("org/base", recipe, stage=None, adapter=tmp_path)
     tiny = replace(recipe, model=replace(recipe.model, name_or_path="tiny"))
-    with pytest.raises(ValueError, match="no base/ checkpoint.*'tiny'"):
+    with pytest.raises(FileNotFoundError, match="no base/ checkpoint.*'tiny'"):
         plan_model(str(run), tiny, stage="base", adapter=None)
+
+
+def test_dpo_eval_and_export_agree_on_a_runs_weights(tmp_path):
+    """One run directory holding both adapters and merged folders: DPO's starting point, the eval CLI's plan and
+    export's merge chain are the same weights, and they are what dpo/start.json records."""
+    import json
+
+    from recipe.run_dir import dpo_start, stage_weights, write_start
+
+    recipe = parse_recipe({"model": {"name_or_path": "org/base", "revision": "v1"}, "stages": ["sft", "dpo"],
+                           "data": {"train": [{"format": "synthetic"}]}, "train": {"max_steps": 1}}, source="test")
+    run = tmp_path / "run"
+    (run / "recipe.resolved.yaml").parent.mkdir(parents=True)
+    (run / "recipe.resolved.yaml").write_text(yaml_dump(recipe))
+    sft_adapter = touch(run / "sft" / "adapter", "adapter_config.json")
+    (sft_adapter / "adapter_model.safetensors").write_bytes(b"sft weights")
+    touch(run / "sft" / "merged", "config.json")
+    start = dpo_start(recipe, run)  # what DPO trains from
+    write_start(run, start)
+    dpo_adapter = touch(run / "dpo" / "adapter", "adapter_config.json")
+    touch(run / "dpo" / "merged", "config.json")
+
+    recorded = json.loads((run / "dpo" / "start.json").read_text())
+    assert recorded["base"] == "org/base" and recorded["revision"] == "v1"
+    assert recorded["adapters"] == [str(sft_adapter)] and len(recorded["adapter_sha256"]) == 1
+    assert start == stage_weights(run, "sft")  # DPO starts from the SFT model the resolver names
+    dpo_weights = stage_weights(run, "dpo")  # what export merges
+    assert dpo_weights.adapters == (sft_adapter, dpo_adapter) and dpo_weights.base == recorded["base"]
+    assert plan_model(str(run), recipe, stage="dpo", adapter=None).weights == dpo_weights  # what eval loads
+    assert plan_model(str(run), recipe, stage="sft", adapter=None).weights == start
+
+
+def yaml_dump(recipe) -> str:
+    from recipe.parse import resolved_yaml
+
+    return resolved_yaml(recipe)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data.length import LengthGroupedSampler, plan_lengths, token_budget_batches
+from data.length import LengthGroupedSampler, plan_lengths
 from data.render import render_preference, render_sft
 from data.sample import DataError, ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
 from data.sources import SkipCounter
@@ -156,15 +156,3 @@ def test_sampler_groups_similar_lengths_and_starts_with_the_longest():
     assert all(min(LENGTHS[i] for i in a) >= max(LENGTHS[i] for i in b) for a, b in zip(rank0, rank1))
 
 
-def test_token_budget_batches_respect_the_budget_and_cover_every_index_once():
-    batches = token_budget_batches(LENGTHS, max_tokens=256, seed=0)
-    assert all(len(batch) * max(LENGTHS[i] for i in batch) <= 256 for batch in batches)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(LENGTHS)))
-    assert batches == token_budget_batches(LENGTHS, max_tokens=256, seed=0)
-    assert batches != token_budget_batches(LENGTHS, max_tokens=256, seed=1)
-    assert len(batches) < len(LENGTHS) / 2  # samples are actually grouped, not one per batch
-
-
-def test_token_budget_refuses_a_sample_over_the_budget():
-    with pytest.raises(ValueError, match="index 3 with 90 tokens"):
-        token_budget_batches([10, 20, 30, 90], max_tokens=64, seed=0)

@@ -16,7 +16,6 @@ import pytest
 
 from eval.metrics import (
     anls,
-    circular_accuracy,
     exact_match,
     extract_choice,
     multiple_choice_accuracy,
@@ -254,7 +253,7 @@ def test_exact_match_is_max_over_targets():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# extract_choice, multiple_choice_accuracy, circular_accuracy
+# extract_choice, multiple_choice_accuracy
 # ---------------------------------------------------------------------------------------------------------------
 
 OPTIONS = ["Paris", "London", "Berlin", "Madrid"]
@@ -335,30 +334,6 @@ def test_multiple_choice_accuracy_with_index_or_letter_answers():
 def test_multiple_choice_accuracy_refuses_an_answer_outside_the_options(answer):
     with pytest.raises(ValueError, match="answer"):
         multiple_choice_accuracy("B", OPTIONS, answer)
-
-
-def test_circular_accuracy_needs_every_pass_right():
-    # VLMEvalKit prefetch_circular_group: one wrong rolling pass -> hit 0 for the question.
-    groups = [[True, True, True, True], [True, False, True, True], [True, True]]
-    assert circular_accuracy(groups) == pytest.approx(2 / 3)
-
-
-def test_circular_accuracy_from_extracted_letters():
-    # Pass k rotates the options by k, so the right letter moves: Paris is A, then D, C, B.
-    rotations = [OPTIONS[k:] + OPTIONS[:k] for k in range(4)]
-    answers = [rotation.index("Paris") for rotation in rotations]
-    always_paris = [
-        multiple_choice_accuracy("Paris", r, a) == 1.0 for r, a in zip(rotations, answers, strict=True)
-    ]
-    always_a = [multiple_choice_accuracy("A", r, a) == 1.0 for r, a in zip(rotations, answers, strict=True)]
-    assert always_a == [True, False, False, False]
-    assert circular_accuracy([always_paris, always_a]) == 0.5
-
-
-@pytest.mark.parametrize("groups", [[], [[]], [["A", "B"]], [[1, 0]]])
-def test_circular_accuracy_refuses_malformed_groups(groups):
-    with pytest.raises(ValueError, match="circular_accuracy"):
-        circular_accuracy(groups)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def test_full_size_architecture_matches_hub_keys_and_parameter_count():
     with torch.device("meta"):
         model = Phi3VForCausalLM(config)
     assert set(model.state_dict()) == set(index["weight_map"])
-    assert sum(p.numel() for p in model.parameters()) == 4_146_621_440  # REFERENCE.md §2.8
+    assert sum(p.numel() for p in model.parameters()) == 4_146_621_440  # docs/phi3v.md#checkpoint-keys-and-sizes
     assert index["metadata"]["total_size"] == 2 * 4_146_621_440
 
 
@@ -58,7 +58,7 @@ def test_special_ids_and_chat_template(hub_processor):
 
 
 def test_sft_example_ids_match_the_official_layout(hub_processor):
-    # REFERENCE.md §2.9: [1, 32010, 29871, 13, -1 x N, 1, 29871, 13, 5618 ...], negative ids -> 32044.
+    # docs/phi3v.md#tokenizer-ids-and-chat-template: [1, 32010, 29871, 13, -1 x N, 1, 29871, 13, 5618 ...], negative ids -> 32044.
     text = "<|user|>\n<|image_1|>\nWhat is shown?<|end|>\n<|assistant|>\nA cat.<|end|>\n"
     ids = hub_processor(text=text, images=[drawn_image(1000, 600)])["input_ids"][0].tolist()
     n = 2353

@@ -1,4 +1,4 @@
-"""HD transform geometry, token counts (REFERENCE.md §2.7) and crops, from sizes alone and from pixels."""
+"""HD transform geometry, token counts (docs/phi3v.md#image-token-count) and crops, from sizes alone and from pixels."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from models.phi3v.image_processing import hd_canvas, normalize_uint8
 
 from .conftest import drawn_image
 
-# (width, height): tokens at num_crops 16, 4, 1 -- the table of REFERENCE.md §2.7, checked there against the
+# (width, height): tokens at num_crops 16, 4, 1 -- the table of docs/phi3v.md#image-token-count, checked there against the
 # official processor.
 TOKEN_TABLE = {
     (336, 336): (2509, 757, 313),
@@ -30,7 +30,7 @@ def test_token_count_table(size):
 
 
 def test_canvas_sizes_seen_with_the_official_processor():
-    # REFERENCE.md §5: image_sizes [H, W] is the padded canvas; small images are upscaled.
+    # docs/phi3v.md#image-sizes: image_sizes [H, W] is the padded canvas; small images are upscaled.
     assert hd_canvas_size(1000, 600, 16) == (1680, 1008)
     assert hd_canvas_size(17, 23, 16) == (1008, 1344)
     assert crop_grid(64, 900, 16) == (14, 1)

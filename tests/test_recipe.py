@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.recipe import (
-    RESOLVED_RECIPE_NAME,
+from recipe.parse import (
     RecipeError,
     RecipeWarning,
     load_recipe,
@@ -23,10 +22,16 @@ from train.recipe import (
     recipe_help,
     recipe_to_dict,
     redact_secrets,
-    resolve_output_dir,
-    save_resolved,
+    resolved_yaml,
 )
-from train.recipe_schema import DpoLoss, LoraSection, Recipe, Source
+from recipe.run_dir import RESOLVED_RECIPE as RESOLVED_RECIPE_NAME
+from recipe.run_dir import recipe_file, resolve_output_dir, write_text_atomically
+from recipe.schema import DpoLoss, LoraSection, Recipe, Source
+
+
+def save_resolved(recipe, run_dir):
+    """What the run directory writes at a stage's start (recipe.run_dir.prepare_stage_dir)."""
+    return write_text_atomically(recipe_file(run_dir), resolved_yaml(recipe))
 
 # The smallest valid recipe: SFT needs a source and a length; everything else has a default.
 MINIMAL = {"data": {"train": [{"format": "synthetic"}]}, "train": {"max_steps": 2}}
@@ -340,11 +345,11 @@ def test_cross_field_problems_are_collected_into_one_error():
         train={"max_steps": 10, "epochs": 1},
     )
     with pytest.raises(RecipeError) as caught:
-        parse_recipe(mapping, min_image_tokens=1921)
+        parse_recipe(mapping)
     assert caught.value.problems == (
         "stages = ['dpo', 'sft', 'eval']: stages run in the order sft, dpo, eval, export: each uses the output of "
         "the one before. Fix: write ['sft', 'dpo', 'eval'].",
-        "data.max_length = 1024: the smallest image takes 1921 tokens at model.num_crops=16, so no sample with an "
+        "data.max_length = 1024: the smallest image takes 1321 tokens at model.num_crops=16, so no sample with an "
         "image would fit. Fix: raise data.max_length above that plus the text, or lower model.num_crops.",
         "data.train = ['vqa']: stage dpo needs a source in one of the formats rlaif_v, synthetic, trl_preference. "
         "Fix: add such a source, or remove dpo from stages.",
@@ -355,8 +360,8 @@ def test_cross_field_problems_are_collected_into_one_error():
         "eval.tasks = []: the eval stage would score nothing. Fix: list task names, or remove eval from stages.",
     )
     assert str(caught.value).startswith("<dict>: 6 problem(s) in the recipe:\n  - stages = ")
-    fits = with_(MINIMAL, data={"train": [{"format": "synthetic"}], "max_length": 1024})
-    assert parse_recipe(fits, min_image_tokens=313).data.max_length == 1024
+    fits = with_(MINIMAL, model={"num_crops": 1}, data={"train": [{"format": "synthetic"}], "max_length": 1024})
+    assert parse_recipe(fits).data.max_length == 1024  # 313 tokens at one crop
 
 
 @pytest.mark.parametrize(

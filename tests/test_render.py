@@ -219,7 +219,7 @@ def test_hub_processor_ids_and_label_spans(hub_processor, name):
 
 @needs_hub(PHI3V_HUB)
 def test_hub_ids_match_the_recorded_official_layout(hub_processor):
-    """REFERENCE.md §2.9: [1, 32010, 29871, 13, image x N, 1, 29871, 13, ..., 32007, 29871, 13, 32001, 319(▁A),
+    """docs/phi3v.md#tokenizer-ids-and-chat-template: [1, 32010, 29871, 13, image x N, 1, 29871, 13, ..., 32007, 29871, 13, 32001, 319(▁A),
     6635, 29889, 32007, 29871, 13]; the answer's leading space is swallowed by <|assistant|> (rstrip)."""
     for answer in ("A cat.", " A cat."):
         sample = sft(turn("user", ImagePart(), "What is shown?"), turn("assistant", answer))

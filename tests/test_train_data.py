@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from train.data import PackedBatchSampler, ShuffledBatchSampler, pack_first_fit
+from data.loaders import PackedBatchSampler, ShuffledBatchSampler, pack_first_fit
 
 
 def step_sets(batch_size: int, accum: int, ranks: int, num_samples: int = 97, epoch: int = 1) -> list[set[int]]:

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
+from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
-from train.common import Preempted
-from train.data import SYNTHETIC_COUNTS
+from train.callbacks import Preempted
 
 from .train_helpers import (
     adapter,
@@ -42,6 +42,7 @@ def test_batch_8_accum_1_equals_batch_1_accum_8(stage, synthetic, tmp_path):
     assert_same_adapter(adapter(wide, stage), adapter(deep, stage))
 
 
+@pytest.mark.slow  # launches 2 processes
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_two_ddp_processes_equal_one_with_twice_the_accumulation(stage, synthetic, tmp_path):
     one = run_stage(stage, small_overrides(tmp_path / "one", synthetic, stage, micro_batch_size=2, grad_accum=4))
@@ -50,6 +51,7 @@ def test_two_ddp_processes_equal_one_with_twice_the_accumulation(stage, syntheti
     assert_same_adapter(adapter(one, stage), adapter(tmp_path / "two", stage))
 
 
+@pytest.mark.slow  # launches 2 processes
 def test_two_deepspeed_zero2_processes_equal_one_with_twice_the_accumulation(synthetic, tmp_path):
     one = run_stage("sft", small_overrides(tmp_path / "one", synthetic, "sft", micro_batch_size=2, grad_accum=4))
     launch_two_processes("sft", small_overrides(tmp_path / "two", synthetic, "sft", micro_batch_size=2, grad_accum=2),
@@ -90,6 +92,20 @@ def test_eval_every_steps_scores_during_training(synthetic, tmp_path):
     assert set(results["synthetic"]["exact_match"]) == {"sft"}
 
 
+def test_eval_every_steps_skips_the_last_step_of_an_epoch_based_run(synthetic, tmp_path):
+    """The stage's length comes from train.epochs here (64 rows / (4 x 2) = 8 steps per epoch, half an epoch = 4): the
+    callback must know it, or step 4 is scored twice (during training and by the end-of-stage eval)."""
+    import json
+
+    overrides = [*small_overrides(tmp_path / "run", synthetic, "sft"), "train.max_steps=null", "train.epochs=0.5",
+                 "stages=[sft,eval]", "eval.every_steps=2", "eval.limit=8", "eval.when=[sft]"]
+    run = run_stage("sft", overrides)
+    assert json.loads((run / "sft" / "summary.json").read_text())["steps"] == 4
+    lines = [json.loads(line) for line in (run / "eval" / "during_training.jsonl").read_text().splitlines()]
+    assert [(line["stage"], line["step"]) for line in lines] == [("sft", 2)]
+
+
+@pytest.mark.slow  # launches 2 processes
 def test_zero3_is_refused_with_its_reason(synthetic, tmp_path):
     result = launch_two_processes("sft", small_overrides(tmp_path / "z3", synthetic, "sft"), deepspeed=True,
                                   zero_stage=3, timeout=300, expect_failure=True)

@@ -233,8 +233,9 @@ def sft_nll_per_pair(
     TRL's number, with the same gradient. Defaults: `num_pairs = B` and `num_tokens = chosen_num_tokens.sum()` (TRL's
     per-micro-batch normalisation). A loop that divides the summed pair losses of a whole optimizer step by the
     step's global pair count can pass that pair count and the step's global chosen-token count instead, to get the
-    token mean over the whole step (DESIGN.md decision 7). The token count is raised to at least 1 (TRL gives NaN on
-    a batch without chosen tokens; here the term is 0 then).
+    token mean over the whole step. The DPO stage (train/losses.py) passes `num_pairs=1` and
+    `num_tokens=chosen_num_tokens`: entry b is then pair b's own mean token NLL. The token count is raised to at
+    least 1 (TRL gives NaN on a batch without chosen tokens; here the term is 0 then).
     """
     _check_pair_shapes(policy_chosen_logps=policy_chosen_logps, chosen_num_tokens=chosen_num_tokens)
     pairs = policy_chosen_logps.shape[0] if num_pairs is None else num_pairs

@@ -4,18 +4,17 @@
     summary = dry_run(load_recipe("recipes/chartqa.yaml"))
 
 Nothing is downloaded or read from the recipe's sources. The model is the demo's tiny Phi-3-V
-(`train.common.build_tiny`, with the recipe's num_crops and seed) in the recipe's dtype; the data are rows built here
+(`train.model_loading.build_tiny`, with the recipe's num_crops and seed) in the recipe's dtype; the data are rows built here
 in each source's raw format, under the dataset's own column names (the source's `columns` renames applied in
 reverse), with small PNGs drawn with PIL. Per training stage in `recipe.stages` (sft, dpo): the stage's sources are
 adapted, planned and rendered under the recipe's max_length, on_overlong, on_bad_sample and assistant_turns, batched
-by the stage's sampler and collator (train/data.py), and one forward and backward runs with the recipe's trained
-parts and LoRA (DPO: `train.dpo.dpo_parts`) under its precision. The loss must be finite (SFT: `sft_loss_sum` per
+by the stage's sampler and collator (data/loaders.py), and one forward and backward runs with the recipe's trained
+parts and LoRA (DPO: `train.trainable.dpo_parts`) under its precision. The loss must be finite (SFT: `sft_loss_sum` per
 supervised token; DPO: the recipe's preference losses per pair) and every trained part must get a finite, non-zero
-gradient (`train.common.check_gradients`).
+gradient (`train.trainable.check_gradients`).
 
-Before that, the recipe is validated once more with what only the model code knows: data.max_length must hold the
-smallest image the real model can take at the recipe's num_crops (Phi-3-V geometry for its hub ids and local Phi-3-V
-folders), and every eval task must exist.
+The recipe is validated as every entry point validates it (recipe/checks.py): data.max_length must hold the
+smallest image the real model can take at the recipe's num_crops, eval tasks must exist, and so on.
 
 What a dry run cannot show: that the hub dataset really has the columns the recipe names, or that the real model
 fits in memory.
@@ -24,7 +23,6 @@ fits in memory.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import re
@@ -42,29 +40,33 @@ import torch
 from PIL import Image, ImageDraw
 
 from data.adapters import VQA_ANSWER_COLUMNS, VQA_QUESTION_COLUMNS, adapt_row
+from data.loaders import SYNTHETIC_FILES, loader_factory, plan, stage_sources
 from data.sample import Origin, PreferenceSample, SFTSample
 from data.sources import SkipCounter, source_name
 from data.synthetic import write_synthetic
 from models import DTYPES
-from models.phi3v.image_processing import num_image_tokens
-from train.common import TINY_MODEL, build_tiny, check_gradients, trained_parts, upcast_trainable_
-from train.data import SYNTHETIC_FILES, loader_factory, plan, stage_sources
-from train.dpo import DPOLoss, count_pairs, dpo_parts
-from train.parts import configure_trainable, trainable_counts
-from train.recipe import RecipeError, load_recipe, recipe_help
-from train.recipe_schema import STAGE_FORMATS, ModelSection, Recipe, Source, issue, recipe_problems
-from train.sft import sft_loss_sum, supervised_tokens
+from recipe import ModelSection, Recipe, RecipeError, Source, load_recipe, recipe_help
+from recipe.checks import recipe_problems
+from recipe.schema import STAGE_FORMATS
+from train.losses import DPOLoss, count_pairs, sft_loss_sum, supervised_tokens
+from train.model_loading import build_tiny
+from train.trainable import (
+    check_gradients,
+    configure_trainable,
+    dpo_parts,
+    trainable_counts,
+    trained_parts,
+    upcast_trainable_,
+)
 
 TRAINING_STAGES = tuple(STAGE_FORMATS)  # ("sft", "dpo")
-PHI3V_HUB_IDS = frozenset({"microsoft/Phi-3-vision-128k-instruct", "microsoft/Phi-3.5-vision-instruct"})
-PHI3V_GEOMETRY = (336, 14)  # (crop_size, patch_size) of the real CLIP tower
 FIXTURE_ROWS_PER_SOURCE = 2
 # Row 0 of a source shows one image; row 1 shows two where the format holds several images per row.
 MULTI_IMAGE_FORMATS = frozenset({"trl_messages", "llava", "sharegpt", "trl_preference"})
 # (width, height, bar colour): landscape, portrait and wide pictures, so crop grids of several shapes occur.
 FIXTURE_PICTURES = ((64, 48, "red"), (48, 64, "blue"), (80, 40, "green"))
 # The smallest synthetic dataset write_synthetic makes; its first rows are image questions.
-SYNTHETIC_COUNTS = {"n_train": FIXTURE_ROWS_PER_SOURCE, "n_eval": 1,
+FIXTURE_SYNTHETIC_COUNTS = {"n_train": FIXTURE_ROWS_PER_SOURCE, "n_eval": 1,
                     "n_pref_train": FIXTURE_ROWS_PER_SOURCE, "n_pref_eval": 1}
 # VQA column layouts the adapter reads: ChartQA (query/label) and DocVQA/TextVQA (question/answers).
 VQA_LAYOUTS = (("query", "label"), ("question", "answers"))
@@ -74,49 +76,6 @@ QUESTION = ("What colour is the bar?", "Which picture has the taller bar?")  # b
 ANSWER = ("red", "the first")
 WRONG_ANSWER = ("blue", "the second")
 FOLLOW_UP, FOLLOW_UP_ANSWER = "And what colour is it?", "red"
-
-
-# ----------------------------------------------------------------------------------------------- validation
-
-
-@functools.cache
-def fewest_image_tokens(num_crops: int, crop_size: int, patch_size: int) -> int:
-    """The fewest image slots any image takes. The count depends on the aspect ratio alone; ratios from 1:1 to
-    (num_crops + 2):1 in steps of 1/1000 meet every crop grid (beyond, the grid stays 1 x num_crops), and a portrait
-    image takes what its landscape mirror takes. A square is not the minimum: at 16 crops a square gets a 4 x 4 grid
-    (2,509 tokens at 336/14), a 17:2 strip a 1 x 8 one (1,321 tokens)."""
-    height = 1000
-    return min(num_image_tokens(width, height, num_crops, crop_size, patch_size)
-               for width in range(height, height * (num_crops + 2)))
-
-
-def image_geometry(model: ModelSection) -> tuple[int, int] | None:
-    """(crop_size, patch_size) of the recipe's model where known without a download; None for other models."""
-    if model.name_or_path == "tiny":
-        return TINY_MODEL["crop_size"], TINY_MODEL["patch_size"]
-    if model.name_or_path in PHI3V_HUB_IDS:
-        return PHI3V_GEOMETRY
-    config = Path(model.name_or_path) / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "phi3_v":
-        return PHI3V_GEOMETRY
-    return None
-
-
-def eval_task_problems(recipe: Recipe) -> list[str]:
-    from eval.tasks import TASKS
-
-    return [
-        issue("eval.tasks", recipe.eval.tasks, f"{name!r} is no eval task, so scoring would fail after training",
-              f"choose from {', '.join(sorted(TASKS))}")
-        for name in recipe.eval.tasks if name not in TASKS
-    ]
-
-
-def validation_problems(recipe: Recipe) -> list[str]:
-    """The recipe's cross-field problems, with the smallest real image against data.max_length, and eval task names."""
-    geometry = image_geometry(recipe.model)
-    fewest = fewest_image_tokens(recipe.model.num_crops, *geometry) if geometry else None
-    return recipe_problems(recipe, min_image_tokens=fewest) + eval_task_problems(recipe)
 
 
 # ----------------------------------------------------------------------------------------------- fixture rows
@@ -231,8 +190,8 @@ def canonical_rows(source: Source, folder: Path) -> list[dict[str, Any]]:
 
 
 def synthetic_rows(stage: str, folder: Path) -> tuple[str, list[dict[str, Any]], Path]:
-    """(format, rows, image root) of a tiny synthetic dataset written under `folder`, as train.data.concrete reads it."""
-    paths = write_synthetic(folder / "synthetic", seed=0, **SYNTHETIC_COUNTS)
+    """(format, rows, image root) of a tiny synthetic dataset written under `folder`, as data.loaders.concrete reads it."""
+    paths = write_synthetic(folder / "synthetic", seed=0, **FIXTURE_SYNTHETIC_COUNTS)
     file = getattr(paths, SYNTHETIC_FILES[(stage, "train")])
     rows = [json.loads(line) for line in file.read_text().splitlines()[:FIXTURE_ROWS_PER_SOURCE]]
     return ("trl_messages" if stage == "sft" else "trl_preference"), rows, paths.root
@@ -328,7 +287,7 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     shapes, units, loss, trained parts, trainable and total parameters per part). Raises RecipeError for an
     invalid recipe, DataError for fixture rows the recipe's formats or columns cannot read, RuntimeError for a
     non-finite loss or a trained part without gradient."""
-    problems = validation_problems(recipe)
+    problems = recipe_problems(recipe)
     if problems:
         raise RecipeError("dry run", problems)
     started = time.perf_counter()

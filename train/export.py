@@ -2,89 +2,76 @@
 
     python -m train.export RUN_DIR [--stage sft|dpo] [--dtype bfloat16|float16|float32] [--overwrite]
 
-SFT merges its adapter into the base; DPO merges the SFT adapter it started from (recorded in dpo/start.json), then
-its own. The result, `<run>/<stage>/merged/`, loads with `Phi3VForCausalLM.from_pretrained` (and, its config.json
-being the hub's shape, with the official code and vLLM). A stage trained in full already saved `merged/`.
+A stage's weights are what `recipe.run_dir.stage_weights` says (the same answer DPO and the eval CLI get): SFT's
+adapter over the base; DPO's over the starting point it recorded. They are merged in float32 (no
+rounding between merges) and cast once to the dtype. The result, `<run>/<stage>/merged/`, loads with
+`Phi3VForCausalLM.from_pretrained` (and, its config.json being the hub's shape, with the official code and vLLM).
+A stage trained in full already saved `merged/`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
-import models
 from models import DTYPES
-
-from .common import base_path, save_atomically
-from .recipe import load_recipe
+from recipe.run_dir import (
+    TRAINED_STAGES,
+    adapter_dir,
+    is_adapter,
+    load_run_recipe,
+    merged_dir,
+    replace_dir_atomically,
+    stage_dir,
+    stage_weights,
+)
+from train.model_loading import load_weights
 
 log = logging.getLogger("train.export")
 
 
-def base_source(run_dir: Path) -> tuple[str, str | None]:
-    """(path or hub id, revision) of the model SFT started from."""
-    model_section = load_recipe(run_dir / "recipe.resolved.yaml").model
-    revision = None if model_section.name_or_path == "tiny" else model_section.revision
-    return base_path(model_section, run_dir), revision
-
-
-def adapters_upto(run_dir: Path, stage: str) -> tuple[str, str | None, list[Path]]:
-    """(base, revision, adapters to merge in order) for `stage`'s merged model."""
-    if stage == "sft":
-        base, revision = base_source(run_dir)
-        return base, revision, [run_dir / "sft" / "adapter"]
-    start = json.loads((run_dir / "dpo" / "start.json").read_text())
-    chain = [Path(start["sft_adapter"])] if start.get("sft_adapter") else []
-    return start["base"], start.get("revision"), [*chain, run_dir / "dpo" / "adapter"]
-
-
-def merge(base: str, revision: str | None, adapters: list[Path], dtype: str):
-    """Merge in float32 (no rounding between the merges), then cast once to `dtype`."""
-    model, processor = models.load(base, revision=revision, dtype="float32")
-    for adapter in adapters:
-        if not (adapter / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{adapter} holds no PEFT adapter (adapter_config.json); was the stage trained?")
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        log.info("merged %s", adapter)
-    return model.to(DTYPES[dtype]), processor
-
-
 def export_stage(run_dir: Path, stage: str, dtype: str, overwrite: bool = False) -> Path:
-    target = run_dir / stage / "merged"
+    target = merged_dir(run_dir, stage)
     if target.exists() and not overwrite:
-        if not (run_dir / stage / "adapter").exists():
+        if not adapter_dir(run_dir, stage).exists():
             return target  # trained in full: the stage saved its merged weights itself
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    base, revision, adapters = adapters_upto(run_dir, stage)
-    model, processor = merge(base, revision, adapters, dtype)
+    if not is_adapter(adapter_dir(run_dir, stage)):
+        raise FileNotFoundError(f"{adapter_dir(run_dir, stage)} holds no PEFT adapter (adapter_config.json); was the "
+                                f"{stage} stage trained?")
+    recipe = load_run_recipe(run_dir)
+    weights = stage_weights(run_dir, stage, recipe)
+    # sdpa: merging needs no attention kernel, and flash-attn may not load on the exporting machine.
+    model, processor = load_weights(weights, replace(recipe.model, attn_implementation="sdpa"), dtype="float32")
+    log.info("merged %s", weights.describe())
+    model = model.to(DTYPES[dtype])
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
 
-    return save_atomically(target, write)
+    return replace_dir_atomically(target, write)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--stage", choices=["sft", "dpo"], action="append",
+    parser.add_argument("--stage", choices=list(TRAINED_STAGES), action="append",
                         help="stage(s) to export; default: every trained stage of the run")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the recipe's export.merged_dtype")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    recipe = load_recipe(args.run_dir / "recipe.resolved.yaml")
+    recipe = load_run_recipe(args.run_dir)
     if not args.stage and not recipe.export.merged:
         print(f"export.merged is false: nothing to merge; the adapters are in {args.run_dir}/<stage>/adapter")
         return []
-    stages = args.stage or [s for s in ("sft", "dpo") if (args.run_dir / s).is_dir()]
+    stages = args.stage or [s for s in TRAINED_STAGES if stage_dir(args.run_dir, s).is_dir()]
     written = []
     with torch.no_grad():
         for stage in stages:

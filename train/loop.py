@@ -1,6 +1,6 @@
 """One compact training loop on accelerate, shared by SFT and DPO; each stage brings its loss.
 
-Loss normalisation (DESIGN.md decision 7): a stage's `loss_sum(model, batch)` returns the SUM of its per-unit losses
+Loss normalisation (docs/architecture.md#loss-normalisation): a stage's `loss_sum(model, batch)` returns the SUM of its per-unit losses
 (units: supervised tokens for SFT, pairs for DPO) and `count(batch)` the number of units. The loop fetches the
 `grad_accum` micro-batches of an optimizer step first, all-reduces their unit count across ranks, and back-propagates
 `loss_sum / global_units`, so batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same gradients, on any
@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpointer
+from train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 

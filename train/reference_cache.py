@@ -19,16 +19,20 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from data.collate import DPOCollator, RenderedDataset
+from recipe.run_dir import ADAPTER_WEIGHTS, Weights, file_sha256, stage_dir, write_json_atomically
+from train.device import to_device
+from train.losses import completion_logps
 
 log = logging.getLogger(__name__)
 
 
-def key_fields(start: dict, recipe, planned) -> dict:
+def key_fields(start: Weights, recipe, planned) -> dict:
     digest = hashlib.sha256()
     for plan in planned:
         digest.update(f"{plan.sample.origin}|{plan.num_tokens}|{plan.image_token_counts}\n".encode())
     return {
-        "base": start["base"], "revision": start.get("revision"), "sft_adapter_sha256": start.get("sft_adapter_sha256"),
+        "base": start.base, "revision": start.revision,
+        "adapter_sha256": [file_sha256(Path(adapter) / ADAPTER_WEIGHTS) for adapter in start.adapters],
         "data": digest.hexdigest(), "pairs": len(planned), "dtype": recipe.model.dtype,
         "num_crops": recipe.model.num_crops, "max_length": recipe.data.max_length,
         "assistant_turns": recipe.data.assistant_turns,
@@ -40,8 +44,8 @@ def cache_path(run_dir: Path, fields: dict) -> Path:
     return Path(run_dir).resolve().parent / ".cache" / "ref_logps" / f"{key}.safetensors"
 
 
-def check_run_record(stage_dir: Path, fields: dict, resuming: bool) -> None:
-    record = stage_dir / "ref_logps.json"
+def check_run_record(dpo_dir: Path, fields: dict, resuming: bool) -> None:
+    record = dpo_dir / "ref_logps.json"
     if resuming and record.exists():
         before = json.loads(record.read_text())
         changed = sorted(k for k in set(before) | set(fields) if before.get(k) != fields.get(k))
@@ -50,14 +54,12 @@ def check_run_record(stage_dir: Path, fields: dict, resuming: bool) -> None:
                 f"{record}: this run's reference log-probs were computed for other inputs ({', '.join(changed)} "
                 f"changed since); resuming would mix two references. Start a new run directory instead"
             )
-    record.write_text(json.dumps(fields, indent=1) + "\n")
+    write_json_atomically(record, fields)
 
 
 @torch.no_grad()
 def compute(model, processor, planned, data, batch_size: int, device) -> torch.Tensor:
     """(pairs, 2) reference log-probs, in planning order, one vision pass per batch of pairs."""
-    from train.dpo import completion_logps
-
     dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
                               max_image_pixels=data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=data.num_workers,
@@ -66,7 +68,7 @@ def compute(model, processor, planned, data, batch_size: int, device) -> torch.T
     model.eval()
     rows = []
     for batch in loader:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         kwargs = {}
         if "pixel_values" in batch:
             features = model.model.vision_embed_tokens(batch["pixel_values"], batch["image_sizes"])
@@ -78,17 +80,17 @@ def compute(model, processor, planned, data, batch_size: int, device) -> torch.T
     return torch.cat(rows)
 
 
-def reference_logps(model, processor, planned, recipe, start: dict, run_dir: Path, stage_dir: Path, accelerator) -> torch.Tensor:
+def reference_logps(model, processor, planned, recipe, start: Weights, run_dir: Path, accelerator) -> torch.Tensor:
     """The table of reference log-probs for `planned`, from the cache or computed once (by rank 0) and cached."""
     fields = key_fields(start, recipe, planned)
     path = cache_path(run_dir, fields)
     if accelerator.is_main_process:
-        check_run_record(stage_dir, fields, resuming=recipe.train.resume)
+        check_run_record(stage_dir(run_dir, "dpo"), fields, resuming=recipe.train.resume)
         if path.exists():
             log.info("reference log-probs: reusing %s", path)
         else:
             log.info("reference log-probs: computing %d pairs once, caching in %s", len(planned), path)
-            table = compute(model, processor, planned, recipe.data, recipe.eval.batch_size, accelerator.device)
+            table = compute(model, processor, planned, recipe.data, recipe.dpo.ref_batch_size, accelerator.device)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"ref_logps": table}, str(tmp), metadata={"fields": json.dumps(fields, sort_keys=True)})

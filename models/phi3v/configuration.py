@@ -59,7 +59,7 @@ class Phi3VConfig(Phi3Config):
 
     def __post_init__(self, **kwargs):
         # The hub file says `_attn_implementation: flash_attention_2`; a file must not pick a kernel that may not be
-        # installed (REFERENCE.md §3.4). The loader's `attn_implementation` argument decides (default sdpa).
+        # installed (docs/phi3v.md#flash-attention-at-load). The loader's `attn_implementation` argument decides (default sdpa).
         kwargs.pop("_attn_implementation", None)
         self.embd_layer = {**DEFAULT_EMBD_LAYER, **(self.embd_layer or {})}
         self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
@@ -70,7 +70,7 @@ class Phi3VConfig(Phi3Config):
 
     def convert_rope_params_to_dict(self, default_theta=10_000.0, ignore_keys=None, **kwargs):
         # The hub config says rope_scaling {"type": "su", ...}. transformers 5.24 renames su -> longrope only after
-        # standardising, which then misses original_max_position_embeddings (REFERENCE.md §1.2.1): rename first.
+        # standardising, which then misses original_max_position_embeddings (docs/phi3v.md#rope-scaling-longrope): rename first.
         rope_scaling = kwargs.get("rope_scaling")
         if isinstance(rope_scaling, dict) and rope_scaling.get("type", rope_scaling.get("rope_type")) in ("su", "longrope"):
             rope_scaling = {k: v for k, v in rope_scaling.items() if k != "type"}

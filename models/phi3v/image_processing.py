@@ -1,6 +1,6 @@
 """The official Phi-3-V HD image transform, without torchvision, and image-token counts from (width, height) alone.
 
-What the official processor does (REFERENCE.md §2.3), reproduced step for step so that crops are bit-identical:
+What the official processor does (docs/phi3v.md#hd-transform), reproduced step for step so that crops are bit-identical:
 convert to RGB; transpose portrait images; pick the largest `scale` with `scale * ceil(scale / ratio) <= num_crops`;
 resize to width `scale * 336` with PIL bilinear (what torchvision's resize does on a PIL image); pad the height with
 white to a multiple of 336, centred; transpose back; scale to [0, 1] and normalise with the CLIP mean/std; cut into
@@ -57,7 +57,7 @@ def tokens_for_grid(rows: int, cols: int, crop_size: int = 336, patch_size: int 
     """Image tokens of a crop grid: sub-crops with one separator per row, glb_GN, global view with its separators.
 
     With g = crop_size / patch_size / 2 merged patches per side (12 for 336/14):
-    (rows * cols + 1) * g^2 + 1 + (rows + 1) * g  (REFERENCE.md §2.7).
+    (rows * cols + 1) * g^2 + 1 + (rows + 1) * g  (docs/phi3v.md#image-token-count).
     """
     g = crop_size // patch_size // 2
     return (rows * cols + 1) * g * g + 1 + (rows + 1) * g

@@ -6,7 +6,7 @@
 and PEFT see an ordinary Phi3 causal LM.
 
 Image slots are the positive `<|image|>` id (`config.image_token_id`, 32044 on the hub); the official model's
-negative ids and its in-place `input_ids` clamp (REFERENCE.md §3.7) do not exist here: nothing mutates its inputs.
+negative ids and its in-place `input_ids` clamp (docs/phi3v.md#official-in-place-clamp) do not exist here: nothing mutates its inputs.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        # The hub's generation_config says eos 2; the model ends its turns with <|end|> (REFERENCE.md §2.9).
+        # The hub's generation_config says eos 2; the model ends its turns with <|end|> (docs/phi3v.md#tokenizer-ids-and-chat-template).
         self.generation_config.eos_token_id = list(config.end_token_ids or (32007, 32000))
         self.generation_config.pad_token_id = config.pad_token_id
 

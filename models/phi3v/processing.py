@@ -1,7 +1,7 @@
 """Phi3VProcessor: the hub chat template, `<|image_N|>` tags validated, token ids exactly as the official processor
 emits them except that image slots carry the positive `<|image|>` id, batched, padded left or right.
 
-Token layout (REFERENCE.md §2.6): the prompt is split at its `<|image_N|>` tags and every text chunk is tokenised on
+Token layout (docs/phi3v.md#token-layout): the prompt is split at its `<|image_N|>` tags and every text chunk is tokenised on
 its own, so each chunk starts with its own `<s>` (the text after an image starts `<s> ▁ \\n ...`); tag N becomes
 `num_image_tokens(image N)` slots. Only the real HD crops of each image are returned.
 """

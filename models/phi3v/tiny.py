@@ -1,6 +1,6 @@
 """Tiny Phi-3-V-shaped models and tokenizers, built in-process, for the demo and the tests (nothing is downloaded).
 
-The tokenizer mirrors the real one's structure (REFERENCE.md §2.9): a byte-fallback BPE with the same normaliser
+The tokenizer mirrors the real one's structure (docs/phi3v.md#tokenizer-ids-and-chat-template): a byte-fallback BPE with the same normaliser
 (prepend "▁", spaces -> "▁"), the same `<s>` post-processor and decoder, the Phi-3 chat and image special tokens
 with the real flags (`<|assistant|>` and `<|image|>` swallow the whitespace after them), and the hub chat template.
 Only the vocabulary is small, trained on the texts the caller gives. Code must therefore read special ids from
@@ -12,10 +12,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .configuration import Phi3VConfig
+
+# The demo's tiny Phi-3-V: the real layout with small widths; CLIP on 32 px crops of 8 px patches.
+# initializer_range 0.1, not 0.02: with a frozen random lm_head and final norm (LoRA trains neither), logits can
+# only spread by about |norm(h)| * |lm_head row| = sqrt(128) * std * sqrt(128); at 0.02 that caps the gap between
+# the answer and the rest near 2.6 nats, and the loss cannot fall below ~4.
+DEMO_MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vision_hidden_size=64,
+                  vision_layers=3, crop_size=32, patch_size=8, initializer_range=0.1)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}"
@@ -129,3 +137,19 @@ def tiny_config(
             },
         },
     )
+
+
+def build_demo_model(texts: Iterable[str], *, num_crops: int, seed: int):
+    """(model, processor) of the demo's tiny Phi-3-V: a tokenizer trained on `texts` (the synthetic data's), weights
+    drawn from `seed`, DEMO_MODEL's widths and crop geometry."""
+    from .image_processing import Phi3VImageProcessor
+    from .modeling import Phi3VForCausalLM
+    from .processing import Phi3VProcessor
+
+    dims = dict(DEMO_MODEL)
+    crop_size, patch_size = dims.pop("crop_size"), dims.pop("patch_size")
+    tokenizer = build_tiny_tokenizer(texts)
+    torch.manual_seed(seed)
+    model = Phi3VForCausalLM(tiny_config(tokenizer, crop_size=crop_size, patch_size=patch_size, **dims))
+    image_processor = Phi3VImageProcessor(num_crops=num_crops, crop_size=crop_size, patch_size=patch_size)
+    return model, Phi3VProcessor(image_processor, tokenizer)

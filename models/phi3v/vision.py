@@ -4,7 +4,7 @@ Module names follow the hub checkpoint (`vision_embed_tokens.img_processor.visio
 `img_projection.{0,2}`), so the hub's keys load with no renaming. The CLIP pieces are transformers' own
 (`CLIPVisionEmbeddings`, `CLIPEncoderLayer`); the official model reads the hidden state of layer `layer_idx` (-2), so
 only the layers up to it run: the last CLIP layer and `post_layernorm` are kept for the checkpoint's sake, frozen, and
-never computed (REFERENCE.md §2.2).
+never computed (docs/phi3v.md#clip-feature-layer).
 """
 
 from __future__ import annotations

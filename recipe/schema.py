@@ -1,9 +1,12 @@
-"""What a recipe is: one frozen, keyword-only dataclass per YAML section, and the rules across its fields.
+"""What a recipe is: one frozen, keyword-only dataclass per YAML section.
 
 Every field carries its default, its documentation and its numeric range here, and nowhere else:
-`train.recipe.recipe_help()` prints them for `--help`, `train.recipe.parse_recipe` checks types and ranges, and
-`recipe_problems` lists every cross-field problem of a well-typed recipe, one line each (key path, value,
-consequence, fix). Reading YAML, overrides and provenance live in `train/recipe.py`.
+`recipe.parse.recipe_help()` prints them for `--help`, `recipe.parse.parse_recipe` checks types and ranges, and
+`recipe.checks.recipe_problems` lists every cross-field problem of a well-typed recipe.
+
+The named choices below mirror registries of the packages that implement them (the DPO loss family in
+`train/dpo_losses.py`, the adapters of `data/adapters.py`, the tasks of `eval/tasks.py`); the recipe cannot import
+those packages (they import it), so `tests/test_layers.py` asserts that each list equals its registry.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, Literal
 Dtype = Literal["bfloat16", "float16", "float32"]
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 SourceFormat = Literal["trl_messages", "llava", "sharegpt", "vqa", "trl_preference", "rlaif_v", "synthetic"]
+EvalTask = Literal["chartqa", "docvqa", "textvqa", "ai2d", "scienceqa", "pope", "synthetic"]
 DpoLossType = Literal[
     "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
 ]
@@ -28,6 +32,10 @@ STAGE_FORMATS = {
 # TRL's DPO losses whose formula has a label-smoothing term (conservative DPO, robust DPO).
 LABEL_SMOOTHING_LOSSES = frozenset({"sigmoid", "robust"})
 STAGE_ORDER: tuple[Stage, ...] = ("sft", "dpo", "eval", "export")
+# PIL's decompression-bomb limit; data/images.py refuses larger images by default.
+MAX_IMAGE_PIXELS = 89_478_485
+# Where a `synthetic` source without a path writes the demo's dataset (data/synthetic.py draws it).
+SYNTHETIC_DIR = "runs/.data/synthetic"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +117,7 @@ class Source:
         "Row format. SFT reads trl_messages, llava, sharegpt, vqa; DPO reads trl_preference, rlaif_v; synthetic "
         "(drawn in-process) feeds both.",
     )
-    path: str = option("", "Hub dataset id, or a local file or directory.")
+    path: str = option("", f"Hub dataset id, or a local file or directory (synthetic: default {SYNTHETIC_DIR}).")
     config: str | None = option(None, "Hub dataset configuration name.")
     split: str = option("train", "Dataset split.")
     revision: str | None = option(None, "Hub dataset branch, tag or commit.")
@@ -129,7 +137,7 @@ class DataSection:
     on_bad_sample: Literal["error", "skip"] = option(
         "error", "Invalid row: raise naming it, or skip and count it."
     )
-    max_image_pixels: int = option(89_478_485, "Refuse larger images (PIL's decompression-bomb limit).", ge=1)
+    max_image_pixels: int = option(MAX_IMAGE_PIXELS, "Refuse larger images (PIL's decompression-bomb limit).", ge=1)
     assistant_turns: Literal["all", "last"] = option("all", "Which assistant turns are supervised.")
     num_workers: int = option(2, "DataLoader worker processes per rank.", ge=0)
     group_by_length: bool = option(False, "Batch samples of similar token counts together (less padding).")
@@ -179,12 +187,13 @@ class DpoSection:
     precompute_ref_logps: bool = option(
         False, "Compute reference log-probs once before training; cache them."
     )
+    ref_batch_size: int = option(8, "Pairs per batch when precomputing reference log-probs.", ge=1)
     from_sft: str | None = option(None, "SFT run dir or adapter path to start from; null: the base model.")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalSection:
-    tasks: tuple[str, ...] = option((), "Eval task names (see eval/tasks).")
+    tasks: tuple[EvalTask, ...] = option((), "Eval task names (eval/tasks.py documents each).")
     limit: int | None = option(None, "Score at most this many examples per task; null: all.", ge=1)
     when: tuple[TrainedStage, ...] = option((), "Models to score; empty: base and every trained stage.")
     every_steps: int | None = option(None, "Also score every this many training steps; null: never.", ge=1)
@@ -225,215 +234,6 @@ class Recipe:
     overwrite_output_dir: bool = option(False, "Allow writing into a run directory that already holds files.")
     seed: int = option(42, "Seed of every random number generator (numpy takes [0, 2**32)).", ge=0, lt=2**32)
     logging: LoggingSection = section(LoggingSection, "Metric trackers.")
-    # (dotted key, origin) pairs set by train.recipe.parse_recipe; read them with train.recipe.provenance.
+    # (dotted key, origin) pairs set by recipe.parse.parse_recipe; read them with recipe.parse.provenance.
     # Not a recipe key: no init, no equality, no repr.
     _provenance: Any = field(default=None, init=False, compare=False, repr=False)
-
-
-# ----------------------------------------------------------------------------------------------- cross-field checks
-
-
-def show(value: Any) -> str:
-    return repr(list(value)) if isinstance(value, tuple) else repr(value)
-
-
-def issue(path: str, value: Any, what: str, fix: str) -> str:
-    """One problem as one line: key path, value, what is wrong and its consequence, and the fix."""
-    return f"{path} = {show(value)}: {what}. Fix: {fix}."
-
-
-def uses_lora(model: ModelSection) -> bool:
-    return model.language == "lora" or model.vision == "lora"
-
-
-def _duplicates(path: str, values: tuple[str, ...], consequence: str) -> list[str]:
-    repeated = sorted({value for value in values if values.count(value) > 1})
-    return [
-        issue(path, values, f"{value!r} is listed twice, {consequence}", "list it once") for value in repeated
-    ]
-
-
-def _stage_problems(stages: tuple[str, ...]) -> list[str]:
-    if not stages:
-        return [issue("stages", stages, "nothing would run", "list some of sft, dpo, eval, export")]
-    problems = _duplicates("stages", stages, "so it would run twice")
-    listed = list(dict.fromkeys(stages))
-    if listed != sorted(listed, key=STAGE_ORDER.index):
-        what = "stages run in the order sft, dpo, eval, export: each uses the output of the one before"
-        problems.append(issue("stages", stages, what, f"write {sorted(listed, key=STAGE_ORDER.index)}"))
-    return problems
-
-
-def _model_problems(recipe: Recipe) -> list[str]:
-    model, lora = recipe.model, recipe.lora
-    problems = []
-    if model.attn_implementation == "flash_attention_2" and model.dtype == "float32":
-        what = "flash-attention runs only in 16 bits, but model.dtype is 'float32'"
-        fix = "set model.dtype: bfloat16, or model.attn_implementation: sdpa"
-        problems.append(issue("model.attn_implementation", model.attn_implementation, what, fix))
-    for part, path, names in (
-        ("language", "lora.target_modules", lora.target_modules),
-        ("vision", "lora.vision_target_modules", lora.vision_target_modules),
-    ):
-        if getattr(model, part) == "lora" and not names:
-            what = f"model.{part} is lora but no module would get an adapter"
-            problems.append(
-                issue(path, names, what, f"list module names, or delete {path} to get the defaults")
-            )
-    return problems
-
-
-def _data_problems(recipe: Recipe, min_image_tokens: int | None) -> list[str]:
-    data, problems = recipe.data, []
-    if min_image_tokens is not None and data.max_length < min_image_tokens:
-        what = (
-            f"the smallest image takes {min_image_tokens} tokens at model.num_crops={recipe.model.num_crops}, "
-            "so no sample with an image would fit"
-        )
-        fix = "raise data.max_length above that plus the text, or lower model.num_crops"
-        problems.append(issue("data.max_length", data.max_length, what, fix))
-    for group, sources in (("train", data.train), ("eval", data.eval)):
-        for index, source in enumerate(sources):
-            if not source.path and source.format != "synthetic":
-                what, fix = (
-                    "the source has nothing to read",
-                    "give a hub dataset id or a local file or directory",
-                )
-                problems.append(issue(f"data.{group}.{index}.path", source.path, what, fix))
-    return problems + _stage_data_problems(data, recipe.stages)
-
-
-def _stage_data_problems(data: DataSection, stages: tuple[str, ...]) -> list[str]:
-    """Each training stage needs a source in a format it reads; a source no stage reads would be ignored."""
-    training = [stage for stage in STAGE_FORMATS if stage in stages]
-    formats = [source.format for source in data.train]
-    problems = []
-    for stage in training:
-        if not STAGE_FORMATS[stage] & set(formats):
-            what = f"stage {stage} needs a source in one of the formats {', '.join(sorted(STAGE_FORMATS[stage]))}"
-            problems.append(
-                issue("data.train", formats, what, f"add such a source, or remove {stage} from stages")
-            )
-    for index, source in enumerate(data.train):
-        if training and not any(source.format in STAGE_FORMATS[stage] for stage in training):
-            what = f"no stage in stages {list(stages)} reads this format, so the source would be ignored"
-            fix = "remove the source, or add the stage that reads it"
-            problems.append(issue(f"data.train.{index}.format", source.format, what, fix))
-    return problems
-
-
-def _train_problems(recipe: Recipe) -> list[str]:
-    train, problems = recipe.train, []
-    if {"sft", "dpo"} & set(recipe.stages) and (train.max_steps is None) == (train.epochs is None):
-        if train.max_steps is None:
-            what, fix = (
-                "train.epochs is null too, so training has no length",
-                "set one, e.g. train.epochs: 1.0",
-            )
-        else:
-            what = f"train.epochs is set too ({train.epochs}), so it is unclear which one ends training"
-            fix = "keep one and set the other to null (on the command line: train.epochs=null)"
-        problems.append(issue("train.max_steps", train.max_steps, what, fix))
-    if len(train.adam_betas) != 2:
-        problems.append(
-            issue("train.adam_betas", train.adam_betas, "AdamW takes two betas", "write [0.9, 0.999]")
-        )
-    if train.resume and recipe.overwrite_output_dir:
-        what = "overwrite_output_dir is true too, and overwriting deletes the checkpoints to resume from"
-        problems.append(issue("train.resume", True, what, "set overwrite_output_dir: false"))
-    if train.precision == "fp32" and recipe.model.dtype != "float32":
-        what = f"model.dtype is {recipe.model.dtype}, and fp32 training without autocast cannot mix it with fp32 trained parts"
-        problems.append(issue("train.precision", "fp32", what, "set model.dtype: float32, or train.precision: bf16"))
-    if train.resume and recipe.output_dir is None:
-        what = "output_dir is null, so the run gets a fresh directory without checkpoints"
-        problems.append(issue("train.resume", True, what, "set output_dir to the run directory to resume"))
-    return problems
-
-
-def _dpo_problems(recipe: Recipe) -> list[str]:
-    dpo = recipe.dpo
-    if "dpo" not in recipe.stages:
-        return []
-    problems = _duplicates("dpo.losses", tuple(loss.type for loss in dpo.losses), "so it would count twice")
-    if not dpo.losses:
-        fix = "list one, e.g. [{type: sigmoid, weight: 1.0}]"
-        problems.append(issue("dpo.losses", dpo.losses, "the DPO stage would have no loss", fix))
-    for index, loss in enumerate(dpo.losses):
-        if dpo.label_smoothing != 0 and loss.type not in LABEL_SMOOTHING_LOSSES:
-            what = (
-                f"the {loss.type!r} loss (dpo.losses.{index}) has no label smoothing, so it would be ignored"
-            )
-            fix = "set dpo.label_smoothing: 0.0, or use only the sigmoid and robust losses"
-            problems.append(issue("dpo.label_smoothing", dpo.label_smoothing, what, fix))
-    if dpo.from_sft is not None and "sft" in recipe.stages:
-        what = "stages run sft too, so DPO would have two starting points"
-        fix = "set dpo.from_sft: null to start from this run's SFT, or remove sft from stages"
-        problems.append(issue("dpo.from_sft", dpo.from_sft, what, fix))
-    return problems
-
-
-def _eval_problems(recipe: Recipe) -> list[str]:
-    ev = recipe.eval
-    if "eval" not in recipe.stages:
-        return []
-    problems = _duplicates("eval.when", ev.when, "so it would be scored twice")
-    if not ev.tasks:
-        fix = "list task names, or remove eval from stages"
-        problems.append(issue("eval.tasks", ev.tasks, "the eval stage would score nothing", fix))
-    for stage in dict.fromkeys(ev.when):
-        if stage != "base" and stage not in recipe.stages:
-            what = f"stage {stage} does not run, so there is no {stage} model to score"
-            problems.append(
-                issue("eval.when", ev.when, what, f"add {stage} to stages, or remove it from eval.when")
-            )
-    return problems
-
-
-def _export_problems(recipe: Recipe) -> list[str]:
-    export = recipe.export
-    if "export" not in recipe.stages:
-        return []
-    if not (export.adapter or export.merged):
-        what = "export.merged is false too, so the export stage would write nothing"
-        return [issue("export.adapter", False, what, "set export.adapter or export.merged to true")]
-    if export.adapter and not uses_lora(recipe.model):
-        what = "no part of the model trains with LoRA, so there is no adapter to save"
-        return [issue("export.adapter", True, what, "set export.adapter: false and export.merged: true")]
-    return []
-
-
-def recipe_problems(recipe: Recipe, *, min_image_tokens: int | None = None) -> list[str]:
-    """Every cross-field problem of a well-typed, in-range recipe; empty when it is valid.
-
-    `min_image_tokens` is the fewest tokens one image takes under `recipe.model` (the model code knows its geometry:
-    Phi-3-V needs 313 at num_crops=1 and over 2000 at 16); data.max_length must hold it. None skips that check.
-    """
-    return [
-        *_stage_problems(recipe.stages),
-        *_model_problems(recipe),
-        *_data_problems(recipe, min_image_tokens),
-        *_train_problems(recipe),
-        *_dpo_problems(recipe),
-        *_eval_problems(recipe),
-        *_export_problems(recipe),
-        *_duplicates("logging.report_to", recipe.logging.report_to, "so it would log twice"),
-    ]
-
-
-def recipe_warnings(recipe: Recipe, origins: dict[str, str]) -> list[str]:
-    """Settings that have no effect on the run; `origins` (train.recipe.provenance) says which were set explicitly."""
-    model, train, data = recipe.model, recipe.train, recipe.data
-    found = []
-    if not uses_lora(model) and any(
-        path.startswith("lora.") and o != "default" for path, o in origins.items()
-    ):
-        found.append("the lora section is ignored: model.language is full and model.vision is not lora")
-    if train.lr_vision is not None and model.vision == "frozen":
-        found.append(f"train.lr_vision = {train.lr_vision} is ignored: model.vision is frozen")
-    if train.lr_projector is not None and model.projector == "frozen":
-        found.append(f"train.lr_projector = {train.lr_projector} is ignored: model.projector is frozen")
-    if data.packing and data.group_by_length:
-        found.append(
-            "data.group_by_length is ignored: data.packing fills every sequence up to data.max_length"
-        )
-    return found

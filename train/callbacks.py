@@ -1,11 +1,14 @@
-"""The eval hook as the training stages call it: score the base before training and each stage after it, when the
-recipe's stages include `eval` (eval/hook.py does the scoring, the caching and the report)."""
+"""What runs around training: the eval hook (score the base before training and each stage after it, when the
+recipe's stages include `eval`; eval/hook.py does the scoring, caching and report), and the callbacks the trainer
+calls after each optimizer step (`callback(state, prepared_model)`): scoring every `eval.every_steps` steps, and
+stopping after a given step as a preemption would."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .recipe_schema import Recipe
+from eval.hook import evaluate_stage, score_during_training
+from recipe import Recipe
 
 
 def stages_to_score(recipe: Recipe) -> tuple[str, ...]:
@@ -18,8 +21,6 @@ def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *
     """Score `model` as `stage` ('base', 'sft' or 'dpo'); a no-op when the recipe does not ask for it."""
     if stage not in stages_to_score(recipe):
         return None
-    from eval.hook import evaluate_stage
-
     model_id = f"{base_path}@{recipe.model.revision or 'main'}" if stage == "base" else f"{run_dir}/{stage}"
     was_training = model.training
     model.eval()
@@ -30,19 +31,16 @@ def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *
         model.train(was_training)
 
 
-def every_steps_callback(stage: str, model, processor, recipe: Recipe, run_dir: Path, *, accelerator):
-    """An `on_step` callback scoring the training model every `eval.every_steps` steps (not at the last step: the
-    end-of-stage hook scores that); None when the recipe does not ask for it."""
+def eval_every_steps(stage: str, processor, recipe: Recipe, run_dir: Path, *, accelerator, total_steps: int):
+    """A callback scoring the training model every `eval.every_steps` steps, except at `total_steps` (the
+    end-of-stage hook scores that one); None when the recipe does not ask for it."""
     every = recipe.eval.every_steps
     if not every or not stages_to_score(recipe):
         return None
-    from eval.hook import score_during_training
-
     examples_by_task: dict = {}
-    total = {"sft": recipe.train.max_steps, "dpo": recipe.dpo.max_steps or recipe.train.max_steps}[stage]
 
-    def on_step(state) -> None:
-        if state.step % every or state.step == total:
+    def on_step(state, model) -> None:
+        if state.step % every or state.step == total_steps:
             return
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
@@ -51,5 +49,21 @@ def every_steps_callback(stage: str, model, processor, recipe: Recipe, run_dir: 
                                   accelerator=accelerator, data=recipe.data, examples_by_task=examples_by_task)
         finally:
             unwrapped.train()
+
+    return on_step
+
+
+class Preempted(RuntimeError):
+    """Raised by `stop_after` after the given step (and its checkpoint), as a preemption would end a run."""
+
+
+def stop_after(step: int | None):
+    """A callback that ends the run after `step` optimizer steps; None for no limit."""
+    if step is None:
+        return None
+
+    def on_step(state, model) -> None:
+        if state.step >= step:
+            raise Preempted(f"stopped after step {state.step} (stop_after_step={step})")
 
     return on_step

@@ -2,19 +2,21 @@
 
 Parts are told apart by parameter name (the hub layout): `vision_embed_tokens.img_processor.*` is the CLIP tower,
 `vision_embed_tokens.{img_projection,glb_GN,sub_GN}` the projector, everything else the language model. LoRA goes
-through peft on explicit targets (peft has no default for Phi-3-V, REFERENCE.md §3.11); a part trained in full next
-to LoRA is saved in the adapter as peft `modules_to_save`.
+through peft on explicit targets (peft has no default for Phi-3-V: docs/phi3v.md#peft-default-targets); a part trained in full next to
+LoRA is saved in the adapter as peft `modules_to_save`. Also here: fp32 master copies of what trains, the per-part
+report, and the preflight check that one backward reaches every trained part.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from .recipe_schema import LoraSection, ModelSection, TrainSection
+from recipe import LoraSection, ModelSection, TrainSection
 
 VISION = "vision"
 PROJECTOR = "projector"
@@ -110,3 +112,43 @@ def trainable_counts(model) -> dict[str, dict[str, int]]:
             part["trainable"] += param.numel()
     return counts
 
+
+
+def trained_parts(model_section: ModelSection) -> set[str]:
+    modes = {VISION: model_section.vision, PROJECTOR: model_section.projector, LANGUAGE: model_section.language}
+    return {part for part, mode in modes.items() if mode != "frozen"}
+
+
+def upcast_trainable_(model) -> None:
+    """fp32 master copies of the trained parameters; the frozen base stays in the recipe's dtype."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def report_trainable(model) -> str:
+    counts = trainable_counts(model)
+    lines = [f"  {part:<9} trainable {c['trainable']:>13,} of {c['total']:>13,}" for part, c in counts.items()]
+    return "trainable parameters per part:\n" + "\n".join(lines)
+
+
+def check_gradients(model, expected_parts: set[str]) -> None:
+    """After one backward: every part meant to train must have received a non-zero gradient."""
+    seen = {part: False for part in PARTS}
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.grad is not None and bool(param.grad.abs().sum() > 0):
+            seen[part_of(name)] = True
+    missing = sorted(p for p in expected_parts if not seen[p])
+    if missing:
+        raise RuntimeError(
+            f"preflight: no gradient reached the {', '.join(missing)} part(s) that the recipe trains; the first "
+            f"batch may hold no image (a text-only batch gives the vision parts no gradient), or those parameters "
+            f"are disconnected from the loss"
+        )
+
+
+def dpo_parts(model_section: ModelSection) -> ModelSection:
+    """DPO trains LoRA only (the reference is the adapter-disabled network): the language model always, the tower
+    when the recipe puts LoRA there; the projector and every full part stay frozen."""
+    return replace(model_section, language="lora", vision="lora" if model_section.vision == "lora" else "frozen",
+                   projector="frozen")

@@ -1,8 +1,9 @@
-"""Typed recipes: one YAML file -> the frozen dataclasses of `train/recipe_schema.py`, validated once.
+"""Typed recipes: one YAML file -> the frozen dataclasses of `recipe/schema.py`, validated once.
 
     recipe = load_recipe("recipes/demo.yaml", ["train.lr=2.0e-4", "data.train.0.weight=2"])
-    save_resolved(recipe, run_dir)   # run_dir/recipe.resolved.yaml: loadable again, with where each value came from
     print(recipe_help())             # every key with its type, default and documentation
+    resolved_yaml(recipe)            # every value, secrets redacted, with where each came from (recipe/run_dir.py
+                                     # writes it into the run directory; load_recipe reads it back)
 
 Parsing collects every problem (unknown keys with the nearest valid key, wrong types, bad overrides), then checks
 the fields against each other, and raises one `RecipeError` listing them all: key path, value, consequence, fix.
@@ -20,15 +21,14 @@ import types
 import typing
 import warnings
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from train.recipe_schema import Recipe, issue, recipe_problems, recipe_warnings, show
+from recipe.checks import issue, recipe_problems, recipe_warnings, show
+from recipe.schema import Recipe
 
-RESOLVED_RECIPE_NAME = "recipe.resolved.yaml"
 DEFAULT = "default"
 OVERRIDE = "override"
 IN_CODE = "set in code"
@@ -358,14 +358,12 @@ def parse_recipe(
     mapping: dict,
     overrides: Sequence[str] = (),
     source: str = "<dict>",
-    *,
-    min_image_tokens: int | None = None,
 ) -> Recipe:
     """Build a Recipe from plain data plus `path=value` overrides; raise one RecipeError listing every problem.
 
     `source` names the data in errors and provenance (load_recipe passes "recipe file <path>"). Unknown keys, bad
-    overrides, types and ranges are all reported together; the cross-field checks (recipe_problems, which take
-    `min_image_tokens`) run once those pass, as they need a well-typed recipe. Settings without effect warn.
+    overrides, types and ranges are all reported together; the cross-field checks (recipe/checks.py) run once those
+    pass, as they need a well-typed recipe. Settings without effect warn.
     """
     if not isinstance(mapping, dict):
         what = f"the recipe is {_yaml_kind(mapping)}, not a mapping of sections"
@@ -376,7 +374,7 @@ def parse_recipe(
     for text in overrides:
         _apply_override(raw, text, state)
     recipe = _build_section(raw, Recipe, "", state)
-    problems = state.problems or recipe_problems(recipe, min_image_tokens=min_image_tokens)
+    problems = state.problems or recipe_problems(recipe)
     if problems:
         raise RecipeError(source, problems)
     origins = {path: state.origin(path) for path, _, _ in _leaves(recipe)}
@@ -386,9 +384,7 @@ def parse_recipe(
     return recipe
 
 
-def load_recipe(
-    path: str | Path, overrides: Sequence[str] = (), *, min_image_tokens: int | None = None
-) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe with yaml.safe_load, apply `path=value` overrides and validate; see parse_recipe."""
     source = f"recipe file {path}"
     try:
@@ -397,7 +393,7 @@ def load_recipe(
     except yaml.YAMLError as error:
         raise RecipeError(source, [f"not valid YAML: {error}. Fix: correct the syntax there."]) from error
     mapping = {} if mapping is None else mapping  # an empty file is a recipe of defaults
-    return parse_recipe(mapping, overrides, source, min_image_tokens=min_image_tokens)
+    return parse_recipe(mapping, overrides, source)
 
 
 def provenance(recipe: Recipe) -> dict[str, str]:
@@ -411,17 +407,7 @@ def provenance(recipe: Recipe) -> dict[str, str]:
     return {path: DEFAULT if value == _field_default(f) else IN_CODE for path, value, f in _leaves(recipe)}
 
 
-# ----------------------------------------------------------------------------------------------- run directory
-
-
-def resolve_output_dir(
-    recipe: Recipe, recipe_path: str | Path | None, *, now: datetime | None = None
-) -> Path:
-    """recipe.output_dir, or runs/<recipe-name>-<YYYYmmdd-HHMMSS>/ relative to the working directory."""
-    if recipe.output_dir is not None:
-        return Path(recipe.output_dir)
-    name = Path(recipe_path).stem if recipe_path is not None else "recipe"
-    return Path("runs") / f"{name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+# ----------------------------------------------------------------------------------------------- output
 
 
 def redact_secrets(value: Any) -> Any:
@@ -436,17 +422,13 @@ def redact_secrets(value: Any) -> Any:
     return URL_CREDENTIALS.sub(f"{REDACTED}@", value) if isinstance(value, str) else value
 
 
-def save_resolved(recipe: Recipe, run_dir: str | Path) -> Path:
-    """Write run_dir/recipe.resolved.yaml: every value the run uses, secrets redacted, under a comment block saying
-    where each came from. load_recipe reads it back to an equal Recipe."""
-    path = Path(run_dir) / RESOLVED_RECIPE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+def resolved_yaml(recipe: Recipe) -> str:
+    """Every value the run uses (secrets redacted) as YAML, under a comment block saying where each came from;
+    `load_recipe` reads it back to an equal Recipe."""
     header = "# Resolved recipe: every value this run used (secrets redacted); load_recipe reads it back.\n"
     header += "# Where each value came from:\n"
     header += "".join(f"#   {key}: {origin}\n" for key, origin in provenance(recipe).items())
-    body = yaml.safe_dump(redact_secrets(recipe_to_dict(recipe)), sort_keys=False, allow_unicode=True)
-    path.write_text(header + body, encoding="utf-8")
-    return path
+    return header + yaml.safe_dump(redact_secrets(recipe_to_dict(recipe)), sort_keys=False, allow_unicode=True)
 
 
 def recipe_help() -> str:

@@ -1,7 +1,15 @@
-"""The recipe's `data` section -> planned samples -> per-epoch DataLoaders, for one stage (SFT or DPO)."""
+"""The recipe's `data` section -> planned samples -> per-epoch DataLoaders, for one stage (SFT or DPO).
+
+    samples = load_samples(recipe.data.train, "sft", recipe.data, seed=recipe.seed, skips=skips)
+    planned = plan(samples, processor, recipe.data, skips)
+    make_loader, batches_per_epoch = loader_factory(planned, processor, recipe.data, stage="sft",
+                                                    micro_batch_size=4, seed=0, num_replicas=1, rank=0)
+    for batch in make_loader(epoch): ...
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -10,42 +18,39 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.adapters import PREFERENCE_ADAPTERS, SFT_ADAPTERS
 from data.collate import DPOCollator, PackedSFTCollator, RenderedDataset, SFTCollator
 from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
-from data.sources import SkipCounter, SourceSpec, iter_samples, mix
-from data.synthetic import write_synthetic
-
-from .recipe_schema import DataSection, Source
+from data.sources import SkipCounter, iter_samples, mix
+from data.synthetic import DEMO_COUNTS, write_synthetic
+from recipe.schema import STAGE_FORMATS, SYNTHETIC_DIR, DataSection, Source
 
 log = logging.getLogger(__name__)
 
-# The demo's synthetic dataset: generated once under the source's `path` (write_synthetic is idempotent).
-SYNTHETIC_COUNTS = {"n_train": 1536, "n_eval": 128, "n_pref_train": 768, "n_pref_eval": 128}
+# The synthetic dataset's file for each (stage, split); generated once under the source's `path` (write_synthetic
+# is idempotent).
 SYNTHETIC_FILES = {("sft", "train"): "sft_train", ("sft", "eval"): "sft_eval",
                    ("dpo", "train"): "pref_train", ("dpo", "eval"): "pref_eval"}
 
 
 def stage_sources(sources: tuple[Source, ...], stage: str) -> list[Source]:
     """The sources a stage reads: SFT formats for sft, preference formats for dpo; `synthetic` feeds both."""
-    formats = set(SFT_ADAPTERS) if stage == "sft" else set(PREFERENCE_ADAPTERS)
-    return [s for s in sources if s.format in formats or s.format == "synthetic"]
+    return [s for s in sources if s.format in STAGE_FORMATS[stage]]
 
 
-def concrete(source: Source, stage: str) -> Source | SourceSpec:
+def concrete(source: Source, stage: str) -> Source:
     """A `synthetic` source becomes the jsonl file of its split, in the TRL format of the stage."""
     if source.format != "synthetic":
         return source
-    root = Path(source.path or "runs/.data/synthetic")
-    paths = write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
+    root = Path(source.path or SYNTHETIC_DIR)
+    paths = write_synthetic(root, seed=0, **DEMO_COUNTS)
     split = "eval" if source.split in ("eval", "test", "validation") else "train"
     file = getattr(paths, SYNTHETIC_FILES[(stage, split)])
-    return SourceSpec(format="trl_messages" if stage == "sft" else "trl_preference", path=str(file),
+    return Source(format="trl_messages" if stage == "sft" else "trl_preference", path=str(file),
                       image_root=str(root), weight=source.weight, limit=source.limit)
 
 
 def load_samples(sources: tuple[Source, ...], stage: str, data: DataSection, *, seed: int, skips: SkipCounter,
-                 main_first: Callable) -> list:
+                 main_first: Callable = contextlib.nullcontext) -> list:
     """Every sample of the stage's sources. Several sources are mixed by weight into as many samples as they hold
     together (`data.sources.mix`: a weight above a source's share upsamples it); each sample keeps its origin."""
     chosen = stage_sources(sources, stage)
@@ -190,14 +195,13 @@ def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *
     return make, len(sampler)
 
 
-
-def stage_loaders(recipe, processor, stage: str, accelerator, skips: SkipCounter):
+def stage_loaders(recipe, processor, stage: str, skips: SkipCounter, *, num_replicas: int = 1, rank: int = 0,
+                  main_first: Callable = contextlib.nullcontext):
     """(planned samples, epoch -> DataLoader, micro-batches per rank per epoch) of the recipe's training data for
-    `stage` ('sft' or 'dpo'), sharded over the accelerator's ranks."""
-    samples = load_samples(recipe.data.train, stage, recipe.data, seed=recipe.seed, skips=skips,
-                           main_first=accelerator.main_process_first)
+    `stage` ('sft' or 'dpo'), sharded over `num_replicas` ranks; `main_first` lets rank 0 write shared files first."""
+    samples = load_samples(recipe.data.train, stage, recipe.data, seed=recipe.seed, skips=skips, main_first=main_first)
     planned = plan(samples, processor, recipe.data, skips)
     make_loader, batches_per_epoch = loader_factory(
         planned, processor, recipe.data, stage=stage, micro_batch_size=recipe.train.micro_batch_size,
-        seed=recipe.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+        seed=recipe.seed, num_replicas=num_replicas, rank=rank)
     return planned, make_loader, batches_per_epoch

@@ -1,0 +1,311 @@
+"""The run directory: the one module that knows its layout, which weights each stage holds, and how files in it are
+written (atomically). Every stage, the eval CLI and export ask it; no other module spells a path of the layout.
+
+    <run>/
+      recipe.resolved.yaml        every value the run used, with where each came from (load_recipe reads it back)
+      env.json                    package versions, git commit, interpreter, machine, seed
+      base/                       the demo's tiny base model (a hub-layout checkpoint), written by the first stage
+      sft/ dpo/                   one folder per training stage:
+        checkpoints/step-NNNNNNNN resumable checkpoints (train/checkpoint.py)
+        adapter/                  the trained LoRA adapter (PEFT layout), or
+        merged/                   the whole model in the hub layout (full fine-tuning, or the export of the adapter)
+        summary.json              steps, units, samples, seconds, skipped rows, the logged history
+      dpo/start.json              what DPO started from: base, revision, SFT adapter and its sha256
+      eval/                       results.json, predictions, report.html (eval/report.py)
+      logs/                       tracker files (tensorboard, wandb)
+
+`stage_weights(run_dir, stage)` is the one answer to "which weights are this run's SFT (or DPO) model": a stage's
+adapter over the weights it started from (exact: merged in float32 when loaded), else its `merged/` checkpoint
+(a stage trained in full). DPO's starting point is read from `dpo/start.json`, never guessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+from recipe.parse import load_recipe, resolved_yaml
+from recipe.schema import ModelSection, Recipe
+
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+ENV_FILE = "env.json"
+BASE = "base"
+ADAPTER = "adapter"
+MERGED = "merged"
+CHECKPOINTS = "checkpoints"
+SUMMARY = "summary.json"
+START = "start.json"
+EVAL = "eval"
+LOGS = "logs"
+TRAINED_STAGES = ("sft", "dpo")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CHECKPOINT_CONFIG = "config.json"
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "deepspeed", "tokenizers", "safetensors",
+            "pillow", "numpy", "flash-attn", "liger-kernel", "wandb", "tensorboard")
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+
+def recipe_file(run_dir: Path) -> Path:
+    return Path(run_dir) / RESOLVED_RECIPE
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def adapter_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage / ADAPTER
+
+
+def merged_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage / MERGED
+
+
+def checkpoints_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage / CHECKPOINTS
+
+
+def summary_file(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage / SUMMARY
+
+
+def start_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "dpo" / START
+
+
+def eval_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / EVAL
+
+
+def logs_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / LOGS
+
+
+def base_path(model: ModelSection, run_dir: Path) -> str:
+    """Where a run's base weights are: the hub id or folder of the recipe, or run_dir/base for the demo's `tiny`."""
+    return str(Path(run_dir) / BASE) if model.name_or_path == "tiny" else model.name_or_path
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / CHECKPOINT_CONFIG).is_file()
+
+
+def is_adapter(folder: Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory holds stage folders and its resolved recipe; a checkpoint folder holds config.json."""
+    path = Path(path)
+    markers = (RESOLVED_RECIPE, BASE, *TRAINED_STAGES)
+    return path.is_dir() and not is_checkpoint(path) and any((path / marker).exists() for marker in markers)
+
+
+def resolve_output_dir(recipe: Recipe, recipe_path: str | Path | None, *, now: datetime | None = None) -> Path:
+    """recipe.output_dir, or runs/<recipe-name>-<YYYYmmdd-HHMMSS>/ relative to the working directory."""
+    if recipe.output_dir is not None:
+        return Path(recipe.output_dir)
+    name = Path(recipe_path).stem if recipe_path is not None else "recipe"
+    return Path("runs") / f"{name}-{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    path = recipe_file(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is no run directory: it holds no {RESOLVED_RECIPE}")
+    return load_recipe(path)
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` fills a temporary sibling file, which then replaces `path` in one rename: readers see the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".tmp-{path.name}")
+    write(staging)
+    os.replace(staging, path)
+    return path
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    return write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomically(path: Path, value) -> Path:
+    return write_text_atomically(path, json.dumps(value, indent=1) + "\n")
+
+
+def replace_dir_atomically(folder: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` fills a temporary sibling folder, which then replaces `folder` in one rename."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- a stage's folder
+
+
+def prepare_stage_dir(run_dir: Path, recipe: Recipe, *, stage: str, is_main: bool) -> Path:
+    """Create `run_dir/<stage>` for this stage. A stage directory that already holds files is an error unless the
+    recipe says `overwrite_output_dir: true` or `train.resume: true` (resume continues it)."""
+    folder = stage_dir(run_dir, stage)
+    if is_main:
+        occupied = folder.exists() and any(folder.iterdir())
+        if occupied and not (recipe.overwrite_output_dir or recipe.train.resume):
+            raise FileExistsError(
+                f"{folder} already holds a {stage} run; refusing to overwrite it. Choose another output_dir, "
+                f"resume it with train.resume=true, or pass overwrite_output_dir=true to replace its files"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(recipe_file(run_dir), resolved_yaml(recipe))
+        write_json_atomically(Path(run_dir) / ENV_FILE, environment(recipe.seed))
+    return folder
+
+
+def environment(seed: int) -> dict:
+    """Package versions, git commit, interpreter, machine and seed: enough to reproduce or explain a run."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "seed": seed,
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+    }
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# ----------------------------------------------------------------------------------------------- which weights
+
+
+@dataclass(frozen=True, kw_only=True)
+class Weights:
+    """A model as loadable parts: `base` (hub id or folder, at `revision`), then each adapter merged in order."""
+
+    base: str
+    revision: str | None = None
+    adapters: tuple[Path, ...] = ()
+
+    def describe(self) -> str:
+        return self.base + "".join(f" + {adapter}" for adapter in self.adapters)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_weights(run_dir: Path, recipe: Recipe | None = None) -> Weights:
+    """The weights the run's first stage started from."""
+    recipe = recipe or load_run_recipe(run_dir)
+    if recipe.model.name_or_path == "tiny" and not is_checkpoint(Path(run_dir) / BASE):
+        raise FileNotFoundError(
+            f"{run_dir} has no {BASE}/ checkpoint, and the recipe's model is 'tiny' (built with random weights when a "
+            "run starts): the weights the run trained on are not available. Fix: pass the run directory that holds "
+            f"{BASE}/")
+    return recipe_base(recipe, run_dir)
+
+
+def recipe_base(recipe: Recipe, run_dir: Path) -> Weights:
+    """The recipe's base model as this run loads it (the demo's `tiny` from run_dir/base, built by the first stage)."""
+    revision = None if recipe.model.name_or_path == "tiny" else recipe.model.revision
+    return Weights(base=base_path(recipe.model, run_dir), revision=revision)
+
+
+def stage_weights(run_dir: Path, stage: str, recipe: Recipe | None = None) -> Weights:
+    """The weights of `stage` ('base', 'sft' or 'dpo') of a run: its adapter over what it started from, else its
+    merged checkpoint. DPO started from what `dpo/start.json` records."""
+    run_dir = Path(run_dir)
+    if stage == "base":
+        return base_weights(run_dir, recipe)
+    adapter, merged = adapter_dir(run_dir, stage), merged_dir(run_dir, stage)
+    if is_adapter(adapter):
+        start = base_weights(run_dir, recipe) if stage == "sft" else read_start(run_dir)
+        return Weights(base=start.base, revision=start.revision, adapters=(*start.adapters, adapter))
+    if is_checkpoint(merged):
+        return Weights(base=str(merged))
+    raise FileNotFoundError(f"{run_dir} has no {stage} model: neither {adapter} nor {merged} holds weights. Fix: run "
+                            f"the {stage} stage, or pick another stage")
+
+
+def latest_stage(run_dir: Path) -> str:
+    """The last trained stage of a run ('dpo', 'sft'), or 'base'."""
+    for stage in reversed(TRAINED_STAGES):
+        if is_adapter(adapter_dir(run_dir, stage)) or is_checkpoint(merged_dir(run_dir, stage)):
+            return stage
+    return "base"
+
+
+def dpo_start(recipe: Recipe, run_dir: Path) -> Weights:
+    """What DPO starts from: `dpo.from_sft` (an SFT run directory, an adapter folder or a checkpoint), else this run's
+    SFT model when its stages include sft, else the base."""
+    if recipe.dpo.from_sft is None:
+        return stage_weights(run_dir, "sft", recipe) if "sft" in recipe.stages else recipe_base(recipe, run_dir)
+    source = Path(recipe.dpo.from_sft)
+    if is_run_dir(source):
+        return stage_weights(source, "sft")
+    if is_adapter(source):  # <sft run>/sft/adapter, or a lone adapter over this recipe's base
+        sft_run = source.parent.parent
+        base = base_weights(sft_run) if recipe_file(sft_run).is_file() else recipe_base(recipe, run_dir)
+        return Weights(base=base.base, revision=base.revision, adapters=(source,))
+    if is_checkpoint(source):
+        return Weights(base=str(source))
+    raise FileNotFoundError(f"dpo.from_sft = {str(source)!r} holds no SFT model (no {ADAPTER_CONFIG} or "
+                            f"{CHECKPOINT_CONFIG}, and no run directory): point it at the SFT run directory or its "
+                            "adapter")
+
+
+def write_start(run_dir: Path, start: Weights) -> Path:
+    """dpo/start.json: the starting weights, with each adapter's content hash (to detect a changed SFT adapter)."""
+    record = {"base": start.base, "revision": start.revision, "adapters": [str(a) for a in start.adapters],
+              "adapter_sha256": [file_sha256(Path(a) / ADAPTER_WEIGHTS) for a in start.adapters]}
+    return write_json_atomically(start_file(run_dir), record)
+
+
+def read_start(run_dir: Path) -> Weights:
+    path = start_file(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the DPO stage records its starting point there when it starts")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return Weights(base=record["base"], revision=record.get("revision"),
+                   adapters=tuple(Path(a) for a in record.get("adapters", ())))

@@ -1,0 +1,121 @@
+"""The house rules: packages import only downward (models <- recipe <- data <- eval <- train), nothing imports a
+training entry point, the recipe's named choices equal the registries that implement them, and only the run-directory
+module spells the layout of a run directory."""
+
+from __future__ import annotations
+
+import ast
+import re
+import typing
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ("models", "recipe", "data", "eval", "train")  # each may import only itself and those before it
+ENTRY_POINTS = {"train.sft", "train.dpo", "train.export", "train.dry_run", "train.launch_plan", "eval.__main__",
+                "data.inspect"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every project module `path` imports, at module level or inside functions (relative imports resolved)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] in LAYERS}
+
+
+def project_files() -> list[Path]:
+    return sorted(p for layer in LAYERS for p in (REPO / layer).rglob("*.py"))
+
+
+def test_no_package_imports_a_higher_layer():
+    upward = []
+    for path in project_files():
+        own = LAYERS.index(module_name(path).split(".")[0])
+        for name in imported_modules(path):
+            if LAYERS.index(name.split(".")[0]) > own:
+                upward.append(f"{path.relative_to(REPO)} imports {name}")
+    assert upward == []
+
+
+def test_the_module_graph_has_no_cycle_and_no_module_imports_an_entry_point():
+    modules = {module_name(p): p for p in project_files()}
+    graph = {name: {m for m in imported_modules(path) if m in modules and m != name} for name, path in modules.items()}
+    importers_of_entry_points = sorted(f"{name} -> {m}" for name, deps in graph.items() for m in deps
+                                       if m in ENTRY_POINTS and not name.startswith(m))
+    assert importers_of_entry_points == []
+
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for dep in sorted(graph[name]):
+            if state.get(dep) == "open":
+                pytest.fail("import cycle: " + " -> ".join([*trail[trail.index(dep):], dep]) if dep in trail
+                            else f"import cycle through {dep}")
+            if dep not in state:
+                visit(dep, [*trail, dep])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_train_module_is_named_for_nothing_or_shadows_a_package():
+    names = {p.stem for p in (REPO / "train").glob("*.py")}
+    assert not names & {"common", "parts", "stage", "plan", "utils", "helpers", *LAYERS}
+
+
+def test_the_recipe_choices_equal_the_registries():
+    from data.adapters import PREFERENCE_ADAPTERS, SFT_ADAPTERS
+    from eval.tasks import TASKS
+    from recipe import schema
+    from train.dpo_losses import LABEL_SMOOTHING_LOSS_TYPES, LOSS_TYPES
+
+    assert typing.get_args(schema.DpoLossType) == LOSS_TYPES
+    assert schema.LABEL_SMOOTHING_LOSSES == LABEL_SMOOTHING_LOSS_TYPES
+    assert set(typing.get_args(schema.EvalTask)) == set(TASKS)
+    assert schema.STAGE_FORMATS["sft"] == {*SFT_ADAPTERS, "synthetic"}
+    assert schema.STAGE_FORMATS["dpo"] == {*PREFERENCE_ADAPTERS, "synthetic"}
+    assert set(typing.get_args(schema.SourceFormat)) == {*SFT_ADAPTERS, *PREFERENCE_ADAPTERS, "synthetic"}
+
+
+LAYOUT = re.compile(r"recipe\.resolved\.yaml|sft/adapter|sft/merged|start\.json")
+
+
+def test_only_the_run_directory_module_spells_the_layout():
+    spelled = [f"{p.relative_to(REPO)}:{i}" for p in project_files() if p.name != "run_dir.py"
+               for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if LAYOUT.search(line)]
+    assert spelled == []
+
+
+def test_no_code_comment_cites_a_document_outside_the_repository():
+    cited = re.compile(r"REFERENCE\.md|DESIGN\.md|STYLE\.md")
+    files = [*project_files(), *(REPO / "benchmarks").glob("*.py"), *(REPO / "tests").rglob("*.py")]
+    hits = [str(p.relative_to(REPO)) for p in files if p.name != "test_layers.py" and cited.search(p.read_text())]
+    assert hits == []
+    for path in files:
+        for anchor in re.findall(r"docs/(\w+\.md)(?:#([\w-]+))?", path.read_text(encoding="utf-8")):
+            doc = REPO / "docs" / anchor[0]
+            assert doc.is_file(), f"{path} cites docs/{anchor[0]}, which does not exist"
+            if anchor[1]:
+                headings = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                            for h in re.findall(r"^#+ (.+)$", doc.read_text(encoding="utf-8"), flags=re.M)}
+                assert anchor[1] in headings, f"{path} cites docs/{anchor[0]}#{anchor[1]}, no such heading"

@@ -1,0 +1,63 @@
+"""Where training runs: the accelerator (devices, processes, mixed precision, trackers), preparing the model and
+optimizer for it, and moving batches onto its device."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+
+from recipe import Recipe
+from recipe.run_dir import logs_dir
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int) -> Accelerator:
+    # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed) need it. A single process gets no
+    # process group (asking for one without a launcher fails).
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
+        mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",
+        log_with=list(recipe.logging.report_to) or None,
+        project_dir=str(logs_dir(run_dir)),
+        kwargs_handlers=kwargs,
+    )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(
+            f"{accelerator.num_processes} processes but no distributed backend: launch CPU runs with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (launch.sh does), not bare torchrun"
+        )
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is not None and plugin.zero_stage == 3:
+        raise RuntimeError(
+            "DeepSpeed ZeRO-3 is not supported yet: it partitions the parameters at load time, so the preflight, "
+            "the base eval and generation (which needs synced ranks) cannot run as written. Use "
+            "recipes/accelerate/zero2.yaml (optimizer states and gradients sharded) or ddp.yaml"
+        )
+    log.info("accelerate: %s, %d process(es), device %s, mixed precision %s", accelerator.distributed_type,
+             accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
+    set_seed(recipe.seed)
+    return accelerator
+
+
+def prepare(accelerator: Accelerator, model, optimizer, micro_batch_size: int):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # No DataLoader goes through prepare (our samplers shard by rank themselves): tell DeepSpeed the batch.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    return accelerator.prepare(model, optimizer)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def autocast_context(accelerator: Accelerator):
+    return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()

@@ -1,0 +1,65 @@
+"""The model a stage trains: loaded from the recipe (hub id, local folder, or the demo's tiny model built once into
+the run directory) or from a run's weights (a base plus adapters to merge), and saved when the stage ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import Accelerator
+from peft import PeftModel
+
+import models
+from data.synthetic import synthetic_texts
+from models.phi3v.tiny import build_demo_model
+from recipe import ModelSection
+from recipe.run_dir import Weights, base_path, replace_dir_atomically
+
+
+def build_tiny(model_section: ModelSection, seed: int):
+    """The demo's tiny model and processor: a tokenizer trained on the synthetic data's texts, weights from `seed`."""
+    return build_demo_model(synthetic_texts(), num_crops=model_section.num_crops, seed=seed)
+
+
+def load_model(model_section: ModelSection, run_dir: Path, *, seed: int, accelerator: Accelerator):
+    """(model, processor, base_path). `tiny` builds the demo model once into run_dir/base and loads it from there,
+    so every later stage (DPO, eval, export) loads its base like any other checkpoint folder."""
+    source = base_path(model_section, run_dir)
+    if model_section.name_or_path == "tiny":
+        with accelerator.main_process_first():
+            if accelerator.is_main_process and not (Path(source) / "config.json").exists():
+                tiny_model, tiny_processor = build_tiny(model_section, seed)
+                replace_dir_atomically(Path(source), lambda tmp: (tiny_model.save_pretrained(tmp),
+                                                                  tiny_processor.save_pretrained(tmp)))
+    model, processor = models.load(source, revision=model_section.revision, dtype=model_section.dtype,
+                                   attn_implementation=model_section.attn_implementation,
+                                   num_crops=model_section.num_crops)
+    return model, processor, source
+
+
+def load_weights(weights: Weights, model_section: ModelSection, *, dtype: str | None = None):
+    """(model, processor): `weights.base` with each of its adapters merged in, in order."""
+    model, processor = models.load(weights.base, revision=weights.revision, dtype=dtype or model_section.dtype,
+                                   attn_implementation=model_section.attn_implementation,
+                                   num_crops=model_section.num_crops)
+    for adapter in weights.adapters:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model, processor
+
+
+def is_peft(model) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def save_trained(accelerator: Accelerator, model, processor, folder: Path) -> Path:
+    """The adapter in PEFT layout (LoRA), or the whole model in the hub layout (full fine-tuning), with the
+    processor beside it, written atomically."""
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state dict otherwise
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        def write(tmp: Path) -> None:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(tmp)
+
+        replace_dir_atomically(folder, write)
+    accelerator.wait_for_everyone()
+    return folder
