@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from data.conversation import TAG_TEXT as IMAGE_TAG
+from data.conversation import check_completion, problem, validate_conversation
 from data.sample import (
     DataError,
     ImagePart,
@@ -41,8 +43,6 @@ from data.sample import (
     Turn,
 )
 
-IMAGE_TAG = "<image>"
-
 TRL_ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
 LLAVA_ROLES: dict[str, Role] = {"system": "system", "human": "user", "gpt": "assistant"}
 SHAREGPT_ROLES: dict[str, Role] = {**LLAVA_ROLES, "user": "user", "assistant": "assistant"}
@@ -52,8 +52,7 @@ VQA_QUESTION_COLUMNS = ("question", "query")
 VQA_ANSWER_COLUMNS = ("answers", "label", "answer")
 
 
-def _error(origin: Origin, field: str, reason: str, detail: str) -> DataError:
-    return DataError(origin, field, f"{reason}: {detail}")
+_error = problem  # every adapter error: DataError(origin, field, "<reason>: <detail>")
 
 
 def skip_reason(error: DataError) -> str:
@@ -270,57 +269,13 @@ def _tagged_turns(conversations: Any, *, roles: Mapping[str, Role], origin: Orig
     return tuple(turns)
 
 
-def _is_empty(turn: Turn) -> bool:
-    return turn.num_images == 0 and turn.text.strip() == ""
-
-
-def _check_role_order(turns: Sequence[Turn], *, final_role: Role, role_key: str, origin: Origin, field: str) -> None:
-    """An optional leading system turn, then user/assistant alternating from user, ending with `final_role`."""
-    start = 1 if turns[0].role == "system" else 0
-    for i in range(start, len(turns)):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if turns[i].role != expected:
-            raise _error(origin, f"{field}[{i}].{role_key}", "roles out of order",
-                         f"expected '{expected}', got '{turns[i].role}' (an optional leading system turn, then user "
-                         "and assistant alternating, starting with user)")
-    if turns[-1].role != final_role:
-        raise _error(origin, f"{field}[{len(turns) - 1}].{role_key}", "roles out of order",
-                     f"the conversation must end with a '{final_role}' turn, got '{turns[-1].role}'")
-
-
-def _check_image_count(turns: Sequence[Turn], *, num_images: int, images_field: str, origin: Origin,
-                       field: str) -> None:
-    num_slots = sum(t.num_images for t in turns)
-    if num_slots == num_images:
-        return
-    hint = ""
-    if num_slots == 0 and any(IMAGE_TAG in t.text for t in turns):
-        hint = (f"; the text holds '{IMAGE_TAG}' tags, which this format keeps as text: mark images with "
-                "{'type': 'image'} parts, or use format 'sharegpt'/'llava' for tag-marked text")
-    raise _error(origin, images_field, "image count mismatch",
-                 f"'{field}' has {num_slots} image slot(s) but '{images_field}' has {num_images} image(s){hint}")
-
-
-def validate_turns(turns: Sequence[Turn], *, num_images: int, images_field: str, origin: Origin, field: str,
-                   final_role: Role = "assistant", role_key: str = "role") -> None:
-    """The structural rules every conversation obeys: roles in order, no empty assistant turn, one image per image
-    slot. `final_role` is 'user' for a preference prompt; errors name `field[i].role_key` as the raw row spells it."""
-    if not turns:
-        raise _error(origin, field, "empty conversation", "there are no turns")
-    _check_role_order(turns, final_role=final_role, role_key=role_key, origin=origin, field=field)
-    for i, turn in enumerate(turns):
-        if turn.role == "assistant" and _is_empty(turn):
-            raise _error(origin, f"{field}[{i}]", "empty assistant turn", "an assistant turn has no text to learn")
-    _check_image_count(turns, num_images=num_images, images_field=images_field, origin=origin, field=field)
-
-
 # ---------------------------------------------------------------------------------------------------- SFT formats
 
 
 def adapt_trl_messages(row: Mapping[str, Any], *, origin: Origin, image_root: Path | None) -> SFTSample:
     images = _images_list(row.get("images"), image_root=image_root, origin=origin, field="images")
     turns = _trl_turns(_require(row, "messages", origin=origin), origin=origin, field="messages")
-    validate_turns(turns, num_images=len(images), images_field="images", origin=origin, field="messages")
+    validate_conversation(turns, num_images=len(images), images_field="images", origin=origin, field="messages")
     return SFTSample(turns=turns, images=images, origin=origin)
 
 
@@ -331,7 +286,7 @@ def adapt_llava(row: Mapping[str, Any], *, origin: Origin, image_root: Path | No
     images = _images_list(raw_images, image_root=image_root, origin=origin, field="image")
     turns = _tagged_turns(_require(row, "conversations", origin=origin), roles=LLAVA_ROLES, origin=origin,
                           field="conversations")
-    validate_turns(turns, num_images=len(images), images_field="image", origin=origin, field="conversations",
+    validate_conversation(turns, num_images=len(images), images_field="image", origin=origin, field="conversations",
                    role_key="from")
     return SFTSample(turns=turns, images=images, origin=origin)
 
@@ -340,7 +295,7 @@ def adapt_sharegpt(row: Mapping[str, Any], *, origin: Origin, image_root: Path |
     images = _images_list(row.get("images"), image_root=image_root, origin=origin, field="images")
     turns = _tagged_turns(_require(row, "conversations", origin=origin), roles=SHAREGPT_ROLES, origin=origin,
                           field="conversations")
-    validate_turns(turns, num_images=len(images), images_field="images", origin=origin, field="conversations",
+    validate_conversation(turns, num_images=len(images), images_field="images", origin=origin, field="conversations",
                    role_key="from")
     return SFTSample(turns=turns, images=images, origin=origin)
 
@@ -391,14 +346,6 @@ def adapt_vqa(row: Mapping[str, Any], *, origin: Origin, image_root: Path | None
 # ---------------------------------------------------------------------------------------------------- preference
 
 
-def _check_completion(turn: Turn, *, origin: Origin, field: str) -> None:
-    if _is_empty(turn):
-        raise _error(origin, field, "empty assistant turn", "the completion has no text")
-    if turn.num_images:
-        raise _error(origin, field, "image in completion",
-                     "chosen and rejected completions are text; put the images in the prompt")
-
-
 def _trl_prompt(value: Any, *, origin: Origin) -> tuple[Turn, ...]:
     if isinstance(value, str):
         return (Turn(role="user", parts=text_parts(value)),)
@@ -418,7 +365,7 @@ def _trl_completion(value: Any, *, origin: Origin, field: str) -> Turn:
         raise _error(origin, field, "bad completion",
                      f"expected a string or a list with one assistant message, got {_preview(value)}; put shared "
                      "turns in 'prompt' (implicit-prompt rows are not supported)")
-    _check_completion(turn, origin=origin, field=field)
+    check_completion(turn, origin, field)
     return turn
 
 
@@ -433,7 +380,7 @@ def _distinct_pair(sample: PreferenceSample) -> PreferenceSample:
 def adapt_trl_preference(row: Mapping[str, Any], *, origin: Origin, image_root: Path | None) -> PreferenceSample:
     images = _images_list(row.get("images"), image_root=image_root, origin=origin, field="images")
     prompt = _trl_prompt(_require(row, "prompt", origin=origin), origin=origin)
-    validate_turns(prompt, num_images=len(images), images_field="images", origin=origin, field="prompt",
+    validate_conversation(prompt, num_images=len(images), images_field="images", origin=origin, field="prompt",
                    final_role="user")
     chosen = _trl_completion(_require(row, "chosen", origin=origin), origin=origin, field="chosen")
     rejected = _trl_completion(_require(row, "rejected", origin=origin), origin=origin, field="rejected")
@@ -455,7 +402,7 @@ def adapt_rlaif_v(row: Mapping[str, Any], *, origin: Origin, image_root: Path | 
     completions = {}
     for key in ("chosen", "rejected"):
         completions[key] = Turn(role="assistant", parts=text_parts(_require_str(row, key, origin=origin)))
-        _check_completion(completions[key], origin=origin, field=key)
+        check_completion(completions[key], origin, key)
     return _distinct_pair(PreferenceSample(prompt=prompt, chosen=completions["chosen"], rejected=completions["rejected"],
                                            images=(image,), origin=origin))
 

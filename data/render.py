@@ -48,9 +48,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from data.conversation import check_completion, validate_conversation
 from data.sample import DataError, ImagePart, Origin, PreferenceSample, SFTSample, Turn
-from models.phi3v.configuration import IMAGE_TOKEN
-from models.phi3v.processing import IMAGE_TAG, Phi3VProcessor
+from models.phi3v.processing import Phi3VProcessor
 
 IGNORE_INDEX = -100
 """The label of a token that is not predicted (PyTorch cross-entropy's default ignore_index)."""
@@ -119,44 +119,6 @@ class RenderedPair:
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def check_turn_text(turn: Turn, origin: Origin, field: str) -> None:
-    """A turn's text must not hold what the processor reads as an image: `<|image|>` or an `<|image_N|>` tag."""
-    text = turn.text
-    if IMAGE_TOKEN in text:
-        raise DataError(
-            origin, field, f"literal image token: the text holds {IMAGE_TOKEN}, which the model would read as an "
-            "image slot with no image behind it. Fix: mark images with image parts, or remove the token from the text")
-    tag = IMAGE_TAG.search(text)
-    if tag:
-        raise DataError(
-            origin, field, f"literal image tag: the text holds '{tag.group(0)}', which the processor reads as an "
-            "image reference. Fix: mark images with image parts, or remove the tag from the text")
-
-
-def check_turn(turn: Turn, origin: Origin, field: str, *, after: Turn | None = None) -> None:
-    """Clean text, no image in an assistant turn, and no assistant turn right after another (`after`)."""
-    check_turn_text(turn, origin, field)
-    if turn.role == "assistant" and turn.num_images:
-        raise DataError(
-            origin, field, "image in an assistant turn: the model reads images but cannot write them, and the "
-            "answer's image slots would have no label. Fix: move the image into the user turn")
-    if turn.role == "assistant" and after is not None and after.role == "assistant":
-        raise DataError(
-            origin, field, "roles out of order: two assistant turns in a row; the chat template writes no "
-            "<|assistant|> tag before the second one. Fix: merge them or put a user turn between")
-
-
-def check_conversation(turns: Sequence[Turn], num_images: int, origin: Origin, field: str, images_field: str) -> None:
-    """What rendering needs of a conversation: every turn passes `check_turn`, one image per image part."""
-    for i, turn in enumerate(turns):
-        check_turn(turn, origin, f"{field}[{i}]", after=turns[i - 1] if i else None)
-    num_slots = sum(turn.num_images for turn in turns)
-    if num_slots != num_images:
-        raise DataError(
-            origin, images_field, f"image count mismatch: '{field}' has {num_slots} image part(s) but "
-            f"'{images_field}' has {num_images} image(s). Fix: one image per image part, in order")
-
-
 def _check_counts(image_token_counts: Sequence[int], num_images: int, origin: Origin, what: str) -> tuple[int, ...]:
     counts = tuple(int(count) for count in image_token_counts)
     if len(counts) != num_images:
@@ -169,29 +131,21 @@ def _check_counts(image_token_counts: Sequence[int], num_images: int, origin: Or
 
 
 def check_sft(sample: SFTSample) -> None:
-    check_conversation(sample.turns, len(sample.images), sample.origin, "turns", "images")
-    if not any(turn.role == "assistant" for turn in sample.turns):
-        raise DataError(sample.origin, "turns", "no assistant turn: nothing would be supervised. Fix: drop the row")
+    validate_conversation(sample.turns, num_images=len(sample.images), images_field="images", origin=sample.origin,
+                          field="turns")
 
 
 def check_preference(sample: PreferenceSample) -> None:
     origin = sample.origin
-    check_conversation(sample.prompt, len(sample.images), origin, "prompt", "images")
-    if sample.prompt and sample.prompt[-1].role == "assistant":
-        raise DataError(origin, f"prompt[{len(sample.prompt) - 1}]", "roles out of order: the prompt ends with an "
-                        "assistant turn, so the completions would not follow a generation prompt. Fix: end the "
-                        "prompt with a user turn")
+    validate_conversation(sample.prompt, num_images=len(sample.images), images_field="images", origin=origin,
+                          field="prompt", final_role="user")
     num_prompt_images = sum(turn.num_images for turn in sample.prompt)
     if sample.rejected_images is not None and len(sample.rejected_images) != num_prompt_images:
         raise DataError(origin, "rejected_images", f"image count mismatch: the prompt has {num_prompt_images} image "
                         f"part(s) but 'rejected_images' has {len(sample.rejected_images)} image(s). Fix: give the "
                         "rejected prompt one image per image part")
     for field in ("chosen", "rejected"):
-        turn = getattr(sample, field)
-        if turn.role != "assistant":
-            raise DataError(origin, field, f"roles out of order: a completion must be an assistant turn, got "
-                            f"'{turn.role}'")
-        check_turn(turn, origin, field)
+        check_completion(getattr(sample, field), origin, field)
 
 
 # ------------------------------------------------------------------------------------------------ rendering

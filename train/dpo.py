@@ -94,10 +94,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
         log.info("held-out preferences: %s", held_out)
     callbacks.run_eval_hook("dpo", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=start.base,
                             accelerator=accelerator)
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(f"run directory: {run_dir}")
-    return run_dir
+    return trainer.finish(accelerator, run_dir)
 
 
 def cli(argv: list[str] | None = None) -> Path:

@@ -272,22 +272,18 @@ def _check_terms(losses: Sequence[tuple[str, float]], sft_weight: float, nll_giv
 
 def combined_loss(
     losses: Sequence[tuple[str, float]],
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    *,
+    *pair_logps: Tensor | None,
     beta: float,
     label_smoothing: float = 0.0,
-    chosen_num_tokens: Tensor | None = None,
-    rejected_num_tokens: Tensor | None = None,
     sft_weight: float = 0.0,
     chosen_nll_per_pair: Tensor | None = None,
+    **num_tokens: Tensor | None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted sum of preference losses plus an SFT term: TRL 1.16's `loss_type=[...]` with `loss_weights` (MPO).
 
-    `losses` is a sequence of `(loss_type, weight)`; `beta`, `label_smoothing` and the token counts are shared by all
-    terms as in TRL (so `label_smoothing != 0` requires every listed loss to define it). The SFT term is TRL's
+    `losses` is a sequence of `(loss_type, weight)`; `pair_logps` are `preference_loss`'s four log-prob tensors
+    (policy chosen, policy rejected, reference chosen, reference rejected) and `num_tokens` its `chosen_num_tokens` /
+    `rejected_num_tokens`. `beta`, `label_smoothing` and the token counts are shared by all terms as in TRL (so `label_smoothing != 0` requires every listed loss to define it). The SFT term is TRL's
     `loss_type="sft"` (RPO): `sft_weight * chosen_nll_per_pair`, where `chosen_nll_per_pair` comes from
     `sft_nll_per_pair`; TRL's `loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]` is
     `losses=[("sigmoid", 1)], sft_weight=alpha`.
@@ -296,14 +292,14 @@ def combined_loss(
     maps `loss/<type>` (and `loss/sft`) to that term's unweighted mean over the pairs, detached 0-dim tensors.
     """
     _check_terms(losses, sft_weight, chosen_nll_per_pair is not None)
+    if len(pair_logps) != 4 or set(num_tokens) - {"chosen_num_tokens", "rejected_num_tokens"}:
+        raise TypeError("dpo_losses.combined_loss takes the four log-prob tensors of preference_loss and only its "
+                        f"chosen_num_tokens / rejected_num_tokens, got {len(pair_logps)} and {sorted(num_tokens)}")
+    policy_chosen_logps = pair_logps[0]
     loss_B = torch.zeros_like(policy_chosen_logps)
     metrics: dict[str, Tensor] = {}
     for loss_type, weight in losses:
-        term_B = preference_loss(
-            loss_type, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            beta=beta, label_smoothing=label_smoothing,
-            chosen_num_tokens=chosen_num_tokens, rejected_num_tokens=rejected_num_tokens,
-        )
+        term_B = preference_loss(loss_type, *pair_logps, beta=beta, label_smoothing=label_smoothing, **num_tokens)
         loss_B = loss_B + weight * term_B
         metrics[f"loss/{loss_type}"] = term_B.detach().mean()
     if chosen_nll_per_pair is not None:

@@ -100,10 +100,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
                             accelerator=accelerator)
     if skips.total:
         log.warning("rows left out of this run:\n%s", skips.summary())
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(f"run directory: {run_dir}")
-    return run_dir
+    return trainer.finish(accelerator, run_dir)
 
 
 def cli(argv: list[str] | None = None) -> Path:

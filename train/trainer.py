@@ -78,6 +78,14 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
     return model, state
 
 
+def finish(accelerator, run_dir: Path) -> Path:
+    """End the stage: close the trackers and print the run directory (rank 0)."""
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"run directory: {run_dir}")
+    return run_dir
+
+
 def write_summary(run_dir: Path, stage: str, state: LoopState, skips, started: float, accelerator, trained: Path) -> None:
     if not accelerator.is_main_process:
         return
