@@ -3,7 +3,7 @@ prepare, checkpoints and resume, trackers, the loop with its callbacks and stop 
 
 Resume is checked twice (train/checkpoint.py): the recipe's run-shaping values when the stage opens, before anything
 is loaded or written; the data, the frozen weights and the trainable parameters once they are known. The run
-directory's recipe.resolved.yaml is rewritten on resume only after both accepted the recipe."""
+directory's resolved recipe (recipe.run_dir.record_run) is rewritten on resume only after both accepted it."""
 
 from __future__ import annotations
 
