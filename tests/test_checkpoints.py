@@ -169,3 +169,43 @@ def test_a_same_step_checkpoint_is_replaced_only_once_its_replacement_is_complet
     saver._replace(staging, final)
     assert (final / "loop_state.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+
+
+@pytest.mark.slow  # launches 2 processes, twice
+def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resumes(synthetic, tmp_path):
+    """SIGTERM to rank 1 only: the flag is all-reduced, so rank 0 stops at the same step (no hang), the checkpoint is
+    written, and resuming on 2 processes ends like one uninterrupted process with twice the accumulation."""
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    from .train_helpers import REPO, launch_two_processes
+
+    settings = dict(max_steps=10, checkpoint_every=1, keep_checkpoints=20, micro_batch_size=2)
+    one = run_stage("sft", small_overrides(tmp_path / "one", synthetic, "sft", grad_accum=4, **settings))
+    run = tmp_path / "two"
+    overrides = small_overrides(run, synthetic, "sft", grad_accum=2, **settings)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--main_process_port", str(29600 + os.getpid() % 1000), "--multi_gpu",
+               str(REPO / "train" / "sft.py"), str(DEMO), *overrides]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (run / "sft" / "checkpoints" / "step-00000002").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before step 2"
+            time.sleep(0.05)
+        rank1 = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        rank1[0].send_signal(signal.SIGTERM)
+        out, err = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert "stopped by SIGTERM after step" in err and f"train.resume=true output_dir={run}" in err, err[-3000:]
+    steps = [p.name for p in checkpoint.checkpoints(run / "sft" / "checkpoints")]
+    assert len(steps) < 10 and not (run / "sft" / "adapter").exists(), steps
+    launch_two_processes("sft", [*overrides, "train.resume=true"])
+    assert_same_adapter(adapter(one, "sft"), adapter(run, "sft"))
