@@ -16,7 +16,7 @@ from data.synthetic import write_synthetic
 from recipe import RecipeError, load_recipe
 from train import callbacks, checkpoint, sft
 from train.checkpoint import Checkpointer, ResumeRefused, check_resume, recover_replaced
-from train.loop import Interrupted
+from train.loop import Diverged, Interrupted
 
 from .train_helpers import DEMO, adapter, assert_same_adapter, run_stage, small_overrides
 
@@ -125,6 +125,18 @@ def test_divergence_stops_naming_the_step_and_saves_no_adapter(synthetic, tmp_pa
     assert not (run / "sft" / "adapter").exists()
     for folder in checkpoint.checkpoints(run / "sft" / "checkpoints"):
         assert all(torch.isfinite(t).all() for t in load_file(folder / "trainable.safetensors").values())
+
+    # skip: non-finite updates are dropped, until more than train.max_nonfinite_steps of them
+    skipped = tmp_path / "skipped"
+    with pytest.raises(Diverged, match=r"\(2 non-finite steps\)"):
+        run_stage("sft", [*small_overrides(skipped, synthetic, "sft", max_steps=8, lr="1.0e+8", on_nonfinite="skip",
+                                           max_nonfinite_steps=1)])
+    assert not (skipped / "sft" / "adapter").exists()
+
+
+def test_resume_allow_changes_names_run_shaping_keys_only():
+    with pytest.raises(RecipeError, match=r"train.resume_allow_changes.0 = 'train.log_every': no such run-shaping"):
+        load_recipe(DEMO, ["train.resume_allow_changes=[train.log_every]"])
 
 
 def test_non_finite_recipe_numbers_are_refused():

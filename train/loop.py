@@ -100,9 +100,9 @@ class Interrupted(StopTraining):
         self.exit_code = 128 + signum
         self.step = step
         name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name} after step {step} of {total}; checkpoint {checkpoint}. Resume with the same command "
-            f"and: {resume_command}")
+        where = (f"checkpoint {checkpoint}. Resume with the same command and: {resume_command}" if checkpoint else
+                 "no step was completed, so there is nothing to resume: start the run again")
+        super().__init__(f"stopped by {name} after step {step} of {total}; {where}")
 
 
 class StopSignals:
