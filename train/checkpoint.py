@@ -16,7 +16,8 @@ Loading reads exactly these files with `safetensors` and `json`: nothing in a ch
 checkpoint someone shares cannot run code (other files in the folder are ignored, with a warning). One exception,
 under DeepSpeed (`DistributedType.DEEPSPEED`): the engine owns the optimizer (and the weights' partitions), so the
 engine's own checkpoint, written by `accelerator.save_state` into `deepspeed/` (trainable parameters only), uses
-DeepSpeed's torch.save format and is loaded with pickle: resume DeepSpeed runs only from checkpoints you wrote.
+DeepSpeed's torch.save format and is loaded with pickle: resume DeepSpeed runs only from checkpoints you wrote. FSDP
+(shipped, not yet tested) takes the same path, with accelerate's FSDP format.
 
 Writes: each rank writes its files into `.tmp-step-N/`, the main process fsyncs every file and the folder, then
 renames it into place; a complete checkpoint of the same step is moved aside (`.old-step-N/`) before the rename and
@@ -163,7 +164,8 @@ def read_run_record(checkpoint: Path) -> dict:
             "wrote it")
     record = json.loads(path.read_text(encoding="utf-8"))
     if record.get("format") != FORMAT:
-        raise ResumeRefused(f"{checkpoint} is in checkpoint format {record.get('format')!r}; this version reads {FORMAT}")
+        raise ResumeRefused(f"{checkpoint} is in checkpoint format {record.get('format')!r}; this version reads "
+                            f"{FORMAT}")
     return record
 
 
@@ -180,7 +182,7 @@ def _fsync(path: Path) -> None:
 
 def fsync_tree(folder: Path) -> None:
     """fsync every file under `folder`, then each folder (so the names are durable too)."""
-    for root, dirs, files in os.walk(folder):
+    for root, _, files in os.walk(folder):
         for name in files:
             _fsync(Path(root) / name)
     for root, _, _ in os.walk(folder, topdown=False):
@@ -241,7 +243,9 @@ class Checkpointer:
         self.record = {"format": FORMAT, "allowed_changes": [], **record}
         self.allowed = tuple(allowed)
         self.last_saved_step: int | None = None
+        # DeepSpeed's engine (and FSDP's sharding, shipped but untested) own the optimizer and the weights' layout.
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.engine_owned = self.deepspeed or accelerator.distributed_type == DistributedType.FSDP
 
     # --------------------------------------------------------------------------------------------- save
 
@@ -255,8 +259,9 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
         acc.wait_for_everyone()
-        if self.deepspeed:  # the engine owns optimizer and partitions: DeepSpeed's own (torch.save) checkpoint
-            acc.save_state(str(staging / DEEPSPEED_DIR), exclude_frozen_parameters=True)
+        if self.engine_owned:  # the engine owns optimizer and partitions: its own (torch.save) checkpoint
+            lean = {"exclude_frozen_parameters": True} if self.deepspeed else {}
+            acc.save_state(str(staging / DEEPSPEED_DIR), **lean)
         elif acc.is_main_process:
             self._save_weights_and_optimizer(staging, unwrapped)
         values, tensors = rng_state()
@@ -337,8 +342,9 @@ class Checkpointer:
         self._warn_foreign_files(latest)
         unwrapped = self.accelerator.unwrap_model(self.model)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        if self.deepspeed:
-            self.accelerator.load_state(str(latest / DEEPSPEED_DIR), load_module_strict=False)
+        if self.engine_owned:
+            lean = {"load_module_strict": False} if self.deepspeed else {}  # frozen weights are not in it
+            self.accelerator.load_state(str(latest / DEEPSPEED_DIR), **lean)
         else:
             self._load_weights_and_optimizer(latest, unwrapped)
         rank = self.accelerator.process_index

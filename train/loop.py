@@ -245,8 +245,10 @@ def stop(accelerator, state: LoopState, config: LoopConfig, checkpointer: Checkp
     """Write the checkpoint of `state` (unless written already) and raise `Interrupted` with how to resume."""
     path = None
     if checkpointer and state.step > 0:
-        saved = checkpointer.last_saved_step == state.step
-        path = checkpointer.directory / f"step-{state.step:08d}" if saved else save_checked(accelerator, checkpointer, state)
+        if checkpointer.last_saved_step == state.step:
+            path = checkpointer.directory / f"step-{state.step:08d}"
+        else:
+            path = save_checked(accelerator, checkpointer, state)
     # A rank that was not signalled itself knows only that another one was: it reports SIGTERM.
     error = Interrupted(signals.signum or signal.SIGTERM, state.step, config.total_steps, path, config.resume_command)
     if accelerator.is_main_process:

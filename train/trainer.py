@@ -24,8 +24,15 @@ from recipe.run_dir import (
     write_json_atomically,
 )
 from train import device, optim
-from train.checkpoint import Checkpointer, check_resume, frozen_fingerprint, nonfinite_parameters, shaping_values, trainable_shapes
-from train.loop import Diverged, LoopConfig, LoopState, StopSignals, run_loop
+from train.checkpoint import (
+    Checkpointer,
+    check_resume,
+    frozen_fingerprint,
+    nonfinite_parameters,
+    shaping_values,
+    trainable_shapes,
+)
+from train.loop import Diverged, LoopConfig, LoopState, StopSignals, global_sum, run_loop
 from train.trainable import parameter_groups
 
 log = logging.getLogger(__name__)
@@ -61,13 +68,14 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
     """Train `model` (adapters and trained parts already set) for `plan.total_steps`; returns (prepared model,
     final loop state). Each callback runs after every optimizer step (and its checkpoint). Raises `Diverged` rather
     than return non-finite trainable parameters, and `Interrupted` after a SIGINT/SIGTERM (train/loop.py)."""
-    record = {"values": {**shaping_values(recipe, plan.stage, accelerator.num_processes), "data": plan.data_fingerprint},
+    values = {**shaping_values(recipe, plan.stage, accelerator.num_processes), "data": plan.data_fingerprint}
+    record = {"values": values,
               "frozen_fingerprint": frozen_fingerprint(model), "trainable": trainable_shapes(model)}
     optimizer = optim.make_optimizer(parameter_groups(model, recipe.train), recipe.train, lr_scale=plan.lr_scale)
     scheduler = optim.make_scheduler(optimizer, recipe.train, plan.total_steps)
     model, optimizer = device.prepare(accelerator, model, optimizer, recipe.train.micro_batch_size)
-    checkpointer = Checkpointer(accelerator, checkpoints_dir(plan.run_dir, plan.stage), keep=recipe.train.keep_checkpoints,
-                                model=model, optimizer=optimizer, scheduler=scheduler, record=record,
+    checkpointer = Checkpointer(accelerator, checkpoints_dir(plan.run_dir, plan.stage),
+                                keep=recipe.train.keep_checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, record=record,
                                 allowed=recipe.train.resume_allow_changes)
     state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
     if recipe.train.resume and accelerator.is_main_process:  # accepted: now the run uses this recipe
@@ -94,7 +102,7 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
                          make_loader=make_loader, loss_sum=loss_on_device, count=count, config=config, state=state,
                          checkpointer=checkpointer, on_step=on_step, signals=signals)
     bad = nonfinite_parameters(accelerator.unwrap_model(model))
-    if bad:  # the stage saves what fit returns: never a non-finite adapter
+    if global_sum(accelerator, len(bad)) > 0:  # the stage saves what fit returns: never a non-finite adapter
         raise Diverged(state.step, f"trainable parameters are not finite ({', '.join(bad[:3])})")
     return model, state
 
