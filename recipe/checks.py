@@ -17,6 +17,7 @@ from models.phi3v.image_processing import num_image_tokens
 from models.phi3v.tiny import DEMO_MODEL
 from recipe.schema import (
     LABEL_SMOOTHING_LOSSES,
+    RESUME_KEYS,
     STAGE_FORMATS,
     STAGE_ORDER,
     DataSection,
@@ -173,6 +174,10 @@ def _train_problems(recipe: Recipe) -> list[str]:
     if train.precision == "fp32" and recipe.model.dtype != "float32":
         what = f"model.dtype is {recipe.model.dtype}, and fp32 training without autocast cannot mix it with fp32 trained parts"
         problems.append(issue("train.precision", "fp32", what, "set model.dtype: float32, or train.precision: bf16"))
+    for index, key in enumerate(train.resume_allow_changes):  # keys a resume may change (train/checkpoint.py)
+        if key not in RESUME_KEYS:
+            problems.append(issue(f"train.resume_allow_changes.{index}", key, "no such run-shaping key, so it would "
+                                  "allow nothing", f"list some of {', '.join(RESUME_KEYS)}"))
     if train.resume and recipe.output_dir is None:
         what = "output_dir is null, so the run gets a fresh directory without checkpoints"
         problems.append(issue("train.resume", True, what, "set output_dir to the run directory to resume"))

@@ -168,7 +168,8 @@ def replace_dir_atomically(folder: Path, write: Callable[[Path], object]) -> Pat
 
 def prepare_stage_dir(run_dir: Path, recipe: Recipe, *, stage: str, is_main: bool) -> Path:
     """Create `run_dir/<stage>` for this stage. A stage directory that already holds files is an error unless the
-    recipe says `overwrite_output_dir: true` or `train.resume: true` (resume continues it)."""
+    recipe says `overwrite_output_dir: true` or `train.resume: true` (resume continues it). The resolved recipe is
+    written here, except on resume: the trainer writes it once the checkpoint accepted the recipe."""
     folder = stage_dir(run_dir, stage)
     if is_main:
         occupied = folder.exists() and any(folder.iterdir())
@@ -178,9 +179,15 @@ def prepare_stage_dir(run_dir: Path, recipe: Recipe, *, stage: str, is_main: boo
                 f"resume it with train.resume=true, or pass overwrite_output_dir=true to replace its files"
             )
         folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(recipe_file(run_dir), resolved_yaml(recipe))
-        write_json_atomically(Path(run_dir) / ENV_FILE, environment(recipe.seed))
+        if not recipe.train.resume:  # a resume records the recipe once the checkpoint accepted it (train/trainer.py)
+            record_run(run_dir, recipe)
     return folder
+
+
+def record_run(run_dir: Path, recipe: Recipe) -> None:
+    """recipe.resolved.yaml and env.json: the values this run uses, and where it runs."""
+    write_text_atomically(recipe_file(run_dir), resolved_yaml(recipe))
+    write_json_atomically(Path(run_dir) / ENV_FILE, environment(recipe.seed))
 
 
 def environment(seed: int) -> dict:

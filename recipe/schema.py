@@ -11,6 +11,7 @@ those packages (they import it), so `tests/test_layers.py` asserts that each lis
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,7 +48,7 @@ class Bounds:
     lt: float | None = None
 
     def admits(self, value: float) -> bool:
-        return value == value and not (  # NaN (YAML .nan) is in no range
+        return math.isfinite(value) and not (  # NaN and infinities (YAML .nan, .inf) are in no range
             (self.ge is not None and value < self.ge)
             or (self.gt is not None and value <= self.gt)
             or (self.lt is not None and value >= self.lt)
@@ -167,6 +168,26 @@ class TrainSection:
     keep_checkpoints: int = option(2, "Keep the newest this many checkpoints; older ones are deleted.", ge=1)
     log_every: int = option(10, "Log metrics every this many optimizer steps.", ge=1)
     resume: bool = option(False, "Resume from the newest checkpoint in the run directory.")
+    resume_allow_changes: tuple[str, ...] = option(
+        (), "Run-shaping keys a resume may change (RESUME_KEYS, e.g. [train.lr]); recorded in the checkpoints.")
+    on_nonfinite: Literal["stop", "skip"] = option("stop", "Non-finite loss or gradient norm: stop, or skip the step.")
+    max_nonfinite_steps: int = option(10, "With on_nonfinite: skip, stop after this many skipped steps.", ge=0)
+
+
+# The values that shape a training stage, recorded in each checkpoint and compared on resume (train/checkpoint.py);
+# `world_size` (processes) and `data` (the planned samples' fingerprint) are not recipe keys.
+RESUME_KEYS_COMMON = (
+    "seed", "model.name_or_path", "model.revision", "model.dtype", "model.num_crops", "model.vision",
+    "model.projector", "model.language", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
+    "lora.vision_target_modules", "lora.use_rslora", "lora.use_dora", "data.max_length", "data.packing",
+    "data.group_by_length", "data.assistant_turns", "train.micro_batch_size", "train.grad_accum", "train.lr",
+    "train.lr_vision", "train.lr_projector", "train.scheduler", "train.warmup_ratio", "train.warmup_steps",
+    "train.weight_decay", "train.adam_betas", "train.adam_eps", "train.max_grad_norm", "train.precision",
+    "train.max_steps", "train.epochs", "world_size", "data",
+)
+RESUME_KEYS_DPO = ("dpo.lr", "dpo.max_steps", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.sft_weight",
+                   "dpo.mdpo_weight")
+RESUME_KEYS = RESUME_KEYS_COMMON + RESUME_KEYS_DPO
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

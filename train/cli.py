@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from recipe import load_recipe, recipe_help
+from train.loop import StopTraining
 
 
 def run_cli(main: Callable, doc: str, argv: list[str] | None = None):
@@ -18,4 +19,8 @@ def run_cli(main: Callable, doc: str, argv: list[str] | None = None):
         print(recipe_help())
         raise SystemExit(0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return main(load_recipe(argv[0], argv[1:]), argv[0])
+    try:
+        return main(load_recipe(argv[0], argv[1:]), argv[0])
+    except StopTraining as stopped:  # diverged, or stopped by a signal: the message (step, how to go on) alone
+        print(f"error: {stopped}", file=sys.stderr)
+        raise SystemExit(stopped.exit_code) from None

@@ -28,6 +28,7 @@ from data.sources import SkipCounter
 from recipe import Recipe
 from recipe.run_dir import adapter_dir, dpo_start, recipe_base, stage_dir, write_json_atomically, write_start
 from train import callbacks, reference_cache, trainer
+from train.checkpoint import data_fingerprint
 from train.cli import run_cli
 from train.loop import total_steps_for
 from train.losses import DPOLoss, count_pairs
@@ -79,7 +80,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora", reference_table=reference_table)
 
     plan = trainer.StagePlan(stage="dpo", run_dir=run_dir, total_steps=total_steps, unit_name="pairs",
-                             lr_scale=(recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0)
+                             lr_scale=(recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0,
+                             data_fingerprint=data_fingerprint(planned))
     every = callbacks.eval_every_steps("dpo", processor, recipe, run_dir, accelerator=accelerator,
                                        total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)

@@ -24,6 +24,7 @@ from data.sources import SkipCounter
 from recipe import Recipe
 from recipe.run_dir import adapter_dir, merged_dir
 from train import callbacks, device, trainer
+from train.checkpoint import data_fingerprint
 from train.cli import run_cli
 from train.loop import total_steps_for
 from train.losses import sft_loss_sum, supervised_tokens
@@ -86,7 +87,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     upcast_trainable_(model)
     preflight(accelerator, model, device.to_device(first_batch_with_images(make_loader), accelerator.device), recipe)
 
-    plan = trainer.StagePlan(stage="sft", run_dir=run_dir, total_steps=total_steps, unit_name="tokens")
+    plan = trainer.StagePlan(stage="sft", run_dir=run_dir, total_steps=total_steps, unit_name="tokens",
+                             data_fingerprint=data_fingerprint(planned))
     every = callbacks.eval_every_steps("sft", processor, recipe, run_dir, accelerator=accelerator,
                                        total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)

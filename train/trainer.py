@@ -1,5 +1,9 @@
 """What SFT and DPO run once their model, adapters and data are ready: optimizer and schedule, accelerate's
-prepare, checkpoints and resume, trackers, the loop with its callbacks, and the stage's summary."""
+prepare, checkpoints and resume, trackers, the loop with its callbacks and stop signals, and the stage's summary.
+
+Resume is checked twice (train/checkpoint.py): the recipe's run-shaping values when the stage opens, before anything
+is loaded or written; the data, the frozen weights and the trainable parameters once they are known. The run
+directory's resolved recipe (recipe.run_dir.record_run) is rewritten on resume only after both accepted it."""
 
 from __future__ import annotations
 
@@ -14,13 +18,21 @@ from recipe.parse import redact_secrets
 from recipe.run_dir import (
     checkpoints_dir,
     prepare_stage_dir,
+    record_run,
     resolve_output_dir,
     summary_file,
     write_json_atomically,
 )
 from train import device, optim
-from train.checkpoint import Checkpointer
-from train.loop import LoopConfig, LoopState, run_loop
+from train.checkpoint import (
+    Checkpointer,
+    check_resume,
+    frozen_fingerprint,
+    nonfinite_parameters,
+    shaping_values,
+    trainable_shapes,
+)
+from train.loop import Diverged, LoopConfig, LoopState, StopSignals, global_sum, run_loop
 from train.trainable import parameter_groups
 
 log = logging.getLogger(__name__)
@@ -37,26 +49,37 @@ class StagePlan:
     total_steps: int
     unit_name: str  # what the loss is averaged over: "tokens" (SFT) or "pairs" (DPO)
     lr_scale: float = 1.0  # the stage's peak LR over train.lr (DPO's dpo.lr)
+    data_fingerprint: str = ""  # train.checkpoint.data_fingerprint of the planned samples
 
 
 def open_stage(recipe: Recipe, recipe_path, stage: str):
     """(run_dir, accelerator, stage_dir) for a stage: the run directory resolved, accelerate set up, and
-    `<run>/<stage>` created (never over an earlier run of it unless the recipe says so)."""
+    `<run>/<stage>` created (never over an earlier run of it unless the recipe says so). A resume that changes a
+    run-shaping value is refused here, before anything is loaded or written."""
     run_dir = resolve_output_dir(recipe, recipe_path)
     accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
+    if recipe.train.resume:
+        check_resume(recipe, stage, checkpoints_dir(run_dir, stage), accelerator.num_processes)
     return run_dir, accelerator, prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
 
 
 def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Callable, loss_sum: Callable,
         count: Callable, callbacks: Sequence[Callback] = ()):
     """Train `model` (adapters and trained parts already set) for `plan.total_steps`; returns (prepared model,
-    final loop state). Each callback runs after every optimizer step (and its checkpoint)."""
+    final loop state). Each callback runs after every optimizer step (and its checkpoint). Raises `Diverged` rather
+    than return non-finite trainable parameters, and `Interrupted` after a SIGINT/SIGTERM (train/loop.py)."""
+    values = {**shaping_values(recipe, plan.stage, accelerator.num_processes), "data": plan.data_fingerprint}
+    record = {"values": values,
+              "frozen_fingerprint": frozen_fingerprint(model), "trainable": trainable_shapes(model)}
     optimizer = optim.make_optimizer(parameter_groups(model, recipe.train), recipe.train, lr_scale=plan.lr_scale)
     scheduler = optim.make_scheduler(optimizer, recipe.train, plan.total_steps)
     model, optimizer = device.prepare(accelerator, model, optimizer, recipe.train.micro_batch_size)
-    accelerator.register_for_checkpointing(scheduler)
-    checkpointer = Checkpointer(accelerator, checkpoints_dir(plan.run_dir, plan.stage), keep=recipe.train.keep_checkpoints)
+    checkpointer = Checkpointer(accelerator, checkpoints_dir(plan.run_dir, plan.stage),
+                                keep=recipe.train.keep_checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, record=record,
+                                allowed=recipe.train.resume_allow_changes)
     state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
+    if recipe.train.resume and accelerator.is_main_process:  # accepted: now the run uses this recipe
+        record_run(plan.run_dir, recipe)
     accelerator.init_trackers(recipe.logging.project or "phi3v-tune", config=flat_config(recipe),
                               init_kwargs=tracker_names(recipe, plan.run_dir))
 
@@ -66,15 +89,21 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
 
     config = LoopConfig(total_steps=plan.total_steps, grad_accum=recipe.train.grad_accum,
                         max_grad_norm=recipe.train.max_grad_norm, log_every=recipe.train.log_every,
-                        checkpoint_every=recipe.train.checkpoint_every, unit_name=plan.unit_name)
+                        checkpoint_every=recipe.train.checkpoint_every, unit_name=plan.unit_name,
+                        on_nonfinite=recipe.train.on_nonfinite, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
+                        resume_command=f"train.resume=true output_dir={plan.run_dir}")
 
     def on_step(state_: LoopState) -> None:
         for callback in callbacks:
             callback(state_, model)
 
-    state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                     make_loader=make_loader, loss_sum=loss_on_device, count=count, config=config, state=state,
-                     checkpointer=checkpointer, on_step=on_step)
+    with StopSignals() as signals:
+        state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                         make_loader=make_loader, loss_sum=loss_on_device, count=count, config=config, state=state,
+                         checkpointer=checkpointer, on_step=on_step, signals=signals)
+    bad = nonfinite_parameters(accelerator.unwrap_model(model))
+    if global_sum(accelerator, len(bad)) > 0:  # the stage saves what fit returns: never a non-finite adapter
+        raise Diverged(state.step, f"trainable parameters are not finite ({', '.join(bad[:3])})")
     return model, state
 
 
