@@ -273,4 +273,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from recipe.errors import run_main
+
+    run_main("python -m data.inspect", main)

@@ -67,7 +67,10 @@ def show(value: Any) -> str:
 
 def issue(path: str, value: Any, what: str, fix: str) -> str:
     """One problem as one line: key path, value, what is wrong and its consequence, and the fix."""
-    return f"{path} = {show(value)}: {what}. Fix: {fix}."
+    from recipe.parse import REDACTED, SECRET_KEY, redact_secrets  # parse imports this module
+
+    shown = REDACTED if SECRET_KEY.search(str(path).rsplit(".", 1)[-1]) else show(redact_secrets(value))
+    return f"{path} = {shown}: {what}. Fix: {fix}."
 
 
 def uses_lora(model: ModelSection) -> bool:

@@ -169,7 +169,8 @@ def _unknown_key(parent: str, key: object, value: Any, names: list[str]) -> str:
         hint = " — did you mean " + " or ".join(f"'{path}'" for path in elsewhere) + "?"
     else:
         hint = f" (valid keys{f' in {parent!r}' if parent else ''}: {', '.join(names)})."
-    return f"unknown key '{_join(parent, key)}'{hint} Its value {show(value)} would be ignored: rename or delete it."
+    shown = REDACTED if SECRET_KEY.search(str(key)) else show(redact_secrets(value))
+    return f"unknown key '{_join(parent, key)}'{hint} Its value {shown} would be ignored: rename or delete it."
 
 
 def _number_string_fix(text: str) -> str | None:

@@ -25,8 +25,17 @@ if __package__ in (None, ""):
 
 from data.loaders import stage_loaders
 from data.sources import SkipCounter
+from eval.summary import run_summary
 from recipe import Recipe
-from recipe.run_dir import adapter_dir, dpo_start, recipe_base, stage_dir, write_json_atomically, write_start
+from recipe.run_dir import (
+    adapter_dir,
+    dpo_start,
+    mark_training_started,
+    recipe_base,
+    stage_dir,
+    write_json_atomically,
+    write_start,
+)
 from train import callbacks, reference_cache, trainer
 from train.cli import run_cli
 from train.loop import total_steps_for
@@ -83,6 +92,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     every = callbacks.eval_every_steps("dpo", processor, recipe, run_dir, accelerator=accelerator,
                                        total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)
+    mark_training_started(run_dir, "dpo")  # a failure from here on keeps the stage folder
     model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=loss_fn,
                                count=count_pairs, callbacks=[c for c in (every, stop) if c is not None])
 
@@ -96,12 +106,14 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
                             accelerator=accelerator)
     accelerator.end_training()
     if accelerator.is_main_process:
+        print(run_summary(run_dir))
         print(f"run directory: {run_dir}")
     return run_dir
 
 
-def cli(argv: list[str] | None = None) -> Path:
-    return run_cli(main, __doc__, argv)
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: exits 0, or 2 with the message alone on a user error (`--debug` for the traceback)."""
+    run_cli(main, __doc__, argv, prog="train/dpo.py")
 
 
 if __name__ == "__main__":

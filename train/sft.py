@@ -21,8 +21,9 @@ if __package__ in (None, ""):  # run as a script (accelerate launch train/sft.py
 
 from data.loaders import stage_loaders
 from data.sources import SkipCounter
+from eval.summary import run_summary
 from recipe import Recipe
-from recipe.run_dir import adapter_dir, merged_dir
+from recipe.run_dir import adapter_dir, mark_training_started, merged_dir
 from train import callbacks, device, trainer
 from train.cli import run_cli
 from train.loop import total_steps_for
@@ -90,6 +91,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     every = callbacks.eval_every_steps("sft", processor, recipe, run_dir, accelerator=accelerator,
                                        total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)
+    mark_training_started(run_dir, "sft")  # a failure from here on keeps the stage folder
     model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=sft_loss_sum,
                                count=supervised_tokens, callbacks=[c for c in (every, stop) if c is not None])
 
@@ -102,12 +104,14 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
         log.warning("rows left out of this run:\n%s", skips.summary())
     accelerator.end_training()
     if accelerator.is_main_process:
+        print(run_summary(run_dir))
         print(f"run directory: {run_dir}")
     return run_dir
 
 
-def cli(argv: list[str] | None = None) -> Path:
-    return run_cli(main, __doc__, argv)
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: exits 0, or 2 with the message alone on a user error (`--debug` for the traceback)."""
+    run_cli(main, __doc__, argv, prog="train/sft.py")
 
 
 if __name__ == "__main__":
