@@ -48,6 +48,7 @@ SUMMARY = "summary.json"
 START = "start.json"
 EVAL = "eval"
 LOGS = "logs"
+CACHE = ".cache"
 TRAINED_STAGES = ("sft", "dpo")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -93,6 +94,12 @@ def eval_dir(run_dir: Path) -> Path:
 
 def logs_dir(run_dir: Path) -> Path:
     return Path(run_dir) / LOGS
+
+
+def cache_dir(run_dir: Path) -> Path:
+    """Caches shared by the runs next to this one (`runs/.cache/`): e.g. the images known to decode
+    (data/validate.py)."""
+    return Path(run_dir).parent / CACHE
 
 
 def base_path(model: ModelSection, run_dir: Path) -> str:

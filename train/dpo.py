@@ -29,6 +29,7 @@ from eval.summary import run_summary
 from recipe import Recipe
 from recipe.run_dir import (
     adapter_dir,
+    cache_dir,
     dpo_start,
     mark_training_started,
     recipe_base,
@@ -70,7 +71,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
         recipe, processor, "dpo", skips, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        main_first=accelerator.main_process_first)
+        main_first=accelerator.main_process_first, cache_dir=cache_dir(run_dir))
     total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum,
                                   recipe.dpo.max_steps or recipe.train.max_steps,
                                   None if recipe.dpo.max_steps else recipe.train.epochs)

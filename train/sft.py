@@ -23,7 +23,7 @@ from data.loaders import stage_loaders
 from data.sources import SkipCounter
 from eval.summary import run_summary
 from recipe import Recipe
-from recipe.run_dir import adapter_dir, mark_training_started, merged_dir
+from recipe.run_dir import adapter_dir, cache_dir, mark_training_started, merged_dir
 from train import callbacks, device, trainer
 from train.cli import run_cli
 from train.loop import total_steps_for
@@ -75,7 +75,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
         recipe, processor, "sft", skips, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        main_first=accelerator.main_process_first)
+        main_first=accelerator.main_process_first, cache_dir=cache_dir(run_dir))
     total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum, recipe.train.max_steps, recipe.train.epochs)
     log.info("%d samples planned, %d micro-batches per rank per epoch, %d optimizer steps", len(planned),
              batches_per_epoch, total_steps)
