@@ -23,6 +23,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 """RecipeError and DataError are ValueErrors; FileNotFoundError, FileExistsError, PermissionError, ConnectionError
@@ -30,11 +31,13 @@ and a full disk are OSErrors."""
 EXIT_USER_ERROR = 2
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "PHI3V_DEBUG"
-# `hf_token: abc`, `x.api_key = 'abc'`, `'password': 'abc'`: a key, then its value; redacted when the key is named
-# like a credential (the recipe's SECRET_KEY rule: `max_new_tokens` is no credential).
+REDACTED = "<redacted>"
+# Key names that hold credentials (hf_token, wandb_api_key, ...); `max_new_tokens` is not one of them.
+SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|secret|password|passwd)(_|$)", re.IGNORECASE)
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+# `hf_token: abc`, `x.api_key = 'abc'`, `'password': 'abc'`: a key, then its value; redacted when the key is a
+# SECRET_KEY.
 _KEY_VALUE = re.compile(r"""(?P<key>\b\w+)(?P<sep>['"]?\s*[:=]\s*)(?P<value>'[^']*'|"[^"]*"|[^\s,}\]]+)""")
-_SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|secret|password|passwd)(_|$)", re.IGNORECASE)
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def debug_requested(argv: Sequence[str] = ()) -> bool:
@@ -43,9 +46,21 @@ def debug_requested(argv: Sequence[str] = ()) -> bool:
 
 def redact_message(text: str) -> str:
     """`text` with the value after every credential-named key, and the user:password of URLs, replaced."""
-    text = _KEY_VALUE.sub(lambda m: m.group("key") + m.group("sep") + "<redacted>"
-                          if _SECRET_KEY.search(m.group("key")) else m.group(0), text)
-    return _URL_CREDENTIALS.sub("<redacted>@", text)
+    text = _KEY_VALUE.sub(lambda m: m.group("key") + m.group("sep") + REDACTED
+                          if SECRET_KEY.search(m.group("key")) else m.group(0), text)
+    return URL_CREDENTIALS.sub(f"{REDACTED}@", text)
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of plain data with credential-named keys (token, api_key, secret, password) and URL passwords hidden."""
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if SECRET_KEY.search(str(key)) and item is not None else redact_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_secrets(item) for item in value]
+    return URL_CREDENTIALS.sub(f"{REDACTED}@", value) if isinstance(value, str) else value
 
 
 def message_of(error: BaseException) -> str:
