@@ -75,9 +75,15 @@ def plan(samples: list, processor, data: DataSection, skips: SkipCounter, *, cac
     planned = plan_lengths(samples, processor, max_length=data.max_length, on_overlong=data.on_overlong,
                            max_image_pixels=data.max_image_pixels, on_bad_sample=data.on_bad_sample, skips=skips)
     if planned:
-        with main_first():
-            planned = validate_images(planned, on_bad_sample=data.on_bad_sample, skips=skips,
-                                      max_pixels=data.max_image_pixels, cache_dir=cache_dir, progress=progress)
+        failure = None
+        with main_first():  # raise only after leaving it: rank 0 must reach the barrier the other ranks wait at
+            try:
+                planned = validate_images(planned, on_bad_sample=data.on_bad_sample, skips=skips,
+                                          max_pixels=data.max_image_pixels, cache_dir=cache_dir, progress=progress)
+            except DataError as error:
+                failure = error
+        if failure is not None:
+            raise failure
     if not planned:
         raise ValueError("no sample is left after length planning: every row was dropped or skipped\n" + skips.summary())
     return planned
