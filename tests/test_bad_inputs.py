@@ -271,7 +271,7 @@ def test_bad_input(world, capsys, monkeypatch, case, entry, argv, code, names):
     for name in names:
         assert name.lower() in output.lower(), f"{name!r} not in:\n{output[-3000:]}"
     if case == "recipe-secret-redacted":
-        assert "hf_SeCrEt123" not in output
+        assert "hf_SeCrEt123" not in output and "unknown key 'model.hf_token'" in output
     if entry in ("sft", "dpo") and case != "run-stage-exists":
         assert not world.run_dir().exists(), f"{case} left a half-made run directory: {world.run_dir()}"
     if os.environ.get("PHI3V_CORPUS_TABLE"):  # collect each message's last line, for the corpus table
