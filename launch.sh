@@ -12,6 +12,7 @@ Usage: ./launch.sh [--dry-run] [--config NAME] [RECIPE [key=value ...]]
   --config NAME   accelerate config in recipes/accelerate/: cpu, ddp, zero2, fsdp
                   (default: cpu without a GPU, ddp with GPUs)
   --dry-run       print the exact commands and exit
+  --debug         print the traceback of an error, not only its message (same as PHI3V_DEBUG=1)
   -h, --help      this help
 
 Environment (SLURM's variables are read when present):
@@ -30,6 +31,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --dry-run) dry_run=1; shift ;;
+    --debug) export PHI3V_DEBUG=1; shift ;;
     --config) config="${2:?--config needs a name}"; shift 2 ;;
     --config=*) config="${1#--config=}"; shift ;;
     -*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -109,4 +111,6 @@ for command in "${commands[@]}"; do echo "+ $command"; done
 for command in "${commands[@]}"; do
   eval "$command"
 done
+# Scores (base / SFT / DPO), rows skipped per stage, and where the report, adapters and exports are.
+"$PYTHON" -m eval.summary "$output_dir"
 echo "launch.sh: done; run directory: $output_dir"

@@ -22,7 +22,6 @@ import html
 import io
 import itertools
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,9 +222,9 @@ def load_processor(recipe) -> Phi3VProcessor:
         return build_demo_model(synthetic_texts(), num_crops=model.num_crops, seed=recipe.seed)[1]
     folder = Path(model.name_or_path)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
+        from models.phi3v.processing import hub_snapshot
 
-        folder = Path(snapshot_download(model.name_or_path, revision=model.revision, allow_patterns=["*.json"]))
+        folder = hub_snapshot(model.name_or_path, model.revision, allow_patterns=["*.json"])
     return Phi3VProcessor.from_pretrained(folder, num_crops=model.num_crops)
 
 
@@ -273,4 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from recipe.errors import run_main
+
+    run_main("python -m data.inspect", main)

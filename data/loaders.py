@@ -20,8 +20,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.collate import DPOCollator, PackedSFTCollator, RenderedDataset, SFTCollator
 from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
-from data.sources import SkipCounter, iter_samples, mix
+from data.sample import DataError, Origin
+from data.sources import SkipCounter, iter_samples, mix, source_name
 from data.synthetic import DEMO_COUNTS, write_synthetic
+from data.validate import validate_images
 from recipe.schema import STAGE_FORMATS, SYNTHETIC_DIR, DataSection, Source
 
 log = logging.getLogger(__name__)
@@ -65,9 +67,23 @@ def load_samples(sources: tuple[Source, ...], stage: str, data: DataSection, *, 
                     num_samples=sum(len(samples) for samples in per_source)))
 
 
-def plan(samples: list, processor, data: DataSection, skips: SkipCounter) -> list[PlannedSample]:
+def plan(samples: list, processor, data: DataSection, skips: SkipCounter, *, cache_dir: Path | None = None,
+         progress: bool = True, main_first: Callable = contextlib.nullcontext) -> list[PlannedSample]:
+    """Token lengths from image headers (data/length.py), then every image decoded once (data/validate.py), so
+    that a corrupt file stops the run (or is skipped and counted) before step 1. `cache_dir` remembers the files
+    that decoded; `main_first` lets rank 0 decode (and fill the cache) before the other ranks read it."""
     planned = plan_lengths(samples, processor, max_length=data.max_length, on_overlong=data.on_overlong,
                            max_image_pixels=data.max_image_pixels, on_bad_sample=data.on_bad_sample, skips=skips)
+    if planned:
+        failure = None
+        with main_first():  # raise only after leaving it: rank 0 must reach the barrier the other ranks wait at
+            try:
+                planned = validate_images(planned, on_bad_sample=data.on_bad_sample, skips=skips,
+                                          max_pixels=data.max_image_pixels, cache_dir=cache_dir, progress=progress)
+            except DataError as error:
+                failure = error
+        if failure is not None:
+            raise failure
     if not planned:
         raise ValueError("no sample is left after length planning: every row was dropped or skipped\n" + skips.summary())
     return planned
@@ -141,34 +157,79 @@ class PackedBatchSampler(Sampler[list[int]]):
         return iter(packs[self.rank :: self.num_replicas])
 
 
-class IndexedRows(Dataset):
-    """Rows paired with their sample index, so a batch can say which planned samples it holds (`indices`)."""
+SKIPPED_KEY = "skipped_rows"
+"""Batch key (present only when non-empty): (dataset, row, field, problem) of each row a worker could not decode."""
 
-    def __init__(self, rows: Dataset):
+
+class IndexedRows(Dataset):
+    """Rows paired with their sample index, so a batch can say which planned samples it holds (`indices`).
+
+    A row that fails in the worker (an image that decoded before training but not now: changed on disk, a flaky
+    network disk) follows `on_bad_sample`: 'error' raises its DataError; 'skip' replaces it by the next planned
+    sample that renders (index + 1, + 2, ... wrapping around) and reports it in the batch's `skipped_rows`. So a
+    batch keeps its size and every rank its number of steps (no rank waits for another in a collective); the price
+    is that the replacement is seen twice in that epoch."""
+
+    def __init__(self, rows: Dataset, on_bad_sample: str = "error"):
         self.rows = rows
+        self.on_bad_sample = on_bad_sample
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, dict]:
-        return index, self.rows[index]
+    def __getitem__(self, index: int) -> tuple[int, dict, list[tuple]]:
+        skipped: list[tuple] = []
+        for offset in range(len(self.rows)):
+            candidate = (index + offset) % len(self.rows)
+            try:
+                return candidate, self.rows[candidate], skipped
+            except DataError as error:
+                if self.on_bad_sample == "error":
+                    raise
+                logging.getLogger(__name__).warning("skipping a row that failed in a DataLoader worker: %s", error)
+                skipped.append((error.origin.dataset, error.origin.row, error.field, error.problem))
+        raise DataError(Origin(dataset="data.train", row=index), "images",
+                        "no planned sample can be rendered any more: every one failed in the DataLoader worker")
 
 
 class CollateWithIndices:
-    """The stage's collator on the rows, plus `indices` (int64, one per sample) of the planned samples."""
+    """The stage's collator on the rows, plus `indices` (int64, one per sample) of the planned samples, and the
+    rows skipped in the worker (`skipped_rows`, only when there are some)."""
 
     def __init__(self, collate: Callable):
         self.collate = collate
 
-    def __call__(self, items: list[tuple[int, dict]]) -> dict:
-        batch = self.collate([row for _, row in items])
-        batch["indices"] = torch.tensor([index for index, _ in items], dtype=torch.long)
+    def __call__(self, items: list[tuple[int, dict, list[tuple]]]) -> dict:
+        batch = self.collate([row for _, row, _ in items])
+        batch["indices"] = torch.tensor([index for index, _, _ in items], dtype=torch.long)
+        skipped = [record for _, _, records in items for record in records]
+        if skipped:
+            batch[SKIPPED_KEY] = skipped
         return batch
 
 
+class CountingDataLoader(DataLoader):
+    """A DataLoader that records, in the main process, the rows its workers skipped (`skipped_rows` of each batch)
+    in the stage's SkipCounter, so that summary.json counts them. (A resumed run's partial first epoch goes through
+    accelerate's skip_first_batches, which rebuilds a plain DataLoader: skips there are logged but not counted.)"""
+
+    def __init__(self, *args, skips: SkipCounter | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skips = skips
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            for dataset, row, field, problem in batch.get(SKIPPED_KEY, ()) if isinstance(batch, dict) else ():
+                if self.skips is not None:
+                    self.skips.record(DataError(Origin(dataset=dataset, row=row), field, problem))
+            yield batch
+
+
 def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *, stage: str, micro_batch_size: int,
-                   seed: int, num_replicas: int, rank: int) -> tuple[Callable[[int], DataLoader], int]:
-    """(epoch -> DataLoader, micro-batches per rank per epoch). Rendering, decoding and cropping run in workers."""
+                   seed: int, num_replicas: int, rank: int,
+                   skips: SkipCounter | None = None) -> tuple[Callable[[int], DataLoader], int]:
+    """(epoch -> DataLoader, micro-batches per rank per epoch). Rendering, decoding and cropping run in workers; a
+    row that fails there follows data.on_bad_sample (IndexedRows) and is counted in `skips`."""
     dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
                               max_image_pixels=data.max_image_pixels)
     pad_id = processor.tokenizer.pad_token_id
@@ -189,19 +250,39 @@ def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *
 
     def make(epoch: int) -> DataLoader:
         sampler.set_epoch(epoch)
-        return DataLoader(IndexedRows(dataset), batch_sampler=sampler, collate_fn=CollateWithIndices(collate),
-                          num_workers=data.num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
+        return CountingDataLoader(IndexedRows(dataset, data.on_bad_sample), batch_sampler=sampler,
+                                  collate_fn=CollateWithIndices(collate), num_workers=data.num_workers,
+                                  persistent_workers=False, pin_memory=torch.cuda.is_available(), skips=skips)
 
     return make, len(sampler)
 
 
 def stage_loaders(recipe, processor, stage: str, skips: SkipCounter, *, num_replicas: int = 1, rank: int = 0,
-                  main_first: Callable = contextlib.nullcontext):
+                  main_first: Callable = contextlib.nullcontext, cache_dir: Path | None = None):
     """(planned samples, epoch -> DataLoader, micro-batches per rank per epoch) of the recipe's training data for
-    `stage` ('sft' or 'dpo'), sharded over `num_replicas` ranks; `main_first` lets rank 0 write shared files first."""
+    `stage` ('sft' or 'dpo'), sharded over `num_replicas` ranks; `main_first` lets rank 0 write shared files first;
+    `cache_dir` remembers the images that decoded (recipe.run_dir.cache_dir). Too few samples for one optimizer
+    step is an error naming the sources and the batch geometry."""
     samples = load_samples(recipe.data.train, stage, recipe.data, seed=recipe.seed, skips=skips, main_first=main_first)
-    planned = plan(samples, processor, recipe.data, skips)
+    planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir, progress=rank == 0,
+                   main_first=main_first)
     make_loader, batches_per_epoch = loader_factory(
         planned, processor, recipe.data, stage=stage, micro_batch_size=recipe.train.micro_batch_size,
-        seed=recipe.seed, num_replicas=num_replicas, rank=rank)
+        seed=recipe.seed, num_replicas=num_replicas, rank=rank, skips=skips)
+    if batches_per_epoch < recipe.train.grad_accum:
+        check_enough(len(planned), stage, recipe, num_replicas, skips)
     return planned, make_loader, batches_per_epoch
+
+
+def check_enough(num_planned: int, stage: str, recipe, num_replicas: int, skips: SkipCounter) -> None:
+    """Raise the 'fewer samples than one optimizer step' error (an epoch would hold no whole step)."""
+    names = ", ".join(source_name(source) for source in stage_sources(recipe.data.train, stage))
+    train = recipe.train
+    needed = train.micro_batch_size * train.grad_accum * num_replicas
+    packing = " packs of data.max_length tokens" if recipe.data.packing and stage == "sft" else " samples"
+    left_out = f" ({skips.total} rows left out: {skips.summary()})" if skips.total else ""
+    raise ValueError(
+        f"data.train ({names}): {num_planned} {stage} samples planned{left_out}, fewer than one optimizer step "
+        f"needs: train.micro_batch_size {train.micro_batch_size} x train.grad_accum {train.grad_accum} x "
+        f"{num_replicas} rank(s) = {needed}{packing}. Fix: add rows, or lower train.micro_batch_size "
+        "(or train.grad_accum)")

@@ -15,8 +15,10 @@ the single split `train`. The result is read as an `IterableDataset` with Image 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,17 +57,64 @@ def image_root_of(source: Source) -> Path | None:
     return path.parent if path.is_file() else None
 
 
+def check_text_file(path: Path, *, json_lines: bool) -> None:
+    """A local .json/.jsonl file must hold rows, be UTF-8 and (for .jsonl) hold one JSON value per line; each
+    problem is one message naming the file and the line (row), instead of the reader's bare error."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"data source {path}: the file is empty (0 bytes, no rows). Fix: point the source at a "
+                         "file with rows, or remove the source")
+    rows = 0
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"data source {path}: line {number} is not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                    f"{error.start + 1}). Fix: re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not line.strip():
+                continue
+            rows += 1
+            if json_lines:
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"data source {path}: line {number} (row {rows - 1}) is not valid JSON "
+                                     f"({error.msg} at column {error.colno}). Fix: correct or delete that line") from None
+    if rows == 0:
+        raise ValueError(f"data source {path}: the file holds no rows (only blank lines). Fix: point the source at a "
+                         "file with rows, or remove the source")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _load_dataset(source: Source) -> datasets.Dataset | datasets.IterableDataset:
     path = Path(source.path)
     if path.suffix in LOCAL_FILE_BUILDERS:
         if not path.is_file():
             raise ValueError(f"data source {source.path!r}: no such file; fix the source's path")
-        return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files={"train": str(path)},
-                                     split=source.split, streaming=source.streaming)
+        if path.suffix in (".json", ".jsonl"):
+            check_text_file(path, json_lines=path.suffix == ".jsonl")
+        try:
+            return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files={"train": str(path)},
+                                         split=source.split, streaming=source.streaming)
+        except datasets.exceptions.DatasetGenerationError as error:
+            cause = error.__cause__ or error.__context__ or error
+            raise ValueError(f"data source {source.path}: cannot be read as {LOCAL_FILE_BUILDERS[path.suffix]} "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from error
     if (path.is_absolute() or source.path.startswith(".")) and not path.exists():
         raise ValueError(f"data source {source.path!r}: no such folder; fix the source's path")
-    return datasets.load_dataset(source.path, name=source.config, split=source.split, revision=source.revision,
-                                 streaming=source.streaming)
+    try:
+        return datasets.load_dataset(source.path, name=source.config, split=source.split, revision=source.revision,
+                                     streaming=source.streaming)
+    except ConnectionError as error:
+        if not _offline():
+            raise
+        raise ValueError(f"data source {source.path!r}: not a local folder and not in the datasets cache, and "
+                         "HF_HUB_OFFLINE=1 forbids downloading it. Fix: download it once online, or point the "
+                         "source's path at a local copy") from error
 
 
 def _with_undecoded_images(feature: Any) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -28,8 +27,10 @@ import torch
 import models
 from eval.hook import EvalGateError, evaluate_stage
 from eval.report import STAGES
+from eval.summary import results_table
 from eval.tasks import TASKS
 from recipe import Recipe, load_recipe
+from recipe.errors import run_main
 from recipe.run_dir import (
     ADAPTER_CONFIG,
     Weights,
@@ -129,17 +130,6 @@ def model_id_for_cache(plan: ModelPlan, recipe: Recipe) -> str:
 # ------------------------------------------------------------------------------------------------ the table
 
 
-def results_table(run_dir: Path, tasks: Sequence[str]) -> str:
-    """One row per task and metric, one column per stage (blank where not scored)."""
-    results = json.loads((eval_dir(run_dir) / "results.json").read_text(encoding="utf-8"))
-    header = ["task", "metric", *STAGES]
-    rows = [[task, metric, *(f"{by_stage[s]:.4f}" if s in by_stage else "" for s in STAGES)]
-            for task in tasks for metric, by_stage in results.get(task, {}).items()]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in [header, *rows])
-
-
 def _accelerator():
     """An Accelerator under `accelerate launch` with several processes (generation is sharded), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -177,8 +167,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as error:  # a bad recipe, model path or row: the message says what to fix
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_main("python -m eval", main)

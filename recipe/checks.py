@@ -15,6 +15,7 @@ from typing import Any
 
 from models.phi3v.image_processing import num_image_tokens
 from models.phi3v.tiny import DEMO_MODEL
+from recipe.errors import REDACTED, SECRET_KEY, redact_secrets
 from recipe.schema import (
     LABEL_SMOOTHING_LOSSES,
     RESUME_KEYS,
@@ -68,7 +69,8 @@ def show(value: Any) -> str:
 
 def issue(path: str, value: Any, what: str, fix: str) -> str:
     """One problem as one line: key path, value, what is wrong and its consequence, and the fix."""
-    return f"{path} = {show(value)}: {what}. Fix: {fix}."
+    shown = REDACTED if SECRET_KEY.search(str(path).rsplit(".", 1)[-1]) else show(redact_secrets(value))
+    return f"{path} = {shown}: {what}. Fix: {fix}."
 
 
 def uses_lora(model: ModelSection) -> bool:

@@ -27,15 +27,12 @@ from typing import Any, Literal
 import yaml
 
 from recipe.checks import issue, recipe_problems, recipe_warnings, show
+from recipe.errors import REDACTED, SECRET_KEY, URL_CREDENTIALS, redact_secrets  # noqa: F401 (re-exported)
 from recipe.schema import Recipe
 
 DEFAULT = "default"
 OVERRIDE = "override"
 IN_CODE = "set in code"
-REDACTED = "<redacted>"
-# Key names that hold credentials (hf_token, wandb_api_key, ...); `max_new_tokens` is not one of them.
-SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|secret|password|passwd)(_|$)", re.IGNORECASE)
-URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 # A number PyYAML (YAML 1.1) reads as a string: no dot, or an exponent without a sign (1e-4, 5E-5, 1.0e4).
 EXPONENT_NUMBER = re.compile(r"([-+]?)(\d+)(?:\.(\d*))?[eE]([-+]?)(\d+)")
 YAML_KINDS = {type(None): "null", bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
@@ -169,7 +166,8 @@ def _unknown_key(parent: str, key: object, value: Any, names: list[str]) -> str:
         hint = " — did you mean " + " or ".join(f"'{path}'" for path in elsewhere) + "?"
     else:
         hint = f" (valid keys{f' in {parent!r}' if parent else ''}: {', '.join(names)})."
-    return f"unknown key '{_join(parent, key)}'{hint} Its value {show(value)} would be ignored: rename or delete it."
+    shown = REDACTED if SECRET_KEY.search(str(key)) else show(redact_secrets(value))
+    return f"unknown key '{_join(parent, key)}'{hint} Its value {shown} would be ignored: rename or delete it."
 
 
 def _number_string_fix(text: str) -> str | None:
@@ -408,18 +406,6 @@ def provenance(recipe: Recipe) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- output
-
-
-def redact_secrets(value: Any) -> Any:
-    """A copy of plain data with credential-named keys (token, api_key, secret, password) and URL passwords hidden."""
-    if isinstance(value, dict):
-        return {
-            key: REDACTED if SECRET_KEY.search(str(key)) and item is not None else redact_secrets(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [redact_secrets(item) for item in value]
-    return URL_CREDENTIALS.sub(f"{REDACTED}@", value) if isinstance(value, str) else value
 
 
 def resolved_yaml(recipe: Recipe) -> str:

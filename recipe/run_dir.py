@@ -28,7 +28,8 @@ import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
@@ -47,6 +48,7 @@ SUMMARY = "summary.json"
 START = "start.json"
 EVAL = "eval"
 LOGS = "logs"
+CACHE = ".cache"
 TRAINED_STAGES = ("sft", "dpo")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,6 +94,12 @@ def eval_dir(run_dir: Path) -> Path:
 
 def logs_dir(run_dir: Path) -> Path:
     return Path(run_dir) / LOGS
+
+
+def cache_dir(run_dir: Path) -> Path:
+    """Caches shared by the runs next to this one (`runs/.cache/`): e.g. the images known to decode
+    (data/validate.py)."""
+    return Path(run_dir).parent / CACHE
 
 
 def base_path(model: ModelSection, run_dir: Path) -> str:
@@ -178,6 +186,7 @@ def prepare_stage_dir(run_dir: Path, recipe: Recipe, *, stage: str, is_main: boo
                 f"{folder} already holds a {stage} run; refusing to overwrite it. Choose another output_dir, "
                 f"resume it with train.resume=true, or pass overwrite_output_dir=true to replace its files"
             )
+        _record_stage_start(Path(run_dir), stage)
         folder.mkdir(parents=True, exist_ok=True)
         if not recipe.train.resume:  # a resume records the recipe once the checkpoint accepted it (train/trainer.py)
             record_run(run_dir, recipe)
@@ -188,6 +197,82 @@ def record_run(run_dir: Path, recipe: Recipe) -> None:
     """recipe.resolved.yaml and env.json: the values this run uses, and where it runs."""
     write_text_atomically(recipe_file(run_dir), resolved_yaml(recipe))
     write_json_atomically(Path(run_dir) / ENV_FILE, environment(recipe.seed))
+
+
+# ----------------------------------------------------------------------------------------------- a failed start
+
+
+@dataclass
+class _StageStart:
+    """What a run directory held before a stage started in it (`prepare_stage_dir`), to undo the start."""
+
+    run_dir: Path
+    stage: str
+    made_run_dir: bool
+    entries_before: frozenset[str]  # top-level names in run_dir before the stage started
+    files_before: dict[str, bytes | None]  # the resolved recipe and env.json as they were (None: absent)
+    training: bool = False
+
+
+_STAGE_STARTS: dict[tuple[Path, str], _StageStart] = {}
+
+
+def _record_stage_start(run_dir: Path, stage: str) -> None:
+    existed = run_dir.is_dir()
+    _STAGE_STARTS[(run_dir.resolve(), stage)] = _StageStart(
+        run_dir=run_dir, stage=stage, made_run_dir=not existed,
+        entries_before=frozenset(p.name for p in run_dir.iterdir()) if existed else frozenset(),
+        files_before={name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None
+                      for name in (RESOLVED_RECIPE, ENV_FILE)})
+
+
+def mark_training_started(run_dir: Path, stage: str) -> None:
+    """From here on the stage's folder is kept when the run fails (it may hold checkpoints and logs)."""
+    record = _STAGE_STARTS.get((Path(run_dir).resolve(), stage))
+    if record is not None:
+        record.training = True
+
+
+def _undo_stage_start(record: _StageStart) -> list[Path]:
+    """Remove what the stage created before training (never what an earlier run wrote); restore the files it
+    rewrote. Returns the removed paths."""
+    run_dir = record.run_dir
+    if not run_dir.is_dir():
+        return []
+    if record.made_run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return [run_dir]
+    removed = []
+    for path in run_dir.iterdir():
+        if path.name not in record.entries_before and path.name not in record.files_before:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    for name, content in record.files_before.items():
+        if content is None:
+            (run_dir / name).unlink(missing_ok=True)
+        else:
+            write_file_atomically(run_dir / name, lambda tmp, content=content: tmp.write_bytes(content))
+    return removed
+
+
+@contextmanager
+def removed_if_failed_before_training() -> Iterator[list[Path]]:
+    """Around one entry point's run: a stage that fails before `mark_training_started` leaves no half-made run
+    directory (what it created is removed, the resolved recipe and env.json it rewrote are restored). The list it
+    yields is filled with the removed paths."""
+    before = set(_STAGE_STARTS)
+    removed: list[Path] = []
+    try:
+        yield removed
+    except BaseException:
+        for key in [k for k in _STAGE_STARTS if k not in before]:
+            record = _STAGE_STARTS.pop(key)
+            if not record.training:
+                removed.extend(_undo_stage_start(record))
+        raise
+    finally:
+        for key in [k for k in _STAGE_STARTS if k not in before]:
+            del _STAGE_STARTS[key]
 
 
 def environment(seed: int) -> dict:

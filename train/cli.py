@@ -1,4 +1,8 @@
-"""The command line the training entry points share: `<stage>.py RECIPE [key=value ...]`, or `--help`."""
+"""The command line the training entry points share: `<stage>.py RECIPE [key=value ...] [--debug]`, or `--help`.
+
+User errors (a bad recipe, file, row or path) print as one message with exit code 2 (recipe/errors.py); a stage that
+fails before its first step leaves no half-made run directory (recipe/run_dir.py `removed_if_failed_before_training`).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,35 @@ import sys
 from collections.abc import Callable
 
 from recipe import load_recipe, recipe_help
+from recipe.errors import run_main
+from recipe.run_dir import removed_if_failed_before_training
 from train.loop import StopTraining
 
+log = logging.getLogger("train.cli")
 
-def run_cli(main: Callable, doc: str, argv: list[str] | None = None):
+
+def run_cli(main: Callable, doc: str, argv: list[str] | None = None, *, prog: str | None = None):
     """Parse the recipe and its overrides and run `main(recipe, recipe_path)`; `--help` prints the entry point's
-    documentation and every recipe key."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(doc)
-        print(recipe_help())
-        raise SystemExit(0)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return main(load_recipe(argv[0], argv[1:]), argv[0])
-    except StopTraining as stopped:  # diverged, or stopped by a signal: the message (step, how to go on) alone
-        print(f"error: {stopped}", file=sys.stderr)
-        raise SystemExit(stopped.exit_code) from None
+    documentation and every recipe key. Exits (SystemExit) with 0, or 2 on a user error."""
+    prog = prog or (sys.argv[0] if argv is None else "train")
+
+    def run(args: list[str]):
+        if not args or args[0] in ("-h", "--help"):
+            print(doc)
+            print(recipe_help())
+            return 0
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        recipe = load_recipe(args[0], args[1:])
+        removed: list = []
+        try:
+            with removed_if_failed_before_training() as removed:
+                main(recipe, args[0])
+        except StopTraining as stopped:  # diverged, or stopped by a signal: the message (step, how to go on) alone
+            print(f"{prog}: error: {stopped}", file=sys.stderr)
+            return stopped.exit_code
+        finally:
+            for path in removed:
+                log.warning("removed %s: the run failed before its first step", path)
+        return 0
+
+    run_main(prog, run, argv)

@@ -26,7 +26,16 @@ if __package__ in (None, ""):
 from data.loaders import stage_loaders
 from data.sources import SkipCounter
 from recipe import Recipe
-from recipe.run_dir import adapter_dir, dpo_start, recipe_base, stage_dir, write_json_atomically, write_start
+from recipe.run_dir import (
+    adapter_dir,
+    cache_dir,
+    dpo_start,
+    mark_training_started,
+    recipe_base,
+    stage_dir,
+    write_json_atomically,
+    write_start,
+)
 from train import callbacks, reference_cache, trainer
 from train.checkpoint import data_fingerprint
 from train.cli import run_cli
@@ -62,7 +71,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
         recipe, processor, "dpo", skips, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        main_first=accelerator.main_process_first)
+        main_first=accelerator.main_process_first, cache_dir=cache_dir(run_dir))
     total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum,
                                   recipe.dpo.max_steps or recipe.train.max_steps,
                                   None if recipe.dpo.max_steps else recipe.train.epochs)
@@ -85,6 +94,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     every = callbacks.eval_every_steps("dpo", processor, recipe, run_dir, accelerator=accelerator,
                                        total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)
+    mark_training_started(run_dir, "dpo")  # a failure from here on keeps the stage folder
     model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=loss_fn,
                                count=count_pairs, callbacks=[c for c in (every, stop) if c is not None])
 
@@ -99,8 +109,9 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     return trainer.finish(accelerator, run_dir)
 
 
-def cli(argv: list[str] | None = None) -> Path:
-    return run_cli(main, __doc__, argv)
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: exits 0, or 2 with the message alone on a user error (`--debug` for the traceback)."""
+    run_cli(main, __doc__, argv, prog="train/dpo.py")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from data.synthetic import write_synthetic
 from models import DTYPES
 from recipe import ModelSection, Recipe, RecipeError, Source, load_recipe, recipe_help
 from recipe.checks import recipe_problems
+from recipe.errors import debug_requested
 from recipe.schema import STAGE_FORMATS
 from train.losses import DPOLoss, count_pairs, sft_loss_sum, supervised_tokens
 from train.model_loading import build_tiny
@@ -314,6 +315,8 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         summary = {"recipe": recipe_path, **dry_run(load_recipe(recipe_path, overrides))}
     except (ValueError, RuntimeError) as error:  # RecipeError and DataError are ValueErrors
+        if debug_requested(sys.argv):
+            raise
         print(f"dry run of {recipe_path} failed:\n{error}", file=sys.stderr)
         raise SystemExit(1) from error
     print(summary_json(summary))
@@ -327,4 +330,6 @@ def summary_json(summary: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    cli()
+    from recipe.errors import run_main
+
+    run_main("python -m train.dry_run", cli)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from models import DTYPES
+from recipe.errors import run_main
 from recipe.run_dir import (
     TRAINED_STAGES,
     adapter_dir,
@@ -81,4 +82,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("python -m train.export", main)

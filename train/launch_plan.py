@@ -25,4 +25,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from recipe.errors import run_main
+
+    run_main("launch.sh", main)

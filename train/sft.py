@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch train/sft.py
 from data.loaders import stage_loaders
 from data.sources import SkipCounter
 from recipe import Recipe
-from recipe.run_dir import adapter_dir, merged_dir
+from recipe.run_dir import adapter_dir, cache_dir, mark_training_started, merged_dir
 from train import callbacks, device, trainer
 from train.checkpoint import data_fingerprint
 from train.cli import run_cli
@@ -75,7 +75,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
         recipe, processor, "sft", skips, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        main_first=accelerator.main_process_first)
+        main_first=accelerator.main_process_first, cache_dir=cache_dir(run_dir))
     total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum, recipe.train.max_steps, recipe.train.epochs)
     log.info("%d samples planned, %d micro-batches per rank per epoch, %d optimizer steps", len(planned),
              batches_per_epoch, total_steps)
@@ -92,6 +92,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     every = callbacks.eval_every_steps("sft", processor, recipe, run_dir, accelerator=accelerator,
                                        total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)
+    mark_training_started(run_dir, "sft")  # a failure from here on keeps the stage folder
     model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=sft_loss_sum,
                                count=supervised_tokens, callbacks=[c for c in (every, stop) if c is not None])
 
@@ -105,8 +106,9 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     return trainer.finish(accelerator, run_dir)
 
 
-def cli(argv: list[str] | None = None) -> Path:
-    return run_cli(main, __doc__, argv)
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: exits 0, or 2 with the message alone on a user error (`--debug` for the traceback)."""
+    run_cli(main, __doc__, argv, prog="train/sft.py")
 
 
 if __name__ == "__main__":

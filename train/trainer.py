@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval.summary import run_summary
 from recipe import Recipe, recipe_to_dict
 from recipe.parse import redact_secrets
 from recipe.run_dir import (
@@ -108,9 +109,10 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
 
 
 def finish(accelerator, run_dir: Path) -> Path:
-    """End the stage: close the trackers and print the run directory (rank 0)."""
+    """End the stage: close the trackers and print the scores so far, the skipped rows and the run directory."""
     accelerator.end_training()
     if accelerator.is_main_process:
+        print(run_summary(run_dir))
         print(f"run directory: {run_dir}")
     return run_dir
 

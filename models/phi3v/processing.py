@@ -206,12 +206,33 @@ def resolve_folder(path: str | Path, revision: str | None = None) -> Path:
     local = Path(path)
     if local.is_dir():
         return local
-    from huggingface_hub import snapshot_download
+    return hub_snapshot(path, revision, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
 
-    return Path(
-        snapshot_download(
-            str(path),
-            revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
-        )
-    )
+
+def looks_local(path: str | Path) -> bool:
+    """A path meant as a local folder: absolute, `./`/`../`/`~`-relative, or more than one `/` (a hub id is
+    `owner/name`)."""
+    text = str(path)
+    return (isinstance(path, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1
+            or "\\" in text or Path(text).exists())
+
+
+def hub_snapshot(path: str | Path, revision: str | None, *, allow_patterns: list[str]) -> Path:
+    """The hub id's files (downloaded, or from the cache); a missing local folder or an uncached id offline is a
+    FileNotFoundError that says which."""
+    if looks_local(path):
+        where = Path(str(path)).expanduser()
+        what = "is not a folder" if where.exists() else "no such folder"
+        raise FileNotFoundError(f"model {str(path)!r}: {what} ({where.absolute()}). Fix: point model.name_or_path at "
+                                "a checkpoint folder (with config.json), or give a hub id such as "
+                                "microsoft/Phi-3.5-vision-instruct")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path), revision=revision, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"model {str(path)!r}{f' at revision {revision}' if revision else ''} is not in the local hub cache, and "
+            "downloading is off (HF_HUB_OFFLINE=1, or the hub is unreachable). Fix: download it once online "
+            f"(huggingface-cli download {path}), or point model.name_or_path at a local folder") from error
