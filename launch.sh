@@ -56,7 +56,7 @@ NPROC="${NPROC:-$(( gpus > 0 ? gpus : 1 ))}"
 NNODES="${NNODES:-${SLURM_NNODES:-1}}"
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
 if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
-  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
@@ -68,7 +68,9 @@ for n in NPROC NNODES NODE_RANK MASTER_PORT; do
 done
 
 # Everything derived from the recipe comes from Python (validation included: a bad recipe stops here).
-output_dir="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field output_dir)"
+# One run directory for every node: under SLURM named by the job id, else output_dir= must be given for NNODES > 1.
+output_dir="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field output_dir \
+              --job-id "${SLURM_JOB_ID:-}" --nodes "$NNODES")"
 read -r -a stages <<< "$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field stages)"
 world=$(( NPROC * NNODES ))
 # Every stage writes into the same run directory.
@@ -94,10 +96,11 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     sft|dpo) commands+=("$(printf '%q ' "${env_prefix[@]}" "${launcher[@]}" "$here/train/$stage.py" "$recipe" "${run_overrides[@]}")") ;;
     eval) ;;  # the eval hook runs inside the training stages; alone it is: python -m eval RECIPE --model RUN_DIR
-    export) commands+=("$(printf '%q ' "$PYTHON" -m train.export "$output_dir")") ;;
+    export) [[ $NODE_RANK -eq 0 ]] && commands+=("$(printf '%q ' "$PYTHON" -m train.export "$output_dir")") ;;
   esac
 done
-if [[ " ${stages[*]} " == *" eval "* && " ${stages[*]} " != *" sft "* && " ${stages[*]} " != *" dpo "* ]]; then
+# Export and a lone eval run once, on node 0 (the other nodes only take part in the training stages).
+if [[ $NODE_RANK -eq 0 && " ${stages[*]} " == *" eval "* && " ${stages[*]} " != *" sft "* && " ${stages[*]} " != *" dpo "* ]]; then
   commands+=("$(printf '%q ' "$PYTHON" -m eval "$recipe" --model "$output_dir")")
 fi
 
