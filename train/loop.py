@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,17 +96,20 @@ def run_loop(
     state: LoopState,
     checkpointer: Checkpointer | None = None,
     on_step: Callable[[LoopState], None] | None = None,
+    step_guard: Callable[[], AbstractContextManager] = nullcontext,
 ) -> LoopState:
     """Train until `config.total_steps`; returns the final state. `make_loader(epoch)` builds the (prepared)
-    DataLoader of an epoch with its sampler seeded for that epoch."""
+    DataLoader of an epoch with its sampler seeded for that epoch; each step runs inside `step_guard()` (the hang
+    watchdog of train/diagnostics.py)."""
     model.train()
     progress = tqdm(total=config.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
     window = {"start": time.perf_counter(), "units": 0.0, "samples": 0.0, "steps": 0}
     steps = micro_batches(make_loader, state, accelerator, config.grad_accum)
     while state.step < config.total_steps:
-        group = next(steps)
-        record = train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count, config)
+        with step_guard():
+            group = next(steps)
+            record = train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count, config)
         state.step += 1
         state.micro_batches_in_epoch += len(group)
         state.units_seen += int(record["units"])

@@ -18,7 +18,7 @@ from recipe.run_dir import (
     summary_file,
     write_json_atomically,
 )
-from train import device, optim
+from train import device, diagnostics, optim
 from train.checkpoint import Checkpointer
 from train.loop import LoopConfig, LoopState, run_loop
 from train.trainable import parameter_groups
@@ -44,7 +44,9 @@ def open_stage(recipe: Recipe, recipe_path, stage: str):
     `<run>/<stage>` created (never over an earlier run of it unless the recipe says so)."""
     run_dir = resolve_output_dir(recipe, recipe_path)
     accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
-    return run_dir, accelerator, prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
+    folder = prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
+    diagnostics.start(run_dir, accelerator.process_index, accelerator.num_processes, recipe.train.collective_timeout_s)
+    return run_dir, accelerator, folder
 
 
 def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Callable, loss_sum: Callable,
@@ -74,7 +76,7 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
 
     state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                      make_loader=make_loader, loss_sum=loss_on_device, count=count, config=config, state=state,
-                     checkpointer=checkpointer, on_step=on_step)
+                     checkpointer=checkpointer, on_step=on_step, step_guard=diagnostics.step_guard)
     return model, state
 
 
