@@ -56,7 +56,7 @@ def wait_all(processes: list[subprocess.Popen], logs: list[Path], timeout: float
         for process in processes:
             if process.poll() is None:
                 os.killpg(process.pid, 9)
-        pytest.fail("multi-node run hung past %ds:\n%s" % (timeout, tails(logs)))
+        pytest.fail(f"multi-node run hung past {timeout}s:\n{tails(logs)}")
     failed = [p.returncode for p in processes if p.returncode != 0]
     assert not failed, f"exit codes {[p.returncode for p in processes]}:\n{tails(logs)}"
 

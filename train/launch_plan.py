@@ -10,7 +10,6 @@ runs/<recipe>-job<ID>/, and with `--nodes` > 1 and neither, the plan is refused 
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
 from recipe import load_recipe

@@ -192,7 +192,7 @@ def report(recipe: Recipe, recipe_path: str, gpus: int, gpu_memory_gb: float, su
         f"{'act no-ckpt':>13}{'total':>8}{'fits':>6}",
     ]
     for strategy, r in rows.items():
-        def gib(key: str) -> str:
+        def gib(key: str, r: dict = r) -> str:
             return f"{r[key] / GiB:.1f}"
 
         lines.append(f"{strategy:<12}{gib('parameters'):>8}{gib('gradients'):>8}{gib('optimizer'):>8}"
