@@ -5,12 +5,15 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: ./launch.sh [--dry-run] [--config NAME] [RECIPE [key=value ...]]
+Usage: ./launch.sh [--dry-run] [--config NAME] [--max-restarts N] [RECIPE [key=value ...]]
 
   RECIPE          a YAML recipe, e.g. recipes/chartqa.yaml; default: recipes/demo.yaml (the CPU demo)
   key=value       recipe overrides by dotted path, e.g. train.lr=1.0e-4 data.train.0.limit=1000
   --config NAME   accelerate config in recipes/accelerate/: cpu, ddp, zero2, fsdp
                   (default: cpu without a GPU, ddp with GPUs)
+  --max-restarts N  restart a failed stage up to N times (torchrun's elastic agent, through accelerate launch):
+                  a lost rank ends every rank of the stage, all restart and resume from the newest complete
+                  checkpoint (train.resume=true is passed). Needs more than one process.
   --dry-run       print the exact commands and exit
   --debug         print the traceback of an error, not only its message (same as PHI3V_DEBUG=1)
   -h, --help      this help
@@ -27,6 +30,7 @@ USAGE
 
 dry_run=0
 config=""
+max_restarts=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -34,6 +38,8 @@ while [[ $# -gt 0 ]]; do
     --debug) export PHI3V_DEBUG=1; shift ;;
     --config) config="${2:?--config needs a name}"; shift 2 ;;
     --config=*) config="${1#--config=}"; shift ;;
+    --max-restarts) max_restarts="${2:?--max-restarts needs a number}"; shift 2 ;;
+    --max-restarts=*) max_restarts="${1#--max-restarts=}"; shift ;;
     -*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) break ;;
   esac
@@ -58,28 +64,35 @@ NPROC="${NPROC:-$(( gpus > 0 ? gpus : 1 ))}"
 NNODES="${NNODES:-${SLURM_NNODES:-1}}"
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
 if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
-  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 config="${config:-$([[ $gpus -gt 0 ]] && echo ddp || echo cpu)}"
 config_file="$here/recipes/accelerate/$config.yaml"
 [[ -f "$config_file" ]] || { echo "launch.sh: no accelerate config '$config' ($config_file)" >&2; exit 2; }
-for n in NPROC NNODES NODE_RANK MASTER_PORT; do
+for n in NPROC NNODES NODE_RANK MASTER_PORT max_restarts; do
   [[ "${!n}" =~ ^[0-9]+$ ]] || { echo "launch.sh: $n must be a whole number, got '${!n}'" >&2; exit 2; }
 done
 
 # Everything derived from the recipe comes from Python (validation included: a bad recipe stops here).
-output_dir="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field output_dir)"
+# One run directory for every node: under SLURM named by the job id, else output_dir= must be given for NNODES > 1.
+output_dir="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field output_dir \
+              --job-id "${SLURM_JOB_ID:-}" --nodes "$NNODES")"
 read -r -a stages <<< "$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field stages)"
 world=$(( NPROC * NNODES ))
 # Every stage writes into the same run directory.
 run_overrides=("${overrides[@]}")
 [[ " ${overrides[*]} " == *" output_dir="* ]] || run_overrides+=("output_dir=$output_dir")
+if [[ $max_restarts -gt 0 ]]; then
+  [[ $world -gt 1 ]] || { echo "launch.sh: --max-restarts needs more than one process (NPROC x NNODES)" >&2; exit 2; }
+  run_overrides+=("train.resume=true")  # a restarted rank continues from the newest complete checkpoint
+fi
 
 launcher=("$PYTHON" -m accelerate.commands.launch --config_file "$config_file"
           --num_machines "$NNODES" --num_processes "$world" --machine_rank "$NODE_RANK"
           --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT")
+[[ $max_restarts -gt 0 ]] && launcher+=(--max_restarts "$max_restarts")
 env_prefix=()
 if [[ "$config" == cpu ]]; then
   if [[ $world -gt 1 ]]; then
@@ -96,10 +109,11 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     sft|dpo) commands+=("$(printf '%q ' "${env_prefix[@]}" "${launcher[@]}" "$here/train/$stage.py" "$recipe" "${run_overrides[@]}")") ;;
     eval) ;;  # the eval hook runs inside the training stages; alone it is: python -m eval RECIPE --model RUN_DIR
-    export) commands+=("$(printf '%q ' "$PYTHON" -m train.export "$output_dir")") ;;
+    export) [[ $NODE_RANK -eq 0 ]] && commands+=("$(printf '%q ' "$PYTHON" -m train.export "$output_dir")") ;;
   esac
 done
-if [[ " ${stages[*]} " == *" eval "* && " ${stages[*]} " != *" sft "* && " ${stages[*]} " != *" dpo "* ]]; then
+# Export and a lone eval run once, on node 0 (the other nodes only take part in the training stages).
+if [[ $NODE_RANK -eq 0 && " ${stages[*]} " == *" eval "* && " ${stages[*]} " != *" sft "* && " ${stages[*]} " != *" dpo "* ]]; then
   commands+=("$(printf '%q ' "$PYTHON" -m eval "$recipe" --model "$output_dir")")
 fi
 

@@ -12,7 +12,9 @@ written (atomically). Every stage, the eval CLI and export ask it; no other modu
         summary.json              steps, units, samples, seconds, skipped rows, the logged history
       dpo/start.json              what DPO started from: base, revision, SFT adapter and its sha256
       eval/                       results.json, predictions, report.html (eval/report.py)
-      logs/                       tracker files (tensorboard, wandb)
+      logs/                       tracker files (tensorboard, wandb); rank-<r>.log: each rank's log of each stage
+      diagnostics/rank-<r>.txt    each rank's Python stacks, written on SIGUSR1, by the step watchdog (a step that
+                                  outlasts the collective timeout) and when a collective fails
 
 `stage_weights(run_dir, stage)` is the one answer to "which weights are this run's SFT (or DPO) model": a stage's
 adapter over the weights it started from (exact: merged in float32 when loaded), else its `merged/` checkpoint
@@ -49,6 +51,7 @@ START = "start.json"
 EVAL = "eval"
 LOGS = "logs"
 CACHE = ".cache"
+DIAGNOSTICS = "diagnostics"
 TRAINED_STAGES = ("sft", "dpo")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -100,6 +103,18 @@ def cache_dir(run_dir: Path) -> Path:
     """Caches shared by the runs next to this one (`runs/.cache/`): e.g. the images known to decode
     (data/validate.py)."""
     return Path(run_dir).parent / CACHE
+
+
+def rank_log_file(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / LOGS / f"rank-{rank}.log"
+
+
+def diagnostics_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / DIAGNOSTICS
+
+
+def diagnostics_file(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / DIAGNOSTICS / f"rank-{rank}.txt"
 
 
 def base_path(model: ModelSection, run_dir: Path) -> str:

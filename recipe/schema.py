@@ -168,6 +168,12 @@ class TrainSection:
     keep_checkpoints: int = option(2, "Keep the newest this many checkpoints; older ones are deleted.", ge=1)
     log_every: int = option(10, "Log metrics every this many optimizer steps.", ge=1)
     resume: bool = option(False, "Resume from the newest checkpoint in the run directory.")
+    collective_timeout_s: int = option(
+        1800,
+        "Seconds a collective (all-reduce, barrier) may wait for the other ranks before the run fails; every rank "
+        "then writes its Python stacks to <run>/diagnostics/rank-<r>.txt.",
+        ge=1,
+    )
     resume_allow_changes: tuple[str, ...] = option(
         (), "Run-shaping keys a resume may change (RESUME_KEYS, e.g. [train.lr]); recorded in the checkpoints.")
     on_nonfinite: Literal["stop", "skip"] = option("stop", "Non-finite loss or gradient norm: stop, or skip the step.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,8 +22,11 @@ log = logging.getLogger(__name__)
 def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int) -> Accelerator:
     # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed) need it. A single process gets no
     # process group (asking for one without a launcher fails).
+    # train.collective_timeout_s bounds every collective's wait (train/diagnostics.py writes the stacks before it).
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    timeout = timedelta(seconds=recipe.train.collective_timeout_s)
+    backend = {"backend": "gloo"} if not torch.cuda.is_available() else {}
+    kwargs = [InitProcessGroupKwargs(timeout=timeout, **backend)] if distributed else []
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",

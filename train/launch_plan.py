@@ -1,11 +1,16 @@
 """What launch.sh needs from a recipe, computed in Python (the shell never parses YAML).
 
-    python -m train.launch_plan RECIPE [key=value ...] --field output_dir|stages
+    python -m train.launch_plan RECIPE [key=value ...] --field output_dir|stages [--job-id ID] [--nodes N]
+
+Every node of a multi-node job must write into the same run directory, so its name cannot come from each node's
+clock: with `--job-id` (launch.sh passes $SLURM_JOB_ID) a recipe without `output_dir` runs in
+runs/<recipe>-job<ID>/, and with `--nodes` > 1 and neither, the plan is refused with the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from recipe import load_recipe
 from recipe.run_dir import resolve_output_dir
@@ -16,10 +21,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--field", choices=["output_dir", "stages"], required=True)
+    parser.add_argument("--job-id", default="", help="the scheduler's job id (names the run directory)")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.field == "output_dir":
-        print(resolve_output_dir(recipe, args.recipe))
+        if recipe.output_dir is None and args.job_id:
+            print(Path("runs") / f"{Path(args.recipe).stem}-job{args.job_id}")
+        elif recipe.output_dir is None and args.nodes > 1:
+            parser.exit(2, f"launch_plan: {args.nodes} nodes need one run directory that every node names alike: "
+                           "pass output_dir=PATH (on a filesystem every node sees), or run under SLURM\n")
+        else:
+            print(resolve_output_dir(recipe, args.recipe))
     else:
         print(" ".join(recipe.stages))
 

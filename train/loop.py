@@ -32,6 +32,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,10 +178,12 @@ def run_loop(
     checkpointer: Checkpointer | None = None,
     on_step: Callable[[LoopState], None] | None = None,
     signals: StopSignals | None = None,
+    step_guard: Callable[[], AbstractContextManager] = nullcontext,
 ) -> LoopState:
     """Train until `config.total_steps`; returns the final state. `make_loader(epoch)` builds the (prepared)
-    DataLoader of an epoch with its sampler seeded for that epoch. Raises `Diverged` on a non-finite step (module
-    doc) and `Interrupted` after a stop asked by `signals`, once its checkpoint is written."""
+    DataLoader of an epoch with its sampler seeded for that epoch; each step runs inside `step_guard()` (the hang
+    watchdog of train/diagnostics.py). Raises `Diverged` on a non-finite step (module doc) and `Interrupted` after a
+    stop asked by `signals`, once its checkpoint is written."""
     model.train()
     progress = tqdm(total=config.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
@@ -188,9 +191,10 @@ def run_loop(
     steps = micro_batches(make_loader, state, accelerator, config.grad_accum)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     while state.step < config.total_steps:
-        group = next(steps)
-        record = train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count, config,
-                            stop_requested=bool(signals and signals.requested))
+        with step_guard():
+            group = next(steps)
+            record = train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count, config,
+                                stop_requested=bool(signals and signals.requested))
         if record is None:  # a stop agreed by every rank, before this step: its batches are fetched again on resume
             progress.close()
             stop(accelerator, state, config, checkpointer, signals)

@@ -24,7 +24,7 @@ from recipe.run_dir import (
     summary_file,
     write_json_atomically,
 )
-from train import device, optim
+from train import device, diagnostics, optim
 from train.checkpoint import (
     Checkpointer,
     check_resume,
@@ -61,7 +61,9 @@ def open_stage(recipe: Recipe, recipe_path, stage: str):
     accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
     if recipe.train.resume:
         check_resume(recipe, stage, checkpoints_dir(run_dir, stage), accelerator.num_processes)
-    return run_dir, accelerator, prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
+    folder = prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
+    diagnostics.start(run_dir, accelerator.process_index, accelerator.num_processes, recipe.train.collective_timeout_s)
+    return run_dir, accelerator, folder
 
 
 def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Callable, loss_sum: Callable,
@@ -101,7 +103,8 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
     with StopSignals() as signals:
         state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                          make_loader=make_loader, loss_sum=loss_on_device, count=count, config=config, state=state,
-                         checkpointer=checkpointer, on_step=on_step, signals=signals)
+                         checkpointer=checkpointer, on_step=on_step, signals=signals,
+                         step_guard=diagnostics.step_guard)
     bad = nonfinite_parameters(accelerator.unwrap_model(model))
     if global_sum(accelerator, len(bad)) > 0:  # the stage saves what fit returns: never a non-finite adapter
         raise Diverged(state.step, f"trainable parameters are not finite ({', '.join(bad[:3])})")
