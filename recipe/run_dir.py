@@ -9,10 +9,11 @@ written (atomically). Every stage, the eval CLI and export ask it; no other modu
         checkpoints/step-NNNNNNNN resumable checkpoints (train/checkpoint.py)
         adapter/                  the trained LoRA adapter (PEFT layout), or
         merged/                   the whole model in the hub layout (full fine-tuning, or the export of the adapter)
-        summary.json              steps, units, samples, seconds, skipped rows, the logged history
+        summary.json              steps, units, samples, seconds, skipped rows, the logged history, validation
+        validation.jsonl          the SFT validation loss on data.eval, one line per evaluation (resume keeps it)
       dpo/start.json              what DPO started from: base, revision, SFT adapter and its sha256
       eval/                       results.json, predictions, report.html (eval/report.py)
-      logs/                       tracker files (tensorboard, wandb)
+      logs/                       tracker files: tensorboard/<stage>/ (event files), wandb/ (W&B's run folders)
 
 `stage_weights(run_dir, stage)` is the one answer to "which weights are this run's SFT (or DPO) model": a stage's
 adapter over the weights it started from (exact: merged in float32 when loaded), else its `merged/` checkpoint
@@ -44,6 +45,7 @@ ADAPTER = "adapter"
 MERGED = "merged"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
+VALIDATION = "validation.jsonl"
 START = "start.json"
 EVAL = "eval"
 LOGS = "logs"
@@ -92,6 +94,20 @@ def eval_dir(run_dir: Path) -> Path:
 
 def logs_dir(run_dir: Path) -> Path:
     return Path(run_dir) / LOGS
+
+
+def tensorboard_dir(run_dir: Path, stage: str) -> Path:
+    """A stage's TensorBoard event files: one TensorBoard run per stage, `<run>/logs/tensorboard/<stage>`."""
+    return logs_dir(run_dir) / "tensorboard" / stage
+
+
+def wandb_dir(run_dir: Path) -> Path:
+    """What W&B is given as `dir`: it writes its run folders under `<this>/wandb/` (`<run>/logs/wandb/`)."""
+    return logs_dir(run_dir)
+
+
+def validation_file(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage / VALIDATION
 
 
 def base_path(model: ModelSection, run_dir: Path) -> str:

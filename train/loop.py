@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from train.checkpoint import Checkpointer
+from train.tracking import batch_tokens
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def run_loop(
     model.train()
     progress = tqdm(total=config.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
-    window = {"start": time.perf_counter(), "units": 0.0, "samples": 0.0, "steps": 0}
+    counted = ("units", "samples", "tokens", "supervised_tokens")
+    window = {"start": time.perf_counter(), "steps": 0, **dict.fromkeys(counted, 0.0)}
     steps = micro_batches(make_loader, state, accelerator, config.grad_accum)
     while state.step < config.total_steps:
         group = next(steps)
@@ -110,8 +112,8 @@ def run_loop(
         state.micro_batches_in_epoch += len(group)
         state.units_seen += int(record["units"])
         state.samples_seen += int(record["samples"])
-        window["units"] += record["units"]
-        window["samples"] += record["samples"]
+        for key in counted:
+            window[key] += record[key]
         window["steps"] += 1
         progress.update(1)
         if state.step % config.log_every == 0 or state.step == config.total_steps:
@@ -119,7 +121,7 @@ def run_loop(
             state.history.append({"step": state.step, **record})
             accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            window.update(start=time.perf_counter(), units=0.0, samples=0.0, steps=0)
+            window.update(start=time.perf_counter(), steps=0, **dict.fromkeys(counted, 0.0))
         if checkpointer and (state.step % config.checkpoint_every == 0 or state.step == config.total_steps):
             checkpointer.save(state)
         if on_step:
@@ -131,6 +133,7 @@ def run_loop(
 def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count, config) -> dict:
     """One optimizer step over the micro-batches `group`; returns the step's metrics."""
     local_units = sum(count(b) for b in group)
+    local_tokens, local_supervised = (sum(n) for n in zip(*(batch_tokens(b) for b in group)))
     global_units = global_sum(accelerator, local_units)
     if global_units == 0:
         raise RuntimeError("an optimizer step has no supervised unit on any rank: check the data's labels")
@@ -160,6 +163,8 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "units": global_units,
         "samples": samples,
+        "tokens": global_sum(accelerator, local_tokens),  # every token computed, padding excluded
+        "supervised_tokens": global_sum(accelerator, local_supervised),
     }
     record.update({k: global_sum(accelerator, v) / global_units for k, v in metrics.items()})
     return record
@@ -169,7 +174,9 @@ def throughput(window: dict, state: LoopState, config: LoopConfig) -> dict:
     seconds = max(time.perf_counter() - window["start"], 1e-9)
     per_step = seconds / max(window["steps"], 1)
     return {
-        f"{config.unit_name}_per_s": window["units"] / seconds,
+        "tokens_per_s": window["tokens"] / seconds,  # all tokens (train/tracking.py batch_tokens)
+        "supervised_tokens_per_s": window["supervised_tokens"] / seconds,
+        **({f"{config.unit_name}_per_s": window["units"] / seconds} if config.unit_name != "tokens" else {}),
         "samples_per_s": window["samples"] / seconds,
         "eta_s": per_step * (config.total_steps - state.step),
         "epoch": state.epoch,

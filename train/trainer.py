@@ -9,8 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipe import Recipe, recipe_to_dict
-from recipe.parse import redact_secrets
+from recipe import Recipe
 from recipe.run_dir import (
     checkpoints_dir,
     prepare_stage_dir,
@@ -18,7 +17,7 @@ from recipe.run_dir import (
     summary_file,
     write_json_atomically,
 )
-from train import device, optim
+from train import device, optim, tracking
 from train.checkpoint import Checkpointer
 from train.loop import LoopConfig, LoopState, run_loop
 from train.trainable import parameter_groups
@@ -40,11 +39,15 @@ class StagePlan:
 
 
 def open_stage(recipe: Recipe, recipe_path, stage: str):
-    """(run_dir, accelerator, stage_dir) for a stage: the run directory resolved, accelerate set up, and
-    `<run>/<stage>` created (never over an earlier run of it unless the recipe says so)."""
+    """(run_dir, accelerator, stage_dir) for a stage: the run directory resolved, accelerate set up, `<run>/<stage>`
+    created (never over an earlier run of it unless the recipe says so) and the stage's trackers started (before
+    the base eval, which they log at step 0)."""
     run_dir = resolve_output_dir(recipe, recipe_path)
-    accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
-    return run_dir, accelerator, prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
+    accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum,
+                                          log_with=tracking.make_trackers(recipe, run_dir, stage))
+    folder = prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
+    tracking.start(accelerator, recipe, run_dir)
+    return run_dir, accelerator, folder
 
 
 def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Callable, loss_sum: Callable,
@@ -57,8 +60,6 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
     accelerator.register_for_checkpointing(scheduler)
     checkpointer = Checkpointer(accelerator, checkpoints_dir(plan.run_dir, plan.stage), keep=recipe.train.keep_checkpoints)
     state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
-    accelerator.init_trackers(recipe.logging.project or "phi3v-tune", config=flat_config(recipe),
-                              init_kwargs=tracker_names(recipe, plan.run_dir))
 
     def loss_on_device(model_, batch):
         with device.autocast_context(accelerator):
@@ -78,7 +79,9 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
     return model, state
 
 
-def write_summary(run_dir: Path, stage: str, state: LoopState, skips, started: float, accelerator, trained: Path) -> None:
+def write_summary(run_dir: Path, stage: str, state: LoopState, skips, started: float, accelerator, trained: Path,
+                  **extra) -> None:
+    """summary.json; `extra` adds keys (SFT: `validation`, the validation loss at each evaluation)."""
     if not accelerator.is_main_process:
         return
     write_json_atomically(summary_file(run_dir, stage), {
@@ -90,24 +93,6 @@ def write_summary(run_dir: Path, stage: str, state: LoopState, skips, started: f
         "saved": str(trained),
         "skipped_rows": skips.counts(),
         "history": state.history,
+        **extra,
     })
 
-
-def flat_config(recipe: Recipe) -> dict:
-    """The recipe, secrets redacted, flattened to dotted keys (what trackers accept)."""
-    out = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", redact_secrets(recipe_to_dict(recipe)))
-    return out
-
-
-def tracker_names(recipe: Recipe, run_dir: Path) -> dict:
-    name = recipe.logging.run_name or run_dir.name
-    return {"wandb": {"name": name}} if "wandb" in recipe.logging.report_to else {}
