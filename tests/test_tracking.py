@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.synthetic import write_synthetic
+from data.synthetic import DEMO_COUNTS, write_synthetic
 from eval.curves import nice_ticks
 from eval.report import render_report
 from recipe import load_recipe
@@ -31,6 +31,37 @@ def test_batch_tokens_counts_every_unpadded_token_and_the_supervised_ones():
     packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long),
               "labels": torch.tensor([[-100, 1, 2, -100, -100, 3]])}  # no mask: a pack has no padding
     assert batch_tokens(packed) == (6, 3)
+
+
+def test_validation_loss_is_per_supervised_token_whatever_the_batch_size(tmp_path):
+    from accelerate import Accelerator
+
+    from train.losses import sft_loss_sum, supervised_tokens
+    from train.model_loading import build_tiny
+    from train.validation import ValidationLoss
+
+    synthetic = tmp_path / "synthetic"
+    write_synthetic(synthetic, seed=0, **DEMO_COUNTS)
+
+    def validation(batch_size: int) -> ValidationLoss:
+        recipe = load_recipe(DEMO, small_overrides(tmp_path / f"run{batch_size}", synthetic, "sft", max_steps=4,
+                                                   micro_batch_size=batch_size) + ["eval.every_steps=3", "data.eval.0.limit=7"])
+        return ValidationLoss(recipe, processor, tmp_path / f"run{batch_size}", Accelerator(cpu=True), total_steps=4)
+
+    recipe = load_recipe(DEMO, [f"data.train.0.path={synthetic}"])
+    model, processor = build_tiny(recipe.model, seed=0)
+    model.eval()
+    one, five = validation(1), validation(5)
+    with torch.no_grad():
+        by_sample = [sft_loss_sum(model, batch)[0].item() for batch in one.loader]
+    tokens = sum(supervised_tokens(batch) for batch in one.loader)
+    expected = sum(by_sample) / tokens
+    assert len(by_sample) == 7 and len(list(five.loader)) == 2  # every sample once, the short last batch kept
+    assert five.evaluate(model, 3)["loss"] == pytest.approx(expected, rel=1e-5)
+    assert one.evaluate(model, 3) == {"step": 3, "loss": pytest.approx(expected, rel=1e-5), "tokens": tokens, "samples": 7}
+    for step in (1, 2, 3, 4):  # the callback evaluates at every eval.every_steps and at the last step
+        five(type("State", (), {"step": step})(), model)
+    assert [r["step"] for r in five.records()] == [3, 4]  # step 3 evaluated twice: one record
 
 
 def test_trackers_write_inside_the_run_directory(tmp_path):
@@ -174,7 +205,7 @@ def tracked_run(tmp_path_factory):
     """SFT -> DPO -> eval on a few steps, scored every 2 steps, logged to TensorBoard and W&B (offline) at once."""
     root = tmp_path_factory.mktemp("tracked")
     synthetic = root / "synthetic"
-    write_synthetic(synthetic, seed=0, n_train=64, n_eval=12, n_pref_train=32, n_pref_eval=8)
+    write_synthetic(synthetic, seed=0, **DEMO_COUNTS)
     overrides = small_overrides(root / "run", synthetic, "sft", max_steps=SFT_STEPS) + [
         "stages=[sft,dpo,eval]", f"dpo.max_steps={DPO_STEPS}", "eval.limit=6", f"eval.every_steps={EVERY}",
         "eval.batch_size=6", "logging.report_to=[tensorboard,wandb]", "logging.run_name=tracked"]
