@@ -286,3 +286,16 @@ def check_enough(num_planned: int, stage: str, recipe, num_replicas: int, skips:
         f"needs: train.micro_batch_size {train.micro_batch_size} x train.grad_accum {train.grad_accum} x "
         f"{num_replicas} rank(s) = {needed}{packing}. Fix: add rows, or lower train.micro_batch_size "
         "(or train.grad_accum)")
+
+
+def eval_loss_loader(planned: list[PlannedSample], processor, data: DataSection, *, batch_size: int,
+                     num_replicas: int = 1, rank: int = 0) -> DataLoader:
+    """Every planned SFT sample once, in order, as padded batches of `batch_size`; rank r takes batches r, r + R,
+    ... (the last may be short, and ranks may get one batch more or less: nothing is left out). For a validation
+    loss, where the per-token sum over ranks is what counts, not the batch shapes."""
+    dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
+                              max_image_pixels=data.max_image_pixels)
+    batches = [list(range(i, min(i + batch_size, len(planned)))) for i in range(0, len(planned), batch_size)]
+    return DataLoader(dataset, batch_sampler=batches[rank::num_replicas],
+                      collate_fn=SFTCollator(pad_token_id=processor.tokenizer.pad_token_id),
+                      num_workers=data.num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available())

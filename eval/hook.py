@@ -252,13 +252,15 @@ def _score_task(stage: str, task: Task, model, processor, recipe_eval, run_dir: 
 
 def evaluate_stage(stage: str, model, processor, recipe_eval, run_dir: str | Path, *, model_id_for_cache: str,
                    accelerator=None, data=None, task_paths: Mapping[str, str | Path] | None = None,
-                   cache_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+                   cache_dir: str | Path | None = None, step: int | None = None) -> dict[str, dict[str, float]]:
     """Score `model` (in eval mode) as `stage` on every task of `recipe_eval` (an EvalSection) and return this
     stage's scores, {task: {metric: value}}.
 
     `model_id_for_cache` names the base weights (hub id or path and revision) for the base cache; `data` (the
     recipe's DataSection) tells the synthetic task where its dataset is; `task_paths` ({task: local path})
-    overrides any task's source. Raises EvalGateError (after writing everything) when the gate fails.
+    overrides any task's source; `step` is the tracker step the scores are logged at (`tracker_scores`): 0 for the
+    base (SFT's first), a trained stage's last optimizer step. Raises EvalGateError (after writing everything) when
+    the gate fails.
     """
     _check_stage(stage)
     run_dir = Path(run_dir)
@@ -273,11 +275,17 @@ def evaluate_stage(stage: str, model, processor, recipe_eval, run_dir: str | Pat
     if accelerator is None or accelerator.is_main_process:
         write_report(run_dir)
     if accelerator is not None:
-        accelerator.log({f"eval/{stage}/{task}/{metric}": value
-                         for task, metrics in scores.items() for metric, value in metrics.items()})
+        accelerator.log(tracker_scores(scores), step=step)
         accelerator.wait_for_everyone()
     check_gate(results, stage, tasks, recipe_eval.gate_margin, run_dir)
     return scores
+
+
+def tracker_scores(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Scores as tracker keys, `eval/<task>/<metric>`. The stage is not in the key: each stage is its own tracker
+    run (train/tracking.py), so that in SFT's run the base (step 0), the scores during training and SFT's own (its
+    last step) draw one curve, and DPO's run continues it on DPO's steps."""
+    return {f"eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
 
 
 def score_during_training(stage: str, step: int, model, processor, recipe_eval, run_dir: str | Path, *,
@@ -301,7 +309,6 @@ def score_during_training(stage: str, step: int, model, processor, recipe_eval, 
         with path.open("a") as stream:
             stream.write(json.dumps({"stage": stage, "step": step, "scores": scores}) + "\n")
     if accelerator is not None:
-        accelerator.log({f"eval/{stage}/{task}/{metric}": value
-                         for task, metrics in scores.items() for metric, value in metrics.items()}, step=step)
+        accelerator.log(tracker_scores(scores), step=step)
     log.info("eval during %s at step %d: %s", stage, step, scores)
     return scores

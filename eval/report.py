@@ -8,7 +8,8 @@ It reads what `eval.hook` writes under `run_dir/eval/`:
     predictions/<stage>/<task>.jsonl      {"id", "question", "references", "prediction", "score"} per example
     thumbnails/<task>/<key>.png           the first image of an example the report shows (`thumbnail_path`)
 
-and shows, per task, a table of its metrics with columns base / sft / dpo (blank where a stage was not scored) and
+and each trained stage's `summary.json` (`eval.curves`: its training curves as inline SVG, first), and shows, per
+task, a table of its metrics with columns base / sft / dpo (blank where a stage was not scored) and
 the deltas between stages, then for each pair of consecutive scored stages the examples whose per-example score
 fell most (worst regressions) and rose most (best gains), with the image, the question, both predictions and the
 references. Every text is escaped with html.escape; images are embedded as base64 PNG.
@@ -27,6 +28,8 @@ from typing import Any
 
 from PIL import Image
 
+from eval.curves import STYLE as CURVES_STYLE
+from eval.curves import curves_section
 from recipe.run_dir import eval_dir, write_file_atomically, write_text_atomically
 
 STAGES = ("base", "sft", "dpo")
@@ -181,7 +184,8 @@ def render_report(run_dir: str | Path) -> str:
     title = f"Eval report: {html.escape(run_dir.name)}"
     body = "\n".join(sections) if sections else "<p>No task has been scored yet.</p>"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{title}</h1>\n"
+            f"<style>{STYLE}{CURVES_STYLE}</style></head><body><h1>{title}</h1>\n"
+            f"{curves_section(run_dir)}\n"
             "<p>Scores are fractions in [0, 1]. A delta is the later stage's score minus the earlier one's.</p>\n"
             f"{body}\n</body></html>\n")
 

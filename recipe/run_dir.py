@@ -9,10 +9,12 @@ written (atomically). Every stage, the eval CLI and export ask it; no other modu
         checkpoints/step-NNNNNNNN resumable checkpoints (train/checkpoint.py)
         adapter/                  the trained LoRA adapter (PEFT layout), or
         merged/                   the whole model in the hub layout (full fine-tuning, or the export of the adapter)
-        summary.json              steps, units, samples, seconds, skipped rows, the logged history
+        summary.json              steps, units, samples, seconds, skipped rows, the logged history, validation
+        validation.jsonl          the SFT validation loss on data.eval, one line per evaluation (resume keeps it)
       dpo/start.json              what DPO started from: base, revision, SFT adapter and its sha256
       eval/                       results.json, predictions, report.html (eval/report.py)
-      logs/                       tracker files (tensorboard, wandb); rank-<r>.log: each rank's log of each stage
+      logs/                       tracker files: tensorboard/<stage>/ (event files), wandb/ (W&B's run folders);
+                                  rank-<r>.log: each rank's log of each stage
       diagnostics/rank-<r>.txt    each rank's Python stacks, written on SIGUSR1, by the step watchdog (a step that
                                   outlasts the collective timeout) and when a collective fails
 
@@ -47,6 +49,7 @@ ADAPTER = "adapter"
 MERGED = "merged"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
+VALIDATION = "validation.jsonl"
 START = "start.json"
 EVAL = "eval"
 LOGS = "logs"
@@ -115,6 +118,20 @@ def diagnostics_dir(run_dir: Path) -> Path:
 
 def diagnostics_file(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / DIAGNOSTICS / f"rank-{rank}.txt"
+
+
+def tensorboard_dir(run_dir: Path, stage: str) -> Path:
+    """A stage's TensorBoard event files: one TensorBoard run per stage, `<run>/logs/tensorboard/<stage>`."""
+    return logs_dir(run_dir) / "tensorboard" / stage
+
+
+def wandb_dir(run_dir: Path) -> Path:
+    """What W&B is given as `dir`: it writes its run folders under `<this>/wandb/` (`<run>/logs/wandb/`)."""
+    return logs_dir(run_dir)
+
+
+def validation_file(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage / VALIDATION
 
 
 def base_path(model: ModelSection, run_dir: Path) -> str:

@@ -132,7 +132,9 @@ class Source:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataSection:
     train: tuple[Source, ...] = option((), "Training sources; each stage reads the formats it understands.")
-    eval: tuple[Source, ...] = option((), "Held-out sources for the eval loss during training; may be empty.")
+    eval: tuple[Source, ...] = option(
+        (), "Held-out sources: SFT's validation loss (SFT formats), DPO's preference accuracy; may be empty."
+    )
     max_length: int = option(4096, "Most tokens per sample, image tokens included.", ge=1)
     on_overlong: Literal["drop", "error"] = option("drop", "Over-long sample: drop and count it, or raise.")
     on_bad_sample: Literal["error", "skip"] = option(
@@ -223,7 +225,9 @@ class EvalSection:
     tasks: tuple[EvalTask, ...] = option((), "Eval task names (eval/tasks.py documents each).")
     limit: int | None = option(None, "Score at most this many examples per task; null: all.", ge=1)
     when: tuple[TrainedStage, ...] = option((), "Models to score; empty: base and every trained stage.")
-    every_steps: int | None = option(None, "Also score every this many training steps; null: never.", ge=1)
+    every_steps: int | None = option(
+        None, "Also score (and compute SFT's validation loss) every this many training steps; null: never.", ge=1
+    )
     max_new_tokens: int = option(128, "Most generated tokens per answer.", ge=1)
     batch_size: int = option(8, "Prompts generated per batch per device.", ge=1)
     gate_margin: float | None = option(

@@ -49,7 +49,7 @@ def test_run_directory_holds_exactly_the_expected_files(demo_run):
     expected = {"recipe.resolved.yaml", "env.json", "eval/results.json", "eval/report.html",
                 *(f"eval/predictions/{s}/synthetic.jsonl" for s in ("base", "sft", "dpo")),
                 *(f"base/{f}" for f in model_files),
-                "dpo/start.json", "dpo/preference_eval.json"}
+                "dpo/start.json", "dpo/preference_eval.json", "sft/validation.jsonl"}
     for stage, steps in (("sft", recipe.train.max_steps), ("dpo", recipe.dpo.max_steps)):
         expected |= {f"{stage}/summary.json", *(f"{stage}/adapter/{f}" for f in adapter_files),
                      *(f"{stage}/merged/{f}" for f in model_files),
@@ -62,6 +62,14 @@ def test_sft_loss_falls(demo_run):
     first, last = history[0]["loss"], min(h["loss"] for h in history[-3:])
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert last < 0.7 * first, (first, last)
+
+
+def test_sft_validation_loss_is_recorded_and_falls(demo_run):
+    summary = json.loads((demo_run / "sft" / "summary.json").read_text())
+    recipe = load_recipe(demo_run / "recipe.resolved.yaml")
+    (validation,) = summary["validation"]  # the demo sets no eval.every_steps: the last step only
+    assert validation["step"] == recipe.train.max_steps and validation["samples"] == SYNTHETIC_COUNTS["n_eval"]
+    assert validation["tokens"] > 0 and validation["loss"] < 0.7 * summary["history"][0]["loss"], validation
 
 
 def test_lora_weights_changed_and_base_weights_did_not(demo_run):

@@ -249,7 +249,7 @@ def test_scores_go_to_the_accelerator_trackers(tiny_model, tiny_processor, synth
             return model
 
         def log(self, values, step=None):
-            self.logged.append(values)
+            self.logged.append((values, step))
 
         def wait_for_everyone(self):
             self.waits += 1
@@ -257,8 +257,8 @@ def test_scores_go_to_the_accelerator_trackers(tiny_model, tiny_processor, synth
     fake_answers(monkeypatch, lambda example: example.references[0])
     accelerator = RecordingAccelerator()
     evaluate_stage("sft", tiny_model, tiny_processor, eval_section(), tmp_path, model_id_for_cache="m",
-                   accelerator=accelerator, task_paths={"synthetic": synthetic_dir})
-    assert accelerator.logged == [{"eval/sft/synthetic/exact_match": 1.0}] and accelerator.waits == 1
+                   accelerator=accelerator, task_paths={"synthetic": synthetic_dir}, step=7)
+    assert accelerator.logged == [({"eval/synthetic/exact_match": 1.0}, 7)] and accelerator.waits == 1
 
 
 def test_unknown_stage_is_refused(tiny_model, tiny_processor, tmp_path):

@@ -17,8 +17,10 @@ def stages_to_score(recipe: Recipe) -> tuple[str, ...]:
     return recipe.eval.when or ("base", *[s for s in recipe.stages if s in ("sft", "dpo")])
 
 
-def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *, base_path: str, accelerator):
-    """Score `model` as `stage` ('base', 'sft' or 'dpo'); a no-op when the recipe does not ask for it."""
+def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *, base_path: str, accelerator,
+                  step: int):
+    """Score `model` as `stage` ('base', 'sft' or 'dpo') and log it to the stage's trackers at `step` (the base: 0,
+    SFT's first; a trained stage: its last step); a no-op when the recipe does not ask for it."""
     if stage not in stages_to_score(recipe):
         return None
     model_id = f"{base_path}@{recipe.model.revision or 'main'}" if stage == "base" else f"{run_dir}/{stage}"
@@ -26,7 +28,7 @@ def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *
     model.eval()
     try:
         return evaluate_stage(stage, model, processor, recipe.eval, run_dir, model_id_for_cache=model_id,
-                              accelerator=accelerator, data=recipe.data)
+                              accelerator=accelerator, data=recipe.data, step=step)
     finally:
         model.train(was_training)
 

@@ -19,7 +19,8 @@ from recipe.run_dir import logs_dir
 log = logging.getLogger(__name__)
 
 
-def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int) -> Accelerator:
+def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: list | None = None) -> Accelerator:
+    """`log_with`: tracker instances (train/tracking.py `make_trackers`); None: the recipe's tracker names."""
     # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed) need it. A single process gets no
     # process group (asking for one without a launcher fails).
     # train.collective_timeout_s bounds every collective's wait (train/diagnostics.py writes the stacks before it).
@@ -30,7 +31,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int) -> Accelera
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
         mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",
-        log_with=list(recipe.logging.report_to) or None,
+        log_with=(log_with if log_with is not None else list(recipe.logging.report_to)) or None,
         project_dir=str(logs_dir(run_dir)),
         kwargs_handlers=kwargs,
     )

@@ -104,8 +104,11 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     if held_out and accelerator.is_main_process:
         write_json_atomically(stage_dir(run_dir, "dpo") / "preference_eval.json", held_out)
         log.info("held-out preferences: %s", held_out)
+    if held_out:
+        accelerator.log({f"eval/preference/{policy}/{key}": value for policy, scores in held_out.items()
+                         for key, value in scores.items()}, step=state.step)
     callbacks.run_eval_hook("dpo", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=start.base,
-                            accelerator=accelerator)
+                            accelerator=accelerator, step=state.step)
     return trainer.finish(accelerator, run_dir)
 
 

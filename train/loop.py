@@ -41,6 +41,7 @@ from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from train.checkpoint import Checkpointer, latest_checkpoint, nonfinite_parameters
+from train.tracking import batch_tokens
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ def run_loop(
     model.train()
     progress = tqdm(total=config.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
-    window = {"start": time.perf_counter(), "units": 0.0, "samples": 0.0, "steps": 0}
+    counted = ("units", "samples", "tokens", "supervised_tokens")
+    window = {"start": time.perf_counter(), "steps": 0, **dict.fromkeys(counted, 0.0)}
     steps = micro_batches(make_loader, state, accelerator, config.grad_accum)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     while state.step < config.total_steps:
@@ -216,8 +218,8 @@ def run_loop(
         state.micro_batches_in_epoch += len(group)
         state.units_seen += int(record["units"])
         state.samples_seen += int(record["samples"])
-        window["units"] += record["units"]
-        window["samples"] += record["samples"]
+        for key in counted:
+            window[key] += record[key]
         window["steps"] += 1
         progress.update(1)
         if state.step % config.log_every == 0 or state.step == config.total_steps:
@@ -225,7 +227,7 @@ def run_loop(
             state.history.append({"step": state.step, **record})
             accelerator.log({f"train/{k}": v for k, v in record.items()}, step=state.step)
             progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            window.update(start=time.perf_counter(), units=0.0, samples=0.0, steps=0)
+            window.update(start=time.perf_counter(), steps=0, **dict.fromkeys(counted, 0.0))
         if checkpointer and (state.step % config.checkpoint_every == 0 or state.step == config.total_steps):
             save_checked(accelerator, checkpointer, state)
         if on_step:
@@ -265,6 +267,7 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
     """One optimizer step over the micro-batches `group`; returns the step's metrics (`nonfinite`: the gradient norm
     was not finite and the update was not applied), or None, without training, when any rank asked to stop."""
     local_units = sum(count(b) for b in group)
+    local_tokens, local_supervised = (sum(n) for n in zip(*(batch_tokens(b) for b in group)))
     if accelerator.num_processes > 1:  # the stop flag rides along with the unit count: one all-reduce
         both = torch.tensor([float(local_units), float(stop_requested)], device=accelerator.device, dtype=torch.float64)
         global_units, stops = (float(v) for v in accelerator.reduce(both, reduction="sum"))
@@ -305,6 +308,8 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
         "units": global_units,
         "samples": samples,
         "nonfinite": nonfinite,
+        "tokens": global_sum(accelerator, local_tokens),  # every token computed, padding excluded
+        "supervised_tokens": global_sum(accelerator, local_supervised),
     }
     record.update({k: global_sum(accelerator, v) / global_units for k, v in metrics.items()})
     return record
@@ -314,7 +319,9 @@ def throughput(window: dict, state: LoopState, config: LoopConfig) -> dict:
     seconds = max(time.perf_counter() - window["start"], 1e-9)
     per_step = seconds / max(window["steps"], 1)
     return {
-        f"{config.unit_name}_per_s": window["units"] / seconds,
+        "tokens_per_s": window["tokens"] / seconds,  # all tokens (train/tracking.py batch_tokens)
+        "supervised_tokens_per_s": window["supervised_tokens"] / seconds,
+        **({f"{config.unit_name}_per_s": window["units"] / seconds} if config.unit_name != "tokens" else {}),
         "samples_per_s": window["samples"] / seconds,
         "eta_s": per_step * (config.total_steps - state.step),
         "epoch": state.epoch,

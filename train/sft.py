@@ -36,6 +36,7 @@ from train.trainable import (
     trained_parts,
     upcast_trainable_,
 )
+from train.validation import ValidationLoss
 
 log = logging.getLogger("train.sft")
 
@@ -81,7 +82,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
              batches_per_epoch, total_steps)
 
     model.to(accelerator.device)
-    callbacks.run_eval_hook("base", model, processor, recipe, run_dir, base_path=base_path, accelerator=accelerator)
+    callbacks.run_eval_hook("base", model, processor, recipe, run_dir, base_path=base_path, accelerator=accelerator,
+                            step=0)
 
     model = configure_trainable(model, recipe.model, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)
@@ -91,16 +93,18 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
                              data_fingerprint=data_fingerprint(planned))
     every = callbacks.eval_every_steps("sft", processor, recipe, run_dir, accelerator=accelerator,
                                        total_steps=total_steps)
+    validation = ValidationLoss.for_recipe(recipe, processor, run_dir, accelerator, total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)
     mark_training_started(run_dir, "sft")  # a failure from here on keeps the stage folder
     model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=sft_loss_sum,
-                               count=supervised_tokens, callbacks=[c for c in (every, stop) if c is not None])
+                               count=supervised_tokens, callbacks=[c for c in (every, validation, stop) if c is not None])
 
     lora = is_peft(accelerator.unwrap_model(model))
     trained = save_trained(accelerator, model, processor, (adapter_dir if lora else merged_dir)(run_dir, "sft"))
-    trainer.write_summary(run_dir, "sft", state, skips, started, accelerator, trained)
+    trainer.write_summary(run_dir, "sft", state, skips, started, accelerator, trained,
+                          **({"validation": validation.records()} if validation else {}))
     callbacks.run_eval_hook("sft", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=base_path,
-                            accelerator=accelerator)
+                            accelerator=accelerator, step=state.step)
     if skips.total:
         log.warning("rows left out of this run:\n%s", skips.summary())
     return trainer.finish(accelerator, run_dir)

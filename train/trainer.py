@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.summary import run_summary
-from recipe import Recipe, recipe_to_dict
-from recipe.parse import redact_secrets
+from recipe import Recipe
 from recipe.run_dir import (
     checkpoints_dir,
     prepare_stage_dir,
@@ -24,7 +23,7 @@ from recipe.run_dir import (
     summary_file,
     write_json_atomically,
 )
-from train import device, diagnostics, optim
+from train import device, diagnostics, optim, tracking
 from train.checkpoint import (
     Checkpointer,
     check_resume,
@@ -54,15 +53,18 @@ class StagePlan:
 
 
 def open_stage(recipe: Recipe, recipe_path, stage: str):
-    """(run_dir, accelerator, stage_dir) for a stage: the run directory resolved, accelerate set up, and
-    `<run>/<stage>` created (never over an earlier run of it unless the recipe says so). A resume that changes a
-    run-shaping value is refused here, before anything is loaded or written."""
+    """(run_dir, accelerator, stage_dir) for a stage: the run directory resolved, accelerate set up, `<run>/<stage>`
+    created (never over an earlier run of it unless the recipe says so) and the stage's trackers started (before
+    the base eval, which they log at step 0). A resume that changes a run-shaping value is refused here, before
+    anything is loaded or written."""
     run_dir = resolve_output_dir(recipe, recipe_path)
-    accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
+    accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum,
+                                          log_with=tracking.make_trackers(recipe, run_dir, stage))
     if recipe.train.resume:
         check_resume(recipe, stage, checkpoints_dir(run_dir, stage), accelerator.num_processes)
     folder = prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
     diagnostics.start(run_dir, accelerator.process_index, accelerator.num_processes, recipe.train.collective_timeout_s)
+    tracking.start(accelerator, recipe, run_dir)
     return run_dir, accelerator, folder
 
 
@@ -83,8 +85,6 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
     state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
     if recipe.train.resume and accelerator.is_main_process:  # accepted: now the run uses this recipe
         record_run(plan.run_dir, recipe)
-    accelerator.init_trackers(recipe.logging.project or "phi3v-tune", config=flat_config(recipe),
-                              init_kwargs=tracker_names(recipe, plan.run_dir))
 
     def loss_on_device(model_, batch):
         with device.autocast_context(accelerator):
@@ -120,7 +120,9 @@ def finish(accelerator, run_dir: Path) -> Path:
     return run_dir
 
 
-def write_summary(run_dir: Path, stage: str, state: LoopState, skips, started: float, accelerator, trained: Path) -> None:
+def write_summary(run_dir: Path, stage: str, state: LoopState, skips, started: float, accelerator, trained: Path,
+                  **extra) -> None:
+    """summary.json; `extra` adds keys (SFT: `validation`, the validation loss at each evaluation)."""
     if not accelerator.is_main_process:
         return
     write_json_atomically(summary_file(run_dir, stage), {
@@ -132,24 +134,6 @@ def write_summary(run_dir: Path, stage: str, state: LoopState, skips, started: f
         "saved": str(trained),
         "skipped_rows": skips.counts(),
         "history": state.history,
+        **extra,
     })
 
-
-def flat_config(recipe: Recipe) -> dict:
-    """The recipe, secrets redacted, flattened to dotted keys (what trackers accept)."""
-    out = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            out[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", redact_secrets(recipe_to_dict(recipe)))
-    return out
-
-
-def tracker_names(recipe: Recipe, run_dir: Path) -> dict:
-    name = recipe.logging.run_name or run_dir.name
-    return {"wandb": {"name": name}} if "wandb" in recipe.logging.report_to else {}
