@@ -4,14 +4,17 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
+from models.adapters import apply_adapter
 from models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+from models.phi3v.export_files import hub_layout_problems
 from recipe import load_recipe
+from recipe.run_dir import load_run_recipe
 from train import export
+from train.trainable import configure_trainable
 
 from .train_helpers import run_stage
 
@@ -95,9 +98,10 @@ def logits_of(model, batch):
 
 def test_saved_adapter_reloads_to_the_trained_logits(demo_run, inputs):
     base = Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32)
-    reloaded = PeftModel.from_pretrained(base, demo_run / "sft" / "adapter")
-    from_checkpoint = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32),
-                                                demo_run / "sft" / "adapter")
+    reloaded = apply_adapter(base, demo_run / "sft" / "adapter", merge=False)  # full_weights, then the LoRA
+    recipe = load_run_recipe(demo_run)
+    from_checkpoint = configure_trainable(Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32),
+                                          recipe.model, recipe.lora, seed=recipe.seed)
     checkpoint = load_file(next((demo_run / "sft" / "checkpoints").iterdir()) / "model.safetensors")
     from_checkpoint.load_state_dict(checkpoint, strict=True)
     assert torch.equal(logits_of(reloaded, inputs), logits_of(from_checkpoint, inputs))
@@ -109,10 +113,12 @@ def test_saved_adapter_reloads_to_the_trained_logits(demo_run, inputs):
 def test_merged_checkpoint_gives_the_adapter_logits(demo_run, inputs, stage):
     merged = Phi3VForCausalLM.from_pretrained(demo_run / stage / "merged", dtype=torch.float32)
     model = Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, demo_run / "sft" / "adapter")
+    model = apply_adapter(model, demo_run / "sft" / "adapter", merge=False)
     if stage == "dpo":
-        model = PeftModel.from_pretrained(model.merge_and_unload(), demo_run / "dpo" / "adapter")
+        model = apply_adapter(model.merge_and_unload(), demo_run / "dpo" / "adapter", merge=False)
     torch.testing.assert_close(logits_of(merged, inputs), logits_of(model, inputs), rtol=1e-4, atol=1e-4)
+    assert hub_layout_problems(demo_run / stage / "merged") == []
+    assert (demo_run / stage / "merged" / "README.md").is_file() and (demo_run / stage / "adapter" / "README.md").is_file()
 
 
 def test_tuned_model_beats_the_base_on_held_out_data(demo_run):

@@ -167,6 +167,8 @@ def test_adapter_is_portable_and_reloads_to_the_trained_logits(exported):
     assert type(auto.get_base_model()) is Phi3VForCausalLM
     auto.get_base_model().load_state_dict(full, strict=False)  # the documented plain-PEFT step (model card)
     torch.testing.assert_close(logits_of(auto, batch), expected, rtol=1e-5, atol=1e-5)
+    assert old_tokenizers_problems(json.loads((folder / "tokenizer.json").read_text())) == []
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
     card = (folder / "README.md").read_text()
     assert "full_weights.safetensors" in card and "peft 0.11.1" in card and "| synthetic | exact_match |" in card
 

@@ -10,6 +10,7 @@ from peft import PeftModel
 
 import models
 from models.adapters import apply_adapter, make_portable
+from models.phi3v.export_files import write_old_stack_tokenizer
 from data.synthetic import synthetic_texts
 from models.phi3v.tiny import build_demo_model
 from recipe import ModelSection, Recipe
@@ -70,6 +71,7 @@ def save_trained(accelerator: Accelerator, model, processor, folder: Path, *, re
                               local_base=str(Path(base_path(recipe.model, run_dir)).resolve())
                               if Path(base_path(recipe.model, run_dir)).is_dir() else None,
                               revision=recipe.model.revision, applies_after=[str(a) for a in applies_after])
+                write_old_stack_tokenizer(tmp)  # the adapter's tokenizer, readable by the old stack too
 
         replace_dir_atomically(folder, write)
     accelerator.wait_for_everyone()

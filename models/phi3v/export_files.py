@@ -175,6 +175,7 @@ def write_old_stack_tokenizer(folder: Path) -> None:
     write_json(folder / "special_tokens_map.json", {
         "additional_special_tokens": extra, "bos_token": token(out["bos_token"]), "eos_token": token(out["eos_token"]),
         "pad_token": token(out["pad_token"]), "unk_token": token(out["unk_token"])})
+    template_file.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ checking
