@@ -326,3 +326,28 @@ def test_hub_base_tokenizer_files_are_copied_byte_for_byte(folder, tmp_path):
     written = json.loads((tmp_path / "config.json").read_text())
     assert {k: v.split("--")[1] for k, v in written["auto_map"].items()} == config["auto_map"]
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [32007, 32000]
+
+
+def test_an_adapter_over_a_hub_base_loads_offline_from_the_recorded_or_overridden_folder(exported, tmp_path, monkeypatch):
+    """A run on a hub id writes that id as base_model_name_or_path; offline, `adapter_base` finds the local copy (the
+    folder recorded at training time, or $PHI3V_BASE_MODEL), and PEFT takes the base model explicitly."""
+    import shutil
+
+    from peft import PeftModel
+
+    from models.adapters import BASE_OVERRIDE_ENV, adapter_base
+
+    run, batch, expected, _ = exported
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter_dir(run, "sft"), folder)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": PHI3_VISION}))
+    record = json.loads((folder / "base_model.json").read_text())
+    assert adapter_base(folder) == record["local_path"] == str((run / "base").resolve())
+    (folder / "base_model.json").write_text(json.dumps({**record, "local_path": None}))
+    assert adapter_base(folder) == PHI3_VISION
+    monkeypatch.setenv(BASE_OVERRIDE_ENV, str(run / "base"))
+    base = AutoModelForCausalLM.from_pretrained(adapter_base(folder), dtype=torch.float32)
+    base.load_state_dict(load_file(folder / FULL_WEIGHTS), strict=False)
+    model = PeftModel.from_pretrained(base, str(folder))
+    torch.testing.assert_close(logits_of(model, batch), expected, rtol=1e-5, atol=1e-5)
