@@ -8,10 +8,9 @@ demo's tiny model, the two Phi-3-V hub ids and local Phi-3-V folders.
 
 from __future__ import annotations
 
-import re
-
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 

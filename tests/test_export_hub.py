@@ -17,12 +17,23 @@ from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, LogitsProcessor
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LogitsProcessor,
+)
 
 import models
 from models.adapters import ADAPTER_CONFIG, FULL_WEIGHTS, PEFT_011_LORA_KEYS, apply_adapter, portable_config
 from models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
-from models.phi3v.export_files import PHI3_VISION, hub_layout_problems, old_tokenizers_problems, write_hub_files
+from models.phi3v.export_files import (
+    PHI3_VISION,
+    hub_layout_problems,
+    old_tokenizers_problems,
+    write_hub_files,
+)
 from models.phi3v.tiny import build_tiny_tokenizer, tiny_config
 from recipe import load_recipe
 from recipe.parse import resolved_yaml

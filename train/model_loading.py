@@ -9,9 +9,9 @@ from accelerate import Accelerator
 from peft import PeftModel
 
 import models
+from data.synthetic import synthetic_texts
 from models.adapters import apply_adapter, make_portable
 from models.phi3v.export_files import write_old_stack_tokenizer
-from data.synthetic import synthetic_texts
 from models.phi3v.tiny import build_demo_model
 from recipe import ModelSection, Recipe
 from recipe.run_dir import Weights, base_path, is_adapter, replace_dir_atomically
