@@ -44,18 +44,21 @@ def test_run_directory_holds_exactly_the_expected_files(demo_run):
     assert len(caches) == 1 and next(iter(caches)).startswith("eval/cache/base-synthetic-")
     model_files = {"config.json", "generation_config.json", "model.safetensors", "chat_template.jinja",
                    "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"}
-    adapter_files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-                     "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"}
+    # Exports carry the hub checkpoint's files (docs/export.md): the chat template inside tokenizer_config.json.
+    merged_files = {*(model_files - {"chat_template.jinja"}), "special_tokens_map.json", "README.md"}
+    adapter_files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "base_model.json",
+                     "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
     checkpoint_files = {"custom_checkpoint_0.pkl", "loop_state.json", "model.safetensors", "optimizer.bin",
                         "random_states_0.pkl"}
     recipe = load_recipe(demo_run / "recipe.resolved.yaml")
     expected = {"recipe.resolved.yaml", "env.json", "eval/results.json", "eval/report.html",
                 *(f"eval/predictions/{s}/synthetic.jsonl" for s in ("base", "sft", "dpo")),
                 *(f"base/{f}" for f in model_files),
-                "dpo/start.json", "dpo/preference_eval.json"}
+                "dpo/start.json", "dpo/preference_eval.json",
+                "sft/adapter/full_weights.safetensors"}  # the projector, trained in full next to LoRA
     for stage, steps in (("sft", recipe.train.max_steps), ("dpo", recipe.dpo.max_steps)):
         expected |= {f"{stage}/summary.json", *(f"{stage}/adapter/{f}" for f in adapter_files),
-                     *(f"{stage}/merged/{f}" for f in model_files),
+                     *(f"{stage}/merged/{f}" for f in merged_files),
                      *(f"{stage}/checkpoints/step-{steps:08d}/{f}" for f in checkpoint_files)}
     assert files - thumbnails - caches == expected
 
