@@ -93,7 +93,8 @@ def _front_matter(base_id: str, adapter: bool) -> str:
 def merged_card(recipe: Recipe, run_dir: Path, stage: str, *, base_id: str, repo_id: str | None = None) -> str:
     where = repo_id or str(merged_dir(run_dir, stage))
     code = remote_code_repo(base_id, {})
-    return _front_matter(base_id, adapter=False) + f"""# {Path(where).name}: {base_id} fine-tuned with phi3v-tune
+    title = repo_id or f"{Path(run_dir).resolve().name}-{stage}"
+    return _front_matter(base_id, adapter=False) + f"""# {title}: {base_id} fine-tuned with phi3v-tune
 
 Base model: `{base_id}`. The LoRA adapter(s) of the run were merged into the weights; the folder has the files of
 the hub checkpoint (config with `auto_map` to `{code}`'s remote code, preprocessor config with the
