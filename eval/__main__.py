@@ -106,16 +106,14 @@ def plan_model(model: str, recipe: Recipe, *, stage: str | None, adapter: Path |
 def load_planned(plan: ModelPlan, recipe: Recipe):
     """(model in eval mode, processor): the weights, then the adapters (all but the last merged, the last kept as a
     PeftModel, as the training-time eval scores it)."""
-    from peft import PeftModel
+    from models.adapters import apply_adapter
 
     weights = plan.weights
     model, processor = models.load(weights.base, revision=weights.revision, dtype=recipe.model.dtype,
                                    attn_implementation=recipe.model.attn_implementation,
                                    num_crops=recipe.model.num_crops)
     for index, adapter in enumerate(weights.adapters):
-        model = PeftModel.from_pretrained(model, str(adapter))
-        if index < len(weights.adapters) - 1:
-            model = model.merge_and_unload()
+        model = apply_adapter(model, adapter, merge=index < len(weights.adapters) - 1)
     return model.eval(), processor
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -225,8 +226,16 @@ def _eval_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 def _export_problems(recipe: Recipe) -> list[str]:
     export = recipe.export
+    for key in ("hub_id", "base_model_id"):
+        value = getattr(export, key)
+        if value is not None and not HUB_REPO_ID.match(value):
+            what = "a hub repository id is ORG/NAME (letters, digits, -, _, .)"
+            return [issue(f"export.{key}", value, what, "write it as ORG/NAME, or null")]
     if "export" not in recipe.stages:
         return []
     if not (export.adapter or export.merged):

@@ -240,6 +240,13 @@ class ExportSection:
     adapter: bool = option(True, "Save the LoRA adapter (PEFT layout).")
     merged: bool = option(False, "Save merged weights in the original hub layout.")
     merged_dtype: Dtype = option("bfloat16", "Dtype of the merged weights.")
+    hub_id: str | None = option(
+        None, "Hub repository (ORG/NAME) the export uploads the merged folder and adapter to, with their model "
+        "cards; null: no upload. The token is read from the environment (HF_TOKEN).")
+    private: bool = option(True, "Create the hub repository as private.")
+    base_model_id: str | None = option(
+        None, "Hub id of the base model, written into the adapter config and cards when model.name_or_path is a "
+        "local folder; null: model.name_or_path when it is a hub id.")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -4,14 +4,17 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
+from models.adapters import apply_adapter
 from models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+from models.phi3v.export_files import hub_layout_problems
 from recipe import load_recipe
+from recipe.run_dir import load_run_recipe
 from train import export
+from train.trainable import configure_trainable
 
 from .train_helpers import run_stage
 
@@ -41,18 +44,21 @@ def test_run_directory_holds_exactly_the_expected_files(demo_run):
     assert len(caches) == 1 and next(iter(caches)).startswith("eval/cache/base-synthetic-")
     model_files = {"config.json", "generation_config.json", "model.safetensors", "chat_template.jinja",
                    "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"}
-    adapter_files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-                     "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"}
+    # Exports carry the hub checkpoint's files (docs/export.md): the chat template inside tokenizer_config.json.
+    merged_files = {*(model_files - {"chat_template.jinja"}), "special_tokens_map.json", "README.md"}
+    adapter_files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "base_model.json",
+                     "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
     checkpoint_files = {"custom_checkpoint_0.pkl", "loop_state.json", "model.safetensors", "optimizer.bin",
                         "random_states_0.pkl"}
     recipe = load_recipe(demo_run / "recipe.resolved.yaml")
     expected = {"recipe.resolved.yaml", "env.json", "eval/results.json", "eval/report.html",
                 *(f"eval/predictions/{s}/synthetic.jsonl" for s in ("base", "sft", "dpo")),
                 *(f"base/{f}" for f in model_files),
-                "dpo/start.json", "dpo/preference_eval.json", "sft/validation.jsonl"}
+                "dpo/start.json", "dpo/preference_eval.json", "sft/validation.jsonl",
+                "sft/adapter/full_weights.safetensors"}  # the projector, trained in full next to LoRA
     for stage, steps in (("sft", recipe.train.max_steps), ("dpo", recipe.dpo.max_steps)):
         expected |= {f"{stage}/summary.json", *(f"{stage}/adapter/{f}" for f in adapter_files),
-                     *(f"{stage}/merged/{f}" for f in model_files),
+                     *(f"{stage}/merged/{f}" for f in merged_files),
                      *(f"{stage}/checkpoints/step-{steps:08d}/{f}" for f in checkpoint_files)}
     assert files - thumbnails - caches == expected
 
@@ -103,9 +109,10 @@ def logits_of(model, batch):
 
 def test_saved_adapter_reloads_to_the_trained_logits(demo_run, inputs):
     base = Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32)
-    reloaded = PeftModel.from_pretrained(base, demo_run / "sft" / "adapter")
-    from_checkpoint = PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32),
-                                                demo_run / "sft" / "adapter")
+    reloaded = apply_adapter(base, demo_run / "sft" / "adapter", merge=False)  # full_weights, then the LoRA
+    recipe = load_run_recipe(demo_run)
+    from_checkpoint = configure_trainable(Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32),
+                                          recipe.model, recipe.lora, seed=recipe.seed)
     checkpoint = load_file(next((demo_run / "sft" / "checkpoints").iterdir()) / "model.safetensors")
     from_checkpoint.load_state_dict(checkpoint, strict=True)
     assert torch.equal(logits_of(reloaded, inputs), logits_of(from_checkpoint, inputs))
@@ -117,10 +124,12 @@ def test_saved_adapter_reloads_to_the_trained_logits(demo_run, inputs):
 def test_merged_checkpoint_gives_the_adapter_logits(demo_run, inputs, stage):
     merged = Phi3VForCausalLM.from_pretrained(demo_run / stage / "merged", dtype=torch.float32)
     model = Phi3VForCausalLM.from_pretrained(demo_run / "base", dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, demo_run / "sft" / "adapter")
+    model = apply_adapter(model, demo_run / "sft" / "adapter", merge=False)
     if stage == "dpo":
-        model = PeftModel.from_pretrained(model.merge_and_unload(), demo_run / "dpo" / "adapter")
+        model = apply_adapter(model.merge_and_unload(), demo_run / "dpo" / "adapter", merge=False)
     torch.testing.assert_close(logits_of(merged, inputs), logits_of(model, inputs), rtol=1e-4, atol=1e-4)
+    assert hub_layout_problems(demo_run / stage / "merged") == []
+    assert (demo_run / stage / "merged" / "README.md").is_file() and (demo_run / stage / "adapter" / "README.md").is_file()
 
 
 def test_tuned_model_beats_the_base_on_held_out_data(demo_run):

@@ -173,7 +173,8 @@ def test_key_in_the_wrong_section_points_to_where_it_belongs():
 def test_unknown_key_without_a_near_match_lists_the_valid_keys():
     (problem,) = problems_of(with_(MINIMAL, export={"zzz": 1}))
     assert problem.startswith(
-        "unknown key 'export.zzz' (valid keys in 'export': adapter, merged, merged_dtype)."
+        "unknown key 'export.zzz' (valid keys in 'export': adapter, merged, merged_dtype, hub_id, private, "
+        "base_model_id)."
     )
 
 
@@ -596,3 +597,9 @@ def test_output_dir_is_the_recipes_or_runs_name_timestamp():
     assert resolve_output_dir(recipe, None, now=now) == Path("runs/recipe-20250102-030405")
     chosen = parse_recipe(with_(MINIMAL, output_dir="/scratch/run1"))
     assert resolve_output_dir(chosen, "recipes/demo.yaml") == Path("/scratch/run1")
+
+
+def test_export_hub_id_must_be_org_slash_name():
+    (problem,) = problems_of(with_(MINIMAL, export={"hub_id": "not a repo"}))
+    assert problem.startswith("export.hub_id = 'not a repo': a hub repository id is ORG/NAME")
+    assert parse_recipe(with_(MINIMAL, export={"hub_id": "me/phi3v-chartqa"}), ()).export.hub_id == "me/phi3v-chartqa"

@@ -98,7 +98,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=loss_fn,
                                count=count_pairs, callbacks=[c for c in (every, stop) if c is not None])
 
-    trained = save_trained(accelerator, model, processor, adapter_dir(run_dir, "dpo"))
+    trained = save_trained(accelerator, model, processor, adapter_dir(run_dir, "dpo"), recipe=recipe, run_dir=run_dir,
+                           applies_after=start.adapters)
     trainer.write_summary(run_dir, "dpo", state, skips, started, accelerator, trained)
     held_out = preference_eval(accelerator, model, processor, recipe, device=accelerator.device)
     if held_out and accelerator.is_main_process:

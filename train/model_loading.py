@@ -10,9 +10,12 @@ from peft import PeftModel
 
 import models
 from data.synthetic import synthetic_texts
+from models.adapters import apply_adapter, make_portable
+from models.phi3v.export_files import write_old_stack_tokenizer
 from models.phi3v.tiny import build_demo_model
-from recipe import ModelSection
-from recipe.run_dir import Weights, base_path, replace_dir_atomically
+from recipe import ModelSection, Recipe
+from recipe.run_dir import Weights, base_path, is_adapter, replace_dir_atomically
+from train.hub_export import base_hub_id
 
 
 def build_tiny(model_section: ModelSection, seed: int):
@@ -37,12 +40,13 @@ def load_model(model_section: ModelSection, run_dir: Path, *, seed: int, acceler
 
 
 def load_weights(weights: Weights, model_section: ModelSection, *, dtype: str | None = None):
-    """(model, processor): `weights.base` with each of its adapters merged in, in order."""
+    """(model, processor): `weights.base` with each of its adapters merged in, in order (full-trained parts first,
+    `models.adapters.apply_adapter`)."""
     model, processor = models.load(weights.base, revision=weights.revision, dtype=dtype or model_section.dtype,
                                    attn_implementation=model_section.attn_implementation,
                                    num_crops=model_section.num_crops)
     for adapter in weights.adapters:
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model = apply_adapter(model, adapter, merge=True)
     return model, processor
 
 
@@ -50,15 +54,24 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_trained(accelerator: Accelerator, model, processor, folder: Path) -> Path:
+def save_trained(accelerator: Accelerator, model, processor, folder: Path, *, recipe: Recipe | None = None,
+                 run_dir: Path | None = None, applies_after: tuple[Path, ...] = ()) -> Path:
     """The adapter in PEFT layout (LoRA), or the whole model in the hub layout (full fine-tuning), with the
-    processor beside it, written atomically."""
+    processor beside it, written atomically. An adapter is made portable (`models.adapters.make_portable`: old
+    PEFT keys, explicit targets, the base's hub id, full-trained parts in `full_weights.safetensors`) when the
+    recipe is given; `applies_after` names adapters it is trained on top of (DPO over SFT), recorded beside it."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state dict otherwise
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         def write(tmp: Path) -> None:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(tmp)
+            if recipe is not None and is_adapter(tmp):
+                make_portable(tmp, base_id=base_hub_id(recipe, run_dir),
+                              local_base=str(Path(base_path(recipe.model, run_dir)).resolve())
+                              if Path(base_path(recipe.model, run_dir)).is_dir() else None,
+                              revision=recipe.model.revision, applies_after=[str(a) for a in applies_after])
+                write_old_stack_tokenizer(tmp)  # the adapter's tokenizer, readable by the old stack too
 
         replace_dir_atomically(folder, write)
     accelerator.wait_for_everyone()

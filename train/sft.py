@@ -100,7 +100,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
                                count=supervised_tokens, callbacks=[c for c in (every, validation, stop) if c is not None])
 
     lora = is_peft(accelerator.unwrap_model(model))
-    trained = save_trained(accelerator, model, processor, (adapter_dir if lora else merged_dir)(run_dir, "sft"))
+    trained = save_trained(accelerator, model, processor, (adapter_dir if lora else merged_dir)(run_dir, "sft"),
+                           recipe=recipe, run_dir=run_dir)
     trainer.write_summary(run_dir, "sft", state, skips, started, accelerator, trained,
                           **({"validation": validation.records()} if validation else {}))
     callbacks.run_eval_hook("sft", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=base_path,

@@ -173,6 +173,23 @@ class Phi3VImageProcessor:
         return out
 
     @classmethod
+    def from_pretrained(cls, path, **kwargs) -> Phi3VImageProcessor:
+        """From a folder's (or hub id's) `preprocessor_config.json`; `num_crops=` overrides the file's."""
+        import json
+        from pathlib import Path
+
+        if Path(path).is_dir():
+            file = Path(path) / "preprocessor_config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(str(path), "preprocessor_config.json", revision=kwargs.get("revision")))
+        processor = cls.from_dict(json.loads(file.read_text()) if file.is_file() else {})
+        if kwargs.get("num_crops") is not None:
+            processor.num_crops = int(kwargs["num_crops"])
+        return processor
+
+    @classmethod
     def from_dict(cls, config: dict) -> Phi3VImageProcessor:
         return cls(
             num_crops=int(config.get("num_crops", 16)),

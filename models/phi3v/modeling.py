@@ -153,7 +153,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
         # The hub's generation_config says eos 2; the model ends its turns with <|end|> (docs/phi3v.md#tokenizer-ids-and-chat-template).
-        self.generation_config.eos_token_id = list(config.end_token_ids or (32007, 32000))
+        self.generation_config.eos_token_id = list(end_ids(config))
         self.generation_config.pad_token_id = config.pad_token_id
 
     @classmethod
@@ -178,6 +178,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                 f"{pretrained_model_name_or_path} is not a complete Phi-3-V checkpoint: {len(missing)} parameters "
                 f"are missing, e.g. {missing[:5]}"
             )
+        if "generation_config" not in kwargs:
+            model.generation_config.eos_token_id = stop_ids(model.config, model.generation_config.eos_token_id)
         return model
 
     def prepare_inputs_for_generation(self, input_ids, *args, pixel_values=None, image_sizes=None, **kwargs):
@@ -189,6 +191,24 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             inputs["pixel_values"] = pixel_values
             inputs["image_sizes"] = image_sizes
         return inputs
+
+
+def end_ids(config: Phi3VConfig) -> list[int]:
+    """The ids a turn ends with: the config's `end_token_ids`, else the hub's <|end|> 32007 and <|endoftext|> 32000."""
+    return list(config.end_token_ids or (32007, 32000))
+
+
+def stop_ids(config: Phi3VConfig, loaded) -> list[int]:
+    """The generation stop ids of a model read from a folder: its `generation_config.json` says eos 2 (`</s>`, the
+    config's eos, which the model never ends a turn with) or nothing on the hub (docs/phi3v.md#eos-and-stop-tokens);
+    then the end ids. Ids a user wrote there that already hold every end id are kept."""
+    ids = [] if loaded is None else ([loaded] if isinstance(loaded, int) else list(loaded))
+    ends = end_ids(config)
+    if set(ends) <= set(ids):
+        return ids
+    if not ids or set(ids) <= {config.eos_token_id, 2}:
+        return ends
+    return ids
 
 
 def check_attn_implementation(name: str) -> None:
