@@ -167,14 +167,16 @@ class CollateWithIndices:
 
 
 def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *, stage: str, micro_batch_size: int,
-                   seed: int, num_replicas: int, rank: int) -> tuple[Callable[[int], DataLoader], int]:
-    """(epoch -> DataLoader, micro-batches per rank per epoch). Rendering, decoding and cropping run in workers."""
+                   seed: int, num_replicas: int, rank: int,
+                   share_prompt: bool = True) -> tuple[Callable[[int], DataLoader], int]:
+    """(epoch -> DataLoader, micro-batches per rank per epoch). Rendering, decoding and cropping run in workers.
+    `share_prompt`: DPO batches also carry the prefix-sharing layout (data.collate.DPOCollator)."""
     dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
                               max_image_pixels=data.max_image_pixels)
     pad_id = processor.tokenizer.pad_token_id
     lengths = [p.num_tokens for p in planned]
     if stage == "dpo":
-        collate = DPOCollator(pad_token_id=pad_id)
+        collate = DPOCollator(pad_token_id=pad_id, share_prompt=share_prompt)
     elif data.packing:
         collate = PackedSFTCollator(max_tokens=data.max_length)
     else:
@@ -203,5 +205,5 @@ def stage_loaders(recipe, processor, stage: str, skips: SkipCounter, *, num_repl
     planned = plan(samples, processor, recipe.data, skips)
     make_loader, batches_per_epoch = loader_factory(
         planned, processor, recipe.data, stage=stage, micro_batch_size=recipe.train.micro_batch_size,
-        seed=recipe.seed, num_replicas=num_replicas, rank=rank)
+        seed=recipe.seed, num_replicas=num_replicas, rank=rank, share_prompt=recipe.dpo.share_prompt)
     return planned, make_loader, batches_per_epoch
