@@ -14,9 +14,10 @@ Same work on both sides:
   also trains the projector in full; here both sides train the same LoRA only). The initial trainable weights are
   fingerprinted on both sides and must be identical;
 - the same batches: the first `(warmup + steps) x batch_size` conversations in file order, rendered by our
-  `RenderedDataset` and padded by our `SFTCollator` on both sides (TRL gets the rendered rows with
-  `dataset_kwargs={"skip_prepare_dataset": True}` and the collator as `data_collator`), so every step sees the same
-  token ids, labels and uint8 crops;
+  `RenderedDataset` and padded by our `SFTCollator` on both sides (TRL with
+  `dataset_kwargs={"skip_prepare_dataset": True}` and a `data_collator` that renders), so every step sees the same
+  token ids, labels and uint8 crops (SFTTrainer takes a `datasets.Dataset` only: it gets one of row indices, and
+  its collator renders those rows);
 - the same loss: summed token cross-entropy over the supervised tokens / their count (TRL's `nll` with
   `num_items_in_batch`), AdamW at the demo's SFT learning rate (constant), clipping at 1.0, fp32, no gradient
   checkpointing. The parent asserts that both sides log the same loss at every step (`--loss-rtol`).
@@ -99,15 +100,17 @@ def rendered_rows(workdir: Path, recipe, processor, num_samples: int):
 
 
 class TrlCollator:
-    """Our SFTCollator, minus the key only our loop reads."""
+    """Rows of indices (SFTTrainer takes a `datasets.Dataset` only) -> our rendered rows -> our SFTCollator, minus
+    the key only our loop reads. Rendering runs here, in the batch fetch, as in our DataLoader."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, rows, pad_token_id: int):
         from data.collate import SFTCollator
 
+        self.rows = rows
         self.collate = SFTCollator(pad_token_id=pad_token_id)
 
-    def __call__(self, rows):
-        batch = self.collate(rows)
+    def __call__(self, items):
+        batch = self.collate([self.rows[item["index"]] for item in items])
         batch.pop("num_supervised_tokens")
         return batch
 
@@ -177,6 +180,7 @@ def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
 
 
 def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
+    from datasets import Dataset
     from trl import SFTTrainer
 
     recipe = load_demo_recipe()
@@ -184,8 +188,9 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     model, processor = load_base(workdir, recipe)
     recorder = TrlStepRecorder(StepMeter(model))
     trainer = SFTTrainer(model=model, args=trl_config(workdir, recipe, total, batch_size),
-                         train_dataset=rendered_rows(workdir, recipe, processor, total * batch_size),
-                         data_collator=TrlCollator(processor.tokenizer.pad_token_id), processing_class=processor,
+                         train_dataset=Dataset.from_dict({"index": list(range(total * batch_size))}),
+                         data_collator=TrlCollator(rendered_rows(workdir, recipe, processor, total * batch_size),
+                                                   processor.tokenizer.pad_token_id), processing_class=processor,
                          peft_config=lora_config(model, recipe))
     losses: list[float] = []
     compute_loss = trainer.compute_loss
