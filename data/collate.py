@@ -365,7 +365,9 @@ def shared_layout(pairs: Sequence[RenderedPair], pad_token_id: int) -> dict[str,
         `logits_to_keep` as a boolean mask: the logits come back flattened, row-major, N x vocab). The prompt's last
         position is kept once and predicts the first token of both completions;
       - `shared_token_index` (S,) int64 into those N logits, `shared_targets` (S,) the token ids, and
-        `shared_sequence` (S,) the 2B-row sequence (chosen 0..B-1, rejected B..2B-1) each token counts for.
+        `shared_sequence` (S,) the 2B-row sequence (chosen 0..B-1, rejected B..2B-1) each token counts for;
+      - `shared_counts` (2B,) int64: supervised tokens per 2B-row sequence (counted here, on the CPU, so that the
+        loss needs no device sync for them).
     """
     rows = len(pairs)
     longest = max(len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)
@@ -399,4 +401,6 @@ def shared_layout(pairs: Sequence[RenderedPair], pad_token_id: int) -> dict[str,
         "shared_token_index": torch.tensor([int(flat_index[b, t]) for b, t, _, _ in wanted], dtype=torch.long),
         "shared_targets": torch.tensor([target for _, _, target, _ in wanted], dtype=torch.long),
         "shared_sequence": torch.tensor([sequence for _, _, _, sequence in wanted], dtype=torch.long),
+        "shared_counts": torch.bincount(torch.tensor([sequence for _, _, _, sequence in wanted], dtype=torch.long),
+                                        minlength=2 * rows),
     }

@@ -113,7 +113,7 @@ def shared_completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[tor
     logps = token_logps(logits[batch["shared_token_index"]], batch["shared_targets"])
     sequence = batch["shared_sequence"]
     sums = torch.zeros(2 * pairs, dtype=torch.float32, device=logits.device).index_add(0, sequence, logps)
-    return sums, torch.bincount(sequence, minlength=2 * pairs)
+    return sums, batch["shared_counts"]
 
 
 def pair_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
