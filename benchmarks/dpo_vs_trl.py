@@ -17,7 +17,11 @@ gradient clipping at the demo's 1.0, and as reference the same network with the 
 
 - ours: `train.loop.train_step` (the loop's optimizer step: forward, backward, clip, AdamW step, zero_grad) with
   `train.losses.DPOLoss` on batches from `RenderedDataset` + `DPOCollator`. A batch carries each image once per
-  pair, and the frozen tower encodes it once for chosen, rejected, policy and reference.
+  pair, and the frozen tower encodes it once for chosen, rejected, policy and reference. The LM computes each
+  prompt once for both completions (`data.collate.shared_layout`: one `prompt + chosen + rejected` row per pair
+  under a block mask), in the policy and in the reference pass. `--with-2b` adds a third side, ours on the 2B-row
+  layout (every prompt computed twice, `DPOCollator(share_prompt=False)`), and asserts that it computes the same
+  losses at every step.
 - TRL: `trl.DPOTrainer(model, args=DPOConfig(...), train_dataset=..., processing_class=Phi3VProcessor,
   peft_config=LoraConfig)`. Its `DataCollatorForVisionPreference` repeats every image for chosen and rejected,
   and the policy and the reference pass each run the tower on them. What TRL needs here (`trl_config`,
@@ -52,8 +56,9 @@ starts at zero, so policy = reference.
 Each side runs single-threaded by default (`--threads 1`). On a 2-core machine that other programs keep busy, two
 OpenMP threads per side stall at every parallel region whenever one thread is descheduled. At 2 threads, with
 other jobs holding the load average near 6, a step of 16 pairs took 2.7 s on both sides. At 1 thread it took
-0.15-0.26 s, and repeated runs of one side still differed by up to 20 %; hence the alternating repeats and the
-fastest run in the table. `--threads 0` leaves torch's default.
+0.15-0.26 s, and repeated runs of one side still differed by up to 20 %. Hence the alternating repeats (5 by
+default): the table shows each side's medians, and the speed-up is the median (with min-max) of the ratios of runs
+made back to back (paired), which a burst of load shifts for one pair only. `--threads 0` leaves torch's default.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ import platform
 import re
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,12 +80,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-from transformers import TrainerCallback
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's packages, also when another checkout is installed in editable mode
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
 RECIPE = REPO / "recipes" / "demo.yaml"
-SIDES = ("ours", "trl")
+SIDES = ("ours", "trl", "ours-2b")
+LABELS = {"ours": "ours", "trl": "TRL", "ours-2b": "ours 2B-row"}
 SEED = 0  # the synthetic data's seed, as data.loaders.concrete writes the demo's
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
@@ -227,7 +236,7 @@ def dpo_lr(recipe) -> float:
 # ------------------------------------------------------------------------------------------------ ours
 
 
-def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
+def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prompt: bool = True) -> dict:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
@@ -256,7 +265,8 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
         raise RuntimeError(f"ours: {len(planned)} pairs planned, {total * batch_size} needed:\n{skips.summary()}")
     # File order in batches of batch_size, as TRL's sequential sampler gives them.
     loader = DataLoader(RenderedDataset(planned, processor), batch_size=batch_size, shuffle=False, num_workers=0,
-                        collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id))
+                        collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id,
+                                               share_prompt=share_prompt))
 
     parts = dpo_parts(recipe.model)
     set_seed(recipe.seed)  # as DPOTrainer does right before it adds the adapter: the same LoRA initialisation
@@ -403,8 +413,10 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
 def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
-    runner = run_ours if side == "ours" else run_trl
-    result = runner(workdir, steps, warmup, batch_size)
+    if side == "trl":
+        result = run_trl(workdir, steps, warmup, batch_size)
+    else:
+        result = run_ours(workdir, steps, warmup, batch_size, share_prompt=side == "ours")
     result.update(side=side, lifetime_peak_mb=lifetime_peak_mb(), torch_threads=torch.get_num_threads())
     (workdir / f"{side}.json").write_text(json.dumps(result, indent=1) + "\n")
 
@@ -448,7 +460,8 @@ def spawn_side(side: str, workdir: Path, args: argparse.Namespace) -> tuple[dict
     command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads)]
-    env = {**os.environ, **OFFLINE_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    env = {**os.environ, **OFFLINE_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return None, (done.stdout + done.stderr)[-4000:]
@@ -482,7 +495,7 @@ def print_header(args: argparse.Namespace, recipe) -> None:
           f"{(args.warmup + args.steps) * args.batch_size} synthetic pairs in file order; "
           f"{'+'.join(loss.type for loss in recipe.dpo.losses)} loss, beta {recipe.dpo.beta}, AdamW lr "
           f"{dpo_lr(recipe):g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
-          f"alternating, each in a fresh subprocess; the table shows each side's fastest run")
+          f"alternating (ours first), each in a fresh subprocess; medians per side and paired ratios")
 
 
 COLUMNS = (("pairs/s", "pairs_per_s", "{:.1f}"), ("s/step", "seconds_per_step", "{:.3f}"),
@@ -519,6 +532,29 @@ def print_fingerprints(fingerprints: dict[str, set[str]]) -> None:
                                                               for label, values in fingerprints.items()))
 
 
+def paired_ratios(ours: list[float], theirs: list[float], unit: str, names: str = "ours/TRL") -> str:
+    """The ratio of each pair of runs (run i of one side against run i of the other, run back to back), as median
+    and min-max, with each side's median: a burst of load from other programs hits one pair, not one side."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return (f"{names} {unit}: paired median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max "
+            f"{max(ratios):.2f}x) over {len(ratios)} pairs [" + ", ".join(f"{r:.2f}" for r in ratios) + "]; "
+            f"medians {statistics.median(ours):.1f} vs {statistics.median(theirs):.1f} {unit}")
+
+
+def median_summary(summaries: list[SideSummary]) -> SideSummary:
+    """Each column's median over a side's runs (losses: the first run's; they are equal across runs)."""
+    fields = {key: statistics.median(getattr(s, key) for s in summaries) for key in SideSummary.__dataclass_fields__
+              if key not in ("first_loss", "last_loss")}
+    return SideSummary(**fields, first_loss=summaries[0].first_loss, last_loss=summaries[0].last_loss)
+
+
+def check_same_losses(a: list[float], b: list[float], rtol: float, what: str) -> float:
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    if len(a) != len(b) or worst > rtol:
+        raise AssertionError(f"{what}: losses differ (largest relative gap {worst:.1e} > {rtol:.0e})")
+    return worst
+
+
 def run_both(args: argparse.Namespace) -> None:
     import transformers
 
@@ -526,32 +562,45 @@ def run_both(args: argparse.Namespace) -> None:
     transformers.logging.disable_progress_bar()
     recipe = load_demo_recipe()
     print_header(args, recipe)
-    labels = {"ours": "ours", "trl": "TRL"}
-    runs: dict[str, list[SideSummary]] = {label: [] for label in labels.values()}
-    fingerprints: dict[str, set[str]] = {label: set() for label in labels.values()}
-    failures: dict[str, str] = {}
+    sides = ["ours", "trl"] + (["ours-2b"] if args.with_2b else [])
+    runs: dict[str, list[SideSummary]] = {LABELS[side]: [] for side in sides}
+    losses: dict[str, list[list[float]]] = {LABELS[side]: [] for side in sides}
+    fingerprints: dict[str, set[str]] = {LABELS[side]: set() for side in sides}
     with tempfile.TemporaryDirectory(prefix="dpo_vs_trl-") as tmp:
         workdir = Path(tmp)
         prepare_workdir(workdir, (args.warmup + args.steps) * args.batch_size)
         for repeat in range(args.repeats):
-            for side, label in labels.items():
-                if label in failures:
-                    continue
+            for side in sides:
+                label = LABELS[side]
                 started = time.perf_counter()
                 result, failure = spawn_side(side, workdir, args)
                 if result is None:
-                    failures[label] = failure
-                    print(f"run {repeat + 1} {label}: failed after {time.perf_counter() - started:.0f} s")
-                    continue
+                    print(f"run {repeat + 1} {label}: failed after {time.perf_counter() - started:.0f} s; the tail "
+                          f"of its output:\n{failure}")
+                    sys.exit(1)
                 runs[label].append(summarise(result, args.warmup, args.batch_size))
+                losses[label].append([step["loss"] for step in result["steps"]])
                 fingerprints[label].add(result["initial_trainable"])
                 print(f"run {repeat + 1} {label}: {runs[label][-1].pairs_per_s:.1f} pairs/s, subprocess "
-                      f"{time.perf_counter() - started:.0f} s; memory high-water mark reset: {result['peak_reset']}")
+                      f"{time.perf_counter() - started:.0f} s; memory high-water mark reset: {result['peak_reset']}; "
+                      f"load average now {os.getloadavg()[0]:.2f}")
     print_fingerprints(fingerprints)
-    print_table({label: max(summaries, key=lambda s: s.pairs_per_s) if summaries else None
-                 for label, summaries in runs.items()})
-    for label, failure in failures.items():
-        print(f"\n{label} failed; the tail of its output:\n{failure}")
+    for label, side_losses in losses.items():  # every run of a side computes the same losses
+        for other in side_losses[1:]:
+            check_same_losses(other, side_losses[0], 1e-6, f"{label}, two runs")
+    if args.with_2b:
+        worst = check_same_losses(losses["ours"][0], losses["ours 2B-row"][0], args.loss_rtol,
+                                  "ours (shared prompt) vs ours 2B-row")
+        print(f"losses, shared prompt vs 2B-row layout: equal at every step (largest relative gap {worst:.1e}, "
+              f"allowed {args.loss_rtol:.0e})")
+    print("medians over the runs of each side:")
+    print_table({label: median_summary(summaries) for label, summaries in runs.items() if label != "ours 2B-row"})
+    print(paired_ratios([s.pairs_per_s for s in runs["ours"]], [s.pairs_per_s for s in runs["TRL"]], "pairs/s"))
+    if args.with_2b:
+        print(paired_ratios([s.pairs_per_s for s in runs["ours"]], [s.pairs_per_s for s in runs["ours 2B-row"]],
+                            "pairs/s", names="ours/ours 2B-row"))
+        print(paired_ratios([s.pairs_per_s for s in runs["ours 2B-row"]], [s.pairs_per_s for s in runs["TRL"]],
+                            "pairs/s", names="ours 2B-row/TRL"))
 
 
 def main() -> None:
@@ -559,7 +608,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not timed")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (the demo's 16)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side, alternating; the fastest is shown")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternating; paired medians")
+    parser.add_argument("--with-2b", action="store_true",
+                        help="also run ours on the 2B-row layout (no prompt sharing) and assert equal losses")
+    parser.add_argument("--loss-rtol", type=float, default=1e-4,
+                        help="largest relative loss gap allowed between the shared-prompt and 2B-row runs")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per side (1: see the module docstring; 0: torch's default)")
     parser.add_argument("--side", choices=SIDES, help="run one side in this process (needs --workdir)")

@@ -296,11 +296,18 @@ class DPOCollator:
     One vision pass per batch: encode `pixel_values` once (`features = model.model.vision_embed_tokens(pixel_values,
     image_sizes)`, one tensor per image), then feed the 2B rows `image_features=[features[i] for row in
     sequence_images for i in row]`, which fills the slots row-major as the model expects.
+
+    With `share_prompt` (the default), and when no pair of the batch has its own rejected images, the batch also
+    carries the prefix-sharing layout (`shared_layout`, keys `shared_*`): B rows of `prompt + chosen + rejected`, so
+    that the LM computes each prompt once instead of twice (the prompt holds most tokens: 93% image slots at
+    num_crops 16). `train.losses.DPOLoss` runs it; the 2B-row keys stay for the paths that need them (mDPO's term,
+    flash-attention-2, which takes no block mask).
     """
 
-    def __init__(self, pad_token_id: int, padding_side: PaddingSide = "right"):
+    def __init__(self, pad_token_id: int, padding_side: PaddingSide = "right", share_prompt: bool = True):
         self.pad_token_id = _check_pad_token_id(pad_token_id)
         self.padding_side = _check_padding_side(padding_side)
+        self.share_prompt = share_prompt
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         _check_rows(rows, ("pair", "pixel_values", "image_sizes"))
@@ -315,6 +322,8 @@ class DPOCollator:
             "labels": labels,
             "sequence_images": chosen_images + rejected_images,
         }
+        if self.share_prompt and not any(pair.has_rejected_images for pair in pairs):
+            batch.update(shared_layout(pairs, self.pad_token_id))
         return _with_images(batch, images)
 
     @staticmethod
@@ -335,3 +344,63 @@ class DPOCollator:
             chosen.append(shared)
             rejected.append(list(own))
         return parts, chosen, rejected
+
+
+SEGMENT_PROMPT, SEGMENT_CHOSEN, SEGMENT_REJECTED, SEGMENT_PAD = 0, 1, 2, 3
+
+
+def shared_layout(pairs: Sequence[RenderedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The prefix-sharing layout of B pairs that share their prompt: one row per pair, `prompt + chosen + rejected`,
+    right-padded, with what a loss needs to read both completions' log-probs from one forward pass.
+
+    Keys (L = the longest `prompt + chosen + rejected`, N = kept positions, S = supervised tokens of both completions):
+      - `shared_input_ids` (B, L) int64;
+      - `shared_position_ids` (B, L) int64: prompt 0..p-1, chosen p..p+c-1, rejected p..p+r-1 (each completion at
+        the positions it has in the 2B-row layout), padding 0. The largest position + 1 is the 2B-row batch's padded
+        length, so Phi-3's long/short RoPE switch (taken from the largest position id) is the same in both layouts;
+      - `shared_segments` (B, L) int64: 0 prompt, 1 chosen, 2 rejected, 3 padding. Token q attends token k <= q when
+        k is in the prompt or in q's own segment (`train.losses.prefix_sharing_mask`): the rejected completion never
+        sees the chosen one, and each completion sees exactly the prompt it sees in the 2B-row layout;
+      - `shared_keep` (B, L) bool: the positions whose next-token logits a supervised token needs (transformers'
+        `logits_to_keep` as a boolean mask: the logits come back flattened, row-major, N x vocab). The prompt's last
+        position is kept once and predicts the first token of both completions;
+      - `shared_token_index` (S,) int64 into those N logits, `shared_targets` (S,) the token ids, and
+        `shared_sequence` (S,) the 2B-row sequence (chosen 0..B-1, rejected B..2B-1) each token counts for;
+      - `shared_counts` (2B,) int64: supervised tokens per 2B-row sequence (counted here, on the CPU, so that the
+        loss needs no device sync for them).
+    """
+    rows = len(pairs)
+    longest = max(len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)
+    ids = torch.full((rows, longest), pad_token_id, dtype=torch.long)
+    positions = torch.zeros((rows, longest), dtype=torch.long)
+    segments = torch.full((rows, longest), SEGMENT_PAD, dtype=torch.long)
+    keep = torch.zeros((rows, longest), dtype=torch.bool)
+    wanted: list[tuple[int, int, int, int]] = []  # (row, position, target, 2B-row sequence)
+    for b, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        if p == 0:
+            raise ValueError("a preference pair has an empty prompt: its first completion token has no prediction")
+        ids[b, : p + c + r] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids, dtype=torch.long)
+        positions[b, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        segments[b, :p] = SEGMENT_PROMPT
+        segments[b, p: p + c] = SEGMENT_CHOSEN
+        segments[b, p + c: p + c + r] = SEGMENT_REJECTED
+        for start, labels, sequence in ((p, pair.chosen_labels, b), (p + c, pair.rejected_labels, rows + b)):
+            for k, label in enumerate(labels):
+                if label != IGNORE_INDEX:
+                    wanted.append((b, p - 1 if k == 0 else start + k - 1, label, sequence))
+    for b, position, _, _ in wanted:
+        keep[b, position] = True
+    flat_index = torch.full((rows, longest), -1, dtype=torch.long)  # row-major rank of each kept position
+    flat_index[keep] = torch.arange(int(keep.sum()))
+    return {
+        "shared_input_ids": ids,
+        "shared_position_ids": positions,
+        "shared_segments": segments,
+        "shared_keep": keep,
+        "shared_token_index": torch.tensor([int(flat_index[b, t]) for b, t, _, _ in wanted], dtype=torch.long),
+        "shared_targets": torch.tensor([target for _, _, target, _ in wanted], dtype=torch.long),
+        "shared_sequence": torch.tensor([sequence for _, _, _, sequence in wanted], dtype=torch.long),
+        "shared_counts": torch.bincount(torch.tensor([sequence for _, _, _, sequence in wanted], dtype=torch.long),
+                                        minlength=2 * rows),
+    }

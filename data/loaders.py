@@ -227,15 +227,17 @@ class CountingDataLoader(DataLoader):
 
 def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *, stage: str, micro_batch_size: int,
                    seed: int, num_replicas: int, rank: int,
-                   skips: SkipCounter | None = None) -> tuple[Callable[[int], DataLoader], int]:
+                   skips: SkipCounter | None = None,
+                   share_prompt: bool = True) -> tuple[Callable[[int], DataLoader], int]:
     """(epoch -> DataLoader, micro-batches per rank per epoch). Rendering, decoding and cropping run in workers; a
-    row that fails there follows data.on_bad_sample (IndexedRows) and is counted in `skips`."""
+    row that fails there follows data.on_bad_sample (IndexedRows) and is counted in `skips`. `share_prompt`: DPO
+    batches also carry the prefix-sharing layout (data.collate.DPOCollator)."""
     dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
                               max_image_pixels=data.max_image_pixels)
     pad_id = processor.tokenizer.pad_token_id
     lengths = [p.num_tokens for p in planned]
     if stage == "dpo":
-        collate = DPOCollator(pad_token_id=pad_id)
+        collate = DPOCollator(pad_token_id=pad_id, share_prompt=share_prompt)
     elif data.packing:
         collate = PackedSFTCollator(max_tokens=data.max_length)
     else:
@@ -268,7 +270,8 @@ def stage_loaders(recipe, processor, stage: str, skips: SkipCounter, *, num_repl
                    main_first=main_first)
     make_loader, batches_per_epoch = loader_factory(
         planned, processor, recipe.data, stage=stage, micro_batch_size=recipe.train.micro_batch_size,
-        seed=recipe.seed, num_replicas=num_replicas, rank=rank, skips=skips)
+        seed=recipe.seed, num_replicas=num_replicas, rank=rank, skips=skips,
+        share_prompt=recipe.dpo.share_prompt)
     if batches_per_epoch < recipe.train.grad_accum:
         check_enough(len(planned), stage, recipe, num_replicas, skips)
     return planned, make_loader, batches_per_epoch

@@ -216,6 +216,10 @@ class DpoSection:
     precompute_ref_logps: bool = option(
         False, "Compute reference log-probs once before training; cache them."
     )
+    share_prompt: bool = option(
+        True, "One LM pass over each pair's prompt for both completions (prefix-sharing layout, same log-probs); "
+              "false: the 2B-row layout, each prompt computed twice."
+    )
     ref_batch_size: int = option(8, "Pairs per batch when precomputing reference log-probs.", ge=1)
     from_sft: str | None = option(None, "SFT run dir or adapter path to start from; null: the base model.")
 

@@ -228,7 +228,7 @@ def first_batch(samples: Sequence[SFTSample | PreferenceSample], processor, reci
     data = dataclasses.replace(recipe.data, num_workers=0)
     planned = plan(list(samples), processor, data, SkipCounter())
     make_loader, _ = loader_factory(planned, processor, data, stage=stage, micro_batch_size=len(planned),
-                                    seed=recipe.seed, num_replicas=1, rank=0)
+                                    seed=recipe.seed, num_replicas=1, rank=0, share_prompt=recipe.dpo.share_prompt)
     return next(iter(make_loader(0)))
 
 

@@ -2,8 +2,15 @@
 on completion log-probs (the loss family itself is in train/dpo_losses.py).
 
 Each returns the SUM of its per-unit losses (units: supervised tokens for SFT, pairs for DPO) and the loop divides
-by the units of the whole optimizer step (train/loop.py). Only positions whose next token is supervised get logits
-(`logits_to_keep`): with a 2,500-token image, that skips the vocabulary projection of ~99% of the sequence.
+by the units of the whole optimizer step (train/loop.py). Logits are computed only at the (row, position) pairs whose
+next token is supervised: transformers' `logits_to_keep` given as a (B, T) boolean mask returns them flattened,
+(N, vocab), so neither a 2,500-token image nor another row's supervised positions cost a vocabulary projection.
+
+DPO shares each pair's prompt between its chosen and rejected completions (`pair_logps`): one row per pair,
+`prompt + chosen + rejected`, under a block mask where the rejected tokens do not see the chosen ones
+(`data.collate.shared_layout`). The prompt (most of the tokens: the image slots) then goes through the LM once per
+pass instead of twice, and its gradient is exact: both completions read the same prompt activations, and the
+backward sums what flows into them from both.
 """
 
 from __future__ import annotations
@@ -22,31 +29,100 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, T) bool: positions t whose next token labels[t + 1] is supervised, (N,) those tokens, row-major)."""
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    return F.pad(supervised, (0, 1)), labels[:, 1:][supervised]
+
+
 def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Summed cross-entropy over supervised tokens."""
-    targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # positions t whose next token is supervised somewhere
-    logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, {}
+    """Summed cross-entropy over supervised tokens; logits only at their (row, position) pairs, (N, vocab)."""
+    keep, targets = supervised_positions(batch["labels"])
+    logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits  # (N, V)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
 
 
 def supervised_tokens(batch: dict) -> int:
     return int(batch["num_supervised_tokens"])
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per row of (N, V) logits, in float32."""
+    logits = logits.float()
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=1)
+
+
 def completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs, token counts) of each row's supervised tokens; only those positions get logits."""
-    targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    """(summed log-probs, token counts) of each of the 2B rows' supervised tokens, on the 2B-row layout; only the
+    supervised (row, position) pairs get logits."""
+    keep, targets = supervised_positions(batch["labels"])
     # use_cache=False: no cache in training, and with packed position_ids a cache would let samples see each other.
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                   use_cache=False, **image_kwargs).logits
-    targets = targets[:, keep]
-    mask = targets != IGNORE_INDEX
-    token_logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+                   use_cache=False, **image_kwargs).logits  # (N, V)
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=logits.device)
+    return sums.index_add(0, rows, token_logps(logits, targets)), keep.sum(dim=1)
+
+
+def unwrapped(model):
+    """The module inside DDP / DeepSpeed wrappers (their forward must still be the one called)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def attn_implementation(model) -> str:
+    return getattr(unwrapped(model).config, "_attn_implementation", "sdpa")
+
+
+def shares_prompt(model, batch: dict) -> bool:
+    """Whether `pair_logps` runs the prefix-sharing layout: the collator built it (no pair of the batch has its own
+    rejected images), and the attention takes a block mask (sdpa, eager; flash-attention-2 does not)."""
+    return "shared_input_ids" in batch and attn_implementation(model) in ("sdpa", "eager")
+
+
+def prefix_sharing_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) attention mask of the prefix-sharing layout (data.collate.shared_layout): query q sees key
+    k <= q when k is in the prompt or in q's own segment. Padding sees the prompt and padding, so that no row is
+    empty (an empty row gives NaN under SDPA, and NaN x 0 in the backward). Boolean (True = attend) for SDPA, additive
+    for eager."""
+    from data.collate import SEGMENT_PROMPT
+
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = (causal & ((key == SEGMENT_PROMPT) | (key == query)))[:, None]
+    if attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed,
+                                                                                            torch.finfo(dtype).min)
+    return allowed
+
+
+def shared_completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `completion_logps` returns for the 2B rows, from the prefix-sharing layout: B rows, one LM pass over
+    each prompt for both completions."""
+    pairs = batch["shared_input_ids"].shape[0]
+    kwargs = dict(image_kwargs)
+    if "sequence_images" in kwargs:  # row b holds pair b's prompt images once: those of its chosen row
+        kwargs["sequence_images"] = kwargs["sequence_images"][:pairs]
+    dtype = unwrapped(model).get_input_embeddings().weight.dtype
+    mask = prefix_sharing_mask(batch["shared_segments"], attn_implementation(model), dtype)
+    logits = model(input_ids=batch["shared_input_ids"], attention_mask=mask,
+                   position_ids=batch["shared_position_ids"], logits_to_keep=batch["shared_keep"], use_cache=False,
+                   **kwargs).logits  # (N, V): each kept position once
+    logps = token_logps(logits[batch["shared_token_index"]], batch["shared_targets"])
+    sequence = batch["shared_sequence"]
+    sums = torch.zeros(2 * pairs, dtype=torch.float32, device=logits.device).index_add(0, sequence, logps)
+    return sums, batch["shared_counts"]
+
+
+def pair_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, token counts) of the 2B completions (chosen 0..B-1, rejected B..2B-1): from the
+    prefix-sharing layout where `shares_prompt`, else from the 2B-row layout; the same values either way
+    (tests/test_dpo_shared_prompt.py)."""
+    if shares_prompt(model, batch):
+        return shared_completion_logps(model, batch, image_kwargs)
+    return completion_logps(model, batch, image_kwargs)
 
 
 class DPOLoss:
@@ -89,7 +165,7 @@ class DPOLoss:
             table = self.reference_table.to(batch["input_ids"].device)[batch["indices"]]
             return torch.cat([table[:, 0], table[:, 1]])
         with torch.no_grad(), peft_model.disable_adapter():
-            return completion_logps(peft_model, batch, kwargs)[0]
+            return pair_logps(peft_model, batch, kwargs)[0]
 
     def corrupted(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Each uint8 crop with a random 80% of its 8x8-pixel cells set to white."""
@@ -116,7 +192,7 @@ class DPOLoss:
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         peft_model = self.accelerator.unwrap_model(model)
         policy_kwargs, reference_kwargs = self.image_kwargs_for(peft_model, batch, self.share_features)
-        policy_logps, num_tokens = completion_logps(model, batch, policy_kwargs)
+        policy_logps, num_tokens = pair_logps(model, batch, policy_kwargs)
         reference_logps = self.reference(peft_model, batch, reference_kwargs)
         pairs = batch["input_ids"].shape[0] // 2
         chosen, rejected = slice(0, pairs), slice(pairs, 2 * pairs)
@@ -136,8 +212,8 @@ class DPOLoss:
             metrics["loss/mdpo"] = conditional.detach().mean()
         metrics.update(reward_metrics(policy_logps[chosen], policy_logps[rejected], reference_logps[chosen],
                                       reference_logps[rejected], beta=self.dpo.beta))
-        # The loop divides metric sums by the step's pairs: hand it sums.
-        return losses.sum(), {k: float(v) * pairs for k, v in metrics.items()}
+        # The loop divides metric sums by the step's pairs: hand it sums, as tensors (no device sync here).
+        return losses.sum(), {k: v.detach() * pairs for k, v in metrics.items()}
 
 
 def count_pairs(batch: dict) -> int:

@@ -13,7 +13,7 @@ from data.loaders import load_samples, loader_factory, plan, stage_sources
 from data.sources import SkipCounter
 from recipe import Recipe
 from train.device import to_device
-from train.losses import DPOLoss, completion_logps, count_pairs
+from train.losses import DPOLoss, count_pairs, pair_logps
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) ->
         pairs = count_pairs(batch)
         for which, context in (("dpo", nullcontext()), ("sft", peft_model.disable_adapter())):
             with context:
-                logps, _ = completion_logps(peft_model, batch, kwargs)
+                logps, _ = pair_logps(peft_model, batch, kwargs)
             margins[which].append(logps[:pairs] - logps[pairs:])
     peft_model.train(was_training)
     result = {}

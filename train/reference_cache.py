@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from data.collate import DPOCollator, RenderedDataset
 from recipe.run_dir import ADAPTER_WEIGHTS, Weights, file_sha256, stage_dir, write_json_atomically
 from train.device import to_device
-from train.losses import completion_logps
+from train.losses import pair_logps
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def compute(model, processor, planned, data, batch_size: int, device) -> torch.T
         if "pixel_values" in batch:
             features = model.model.vision_embed_tokens(batch["pixel_values"], batch["image_sizes"])
             kwargs = {"image_features": features, "sequence_images": batch["sequence_images"]}
-        logps, _ = completion_logps(model, batch, kwargs)
+        logps, _ = pair_logps(model, batch, kwargs)
         pairs = batch["input_ids"].shape[0] // 2
         rows.append(torch.stack([logps[:pairs], logps[pairs:]], dim=1).float().cpu())
     model.train(was_training)

@@ -86,7 +86,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         embeds = self.embed_tokens(input_ids)
         slots = input_ids == self.config.image_token_id
         if image_features is None and pixel_values is None:
-            return embeds + self.blank_image_term(embeds) if self.training else embeds
+            return embeds + self.blank_image_term(embeds) if self.training and several_processes() else embeds
         if image_features is None:
             image_features = self.vision_embed_tokens(pixel_values, image_sizes)
         if isinstance(image_features, torch.Tensor):
@@ -107,7 +107,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     def blank_image_term(self, embeds: torch.Tensor) -> torch.Tensor:
         """0 x the features of one blank crop. In training, a text-only batch still runs the vision path, so that
         every rank uses the same parameters in every step: DDP then finds no unused parameter, and ZeRO-3, which
-        gathers each parameter with a collective call on all ranks, does not hang when one rank has no image."""
+        gathers each parameter with a collective call on all ranks, does not hang when one rank has no image.
+        Only run when several processes train together (`several_processes`): one process has no other rank to wait
+        for, and a text-only batch then skips the CLIP pass entirely."""
         s = self.vision_embed_tokens.crop_size
         blank = torch.zeros(1, 3, s, s, dtype=torch.uint8, device=embeds.device)
         features = self.vision_embed_tokens(blank, torch.tensor([[s, s]]))
@@ -209,6 +211,12 @@ def stop_ids(config: Phi3VConfig, loaded) -> list[int]:
     if not ids or set(ids) <= {config.eos_token_id, 2}:
         return ends
     return ids
+
+
+def several_processes() -> bool:
+    """Whether a torch.distributed process group of more than one rank exists (DDP, DeepSpeed, FSDP)."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
 
 
 def check_attn_implementation(name: str) -> None:

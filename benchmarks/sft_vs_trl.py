@@ -1,0 +1,362 @@
+"""SFT steps on the same tiny Phi-3-V, the same LoRA and the same batches: our stage's step vs TRL's `SFTTrainer`.
+
+    python benchmarks/sft_vs_trl.py                        # 3 warm-up + 20 timed steps of 16 samples, 5 runs a side
+    python benchmarks/sft_vs_trl.py --steps 10 --repeats 2
+    python benchmarks/sft_vs_trl.py --side ours --workdir DIR ...   # one side only (what the parent runs)
+
+Built like `dpo_vs_trl.py` (whose measuring helpers it imports): the parent writes the synthetic SFT conversations
+(`sft_train.jsonl`) and the demo's tiny model once, then runs each side in its own subprocess, alternating, `--repeats`
+times, and reports the paired ratio of each repeat (ours / TRL, in the order they ran) as median and min-max.
+
+Same work on both sides:
+- the same saved tiny model and the same peft `LoraConfig` added after the same seed: the demo's `lora` section on
+  the language model's qkv_proj, o_proj, gate_up_proj, down_proj; tower and projector frozen (the demo's SFT stage
+  also trains the projector in full; here both sides train the same LoRA only). The initial trainable weights are
+  fingerprinted on both sides and must be identical;
+- the same batches: the first `(warmup + steps) x batch_size` conversations in file order, rendered by our
+  `RenderedDataset` and padded by our `SFTCollator` on both sides (TRL with
+  `dataset_kwargs={"skip_prepare_dataset": True}` and a `data_collator` that renders), so every step sees the same
+  token ids, labels and uint8 crops (SFTTrainer takes a `datasets.Dataset` only: it gets one of row indices, and
+  its collator renders those rows);
+- the same loss: summed token cross-entropy over the supervised tokens / their count (TRL's `nll` with
+  `num_items_in_batch`), AdamW at the demo's SFT learning rate (constant), clipping at 1.0, fp32, no gradient
+  checkpointing. The parent asserts that both sides log the same loss at every step (`--loss-rtol`).
+
+- ours: `train.loop.train_step` with `train.losses.sft_loss_sum`: logits only at the supervised (row, position)
+  pairs (transformers' `logits_to_keep` as a boolean mask), no CLIP pass for a text-only batch in one process;
+- TRL: `trl.SFTTrainer(model, args=SFTConfig(...), train_dataset=rows, data_collator=..., peft_config=LoraConfig)`:
+  its fused log-prob head over every position, plus its entropy and token-accuracy metrics.
+
+Timed span per step: forward, backward, clipping, optimizer step (TRL: `on_step_begin` to `on_step_end`); fetching
+and collating the batch is timed apart (data ms/step). Columns as in dpo_vs_trl.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's packages, also when another checkout is installed in editable mode
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import torch  # noqa: E402
+from dpo_vs_trl import (  # noqa: E402
+    OFFLINE_ENV,
+    SEED,
+    ResidentMemory,
+    StepMeter,
+    TrlStepRecorder,
+    lifetime_peak_mb,
+    load_base,
+    load_demo_recipe,
+    lora_config,
+    paired_ratios,
+    trainable_fingerprint,
+    versions,
+)
+
+SIDES = ("ours", "trl")
+
+
+def prepare_workdir(workdir: Path, num_samples: int) -> None:
+    from data.synthetic import write_synthetic
+    from train.model_loading import build_tiny
+
+    write_synthetic(workdir / "synthetic", seed=SEED, n_train=num_samples, n_eval=0, n_pref_train=0, n_pref_eval=0)
+    recipe = load_demo_recipe()
+    model, processor = build_tiny(recipe.model, recipe.seed)
+    model.save_pretrained(workdir / "base")
+    processor.save_pretrained(workdir / "base")
+
+
+def rendered_rows(workdir: Path, recipe, processor, num_samples: int):
+    """Our RenderedDataset over the first `num_samples` conversations of sft_train.jsonl, in file order."""
+    from data.collate import RenderedDataset
+    from data.loaders import load_samples, plan
+    from data.sources import SkipCounter
+    from recipe import Source
+
+    source = Source(format="trl_messages", path=str(workdir / "synthetic" / "sft_train.jsonl"),
+                    image_root=str(workdir / "synthetic"), limit=num_samples)
+    data = replace(recipe.data, train=(source,), num_workers=0)
+    skips = SkipCounter()
+    planned = plan(load_samples(data.train, "sft", data, seed=recipe.seed, skips=skips), processor, data, skips)
+    if len(planned) != num_samples:
+        raise RuntimeError(f"{len(planned)} samples planned, {num_samples} needed:\n{skips.summary()}")
+    return RenderedDataset(planned, processor, assistant_turns=data.assistant_turns)
+
+
+class TrlCollator:
+    """Rows of indices (SFTTrainer takes a `datasets.Dataset` only) -> our rendered rows -> our SFTCollator, minus
+    the key only our loop reads. Rendering runs here, in the batch fetch, as in our DataLoader."""
+
+    def __init__(self, rows, pad_token_id: int):
+        from data.collate import SFTCollator
+
+        self.rows = rows
+        self.collate = SFTCollator(pad_token_id=pad_token_id)
+
+    def __call__(self, items):
+        batch = self.collate([self.rows[item["index"]] for item in items])
+        batch.pop("num_supervised_tokens")
+        return batch
+
+
+def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from data.collate import SFTCollator
+    from train import device, optim
+    from train.loop import LoopConfig, train_step
+    from train.losses import sft_loss_sum, supervised_tokens
+    from train.trainable import configure_trainable, dpo_parts, parameter_groups, upcast_trainable_
+
+    recipe = load_demo_recipe()
+    total = warmup + steps
+    accelerator = device.make_accelerator(recipe, workdir / "ours_run", grad_accum=1)
+    model, processor = load_base(workdir, recipe)
+    meter = StepMeter(model)
+    loader = DataLoader(rendered_rows(workdir, recipe, processor, total * batch_size), batch_size=batch_size,
+                        shuffle=False, num_workers=0,
+                        collate_fn=SFTCollator(pad_token_id=processor.tokenizer.pad_token_id))
+    set_seed(recipe.seed)  # as the Trainer does before it adds the adapter: the same LoRA initialisation
+    model = configure_trainable(model, dpo_parts(recipe.model), recipe.lora)  # LM LoRA only (see the docstring)
+    fingerprint = trainable_fingerprint(model)
+    upcast_trainable_(model)
+    train_section = replace(recipe.train, scheduler="constant", warmup_steps=0)
+    optimizer = optim.make_optimizer(parameter_groups(model, train_section), train_section)
+    scheduler = optim.make_scheduler(optimizer, train_section, total)
+    model, optimizer = device.prepare(accelerator, model, optimizer, batch_size)
+    config = LoopConfig(total_steps=total, grad_accum=1, max_grad_norm=recipe.train.max_grad_norm, log_every=1,
+                        checkpoint_every=total)
+
+    def loss_on_device(model_, batch):
+        return sft_loss_sum(model_, device.to_device(batch, accelerator.device))
+
+    model.train()
+    memory = ResidentMemory()
+    records, batches = [], iter(loader)
+    for _ in range(total):
+        fetched = time.perf_counter()
+        batch = next(batches)
+        meter.begin(model)
+        started = time.perf_counter()
+        record = train_step(accelerator, model, optimizer, scheduler, [batch], loss_on_device, supervised_tokens,
+                            config)
+        ended = time.perf_counter()
+        records.append({"seconds": ended - started, "data_seconds": started - fetched, "loss": record["loss"],
+                        "tokens": record["units"], **meter.end()})
+    return {"steps": records, "train_growth_mb": memory.growth_mb(), "peak_reset": memory.reset_ok,
+            "initial_trainable": fingerprint}
+
+
+def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
+    from trl import SFTConfig
+
+    train = recipe.train
+    return SFTConfig(
+        output_dir=str(workdir / "trl_run"), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=train.lr, lr_scheduler_type="constant", weight_decay=train.weight_decay,
+        adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1], adam_epsilon=train.adam_eps,
+        max_grad_norm=train.max_grad_norm or 0.0, max_length=None, gradient_checkpointing=False, bf16=False,
+        fp16=False, use_cpu=True, train_sampling_strategy="sequential", dataloader_num_workers=0,
+        dataloader_pin_memory=False, seed=recipe.seed, report_to=[], logging_steps=1, save_strategy="no",
+        disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+    )
+
+
+def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    recipe = load_demo_recipe()
+    total = warmup + steps
+    model, processor = load_base(workdir, recipe)
+    recorder = TrlStepRecorder(StepMeter(model))
+    trainer = SFTTrainer(model=model, args=trl_config(workdir, recipe, total, batch_size),
+                         train_dataset=Dataset.from_dict({"index": list(range(total * batch_size))}),
+                         data_collator=TrlCollator(rendered_rows(workdir, recipe, processor, total * batch_size),
+                                                   processor.tokenizer.pad_token_id), processing_class=processor,
+                         peft_config=lora_config(model, recipe))
+    losses: list[float] = []
+    compute_loss = trainer.compute_loss
+
+    def recorded_loss(*args, **kwargs):  # the exact per-step loss (the logged one may be rounded)
+        loss = compute_loss(*args, **kwargs)
+        losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+        return loss
+
+    trainer.compute_loss = recorded_loss
+    recorder.time_fetches(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    if len(losses) != len(recorder.records):
+        raise RuntimeError(f"trl: {len(losses)} losses for {len(recorder.records)} steps")
+    for record, loss in zip(recorder.records, losses):
+        record["loss"] = loss
+    return {"steps": recorder.records, "train_growth_mb": recorder.memory.growth_mb(),
+            "peak_reset": recorder.memory.reset_ok, "initial_trainable": recorder.fingerprint}
+
+
+def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    result = (run_ours if side == "ours" else run_trl)(workdir, steps, warmup, batch_size)
+    result.update(side=side, lifetime_peak_mb=lifetime_peak_mb(), torch_threads=torch.get_num_threads())
+    (workdir / f"{side}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ the parent
+
+
+def summarise(result: dict, warmup: int, batch_size: int) -> dict:
+    timed = result["steps"][warmup:]
+    seconds = sum(step["seconds"] for step in timed)
+
+    def mean(key: str) -> float:
+        return sum(step[key] for step in timed) / len(timed)
+
+    return {"samples_per_s": batch_size * len(timed) / seconds, "seconds_per_step": seconds / len(timed),
+            "data_ms": 1000 * mean("data_seconds"), "clip_calls": mean("clip_calls"), "clip_ms": 1000 * mean("clip_seconds"),
+            "lm_tokens": mean("lm_tokens"), "saved_mb": mean("saved_mb"), "peak_mb": result["lifetime_peak_mb"],
+            "train_growth_mb": result["train_growth_mb"], "losses": [step["loss"] for step in result["steps"]]}
+
+
+def spawn_side(side: str, workdir: Path, args: argparse.Namespace) -> tuple[dict | None, str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads)]
+    env = {**os.environ, **OFFLINE_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, (done.stdout + done.stderr)[-4000:]
+    return json.loads((workdir / f"{side}.json").read_text()), ""
+
+
+COLUMNS = (("samples/s", "samples_per_s", "{:.1f}"), ("s/step", "seconds_per_step", "{:.3f}"),
+           ("data ms/step", "data_ms", "{:.0f}"), ("CLIP calls/step", "clip_calls", "{:.2f}"),
+           ("CLIP ms/step", "clip_ms", "{:.1f}"), ("LM tokens/step", "lm_tokens", "{:.0f}"),
+           ("saved MB/step", "saved_mb", "{:.1f}"), ("peak RSS MB", "peak_mb", "{:.0f}"),
+           ("train +MB", "train_growth_mb", "{:.0f}"))
+
+
+def print_table(runs: dict[str, list[dict]]) -> None:
+    """Per side, the median over its runs of each column."""
+    widths = [max(len(title), 8) for title, _, _ in COLUMNS]
+    print("medians over the runs of each side:")
+    print(f"{'side':<9}" + " ".join(f"{title:>{w}}" for (title, _, _), w in zip(COLUMNS, widths)))
+    medians = {}
+    for side, summaries in runs.items():
+        medians[side] = {key: statistics.median(s[key] for s in summaries) for _, key, _ in COLUMNS}
+        cells = [fmt.format(medians[side][key]) for _, key, fmt in COLUMNS]
+        print(f"{side:<9}" + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    ratios = [medians["ours"][key] / medians["TRL"][key] if medians["TRL"][key] else float("nan")
+              for _, key, _ in COLUMNS]
+    print(f"{'ours/TRL':<9}" + " ".join(f"{r:>{w - 1}.2f}x" for r, w in zip(ratios, widths)))
+
+
+def check_losses(runs: dict[str, list[dict]], rtol: float) -> float:
+    """The largest relative gap between any run's loss and ours' first run's, step by step; raises above rtol."""
+    reference = runs["ours"][0]["losses"]
+    worst = 0.0
+    for side, summaries in runs.items():
+        for summary in summaries:
+            if len(summary["losses"]) != len(reference):
+                raise AssertionError(f"{side}: {len(summary['losses'])} steps, ours {len(reference)}")
+            for step, (a, b) in enumerate(zip(summary["losses"], reference)):
+                gap = abs(a - b) / abs(b)
+                worst = max(worst, gap)
+                if gap > rtol:
+                    raise AssertionError(f"{side}, step {step}: loss {a!r} vs ours {b!r} (relative gap {gap:.1e} > "
+                                         f"{rtol:.0e}): the sides do not do the same work")
+    return worst
+
+
+def run_both(args: argparse.Namespace) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    recipe = load_demo_recipe()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"# SFT steps, ours vs TRL SFTTrainer, {now:%Y-%m-%d %H:%M} UTC")
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
+    print(f"machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs ({usable} usable); torch "
+          f"threads per side: {args.threads or 'default'}")
+    print(f"versions: {versions()}")
+    print("load average at start (1/5/15 min): " + "/".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"model: the demo's tiny Phi-3-V, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
+          f"{recipe.model.num_crops}; LoRA r {recipe.lora.r} on the LM's {', '.join(recipe.lora.target_modules)}; "
+          "tower and projector frozen")
+    print(f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} samples, the first "
+          f"{(args.warmup + args.steps) * args.batch_size} synthetic conversations in file order; AdamW lr "
+          f"{recipe.train.lr:g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
+          "alternating (ours first), each in a fresh subprocess")
+    labels = {"ours": "ours", "trl": "TRL"}
+    runs: dict[str, list[dict]] = {label: [] for label in labels.values()}
+    fingerprints: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="sft_vs_trl-") as tmp:
+        workdir = Path(tmp)
+        prepare_workdir(workdir, (args.warmup + args.steps) * args.batch_size)
+        for repeat in range(args.repeats):
+            for side, label in labels.items():
+                started = time.perf_counter()
+                result, failure = spawn_side(side, workdir, args)
+                if result is None:
+                    print(f"run {repeat + 1} {label}: failed; the tail of its output:\n{failure}")
+                    sys.exit(1)
+                runs[label].append(summarise(result, args.warmup, args.batch_size))
+                fingerprints.add(result["initial_trainable"])
+                print(f"run {repeat + 1} {label}: {runs[label][-1]['samples_per_s']:.1f} samples/s, subprocess "
+                      f"{time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}")
+    if len(fingerprints) != 1:
+        raise AssertionError(f"initial trainable weights differ between runs: {sorted(fingerprints)}")
+    print(f"initial trainable weights: identical in every run of both sides ({fingerprints.pop()})")
+    worst = check_losses(runs, args.loss_rtol)
+    losses = runs["ours"][0]["losses"]
+    print(f"losses: equal at every step on both sides (largest relative gap {worst:.1e}, allowed {args.loss_rtol:.0e});"
+          f" first/last {losses[0]:.6f}/{losses[-1]:.6f}")
+    print_table(runs)
+    print(paired_ratios([s["samples_per_s"] for s in runs["ours"]], [s["samples_per_s"] for s in runs["TRL"]],
+                        "samples/s"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per side")
+    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not timed")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step (the demo's 16)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternating; paired medians")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per side (0: torch's default)")
+    parser.add_argument("--loss-rtol", type=float, default=1e-4,
+                        help="largest relative gap allowed between the sides' losses at any step")
+    parser.add_argument("--side", choices=SIDES, help="run one side in this process (needs --workdir)")
+    parser.add_argument("--workdir", type=Path, help="a folder the parent prepared (with --side)")
+    args = parser.parse_args()
+    if min(args.steps, args.batch_size, args.repeats) < 1 or min(args.warmup, args.threads) < 0:
+        parser.error("need --steps, --batch-size, --repeats >= 1 and --warmup, --threads >= 0")
+    if args.side:
+        if args.workdir is None:
+            parser.error("--side needs --workdir (a folder prepared by the parent run)")
+        run_side(args.side, args.workdir, args.steps, args.warmup, args.batch_size, args.threads)
+    else:
+        run_both(args)
+
+
+if __name__ == "__main__":
+    main()
