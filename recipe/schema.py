@@ -167,6 +167,9 @@ class TrainSection:
     keep_checkpoints: int = option(2, "Keep the newest this many checkpoints; older ones are deleted.", ge=1)
     log_every: int = option(10, "Log metrics every this many optimizer steps.", ge=1)
     resume: bool = option(False, "Resume from the newest checkpoint in the run directory.")
+    num_threads: int | None = option(
+        None, "Intra-op CPU threads per process; null: $OMP_NUM_THREADS if set, else torch's default with a GPU and "
+        "cores // local processes without (train/device.py set_threads).", ge=1)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

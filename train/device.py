@@ -18,6 +18,28 @@ from recipe.run_dir import logs_dir
 log = logging.getLogger(__name__)
 
 
+def set_threads(recipe: Recipe | None = None) -> int:
+    """Set this process's intra-op threads before the model loads; returns the count in force.
+
+    Precedence: `train.num_threads` from the recipe, then `$OMP_NUM_THREADS`, then a default: torch's own with a
+    GPU (the host threads only feed the device), and `usable cores // processes on this node` without one, so that
+    N CPU processes on N cores do not oversubscribe (each OpenMP region waits for its slowest, descheduled thread).
+    `OMP_NUM_THREADS` is exported with the count, so DataLoader workers and child processes inherit it (torch's
+    worker loop also sets one thread per worker)."""
+    requested = recipe.train.num_threads if recipe is not None else None
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested is None and env.isdigit() and int(env) > 0:
+        requested = int(env)
+    if requested is None and not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        requested = max(1, cores // max(1, local))
+    if requested is not None:
+        torch.set_num_threads(requested)
+        os.environ["OMP_NUM_THREADS"] = str(requested)
+    return torch.get_num_threads()
+
+
 def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int) -> Accelerator:
     # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed) need it. A single process gets no
     # process group (asking for one without a launcher fails).

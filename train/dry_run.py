@@ -48,6 +48,7 @@ from models import DTYPES
 from recipe import ModelSection, Recipe, RecipeError, Source, load_recipe, recipe_help
 from recipe.checks import recipe_problems
 from recipe.schema import STAGE_FORMATS
+from train.device import set_threads
 from train.losses import DPOLoss, count_pairs, sft_loss_sum, supervised_tokens
 from train.model_loading import build_tiny
 from train.trainable import (
@@ -312,7 +313,9 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(0)
     recipe_path, overrides = argv[0], argv[1:]
     try:
-        summary = {"recipe": recipe_path, **dry_run(load_recipe(recipe_path, overrides))}
+        recipe = load_recipe(recipe_path, overrides)
+        set_threads(recipe)
+        summary = {"recipe": recipe_path, **dry_run(recipe)}
     except (ValueError, RuntimeError) as error:  # RecipeError and DataError are ValueErrors
         print(f"dry run of {recipe_path} failed:\n{error}", file=sys.stderr)
         raise SystemExit(1) from error

@@ -29,6 +29,7 @@ from recipe.run_dir import (
     stage_dir,
     stage_weights,
 )
+from train.device import set_threads
 from train.model_loading import load_weights
 
 log = logging.getLogger("train.export")
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_run_recipe(args.run_dir)
+    set_threads(recipe)
     if not args.stage and not recipe.export.merged:
         print(f"export.merged is false: nothing to merge; the adapters are in {args.run_dir}/<stage>/adapter")
         return []

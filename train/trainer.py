@@ -42,6 +42,7 @@ class StagePlan:
 def open_stage(recipe: Recipe, recipe_path, stage: str):
     """(run_dir, accelerator, stage_dir) for a stage: the run directory resolved, accelerate set up, and
     `<run>/<stage>` created (never over an earlier run of it unless the recipe says so)."""
+    log.info("intra-op threads: %d", device.set_threads(recipe))  # before the model loads
     run_dir = resolve_output_dir(recipe, recipe_path)
     accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum)
     return run_dir, accelerator, prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
