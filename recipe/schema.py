@@ -91,6 +91,7 @@ class ModelSection:
     projector: Literal["frozen", "full"] = option("full", "How the image projector (2-layer MLP) is trained.")
     language: Literal["lora", "full"] = option("lora", "How the language model is trained.")
     gradient_checkpointing: bool = option(True, "Recompute activations: less memory, ~30% slower.")
+    liger: bool = option(False, "liger-kernel's Phi-3 RoPE, RMSNorm and SwiGLU kernels (CUDA + liger-kernel only).")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -40,6 +40,23 @@ def set_threads(recipe: Recipe | None = None) -> int:
     return torch.get_num_threads()
 
 
+def apply_liger(enabled: bool) -> bool:
+    """`model.liger`: patch transformers' Phi-3 classes with liger-kernel's Triton RoPE, RMSNorm and SwiGLU, before
+    the model is built (the decoder layers are transformers' Phi3DecoderLayer). The fused linear cross-entropy stays
+    off: our losses compute logits only at supervised positions themselves (train/losses.py)."""
+    if not enabled:
+        return False
+    if not torch.cuda.is_available():
+        raise RuntimeError("model.liger: true needs a CUDA GPU (liger-kernel's kernels are Triton); set it to false")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_phi3
+    except ImportError as error:
+        raise RuntimeError("model.liger: true needs the liger-kernel package: pip install -e '.[gpu]'") from error
+    apply_liger_kernel_to_phi3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                               fused_linear_cross_entropy=False)
+    return True
+
+
 def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int) -> Accelerator:
     # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed) need it. A single process gets no
     # process group (asking for one without a launcher fails).
