@@ -1,6 +1,6 @@
 """Full-size training-step harness: N steps of LoRA SFT and DPO on the real Phi-3-V geometry, random weights.
 
-    python benchmarks/train_step.py --size full --device cpu --steps 1              # one bf16 LoRA step, GC on, short
+    python benchmarks/train_step.py --size full --device cpu --steps 1   # one bf16 LoRA SFT step, GC on, 377 tokens
     python benchmarks/train_step.py --size full --device cuda --steps 10 --micro-batch 1,4 \\
         --attn sdpa,flash_attention_2 --gc 1,0 --packing 0,1 --liger 0,1 --stages sft,dpo
 
@@ -12,6 +12,9 @@ every width and cuts the decoder to 2 layers and CLIP to 3 (for tests). Training
 `model.language: lora, vision: frozen, projector: full` does: `train.trainable.configure_trainable` (LoRA r 64 on
 qkv/o/gate_up/down, fp32 masters), AdamW, bf16 autocast, the project's losses (`train.losses.sft_loss_sum`,
 `train.losses.DPOLoss` with one vision pass per pair and the adapter-disabled reference).
+
+On CPU the defaults shrink the batch to one short sequence (`--num-crops 1`: 313 image tokens, 64 text tokens,
+SFT only), so that one full-size step runs in minutes within 24 GB.
 
 Batches (built in-process, no tokenizer): per sample `--images` chart-like pictures drawn with PIL at ChartQA sizes
 (800x600 .. 1000x700), cut by the real `Phi3VImageProcessor` (uint8 crops), their `<|image|>` slots, and
@@ -336,23 +339,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 2 on CUDA, 0 on CPU")
-    parser.add_argument("--stages", default="sft,dpo")
+    parser.add_argument("--stages", default=None, help="default sft,dpo on CUDA, sft on CPU")
     parser.add_argument("--attn", default="sdpa", help="comma list: sdpa,flash_attention_2")
     parser.add_argument("--gc", default="1", help="gradient checkpointing, comma list of 1/0")
     parser.add_argument("--packing", default="0", help="comma list of 1/0 (SFT only)")
     parser.add_argument("--micro-batch", default="1", help="comma list of micro-batch sizes")
     parser.add_argument("--liger", default="0", help="comma list of 1/0 (CUDA + liger-kernel)")
     parser.add_argument("--images", type=int, default=None, help="images per sample; default 1 (phi3v), 4 (phi35v)")
-    parser.add_argument("--num-crops", type=int, default=None, help="default 16 (phi3v), 4 (phi35v)")
-    parser.add_argument("--text-tokens", type=int, default=256)
-    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--num-crops", type=int, default=None, help="default 16 (phi3v), 4 (phi35v); 1 on CPU")
+    parser.add_argument("--text-tokens", type=int, default=None, help="default 256 on CUDA, 64 on CPU")
+    parser.add_argument("--answer-tokens", type=int, default=None, help="default 32 on CUDA, 16 on CPU")
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU; default: $OMP_NUM_THREADS")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.images = args.images or (1 if args.model == "phi3v" else 4)
-    args.num_crops = args.num_crops or (16 if args.model == "phi3v" else 4)
+    cpu = args.device == "cpu"  # CPU defaults: one short step that fits a 24 GB machine in minutes
+    args.num_crops = args.num_crops or (1 if cpu else 16 if args.model == "phi3v" else 4)
+    args.stages = args.stages or ("sft" if cpu else "sft,dpo")
+    args.text_tokens = args.text_tokens or (64 if cpu else 256)
+    args.answer_tokens = args.answer_tokens or (16 if cpu else 32)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.device == "cuda" else 0)
     if args.threads:
         torch.set_num_threads(args.threads)
