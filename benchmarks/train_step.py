@@ -320,7 +320,7 @@ def run_variant(args, stage: str, attn: str, gc_on: bool, packing: bool, micro: 
                   seq=max(counts["rows"]), tokens=counts["tokens"], s_step=seconds,
                   samples_s=pairs_or_samples / seconds, tokens_s=counts["tokens"] / seconds,
                   tflops=achieved, mfu=(achieved / peak) if peak else None, peak_gb=memory["peak_gb"],
-                  memory_kind=memory["kind"], build_s=build_s, loss=float(loss), flops=flops["train"])
+                  memory_kind=memory["kind"], build_s=build_s, loss=float(loss.detach()), flops=flops["train"])
     del model, optimizer, device_batch, loss
     gc.collect()
     if args.device == "cuda":
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"tokens ({args.answer_tokens} supervised); {args.warmup} warm-up + {args.steps} timed step(s), median; "
           f"peak {peak or 'n/a'} TFLOP/s ({peak_source})")
     header = (f"{'stage':<5} {'attn':<17} {'gc':>2} {'pack':>4} {'mb':>3} {'liger':>5} {'seq':>5} {'s/step':>8} "
-              f"{'samples/s':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} {'loss':>8}")
+              f"{'samples/s':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} {'loss sum':>8}")
     print(header, flush=True)
     results = []
     for stage, attn, gc_on, packing, micro, liger in itertools.product(
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(r)
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
         print(f"{stage:<5} {attn:<17} {int(r['gc']):>2} {int(r['packing']):>4} {micro:>3} {int(r['liger']):>5} "
-              f"{r['seq']:>5} {r['s_step']:>8.3f} {r['samples_s']:>9.2f} {r['tokens_s']:>9.0f} {r['tflops']:>8.2f} "
+              f"{r['seq']:>5} {r['s_step']:>8.3f} {r['samples_s']:>9.3g} {r['tokens_s']:>9.4g} {r['tflops']:>8.3g} "
               f"{mfu:>6} {r['peak_gb']:>8.2f} {r['loss']:>8.4f}", flush=True)
     if results:
         print(f"samples/s: SFT samples or DPO pairs; seq: longest row (a pack: its length); model build "
