@@ -378,9 +378,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{'samples/s':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} {'loss sum':>8}")
     print(header, flush=True)
     results = []
-    for stage, attn, gc_on, packing, micro, liger in itertools.product(
-            parse_list(args.stages), parse_list(args.attn), parse_list(args.gc, int), parse_list(args.packing, int),
-            parse_list(args.micro_batch, int), parse_list(args.liger, int)):
+    variants = list(itertools.product(
+        parse_list(args.stages), parse_list(args.attn), parse_list(args.gc, int), parse_list(args.packing, int),
+        parse_list(args.micro_batch, int), parse_list(args.liger, int)))
+    variants.sort(key=lambda v: v[5])  # liger's patches are class-level and never undone: its variants run last
+    for stage, attn, gc_on, packing, micro, liger in variants:
         if stage == "dpo" and packing:
             continue  # no packed DPO layout
         try:
