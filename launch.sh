@@ -25,6 +25,8 @@ Environment (SLURM's variables are read when present):
   MASTER_ADDR  rank-0 host           (default: first host of $SLURM_JOB_NODELIST, or 127.0.0.1)
   MASTER_PORT  rendezvous port       (default: 29500)
   PYTHON       interpreter           (default: python)
+  OMP_NUM_THREADS  intra-op threads per process (default: usable cores / NPROC, at least 1); the recipe's
+                   train.num_threads, when set, wins over it
 USAGE
 }
 
@@ -74,6 +76,12 @@ config_file="$here/recipes/accelerate/$config.yaml"
 for n in NPROC NNODES NODE_RANK MASTER_PORT max_restarts; do
   [[ "${!n}" =~ ^[0-9]+$ ]] || { echo "launch.sh: $n must be a whole number, got '${!n}'" >&2; exit 2; }
 done
+# One share of this node's cores per process, unless the caller chose: N processes x all cores oversubscribe.
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+  cores=$(nproc 2>/dev/null || echo 1)
+  OMP_NUM_THREADS=$(( NPROC > 0 && cores / NPROC > 0 ? cores / NPROC : 1 ))
+fi
+export OMP_NUM_THREADS
 
 # Everything derived from the recipe comes from Python (validation included: a bad recipe stops here).
 # One run directory for every node: under SLURM named by the job id, else output_dir= must be given for NNODES > 1.
@@ -118,7 +126,7 @@ if [[ $NODE_RANK -eq 0 && " ${stages[*]} " == *" eval "* && " ${stages[*]} " != 
 fi
 
 echo "launch.sh: recipe $recipe, stages: ${stages[*]}, run directory: $output_dir"
-echo "launch.sh: $NNODES node(s) x $NPROC process(es), accelerate config '$config'"
+echo "launch.sh: $NNODES node(s) x $NPROC process(es), accelerate config '$config', OMP_NUM_THREADS=$OMP_NUM_THREADS"
 for command in "${commands[@]}"; do echo "+ $command"; done
 [[ $dry_run -eq 1 ]] && exit 0
 

@@ -438,6 +438,7 @@ def parse_args() -> tuple[argparse.Namespace, Sizes]:
     parser.add_argument("--max-length", type=int, default=4096, help="data.max_length: longer samples are dropped")
     parser.add_argument("--token-budget", type=int, help="tokens per token-budget batch (default batch x max_length)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--padding-only", action="store_true", help="only part 2 (exact; no image decoding timed)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     sizes = replace(sizes, **{field: getattr(args, field) for field in ("samples", "loader_samples", "images_per_kind")
@@ -493,15 +494,18 @@ def main() -> None:
         print_data_summary(samples, pool)
         plans = {n: plan(samples, processor_for(tokenizer, n), args.max_length) for n in NUM_CROPS}
 
+        if args.padding_only:
+            print("\n## 1. decode + crop + collate: not run (--padding-only)")
         loader_planned = {n: plans[n].planned[: sizes.loader_samples] for n in NUM_CROPS}
         if not any(p.image_token_counts for p in loader_planned[NUM_CROPS[0]]):
             sys.exit(f"the first {sizes.loader_samples} samples are all text-only, so there are no crops to "
                      "measure; raise --loader-samples")
-        print(f"\n## 1. decode + crop + collate: DataLoader(RenderedDataset, batch_size={args.batch_size}, "
-              f"collate_fn=SFTCollator), {sizes.loader_samples} samples per run")
-        runs = [(n, workers, run_loader(loader_planned[n], processor_for(tokenizer, n), args.batch_size, workers))
-                for n in NUM_CROPS for workers in NUM_WORKERS]
-        print_loader_table(runs)
+        if not args.padding_only:
+            print(f"\n## 1. decode + crop + collate: DataLoader(RenderedDataset, batch_size={args.batch_size}, "
+                  f"collate_fn=SFTCollator), {sizes.loader_samples} samples per run")
+            runs = [(n, workers, run_loader(loader_planned[n], processor_for(tokenizer, n), args.batch_size, workers))
+                    for n in NUM_CROPS for workers in NUM_WORKERS]
+            print_loader_table(runs)
 
         print(f"\n## 2. padding waste over planned token lengths (max_length {args.max_length}, seed {args.seed})")
         for n in NUM_CROPS:

@@ -92,6 +92,7 @@ class ModelSection:
     projector: Literal["frozen", "full"] = option("full", "How the image projector (2-layer MLP) is trained.")
     language: Literal["lora", "full"] = option("lora", "How the language model is trained.")
     gradient_checkpointing: bool = option(True, "Recompute activations: less memory, ~30% slower.")
+    liger: bool = option(False, "liger-kernel's Phi-3 RoPE, RMSNorm and SwiGLU kernels (CUDA + liger-kernel only).")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -176,6 +177,9 @@ class TrainSection:
         "then writes its Python stacks to <run>/diagnostics/rank-<r>.txt.",
         ge=1,
     )
+    num_threads: int | None = option(
+        None, "Intra-op CPU threads per process; null: $OMP_NUM_THREADS if set, else torch's default with a GPU and "
+        "cores // local processes without (train/device.py set_threads).", ge=1)
     resume_allow_changes: tuple[str, ...] = option(
         (), "Run-shaping keys a resume may change (RESUME_KEYS, e.g. [train.lr]); recorded in the checkpoints.")
     on_nonfinite: Literal["stop", "skip"] = option("stop", "Non-finite loss or gradient norm: stop, or skip the step.")

@@ -6,6 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
+# One intra-op thread for the test process (and, inherited, for what it launches) unless the caller set a count:
+# on a shared 2-core machine, two processes at two threads each oversubscribe (train/device.py set_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +17,8 @@ from PIL import Image, ImageDraw
 
 from models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from models.phi3v.tiny import build_tiny_tokenizer, tiny_config
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_DIR = Path(os.environ.get("PHI3V_HUB_DIR", REPO.parent / "shared" / "phi3v" / "hub"))

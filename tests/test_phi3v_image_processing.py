@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from models.phi3v import Phi3VImageProcessor, crop_grid, hd_canvas_size, num_image_tokens
-from models.phi3v.image_processing import hd_canvas, normalize_uint8
+from models.phi3v.image_processing import CLIP_MEAN, CLIP_STD, hd_canvas, normalize_uint8
 
 from .conftest import drawn_image
 
@@ -95,3 +95,35 @@ def test_caller_image_is_not_modified():
     before = image.tobytes()
     Phi3VImageProcessor(num_crops=4)([image])
     assert image.mode == "RGBA" and image.tobytes() == before
+
+
+def reference_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """The earlier out-of-place arithmetic (three temporaries): torchvision's ToTensor + Normalize."""
+    mean = torch.tensor(CLIP_MEAN)[:, None, None]
+    std = torch.tensor(CLIP_STD)[:, None, None]
+    return pixels.to(torch.float32).div(255).sub(mean).div(std)
+
+
+def test_normalize_uint8_writes_once_in_place_and_is_bit_identical():
+    pixels = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = reference_normalize(pixels)
+    assert torch.equal(normalize_uint8(pixels), expected)
+    out = torch.empty(pixels.shape)
+    assert normalize_uint8(pixels, out=out).data_ptr() == out.data_ptr() and torch.equal(out, expected)
+    for dtype in (torch.bfloat16, torch.float16):  # rounded from the float32 result, as the old path's .to(dtype)
+        out = torch.empty(pixels.shape, dtype=dtype)
+        assert normalize_uint8(pixels, out=out) is out and torch.equal(out, expected.to(dtype))
+    assert torch.equal(normalize_uint8(pixels[0], out=torch.empty(3, 40, 40, dtype=torch.bfloat16)),
+                       expected[0].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tower_batch_equals_normalise_then_cat_then_cast(tiny_model, tiny_processor, dtype):
+    embed = tiny_model.model.vision_embed_tokens
+    images = [drawn_image(64, 48, seed=1), drawn_image(40, 90, seed=2)]
+    out = tiny_processor.image_processor(images, do_normalize=False)
+    grids = embed.grids(out["image_sizes"])
+    crops = reference_normalize(out["pixel_values"])
+    expected = torch.cat([embed.global_views(crops, grids), crops]).to(dtype)
+    assert torch.equal(embed.tower_batch(out["pixel_values"], grids, dtype), expected)  # uint8 in
+    assert torch.equal(embed.tower_batch(crops, grids, dtype), expected)  # already-normalised floats in

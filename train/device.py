@@ -19,6 +19,45 @@ from recipe.run_dir import logs_dir
 log = logging.getLogger(__name__)
 
 
+def set_threads(recipe: Recipe | None = None) -> int:
+    """Set this process's intra-op threads before the model loads; returns the count in force.
+
+    Precedence: `train.num_threads` from the recipe, then `$OMP_NUM_THREADS`, then a default: torch's own with a
+    GPU (the host threads only feed the device), and `usable cores // processes on this node` without one, so that
+    N CPU processes on N cores do not oversubscribe (each OpenMP region waits for its slowest, descheduled thread).
+    `OMP_NUM_THREADS` is exported with the count, so DataLoader workers and child processes inherit it (torch's
+    worker loop also sets one thread per worker)."""
+    requested = recipe.train.num_threads if recipe is not None else None
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested is None and env.isdigit() and int(env) > 0:
+        requested = int(env)
+    if requested is None and not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        requested = max(1, cores // max(1, local))
+    if requested is not None:
+        torch.set_num_threads(requested)
+        os.environ["OMP_NUM_THREADS"] = str(requested)
+    return torch.get_num_threads()
+
+
+def apply_liger(enabled: bool) -> bool:
+    """`model.liger`: patch transformers' Phi-3 classes with liger-kernel's Triton RoPE, RMSNorm and SwiGLU, before
+    the model is built (the decoder layers are transformers' Phi3DecoderLayer). The fused linear cross-entropy stays
+    off: our losses compute logits only at supervised positions themselves (train/losses.py)."""
+    if not enabled:
+        return False
+    if not torch.cuda.is_available():
+        raise RuntimeError("model.liger: true needs a CUDA GPU (liger-kernel's kernels are Triton); set it to false")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_phi3
+    except ImportError as error:
+        raise RuntimeError("model.liger: true needs the liger-kernel package: pip install -e '.[gpu]'") from error
+    apply_liger_kernel_to_phi3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                               fused_linear_cross_entropy=False)
+    return True
+
+
 def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: list | None = None) -> Accelerator:
     """`log_with`: tracker instances (train/tracking.py `make_trackers`); None: the recipe's tracker names."""
     # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed) need it. A single process gets no

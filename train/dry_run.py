@@ -49,6 +49,7 @@ from recipe import ModelSection, Recipe, RecipeError, Source, load_recipe, recip
 from recipe.checks import recipe_problems
 from recipe.errors import debug_requested
 from recipe.schema import STAGE_FORMATS
+from train.device import set_threads
 from train.losses import DPOLoss, count_pairs, sft_loss_sum, supervised_tokens
 from train.model_loading import build_tiny
 from train.trainable import (
@@ -313,7 +314,9 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(0)
     recipe_path, overrides = argv[0], argv[1:]
     try:
-        summary = {"recipe": recipe_path, **dry_run(load_recipe(recipe_path, overrides))}
+        recipe = load_recipe(recipe_path, overrides)
+        set_threads(recipe)
+        summary = {"recipe": recipe_path, **dry_run(recipe)}
     except (ValueError, RuntimeError) as error:  # RecipeError and DataError are ValueErrors
         if debug_requested(sys.argv):
             raise

@@ -38,6 +38,7 @@ from recipe.run_dir import (
     stage_dir,
     stage_weights,
 )
+from train.device import set_threads
 from train.hub_export import base_hub_id, push_to_hub, write_cards
 from train.model_loading import load_weights
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_run_recipe(args.run_dir)
+    set_threads(recipe)
     stages = args.stage or [s for s in TRAINED_STAGES if stage_dir(args.run_dir, s).is_dir()]
     written = []
     with torch.no_grad():

@@ -15,6 +15,7 @@ from models.phi3v.export_files import write_old_stack_tokenizer
 from models.phi3v.tiny import build_demo_model
 from recipe import ModelSection, Recipe
 from recipe.run_dir import Weights, base_path, is_adapter, replace_dir_atomically
+from train.device import apply_liger
 from train.hub_export import base_hub_id
 
 
@@ -26,6 +27,7 @@ def build_tiny(model_section: ModelSection, seed: int):
 def load_model(model_section: ModelSection, run_dir: Path, *, seed: int, accelerator: Accelerator):
     """(model, processor, base_path). `tiny` builds the demo model once into run_dir/base and loads it from there,
     so every later stage (DPO, eval, export) loads its base like any other checkpoint folder."""
+    apply_liger(model_section.liger)  # class-level patches: before the model is built
     source = base_path(model_section, run_dir)
     if model_section.name_or_path == "tiny":
         with accelerator.main_process_first():

@@ -57,6 +57,7 @@ def open_stage(recipe: Recipe, recipe_path, stage: str):
     created (never over an earlier run of it unless the recipe says so) and the stage's trackers started (before
     the base eval, which they log at step 0). A resume that changes a run-shaping value is refused here, before
     anything is loaded or written."""
+    log.info("intra-op threads: %d", device.set_threads(recipe))  # before the model loads
     run_dir = resolve_output_dir(recipe, recipe_path)
     accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum,
                                           log_with=tracking.make_trackers(recipe, run_dir, stage))

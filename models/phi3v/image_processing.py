@@ -97,12 +97,35 @@ def canvas_to_crops(canvas: Image.Image, crop_size: int = 336) -> torch.Tensor:
     return crops.reshape(rows * cols, 3, crop_size, crop_size).contiguous()
 
 
-def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 normalised, with torchvision's ToTensor + Normalize arithmetic
-    (divide by 255, subtract the mean, divide by the std), so results are bit-identical to the official processor."""
+def normalize_uint8(
+    pixels: torch.Tensor,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> normalised floats, with torchvision's ToTensor + Normalize arithmetic in float32
+    (divide by 255, subtract the mean, divide by the std), so results are bit-identical to the official processor.
+
+    Written once into `out` (float32 when None; any float dtype, e.g. the tower's bf16 batch) and computed in place:
+    a float32 `out` is the only buffer touched; another dtype gets each leading slice computed in one float32
+    scratch slice and rounded into `out`, which gives the same values as normalising in float32 and casting."""
+    if out is None:
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+    if out.shape != pixels.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, pixels {tuple(pixels.shape)}")
     mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device)[:, None, None]
     std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device)[:, None, None]
-    return pixels.to(torch.float32).div(255).sub(mean_t).div(std_t)
+    if out.dtype == torch.float32:
+        return out.copy_(pixels).div_(255).sub_(mean_t).div_(std_t)
+    if pixels.dim() == 3:
+        pixels, target = pixels[None], out[None]
+    else:
+        target = out
+    scratch = torch.empty(pixels.shape[-3:], dtype=torch.float32, device=pixels.device)
+    for i, image in enumerate(pixels.reshape(-1, *pixels.shape[-3:])):
+        target.view(-1, *pixels.shape[-3:])[i].copy_(scratch.copy_(image).div_(255).sub_(mean_t).div_(std_t))
+    return out
 
 
 class Phi3VImageProcessor:

@@ -106,6 +106,27 @@ class Phi3VImageEmbedding(nn.Module):
             start += rows * cols
         return torch.cat(views)
 
+    def tower_batch(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+        """[global views, crops] in the tower's dtype, each value written once into that buffer: crops are normalised
+        in float32 one image at a time (its global view needs the float32 canvas to match the official one) and
+        rounded into place. Equal to `cat([global_views(c), c]).to(dtype)` with `c = normalize(pixel_values)`."""
+        n = len(grids)
+        batch = torch.empty((n + pixel_values.shape[0], *pixel_values.shape[1:]), dtype=dtype,
+                            device=pixel_values.device)
+        start = 0
+        for i, (rows, cols) in enumerate(grids):
+            crops_in = pixel_values[start : start + rows * cols]
+            target = batch[n + start : n + start + rows * cols]
+            if crops_in.dtype == torch.uint8:
+                crops = normalize_uint8(crops_in, out=target if dtype == torch.float32 else None)
+            else:
+                crops = crops_in.to(torch.float32)
+            batch[i : i + 1].copy_(self.global_views(crops, [(rows, cols)]))
+            if crops.data_ptr() != target.data_ptr():
+                target.copy_(crops)
+            start += rows * cols
+        return batch
+
     def grids(self, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         return [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
 
@@ -119,9 +140,8 @@ class Phi3VImageEmbedding(nn.Module):
                 f"pixel_values holds {pixel_values.shape[0]} crops but image_sizes {image_sizes.tolist()} need "
                 f"{expected}: pass the processor's pixel_values and image_sizes together"
             )
-        crops = self.normalize(pixel_values)
         tower_dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
-        batch = torch.cat([self.global_views(crops, grids), crops]).to(tower_dtype)
+        batch = self.tower_batch(pixel_values, grids, tower_dtype)
         merged = merge_2x2(self.img_processor(batch))  # (num_images + total_crops, g, g, 4C)
         global_merged, sub_merged = merged[: len(grids)], merged[len(grids) :]
         sequences, start = [], 0
