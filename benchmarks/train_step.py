@@ -30,7 +30,7 @@ With d = hidden 3072, P = decoder linear parameters (32 x 113,246,208 = 3,623,87
   LM forward      = 2 P T  +  4 d L sum_rows(T_row^2)  +  2 d V K
                     T: tokens computed (padding included; a pack: its tokens), T_row: each sequence's length (a
                     pack: each sample's; attention counted over the full square, as FlopCounterMode counts SDPA),
-                    K: rows x positions that get logits (`logits_to_keep`).
+                    K: the supervised (row, position) pairs, the only ones that get logits (train/losses.py).
   CLIP forward    = per view (crops + one global view per image): 2 * 3*14*14 * 1024 * 576 (patch conv)
                     + 23 layers x (2 * 12,582,912 * 577 + 4 * 1024 * 577^2)   (only layer -2's stack runs)
   projector fwd   = 2 * (4096 * 3072 + 3072 * 3072) * image tokens (separators included: they are projected too)
@@ -68,6 +68,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from data.collate import supervised_token_count  # noqa: E402
+from data.render import IGNORE_INDEX  # noqa: E402
 from models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor  # noqa: E402
 from models.phi3v.sizes import full_size_config  # noqa: E402
 from recipe.schema import DpoSection, LoraSection, ModelSection  # noqa: E402
@@ -211,14 +212,14 @@ def lm_forward_flops(config, tokens: int, row_lengths: list[int], logits_rows: i
 
 def batch_counts(batch: dict, crop: int = 336, patch: int = 14) -> dict:
     """Tokens, sequence lengths, logits rows, CLIP views and projected image vectors of a batch."""
-    targets = batch["labels"][:, 1:]
-    keep = int((targets != -100).any(dim=0).sum())
+    # train/losses.py computes logits only at the supervised (row, position) pairs.
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     grids = [(int(h) // crop, int(w) // crop) for h, w in batch["image_sizes"].tolist()]
     g = crop // patch // 2
     return {
         "tokens": batch["input_ids"].numel(),
         "rows": batch["_rows"],
-        "logits_rows": batch["input_ids"].shape[0] * keep,
+        "logits_rows": supervised,
         "views": sum(r * c + 1 for r, c in grids),
         "merged": sum((r * c + 1) * g * g + 1 + (r + 1) * g for r, c in grids),  # projector rows = image tokens
         "images": len(grids),
