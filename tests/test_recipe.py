@@ -173,7 +173,7 @@ def test_key_in_the_wrong_section_points_to_where_it_belongs():
 def test_unknown_key_without_a_near_match_lists_the_valid_keys():
     (problem,) = problems_of(with_(MINIMAL, export={"zzz": 1}))
     assert problem.startswith(
-        "unknown key 'export.zzz' (valid keys in 'export': adapter, merged, merged_dtype)."
+        "unknown key 'export.zzz' (valid keys in 'export': adapter, merged, merged_dtype, merge_base)."
     )
 
 

@@ -7,6 +7,13 @@ adapter over the base; DPO's over the starting point it recorded. They are merge
 rounding between merges) and cast once to the dtype. The result, `<run>/<stage>/merged/`, loads with
 `Phi3VForCausalLM.from_pretrained` (and, its config.json being the hub's shape, with the official code and vLLM).
 A stage trained in full already saved `merged/`.
+
+QLoRA runs (`model.quantization`): by default (`export.merge_base: original`) the adapters are merged into the
+original base checkpoint loaded unquantised in float32, which is what one serves. The adapter was trained against
+the 4-bit rounded weights, so this model differs from the one trained and evaluated by the rounding error the adapter
+had learnt to live with (docs/qlora.md measures it). `export.merge_base: quantized` merges into those rounded weights
+instead (quantised as in training, dequantised to float32): for nf4/fp4 the trained model exactly, in 16/32 bits
+(int8 layers also quantise their inputs, which no dequantised checkpoint reproduces).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 import torch
 
 from models import DTYPES
+from models.quantization import apply_quantization, dequantize_language_model_
 from recipe.run_dir import (
     TRAINED_STAGES,
     adapter_dir,
@@ -46,7 +54,11 @@ def export_stage(run_dir: Path, stage: str, dtype: str, overwrite: bool = False)
     recipe = load_run_recipe(run_dir)
     weights = stage_weights(run_dir, stage, recipe)
     # sdpa: merging needs no attention kernel, and flash-attn may not load on the exporting machine.
-    model, processor = load_weights(weights, replace(recipe.model, attn_implementation="sdpa"), dtype="float32")
+    section = replace(recipe.model, attn_implementation="sdpa")
+    if recipe.model.quantization != "none" and recipe.export.merge_base == "quantized":
+        model, processor = merge_into_quantized(weights, section)
+    else:
+        model, processor = load_weights(weights, replace(section, quantization="none"), dtype="float32")
     log.info("merged %s", weights.describe())
     model = model.to(DTYPES[dtype])
 
@@ -55,6 +67,19 @@ def export_stage(run_dir: Path, stage: str, dtype: str, overwrite: bool = False)
         processor.save_pretrained(tmp)
 
     return replace_dir_atomically(target, write)
+
+
+def merge_into_quantized(weights, model_section):
+    """(model, processor): the stage's model as trained (the base in model.dtype with all adapters but the last merged
+    in, then quantised: what training loaded), its 4-bit weights dequantised to float32, the last adapter merged into
+    those."""
+    from peft import PeftModel
+
+    earlier = replace(weights, adapters=weights.adapters[:-1])
+    model, processor = load_weights(earlier, replace(model_section, quantization="none"))
+    dequantize_language_model_(apply_quantization(model, model_section), torch.float32)
+    model = model.float()  # the other parts, as the original merge has them
+    return PeftModel.from_pretrained(model, str(weights.adapters[-1])).merge_and_unload(), processor
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
