@@ -82,6 +82,7 @@ def _quantized_layer(linear: nn.Linear, quantization: str, double_quant: bool, c
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                     has_fp16_weights=False, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+        layer._register_load_state_dict_pre_hook(_check_int8_state, with_module=True)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=compute_dtype, compress_statistics=double_quant,
@@ -89,9 +90,37 @@ def _quantized_layer(linear: nn.Linear, quantization: str, double_quant: bool, c
         layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=double_quant,
                                          quant_type=quantization, module=layer)
         layer.support_avx512bf16_for_cpu = False  # no in-place repacking on CPU (module docstring)
+        layer._register_load_state_dict_pre_hook(_check_quant_state, with_module=True)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.to("cpu" if device.type == "meta" else device)  # quantisation happens in this move
+
+
+def _check_quant_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs):
+    """Loading a 4-bit layer's state dict (a resumable checkpoint holds the whole model): its packed weight loads as
+    a parameter; its quantisation constants (`weight.absmax`, `weight.quant_map`, ...) are not parameters, so
+    torch would call them unexpected. They must equal this layer's own (the checkpoint was taken from the same
+    quantised base); consume them, and report any that differ."""
+    state = getattr(module.weight, "quant_state", None)
+    own = state.as_dict(packed=True) if state is not None else {}
+    for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+        value, mine = state_dict.pop(key), own.get(key[len(prefix + "weight."):])
+        if isinstance(value, torch.Tensor) and (not isinstance(mine, torch.Tensor) or not torch.equal(value, mine)):
+            error_msgs.append(f"{key}: the checkpoint's 4-bit quantisation constants differ from this model's "
+                              "(a different base, or quantisation settings)")
+
+
+def _check_int8_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs):
+    """Loading an int8 layer's state dict: bitsandbytes moves the row scales (`SCB`) from the weight to the layer's
+    state at the first forward, after which its own loader refuses them ("non-quantized Linear8bitLt"). They must
+    equal this layer's own; consume them here, and report any that differ."""
+    scale = state_dict.pop(prefix + "SCB", None)
+    state_dict.pop(prefix + "weight_format", None)
+    mine = module.state.SCB if module.state.SCB is not None else getattr(module.weight, "SCB", None)
+    if scale is not None and (mine is None or not torch.equal(scale.to(mine.device), mine)):
+        error_msgs.append(f"{prefix}SCB: the checkpoint's int8 row scales differ from this model's (a different base)")
 
 
 def quantize_language_model_(model: nn.Module, quantization: str, *, double_quant: bool = False,
