@@ -14,7 +14,8 @@
    quantisation, train.trainable.configure_trainable, train.optim.make_optimizer with the recipe's groups), fetches
    its batches first, then times forward + backward + clip + optimizer step; torch threads 1 (`--threads`). Reported
    per mode: the median over rounds of each round's median step time, and of the peak RSS (VmHWM of the whole
-   process), with the min-max over rounds; the bytes of the weights and of the optimizer state as held in memory;
+   process), with the min-max over rounds; paired per round against `lora` (the step-time ratio and the RSS
+   difference of the runs of one round, median and min-max over rounds); the bytes of the weights and of the optimizer state as held in memory;
    and the first and last loss (the same data in every mode). The tiny model's language linears hold 1.3 MB in
    fp32, so its RSS barely moves: the tiny model shows that QLoRA trains and what it costs in time on CPU; the bytes
    table below shows what it saves.
@@ -35,7 +36,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -295,6 +295,11 @@ def main(argv=None) -> None:
                   f"{r['weights']['linears'] / 1024:>15.0f}"
                   f"{r['weights']['other'] / 1024:>10.0f}{r['optimizer_state_bytes'] / 1024:>16.0f}"
                   f"{r['first_loss']:>12.3f}->{r['last_loss']:.3f}")
+        print("paired, per round, against lora in the same round: median (min-max) of the ratio")
+        for mode in [m for m in MODES if m != "lora"]:
+            step = [x["step_s"] / y["step_s"] for x, y in zip(runs[mode], runs["lora"])]
+            rss = [x["peak_rss_mb"] - y["peak_rss_mb"] for x, y in zip(runs[mode], runs["lora"])]
+            print(f"  {mode:<12} step time x{spread(step, '.2f')}   peak RSS {spread(rss, '+.0f')} MB")
         print()
     print_full_size()
 

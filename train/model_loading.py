@@ -13,9 +13,9 @@ from accelerate import Accelerator
 from peft import PeftModel
 
 import models
-from models.quantization import apply_quantization
 from data.synthetic import synthetic_texts
 from models.phi3v.tiny import build_demo_model
+from models.quantization import apply_quantization
 from recipe import ModelSection
 from recipe.run_dir import Weights, base_path, replace_dir_atomically
 
