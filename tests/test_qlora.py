@@ -34,7 +34,16 @@ from train.dry_run import dry_run
 from train.model_loading import build_tiny, load_weights
 from train.trainable import configure_trainable, trainable_counts
 
-from .train_helpers import DEMO, REPO, adapter, assert_same_adapter, history, run_stage, small_overrides
+from .train_helpers import (
+    DEMO,
+    REPO,
+    adapter,
+    assert_same_adapter,
+    history,
+    launch_two_processes,
+    run_stage,
+    small_overrides,
+)
 
 SFT_STEPS = 120  # ~50 s on 2 shared cores with the two evals: the 4-bit tiny model answers 10-20% of 64 questions
 
@@ -156,6 +165,18 @@ def test_qlora_stop_and_resume_ends_with_the_same_adapter(quantization, optimize
     assert_same_adapter(adapter(straight, "sft"), adapter(tmp_path / "resumed", "sft"), rel=1e-6)
     assert history(straight, "sft")[-1]["loss"] == pytest.approx(history(tmp_path / "resumed", "sft")[-1]["loss"],
                                                                  rel=1e-5)
+
+
+@pytest.mark.slow  # launches 2 processes
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "zero2"])
+def test_two_processes_on_a_4bit_base_equal_one_with_twice_the_accumulation(deepspeed, synthetic, tmp_path):
+    extra = ["model.quantization=nf4"]
+    one = run_stage("sft", [*small_overrides(tmp_path / "one", synthetic, "sft", micro_batch_size=2, grad_accum=4), *extra])
+    launch_two_processes("sft", [*small_overrides(tmp_path / "two", synthetic, "sft", micro_batch_size=2, grad_accum=2),
+                                 *extra], deepspeed=deepspeed)
+    for x, y in zip(history(one, "sft"), history(tmp_path / "two", "sft"), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    assert_same_adapter(adapter(one, "sft"), adapter(tmp_path / "two", "sft"))
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
