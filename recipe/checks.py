@@ -279,10 +279,12 @@ def recipe_warnings(recipe: Recipe, origins: dict[str, str]) -> list[str]:
     if train.lr_projector is not None and model.projector == "frozen":
         found.append(f"train.lr_projector = {train.lr_projector} is ignored: model.projector is frozen")
     if model.quantization in ("none", "int8"):
-        for key in ("model.double_quant", "model.quant_compute_dtype"):
-            if origins.get(key, "default") != "default":
-                found.append(f"{key} is ignored: it applies to 4-bit weights, and model.quantization is "
-                             f"{model.quantization}")
+        # By value, not by origin: a resolved recipe (recipe.resolved.yaml) spells every key.
+        defaults = ModelSection()
+        for key in ("double_quant", "quant_compute_dtype"):
+            if getattr(model, key) != getattr(defaults, key):
+                found.append(f"model.{key} = {show(getattr(model, key))} is ignored: it applies to 4-bit weights, "
+                             f"and model.quantization is {model.quantization}")
     if recipe.export.merge_base == "quantized" and model.quantization == "none":
         found.append("export.merge_base = quantized is ignored: model.quantization is none, the base is not quantised")
     if data.packing and data.group_by_length:

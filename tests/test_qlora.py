@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import replace
 
 import bitsandbytes as bnb
@@ -26,7 +27,7 @@ from models.quantization import (
     quantize_language_model_,
     weight_bytes,
 )
-from recipe import RecipeError, load_recipe
+from recipe import RecipeError, load_recipe, parse_recipe, recipe_to_dict
 from recipe.run_dir import stage_weights
 from train import export, optim
 from train.callbacks import Preempted
@@ -286,8 +287,11 @@ def test_combinations_that_cannot_work_are_refused_naming_the_keys(overrides, me
 
 
 def test_quantization_keys_without_4bit_weights_are_reported_as_ignored():
-    with pytest.warns(Warning, match="model.double_quant is ignored: it applies to 4-bit weights"):
+    with pytest.warns(Warning, match="model.double_quant = False is ignored: it applies to 4-bit weights"):
         demo_recipe("model.double_quant=false")
+    with warnings.catch_warnings():  # a resolved recipe spells every key, defaults included: no warning
+        warnings.simplefilter("error")
+        parse_recipe(recipe_to_dict(demo_recipe()))
 
 
 def test_full_training_of_a_quantized_model_is_refused_in_code_too():
