@@ -329,3 +329,26 @@ def test_a_quantized_dpo_step_zero_is_log_2_on_a_batch(synthetic):
     loss.backward()
     trained = {n for n, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained and all("lora_B" in n for n in trained)
+
+
+def test_transformers_bitsandbytes_config_quantizes_the_same_layers_to_the_same_numbers(tmp_path):
+    """`models.quantization.bitsandbytes_config`, for users who load the base themselves, is equivalent to the
+    in-place quantisation the stages use: the same layers, the same bytes, the same logits."""
+    from models.quantization import bitsandbytes_config
+
+    recipe = demo_recipe("model.quantization=nf4")
+    model, _ = build_tiny(recipe.model, seed=0)
+    model.save_pretrained(tmp_path)
+    loaded = Phi3VForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32, quantization_config=bitsandbytes_config(
+        "nf4", double_quant=True, compute_dtype=torch.float32))
+    ours = apply_quantization(model, recipe.model)
+
+    def quantized(m):
+        return sorted(n for n, module in m.named_modules() if isinstance(module, bnb.nn.Linear4bit))
+
+    assert quantized(loaded) == quantized(ours) == sorted(name for name, _ in language_linears(
+        build_tiny(recipe.model, seed=0)[0]))
+    assert weight_bytes(loaded) == weight_bytes(ours)
+    ids = torch.tensor([[1, *range(5, 40)]])
+    with torch.no_grad():  # train mode: no CPU inference repacking in either
+        assert torch.equal(loaded.train()(input_ids=ids).logits, ours.train()(input_ids=ids).logits)
