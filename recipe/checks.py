@@ -279,7 +279,7 @@ def recipe_warnings(recipe: Recipe, origins: dict[str, str]) -> list[str]:
     if train.lr_projector is not None and model.projector == "frozen":
         found.append(f"train.lr_projector = {train.lr_projector} is ignored: model.projector is frozen")
     if model.quantization in ("none", "int8"):
-        # By value, not by origin: a resolved recipe (recipe.resolved.yaml) spells every key.
+        # By value, not by origin: the resolved recipe of a run spells every key, defaults included.
         defaults = ModelSection()
         for key in ("double_quant", "quant_compute_dtype"):
             if getattr(model, key) != getattr(defaults, key):
