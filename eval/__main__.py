@@ -105,23 +105,30 @@ def plan_model(model: str, recipe: Recipe, *, stage: str | None, adapter: Path |
 
 def load_planned(plan: ModelPlan, recipe: Recipe):
     """(model in eval mode, processor): the weights, then the adapters (all but the last merged, the last kept as a
-    PeftModel, as the training-time eval scores it)."""
+    PeftModel, as the training-time eval scores it). With `model.quantization` the language model is quantised after
+    the merges and before the last adapter, as training loaded it (train/model_loading.py)."""
     from models.adapters import apply_adapter
+    from models.quantization import apply_quantization
 
     weights = plan.weights
     model, processor = models.load(weights.base, revision=weights.revision, dtype=recipe.model.dtype,
                                    attn_implementation=recipe.model.attn_implementation,
                                    num_crops=recipe.model.num_crops)
-    for index, adapter in enumerate(weights.adapters):
-        model = apply_adapter(model, adapter, merge=index < len(weights.adapters) - 1)
+    for adapter in weights.adapters[:-1]:
+        model = apply_adapter(model, adapter, merge=True)
+    model = apply_quantization(model, recipe.model)
+    if weights.adapters:
+        model = apply_adapter(model, weights.adapters[-1], merge=False)
     return model.eval(), processor
 
 
 def model_id_for_cache(plan: ModelPlan, recipe: Recipe) -> str:
     """The base's id the way the training-time hook spells it, so that both share base cache entries."""
+    from models.quantization import quantization_tag
+
     weights = plan.weights
     if plan.stage == "base" and not weights.adapters:
-        return f"{weights.base}@{recipe.model.revision or 'main'}"
+        return f"{weights.base}@{recipe.model.revision or 'main'}{quantization_tag(recipe.model)}"
     return "+".join([weights.base, *map(str, weights.adapters)])
 
 

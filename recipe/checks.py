@@ -103,6 +103,7 @@ def _model_problems(recipe: Recipe) -> list[str]:
         what = "flash-attention runs only in 16 bits, but model.dtype is 'float32'"
         fix = "set model.dtype: bfloat16, or model.attn_implementation: sdpa"
         problems.append(issue("model.attn_implementation", model.attn_implementation, what, fix))
+    problems += _quantization_problems(model)
     for part, path, names in (
         ("language", "lora.target_modules", lora.target_modules),
         ("vision", "lora.vision_target_modules", lora.vision_target_modules),
@@ -112,6 +113,26 @@ def _model_problems(recipe: Recipe) -> list[str]:
             problems.append(
                 issue(path, names, what, f"list module names, or delete {path} to get the defaults")
             )
+    return problems
+
+
+def _quantization_problems(model: ModelSection) -> list[str]:
+    """QLoRA: quantised weights are frozen storage, so only adapters can train on them; flash-attention needs 16-bit
+    activations, which a float32 compute dtype would not give."""
+    if model.quantization == "none":
+        return []
+    problems = []
+    if model.language == "full":
+        what = (f"model.language is full, but bitsandbytes' {model.quantization} weights are frozen storage (no "
+                "gradient reaches them, an optimizer cannot update them)")
+        fix = "set model.language: lora (QLoRA), or model.quantization: none for full fine-tuning"
+        problems.append(issue("model.quantization", model.quantization, what, fix))
+    # (model.dtype float32 with flash-attention is refused by its own rule.)
+    if (model.attn_implementation == "flash_attention_2" and model.quantization != "int8"
+            and model.quant_compute_dtype == "float32"):
+        what = "flash-attention runs only in 16 bits, but the 4-bit layers would compute in float32"
+        fix = "set model.quant_compute_dtype: bfloat16, or model.attn_implementation: sdpa"
+        problems.append(issue("model.quant_compute_dtype", model.quant_compute_dtype, what, fix))
     return problems
 
 
@@ -273,6 +294,15 @@ def recipe_warnings(recipe: Recipe, origins: dict[str, str]) -> list[str]:
         found.append(f"train.lr_vision = {train.lr_vision} is ignored: model.vision is frozen")
     if train.lr_projector is not None and model.projector == "frozen":
         found.append(f"train.lr_projector = {train.lr_projector} is ignored: model.projector is frozen")
+    if model.quantization in ("none", "int8"):
+        # By value, not by origin: the resolved recipe of a run spells every key, defaults included.
+        defaults = ModelSection()
+        for key in ("double_quant", "quant_compute_dtype"):
+            if getattr(model, key) != getattr(defaults, key):
+                found.append(f"model.{key} = {show(getattr(model, key))} is ignored: it applies to 4-bit weights, "
+                             f"and model.quantization is {model.quantization}")
+    if recipe.export.merge_base == "quantized" and model.quantization == "none":
+        found.append("export.merge_base = quantized is ignored: model.quantization is none, the base is not quantised")
     if data.packing and data.group_by_length:
         found.append(
             "data.group_by_length is ignored: data.packing fills every sequence up to data.max_length"

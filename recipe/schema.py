@@ -23,6 +23,8 @@ DpoLossType = Literal[
     "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
 ]
 Stage = Literal["sft", "dpo", "eval", "export"]
+Quantization = Literal["none", "nf4", "fp4", "int8"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
 TrainedStage = Literal["base", "sft", "dpo"]
 
 # Which training stage reads which source formats; `synthetic` draws both conversations and preference pairs.
@@ -93,6 +95,19 @@ class ModelSection:
     language: Literal["lora", "full"] = option("lora", "How the language model is trained.")
     gradient_checkpointing: bool = option(True, "Recompute activations: less memory, ~30% slower.")
     liger: bool = option(False, "liger-kernel's Phi-3 RoPE, RMSNorm and SwiGLU kernels (CUDA + liger-kernel only).")
+    quantization: Quantization = option(
+        "none",
+        "QLoRA: store the language model's linear layers in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes, "
+        "frozen, LoRA on top. The CLIP tower, the projector, embeddings, norms and lm_head stay in model.dtype: "
+        "they are 0.5 B of 4.1 B parameters, train (projector) or feed every token, and 4-bit rounding there costs "
+        "more than it saves (docs/qlora.md).",
+    )
+    double_quant: bool = option(
+        True, "nf4/fp4: quantise the per-block scales too (QLoRA's double quantisation, ~0.4 bit per weight less)."
+    )
+    quant_compute_dtype: Dtype | None = option(
+        None, "nf4/fp4: dtype the 4-bit weights are dequantised to for each matmul; null: model.dtype."
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -160,6 +175,12 @@ class TrainSection:
     weight_decay: float = option(0.0, "AdamW decoupled weight decay.", ge=0)
     adam_betas: tuple[float, ...] = option((0.9, 0.999), "AdamW [beta1, beta2].", ge=0, lt=1)
     adam_eps: float = option(1.0e-8, "AdamW epsilon.", gt=0)
+    optimizer: Optimizer = option(
+        "adamw",
+        "adamw (torch, fp32 states); adamw_8bit (bitsandbytes, 8-bit states: 2 of the 8 bytes per trained "
+        "parameter; runs on CPU and GPU); paged_adamw_8bit (8-bit states in CUDA unified memory, paged to the "
+        "host under memory pressure; CUDA only).",
+    )
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option(
         "cosine", "LR schedule."
     )
@@ -255,6 +276,11 @@ class ExportSection:
     base_model_id: str | None = option(
         None, "Hub id of the base model, written into the adapter config and cards when model.name_or_path is a "
         "local folder; null: model.name_or_path when it is a hub id.")
+    merge_base: Literal["original", "quantized"] = option(
+        "original",
+        "With model.quantization: merge the adapters into the original base weights (loaded unquantised in "
+        "float32: what one serves), or into the 4-bit rounded weights they were trained against, dequantised.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

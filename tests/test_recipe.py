@@ -174,7 +174,7 @@ def test_unknown_key_without_a_near_match_lists_the_valid_keys():
     (problem,) = problems_of(with_(MINIMAL, export={"zzz": 1}))
     assert problem.startswith(
         "unknown key 'export.zzz' (valid keys in 'export': adapter, merged, merged_dtype, hub_id, private, "
-        "base_model_id)."
+        "base_model_id, merge_base)."
     )
 
 

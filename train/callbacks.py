@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.hook import evaluate_stage, score_during_training
+from models.quantization import quantization_tag
 from recipe import Recipe
 
 
@@ -23,7 +24,9 @@ def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *
     SFT's first; a trained stage: its last step); a no-op when the recipe does not ask for it."""
     if stage not in stages_to_score(recipe):
         return None
-    model_id = f"{base_path}@{recipe.model.revision or 'main'}" if stage == "base" else f"{run_dir}/{stage}"
+    # A quantised base answers differently from the original: its cache entries are its own.
+    base_id = f"{base_path}@{recipe.model.revision or 'main'}{quantization_tag(recipe.model)}"
+    model_id = base_id if stage == "base" else f"{run_dir}/{stage}"
     was_training = model.training
     model.eval()
     try:

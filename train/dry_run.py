@@ -16,6 +16,10 @@ gradient (`train.trainable.check_gradients`).
 The recipe is validated as every entry point validates it (recipe/checks.py): data.max_length must hold the
 smallest image the real model can take at the recipe's num_crops, eval tasks must exist, and so on.
 
+With `model.quantization` the tiny model's language linears are quantised with bitsandbytes as the real run's are
+(the summary gives the bytes of the quantised layers and of the rest). The optimizer is not built: `paged_adamw_8bit`
+needs the run's CUDA device.
+
 What a dry run cannot show: that the hub dataset really has the columns the recipe names, or that the real model
 fits in memory.
 """
@@ -45,6 +49,7 @@ from data.sample import Origin, PreferenceSample, SFTSample
 from data.sources import SkipCounter, source_name
 from data.synthetic import write_synthetic
 from models import DTYPES
+from models.quantization import apply_quantization, weight_bytes
 from recipe import ModelSection, Recipe, RecipeError, Source, load_recipe, recipe_help
 from recipe.checks import recipe_problems
 from recipe.errors import debug_requested
@@ -234,9 +239,11 @@ def first_batch(samples: Sequence[SFTSample | PreferenceSample], processor, reci
 
 
 def trainable_model(recipe: Recipe, parts: ModelSection):
-    """The tiny model in the recipe's dtype with the recipe's trained parts and LoRA, fp32 where it trains."""
+    """The tiny model in the recipe's dtype, its language model quantised as the recipe says (QLoRA), with the
+    recipe's trained parts and LoRA, fp32 where it trains."""
     model, processor = build_tiny(recipe.model, recipe.seed)
-    model = configure_trainable(model.to(DTYPES[recipe.model.dtype]), parts, recipe.lora)
+    model = apply_quantization(model.to(DTYPES[recipe.model.dtype]), recipe.model)
+    model = configure_trainable(model, parts, recipe.lora)
     upcast_trainable_(model)
     model.train()
     return model, processor
@@ -281,6 +288,7 @@ def run_stage(recipe: Recipe, stage: str, folder: Path) -> dict[str, Any]:
         "loss": round(loss.item(), 6),
         "trained_parts": sorted(trained_parts(parts)),
         "parameters": trainable_counts(model),
+        "weight_bytes": weight_bytes(model),
     }
 
 
@@ -299,7 +307,8 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
             stages[stage] = run_stage(recipe, stage, Path(tmp))
     return {
         "model": {"recipe": recipe.model.name_or_path, "dry_run": "tiny", "num_crops": recipe.model.num_crops,
-                  "dtype": recipe.model.dtype, "precision": recipe.train.precision},
+                  "dtype": recipe.model.dtype, "precision": recipe.train.precision,
+                  "quantization": recipe.model.quantization},
         "stages": stages,
         "not_run": [s for s in recipe.stages if s not in TRAINING_STAGES],
         "seconds": round(time.perf_counter() - started, 2),

@@ -10,6 +10,13 @@ rounding between merges) and cast once to the dtype. The result, `<run>/<stage>/
 checkpoint's (`models.phi3v.export_files`), with the official remote code and vLLM (`--trust-remote-code`).
 A stage trained in full already saved `merged/`; its files are brought to the hub's shape here. Each exported
 folder gets a model card (`train/hub_export.py`); `--push-to-hub` (or `export.hub_id`) uploads the last stage.
+
+QLoRA runs (`model.quantization`): by default (`export.merge_base: original`) the adapters are merged into the
+original base checkpoint loaded unquantised in float32, which is what one serves. The adapter was trained against
+the 4-bit rounded weights, so this model differs from the one trained and evaluated by the rounding error the adapter
+had learnt to live with (docs/qlora.md measures it). `export.merge_base: quantized` merges into those rounded weights
+instead (quantised as in training, dequantised to float32): for nf4/fp4 the trained model exactly, in 16/32 bits
+(int8 layers also quantise their inputs, which no dequantised checkpoint reproduces).
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from pathlib import Path
 import torch
 
 from models import DTYPES
+from models.adapters import apply_adapter
 from models.phi3v.export_files import hub_layout_problems, remote_code_repo, write_hub_files
 from models.phi3v.processing import resolve_folder
+from models.quantization import apply_quantization, dequantize_language_model_
 from recipe.errors import run_main
 from recipe.run_dir import (
     TRAINED_STAGES,
@@ -64,7 +73,11 @@ def export_stage(run_dir: Path, stage: str, dtype: str, overwrite: bool = False)
                                 f"{stage} stage trained?")
     weights = stage_weights(run_dir, stage, recipe)
     # sdpa: merging needs no attention kernel, and flash-attn may not load on the exporting machine.
-    model, processor = load_weights(weights, replace(recipe.model, attn_implementation="sdpa"), dtype="float32")
+    section = replace(recipe.model, attn_implementation="sdpa")
+    if recipe.model.quantization != "none" and recipe.export.merge_base == "quantized":
+        model, processor = merge_into_quantized(weights, section)
+    else:
+        model, processor = load_weights(weights, replace(section, quantization="none"), dtype="float32")
     log.info("merged %s", weights.describe())
     model = model.to(DTYPES[dtype])
     base_folder = resolve_folder(weights.base, weights.revision)
@@ -84,6 +97,17 @@ def finish_hub_folder(folder: Path, recipe, run_dir: Path, *, base_folder: Path 
     problems = hub_layout_problems(folder)
     if problems:
         raise RuntimeError(f"{folder} departs from the hub layout:\n  " + "\n  ".join(problems))
+
+
+def merge_into_quantized(weights, model_section):
+    """(model, processor): the stage's model as trained (the base in model.dtype with all adapters but the last merged
+    in, then quantised: what training loaded), its 4-bit weights dequantised to float32, the last adapter merged into
+    those."""
+    earlier = replace(weights, adapters=weights.adapters[:-1])
+    model, processor = load_weights(earlier, replace(model_section, quantization="none"))
+    dequantize_language_model_(apply_quantization(model, model_section), torch.float32)
+    model = model.float()  # the other parts, as the original merge has them
+    return apply_adapter(model, weights.adapters[-1], merge=True), processor
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -1,5 +1,9 @@
 """The model a stage trains: loaded from the recipe (hub id, local folder, or the demo's tiny model built once into
-the run directory) or from a run's weights (a base plus adapters to merge), and saved when the stage ends."""
+the run directory) or from a run's weights (a base plus adapters to merge), and saved when the stage ends.
+
+With `model.quantization` (QLoRA) the language model's linears are quantised after loading, and after merging
+earlier adapters: a merge needs the real weights, so DPO's starting point is the SFT adapter merged into the
+16/32-bit base, then quantised (models/quantization.py; docs/qlora.md says why)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from data.synthetic import synthetic_texts
 from models.adapters import apply_adapter, make_portable
 from models.phi3v.export_files import write_old_stack_tokenizer
 from models.phi3v.tiny import build_demo_model
+from models.quantization import apply_quantization
 from recipe import ModelSection, Recipe
 from recipe.run_dir import Weights, base_path, is_adapter, replace_dir_atomically
 from train.device import apply_liger
@@ -38,18 +43,19 @@ def load_model(model_section: ModelSection, run_dir: Path, *, seed: int, acceler
     model, processor = models.load(source, revision=model_section.revision, dtype=model_section.dtype,
                                    attn_implementation=model_section.attn_implementation,
                                    num_crops=model_section.num_crops)
-    return model, processor, source
+    return apply_quantization(model, model_section), processor, source
 
 
 def load_weights(weights: Weights, model_section: ModelSection, *, dtype: str | None = None):
     """(model, processor): `weights.base` with each of its adapters merged in, in order (full-trained parts first,
-    `models.adapters.apply_adapter`)."""
+    `models.adapters.apply_adapter`), then quantised as `model_section.quantization` says (pass a section with
+    `quantization: none` for the unquantised merge)."""
     model, processor = models.load(weights.base, revision=weights.revision, dtype=dtype or model_section.dtype,
                                    attn_implementation=model_section.attn_implementation,
                                    num_crops=model_section.num_crops)
     for adapter in weights.adapters:
         model = apply_adapter(model, adapter, merge=True)
-    return model, processor
+    return apply_quantization(model, model_section), processor
 
 
 def is_peft(model) -> bool:

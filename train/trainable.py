@@ -5,6 +5,14 @@ Parts are told apart by parameter name (the hub layout): `vision_embed_tokens.im
 through peft on explicit targets (peft has no default for Phi-3-V: docs/phi3v.md#peft-default-targets); a part trained in full next to
 LoRA is saved in the adapter as peft `modules_to_save`. Also here: fp32 master copies of what trains, the per-part
 report, and the preflight check that one backward reaches every trained part.
+
+A quantised language model (QLoRA, models/quantization.py) goes through the same path: PEFT puts its bitsandbytes
+LoRA layers on the 4-bit or 8-bit linears. This is the equivalent of PEFT's `prepare_model_for_kbit_training` minus
+its one cast: that function freezes everything (done here), turns on gradient checkpointing (done here when the
+recipe asks) and casts every 16-bit parameter that is not 4-bit to float32, the CLIP tower, the embeddings and
+`lm_head` included (+1 GB on Phi-3-V). Those stay in model.dtype here, as they do for LoRA on an unquantised base:
+autocast runs the matmuls in 16 bits anyway, Phi-3's RMSNorm computes in float32 internally, and what trains is kept
+in float32 by `upcast_trainable_`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from dataclasses import replace
 import torch
 from peft import LoraConfig, get_peft_model
 
+from models.quantization import logical_numel
 from recipe import LoraSection, ModelSection, TrainSection
 
 VISION = "vision"
@@ -52,6 +61,10 @@ def configure_trainable(model, model_section: ModelSection, lora: LoraSection, s
     The adapter's initial weights come from `seed` alone, not from whatever consumed the global RNG before (a
     DataLoader iterator draws from it, so an eval pass or a reference-log-prob pass would otherwise change them)."""
     model.requires_grad_(False)
+    if model_section.language == "full" and (getattr(model, "is_loaded_in_4bit", False)
+                                             or getattr(model, "is_loaded_in_8bit", False)):
+        raise ValueError("model.language = 'full' on a quantised language model: its weights are frozen bitsandbytes "
+                         "storage. Set model.language: lora, or model.quantization: none")
     uses_lora = "lora" in (model_section.language, model_section.vision)
     full_parts = {p for p, mode in [(VISION, model_section.vision), (PROJECTOR, model_section.projector),
                                     (LANGUAGE, model_section.language)] if mode == "full"}
@@ -103,11 +116,12 @@ def parameter_groups(model, train: TrainSection) -> list[dict]:
 
 
 def trainable_counts(model) -> dict[str, dict[str, int]]:
-    """Per part: trainable and total parameter counts (a LoRA adapter counts towards the part it adapts)."""
+    """Per part: trainable and total parameter counts (a LoRA adapter counts towards the part it adapts; a 4-bit
+    weight counts its weights, not its packed bytes)."""
     counts = {p: {"trainable": 0, "total": 0} for p in PARTS}
     for name, param in model.named_parameters():
         part = counts[part_of(name)]
-        part["total"] += param.numel()
+        part["total"] += logical_numel(param)
         if param.requires_grad:
             part["trainable"] += param.numel()
     return counts
