@@ -193,6 +193,23 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1), encoding="utf-8")
 
 
+def _flat_items(entry: dict, prefix: str = ""):
+    """(path, value) of an optimizer state entry; nested dicts (bitsandbytes' 8-bit optimizers keep their quantised
+    moments under `__bnb_optimizer_quant_state__`) become `outer/inner` paths."""
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            yield from _flat_items(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _set_nested(entry: dict, path: str, value) -> None:
+    *outer, name = path.split("/")
+    for key in outer:
+        entry = entry.setdefault(key, {})
+    entry[name] = value
+
+
 def _json_groups(groups: list[dict]) -> list[dict]:
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
 
@@ -285,11 +302,15 @@ class Checkpointer:
         name_of = {id(p): n for n, p in unwrapped.named_parameters()}
         names = [name_of.get(id(p), "?") for g in self.optimizer.param_groups for p in g["params"]]
         full = self.optimizer.state_dict()
-        tensors, scalars = {}, {}
+        tensors, scalars, seen = {}, {}, set()
         for index, entry in full["state"].items():
-            for key, value in entry.items():
+            for key, value in _flat_items(entry):
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                    value = value.detach().cpu().contiguous()
+                    # bitsandbytes shares one quantisation map between all parameters; safetensors stores each once
+                    shared = value.untyped_storage().data_ptr() in seen
+                    seen.add(value.untyped_storage().data_ptr())
+                    tensors[f"{index}.{key}"] = value.clone() if shared else value
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         save_file(tensors, str(folder / OPTIMIZER_TENSORS))
@@ -376,9 +397,10 @@ class Checkpointer:
         state: dict[int, dict] = {}
         for key, tensor in load_file(str(latest / OPTIMIZER_TENSORS)).items():
             index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = tensor
+            _set_nested(state.setdefault(int(index), {}), name, tensor)
         for index, entry in meta["scalars"].items():
-            state.setdefault(int(index), {}).update(entry)
+            for name, value in entry.items():
+                _set_nested(state.setdefault(int(index), {}), name, value)
         self.optimizer.load_state_dict({"state": state, "param_groups": _tuple_groups(meta["param_groups"])})
 
     def _apply_changes(self, fresh: list[dict]) -> None:
