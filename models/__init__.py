@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .phi3v import Phi3VForCausalLM, Phi3VProcessor
-from .phi3v.processing import resolve_folder
+from models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+from models.phi3v.processing import resolve_folder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -83,7 +83,10 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
     checkpointer = Checkpointer(accelerator, checkpoints_dir(plan.run_dir, plan.stage),
                                 keep=recipe.train.keep_checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, record=record,
                                 allowed=recipe.train.resume_allow_changes)
-    state = (checkpointer.restore(LoopState) if recipe.train.resume else None) or LoopState()
+    state = checkpointer.restore(LoopState) if recipe.train.resume else None
+    if recipe.train.resume and state is None:  # launch.sh --max-restarts asks to resume from the first start on
+        log.warning("train.resume: no complete checkpoint in %s yet; starting from step 0", checkpointer.directory)
+    state = state or LoopState()
     if recipe.train.resume and accelerator.is_main_process:  # accepted: now the run uses this recipe
         record_run(plan.run_dir, recipe)
 
