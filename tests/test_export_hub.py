@@ -169,6 +169,10 @@ def test_adapter_is_portable_and_reloads_to_the_trained_logits(exported):
     full = load_file(folder / FULL_WEIGHTS)
     assert set(full) == {f"model.vision_embed_tokens.img_projection.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
     assert not any("img_projection" in k for k in load_file(folder / "adapter_model.safetensors"))
+    # The old stack's AutoProcessor(adapter, trust_remote_code=True) needs the processor's auto_map, or it returns a
+    # bare tokenizer (found loading an adapter folder with transformers 4.40.2).
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    assert pre["auto_map"]["AutoProcessor"].endswith("--processing_phi3_v.Phi3VProcessor")
     ours = apply_adapter(base, folder, merge=False)
     torch.testing.assert_close(logits_of(ours, batch), expected, rtol=1e-5, atol=1e-5)
 

@@ -15,7 +15,7 @@ from peft import PeftModel
 import models
 from data.synthetic import synthetic_texts
 from models.adapters import apply_adapter, make_portable
-from models.phi3v.export_files import write_old_stack_tokenizer
+from models.phi3v.export_files import remote_code_repo, write_old_stack_tokenizer, write_processor_files
 from models.phi3v.tiny import build_demo_model
 from models.quantization import apply_quantization
 from recipe import ModelSection, Recipe
@@ -80,6 +80,8 @@ def save_trained(accelerator: Accelerator, model, processor, folder: Path, *, re
                               if Path(base_path(recipe.model, run_dir)).is_dir() else None,
                               revision=recipe.model.revision, applies_after=[str(a) for a in applies_after])
                 write_old_stack_tokenizer(tmp)  # the adapter's tokenizer, readable by the old stack too
+                base_config = unwrapped.get_base_model().config.to_dict()
+                write_processor_files(tmp, remote_repo=remote_code_repo(base_hub_id(recipe, run_dir), base_config))
 
         replace_dir_atomically(folder, write)
     accelerator.wait_for_everyone()

@@ -72,6 +72,18 @@ def remote_map(repo: str, *keys: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ writing
 
 
+def write_processor_files(folder: Path, *, remote_repo: str) -> None:
+    """The processor's `auto_map` (and Phi-3.5's processor_config.json), so that the old stack's
+    `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` finds the hub's processor, not a bare tokenizer:
+    merged folders and adapter folders alike."""
+    pre = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
+    pre = {"auto_map": remote_map(remote_repo, "AutoProcessor", "AutoImageProcessor"), **pre}
+    write_json(folder / "preprocessor_config.json", pre)
+    if remote_repo == PHI35_VISION:
+        write_json(folder / "processor_config.json",
+                   {"auto_map": remote_map(remote_repo, "AutoProcessor"), "processor_class": "Phi3VProcessor"})
+
+
 def write_hub_files(folder: Path, *, remote_repo: str, base_folder: Path | None = None) -> None:
     """Rewrite the non-weight files of `folder` (a fresh save_pretrained of model and processor) into the hub's."""
     folder = Path(folder)
@@ -87,12 +99,7 @@ def write_hub_files(folder: Path, *, remote_repo: str, base_folder: Path | None 
                   "transformers_version": config.get("transformers_version")}
     write_json(folder / "generation_config.json", generation)
 
-    pre = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
-    pre = {"auto_map": remote_map(remote_repo, "AutoProcessor", "AutoImageProcessor"), **pre}
-    write_json(folder / "preprocessor_config.json", pre)
-    if remote_repo == PHI35_VISION:
-        write_json(folder / "processor_config.json",
-                   {"auto_map": remote_map(remote_repo, "AutoProcessor"), "processor_class": "Phi3VProcessor"})
+    write_processor_files(folder, remote_repo=remote_repo)
 
     if base_folder is not None and old_stack_tokenizer(Path(base_folder)) and same_tokenizer(Path(base_folder), folder):
         for name in TOKENIZER_FILES:
