@@ -25,6 +25,7 @@ INHERITED = ("SLURM_", "NPROC", "NNODES", "NODE_RANK", "MASTER_")
 
 
 @pytest.mark.slow  # 2 processes, killed once and restarted: two to three minutes on 2 cores
+@pytest.mark.elastic  # opt-in (pyproject.toml): the restart's gloo start-up was seen to hang on a busy machine
 def test_a_killed_rank_restarts_the_stage_which_resumes_and_ends_with_the_uninterrupted_weights(tmp_path):
     synthetic = tmp_path / "synthetic"
     write_synthetic(synthetic, seed=0, **SYNTHETIC_COUNTS)
@@ -37,7 +38,8 @@ def test_a_killed_rank_restarts_the_stage_which_resumes_and_ends_with_the_uninte
                WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     log = tmp_path / "launch.log"
     job = subprocess.Popen([str(REPO / "launch.sh"), "--max-restarts", "1", str(DEMO),
-                            *small_overrides(run, synthetic, "sft", grad_accum=2, **settings)],
+                            *small_overrides(run, synthetic, "sft", grad_accum=2, **settings),
+                            "train.collective_timeout_s=120"],  # a hung start-up or step fails in minutes
                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         first_checkpoint = checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json"
