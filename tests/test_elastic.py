@@ -65,6 +65,7 @@ def test_a_killed_rank_restarts_the_stage_which_resumes_and_ends_with_the_uninte
     assert_same_adapter(adapter(straight, "sft"), adapter(run, "sft"), rel=1e-3)
 
 
+@pytest.mark.slow  # several launch.sh dry runs, each starting Python twice: 15-20 s
 def test_max_restarts_reaches_the_launcher_with_resume_and_needs_several_processes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED)}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")

@@ -153,6 +153,7 @@ def test_the_batch_script_has_its_knobs_and_calls_launch_sh_once_per_node():
     assert "srun" in text and "launch.sh" in text
 
 
+@pytest.mark.slow  # several launch.sh dry runs, each starting Python twice: 15-20 s
 def test_a_slurm_job_names_one_run_directory_for_every_node(tmp_path):
     bin_dir = stand_ins(tmp_path / "bin")
     env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="n[1-2]",

@@ -49,6 +49,7 @@ def test_the_demo_runs_one_thread_per_process():
         demo("train.num_threads=0")
 
 
+@pytest.mark.slow  # several launch.sh dry runs, each starting Python twice: 15-20 s
 def test_launch_sets_one_share_of_the_cores_per_process_unless_set(tmp_path):
     env = {k: v for k, v in os.environ.items() if k == "OMP_NUM_THREADS"}
     os.environ.pop("OMP_NUM_THREADS", None)
