@@ -2,7 +2,7 @@
 
     python -m train.memory RECIPE [key=value ...] --gpus 8 [--gpu-memory 80] [--supervised 0.25]
 
-Parameter counts come from the model built on the meta device (real sizes: `models.phi3v.configuration.PHI3V_4B`
+Parameter counts come from the model built on the meta device (real sizes: `models.phi3v.sizes.full_size_config`
 and CLIP ViT-L/14-336; the demo's `tiny` model is built for real), with the recipe's LoRA and full parts applied
 by `train.trainable.configure_trainable`, so the trainable count is exactly what a run trains. Per GPU, with P
 parameters of which T train (F = P - T frozen), N GPUs, w bytes per weight of `model.dtype`:
@@ -77,7 +77,7 @@ class ModelCounts:
 def build_model(recipe: Recipe):
     """The recipe's model with its trainable parts: the real layout on the meta device, or the demo's tiny one."""
     from models.phi3v import Phi3VForCausalLM
-    from models.phi3v.configuration import PHI3V_4B, Phi3VConfig
+    from models.phi3v.sizes import full_size_config
     from train.model_loading import build_tiny
     from train.trainable import configure_trainable
 
@@ -85,7 +85,7 @@ def build_model(recipe: Recipe):
         model, _ = build_tiny(recipe.model, recipe.seed)
     else:
         with torch.device("meta"):
-            model = Phi3VForCausalLM(Phi3VConfig(**PHI3V_4B))
+            model = Phi3VForCausalLM(full_size_config("phi35v" if "3.5" in recipe.model.name_or_path else "phi3v"))
     return configure_trainable(model, recipe.model, recipe.lora, seed=recipe.seed)
 
 

@@ -26,25 +26,6 @@ CLIP_VIT_L_336 = dict(
     attention_dropout=0.0,
 )
 
-# The language model's sizes in the hub config.json of Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct
-# (docs/phi3v.md#config-fields): with CLIP_VIT_L_336, Phi3VConfig(**PHI3V_4B) builds the real 4,146,621,440-parameter
-# layout (on the meta device for memory planning: nothing is downloaded or allocated).
-PHI3V_4B = dict(
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32064,
-    max_position_embeddings=131072,
-    original_max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=32000,
-)
-
 DEFAULT_EMBD_LAYER = {
     "embedding_cls": "image",
     "hd_transform_order": "sub_glb",
