@@ -4,6 +4,7 @@ and the mean log-prob margin."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -14,6 +15,8 @@ from data.sources import SkipCounter
 from recipe import Recipe
 from train.device import to_device
 from train.losses import DPOLoss, count_pairs, pair_logps
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -26,8 +29,14 @@ def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) ->
     samples = load_samples(recipe.data.eval, "dpo", recipe.data, seed=recipe.seed, skips=skips,
                            main_first=accelerator.main_process_first)
     planned = plan(samples, processor, replace(recipe.data, on_bad_sample="skip", on_overlong="drop"), skips)
+    if len(planned) < accelerator.num_processes:  # the same on every rank: all skip together
+        log.warning("held-out preference eval skipped: %d pair(s) for %d rank(s)", len(planned),
+                    accelerator.num_processes)
+        return None
+    # The sampler leaves out a tail shorter than one batch per rank: never let that be every pair.
+    batch_size = min(recipe.eval.batch_size, len(planned) // accelerator.num_processes)
     make_loader, _ = loader_factory(planned, processor, replace(recipe.data, group_by_length=False), stage="dpo",
-                                    micro_batch_size=recipe.eval.batch_size, seed=recipe.seed,
+                                    micro_batch_size=batch_size, seed=recipe.seed,
                                     num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     peft_model = accelerator.unwrap_model(model)
     was_training = peft_model.training

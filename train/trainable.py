@@ -70,6 +70,7 @@ def configure_trainable(model, model_section: ModelSection, lora: LoraSection, s
                                     (LANGUAGE, model_section.language)] if mode == "full"}
     if model_section.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    layers_run = model.model.vision_embed_tokens.img_processor.vision_model.num_layers_run
     if uses_lora:
         modules_to_save = []
         if PROJECTOR in full_parts:
@@ -90,15 +91,22 @@ def configure_trainable(model, model_section: ModelSection, lora: LoraSection, s
             torch.manual_seed(seed)
             model = get_peft_model(model, config)
     for name, param in model.named_parameters():
-        if part_of(name) in full_parts and "lora_" not in name and not never_runs(name):
-            if not uses_lora or "modules_to_save" in name:
+        if part_of(name) in full_parts and "lora_" not in name:
+            if never_runs(name, layers_run):  # peft makes a whole modules_to_save copy trainable: undo it here
+                param.requires_grad_(False)
+            elif not uses_lora or "modules_to_save" in name:
                 param.requires_grad_(True)
     return model
 
 
-def never_runs(name: str) -> bool:
-    """CLIP's post_layernorm and the layers after the feature layer are in the checkpoint but never computed."""
-    return "post_layernorm" in name
+CLIP_LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")  # also inside peft's modules_to_save wrapper
+
+
+def never_runs(name: str, layers_run: int) -> bool:
+    """CLIP's post_layernorm and the layers after the feature layer (index >= `layers_run`) are in the checkpoint but
+    never computed: trained in full they would get no gradient (and DDP would stop on unused parameters)."""
+    layer = CLIP_LAYER.search(name)
+    return "post_layernorm" in name or (layer is not None and int(layer.group(1)) >= layers_run)
 
 
 def parameter_groups(model, train: TrainSection) -> list[dict]:

@@ -1,0 +1,39 @@
+"""What trains, and the held-out preference eval on small data."""
+
+import json
+
+import pytest
+
+from data.synthetic import DEMO_COUNTS, write_synthetic
+from recipe import LoraSection, ModelSection
+from train.model_loading import build_tiny
+from train.trainable import configure_trainable
+
+from .train_helpers import run_stage, small_overrides
+
+
+@pytest.mark.parametrize("language", ["lora", "full"])
+def test_a_vision_tower_trained_in_full_leaves_the_layers_that_never_run_frozen(language):
+    """Features come from CLIP layer -2: the last layer and post_layernorm are in the checkpoint but never computed,
+    so they must not train (no gradient would reach them, and DDP stops on unused parameters)."""
+    section = ModelSection(name_or_path="tiny", vision="full", projector="full", language=language, num_crops=4,
+                           gradient_checkpointing=False)
+    model, _ = build_tiny(section, seed=0)
+    tower = model.model.vision_embed_tokens.img_processor.vision_model
+    layers_run, layers = tower.num_layers_run, len(tower.encoder.layers)
+    assert layers_run < layers
+    model = configure_trainable(model, section, LoraSection())
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    for index in range(layers):
+        in_layer = {name for name in trainable if f"vision_model.encoder.layers.{index}." in name}
+        assert bool(in_layer) == (index < layers_run), (index, layers_run)
+    assert not any("post_layernorm" in name for name in trainable)
+
+
+def test_held_out_preference_eval_with_fewer_pairs_than_a_batch(tmp_path):
+    """eval.batch_size (32 in the demo) above the held-out pairs (3): every pair is scored, not none."""
+    synthetic = tmp_path / "synthetic"
+    write_synthetic(synthetic, seed=0, **DEMO_COUNTS)
+    run = run_stage("dpo", [*small_overrides(tmp_path / "run", synthetic, "dpo", max_steps=1), "data.eval.0.limit=3"])
+    held_out = json.loads((run / "dpo" / "preference_eval.json").read_text())
+    assert held_out["dpo"]["pairs"] == held_out["sft"]["pairs"] == 3
