@@ -245,7 +245,6 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prom
     from data.sources import SkipCounter
     from recipe import Source
     from train import device, optim
-    from train.loop import LoopConfig, train_step
     from train.losses import DPOLoss, count_pairs
     from train.trainable import configure_trainable, dpo_parts, parameter_groups, upcast_trainable_
 
@@ -279,7 +278,18 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prom
     scheduler = optim.make_scheduler(optimizer, train_section, total)
     model, optimizer = device.prepare(accelerator, model, optimizer, batch_size)
     loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora")
-    config = LoopConfig(total_steps=total, grad_accum=1, max_grad_norm=recipe.train.max_grad_norm, log_every=1,
+    return time_our_steps(accelerator, model, optimizer, scheduler, loader, loss_fn, count_pairs, total=total,
+                          max_grad_norm=recipe.train.max_grad_norm, meter=meter, fingerprint=fingerprint)
+
+
+def time_our_steps(accelerator, model, optimizer, scheduler, loader, loss_fn, count, *, total: int,
+                   max_grad_norm: float | None, meter, fingerprint, extra=None) -> dict:
+    """Our side's timed loop, shared with sft_vs_trl.py: `total` optimizer steps of one micro-batch each through the
+    loop's own `train_step`, the data fetch timed apart; `extra(record)` adds per-step fields."""
+    from train import device
+    from train.loop import LoopConfig, train_step
+
+    config = LoopConfig(total_steps=total, grad_accum=1, max_grad_norm=max_grad_norm, log_every=1,
                         checkpoint_every=total)
 
     def loss_on_device(model_, batch):
@@ -293,10 +303,10 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prom
         batch = next(batches)
         meter.begin(model)
         started = time.perf_counter()
-        record = train_step(accelerator, model, optimizer, scheduler, [batch], loss_on_device, count_pairs, config)
+        record = train_step(accelerator, model, optimizer, scheduler, [batch], loss_on_device, count, config)
         ended = time.perf_counter()
         records.append({"seconds": ended - started, "data_seconds": started - fetched, "loss": record["loss"],
-                        **meter.end()})
+                        **(extra(record) if extra else {}), **meter.end()})
     return {"steps": records, "train_growth_mb": memory.growth_mb(), "peak_reset": memory.reset_ok,
             "initial_trainable": fingerprint}
 

@@ -55,7 +55,6 @@ import torch  # noqa: E402
 from dpo_vs_trl import (  # noqa: E402
     OFFLINE_ENV,
     SEED,
-    ResidentMemory,
     StepMeter,
     TrlStepRecorder,
     lifetime_peak_mb,
@@ -63,6 +62,7 @@ from dpo_vs_trl import (  # noqa: E402
     load_demo_recipe,
     lora_config,
     paired_ratios,
+    time_our_steps,
     trainable_fingerprint,
     versions,
 )
@@ -120,7 +120,6 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
 
     from data.collate import SFTCollator
     from train import device, optim
-    from train.loop import LoopConfig, train_step
     from train.losses import sft_loss_sum, supervised_tokens
     from train.trainable import configure_trainable, dpo_parts, parameter_groups, upcast_trainable_
 
@@ -140,27 +139,9 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     optimizer = optim.make_optimizer(parameter_groups(model, train_section), train_section)
     scheduler = optim.make_scheduler(optimizer, train_section, total)
     model, optimizer = device.prepare(accelerator, model, optimizer, batch_size)
-    config = LoopConfig(total_steps=total, grad_accum=1, max_grad_norm=recipe.train.max_grad_norm, log_every=1,
-                        checkpoint_every=total)
-
-    def loss_on_device(model_, batch):
-        return sft_loss_sum(model_, device.to_device(batch, accelerator.device))
-
-    model.train()
-    memory = ResidentMemory()
-    records, batches = [], iter(loader)
-    for _ in range(total):
-        fetched = time.perf_counter()
-        batch = next(batches)
-        meter.begin(model)
-        started = time.perf_counter()
-        record = train_step(accelerator, model, optimizer, scheduler, [batch], loss_on_device, supervised_tokens,
-                            config)
-        ended = time.perf_counter()
-        records.append({"seconds": ended - started, "data_seconds": started - fetched, "loss": record["loss"],
-                        "tokens": record["units"], **meter.end()})
-    return {"steps": records, "train_growth_mb": memory.growth_mb(), "peak_reset": memory.reset_ok,
-            "initial_trainable": fingerprint}
+    return time_our_steps(accelerator, model, optimizer, scheduler, loader, sft_loss_sum, supervised_tokens,
+                          total=total, max_grad_norm=recipe.train.max_grad_norm, meter=meter, fingerprint=fingerprint,
+                          extra=lambda record: {"tokens": record["units"]})
 
 
 def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
