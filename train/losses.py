@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data.render import IGNORE_INDEX
+from models.phi3v.supervised_forward import supervised_logits
 from recipe import Recipe
 from train.dpo_losses import combined_loss, reward_metrics, sft_nll_per_pair
 
@@ -36,9 +37,10 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Summed cross-entropy over supervised tokens; logits only at their (row, position) pairs, (N, vocab)."""
+    """Summed cross-entropy over supervised tokens; logits only at their (row, position) pairs, (N, vocab), computed
+    on the real tokens only where `supervised_logits` can (models/phi3v/supervised_forward.py)."""
     keep, targets = supervised_positions(batch["labels"])
-    logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits  # (N, V)
+    logits = supervised_logits(model, model_inputs(batch), keep)  # (N, V)
     return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
 
 

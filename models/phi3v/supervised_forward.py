@@ -1,0 +1,155 @@
+"""Next-token logits at chosen positions of a right-padded batch, computing only what those logits depend on.
+
+`Phi3VForCausalLM(..., logits_to_keep=keep)` runs every decoder layer at every (row, position) of the padded batch
+and projects only the kept positions onto the vocabulary. For a loss on a few supervised tokens most of that work is
+not needed (docs/architecture.md#sft-forward-on-real-tokens):
+
+- padding: with right padding and causal attention no real token ever attends a pad position, so the pad positions
+  change nothing; the per-token layers (norms, projections, MLP) run on the real tokens only, gathered into one
+  (tokens, hidden) matrix, and only attention sees them laid out as (rows, padded length) again;
+- the last decoder layer: its keys and values are needed at every real token, but its queries, attention output,
+  MLP and the final norm only at the kept positions, whose logits are all that leave the model.
+
+The result equals the full forward's `logits_to_keep` logits up to float rounding (tests/test_supervised_forward.py),
+and so do the gradients. (Dropout, e.g. LoRA's, draws its masks for the positions computed: the same distribution,
+not the same random numbers as the full forward.) The decoder is run here from its own modules (LoRA layers included, since peft replaces the
+Linear modules in place), so `supervised_logits` takes this path only where nothing else has to see the model's
+forward: one process, a module that is not wrapped (DDP, DeepSpeed), SDPA, no gradient checkpointing, no packing
+(`position_ids`) and a right-padded mask; anywhere else it calls the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+from .modeling import Phi3VForCausalLM, several_processes
+
+IMAGE_KEYS = ("pixel_values", "image_sizes", "image_features", "sequence_images")
+
+
+def supervised_logits(model, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+    """(N, vocab) logits at the positions `keep` (B, T) marks, row-major: `model(**inputs, logits_to_keep=keep)`'s
+    logits, from the fast path where it applies (module docstring)."""
+    base = fast_path_model(model, inputs)
+    if base is None or not right_padded_keep(inputs["attention_mask"], keep):
+        return model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return kept_logits(base, inputs, keep)
+
+
+def fast_path_model(model, inputs: dict) -> Phi3VForCausalLM | None:
+    """The Phi3VForCausalLM the fast path runs (inside a PeftModel), or None where the model's own forward must run."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, Phi3VForCausalLM) or hasattr(model, "module") or several_processes():
+        return None
+    config, decoder = base.config, base.model
+    length = inputs["input_ids"].shape[1]
+    if (config._attn_implementation != "sdpa" or decoder.gradient_checkpointing or "attention_mask" not in inputs
+            or "position_ids" in inputs or (config.sliding_window is not None and length > config.sliding_window)
+            or any(getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers)):
+        return None
+    return base
+
+
+def right_padded_keep(mask: torch.Tensor, keep: torch.Tensor) -> bool:
+    """Whether every row's tokens come first (right padding, no empty row), every kept position is a token, and
+    at least one position is kept. One host sync for all three."""
+    real = mask.bool()
+    ordered = (real[:, 1:] <= real[:, :-1]).all() & real[:, 0].all()
+    return bool(ordered & ~(keep & ~real).any() & keep.any())
+
+
+def kept_logits(base: Phi3VForCausalLM, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+    decoder = base.model
+    rows, length = inputs["input_ids"].shape
+    embeds = decoder.embed_inputs(inputs["input_ids"], **{k: inputs[k] for k in IMAGE_KEYS if k in inputs})
+    # RoPE as Phi3Model computes it for this padded length (its long/short switch reads the largest position).
+    positions = torch.arange(length, device=embeds.device)
+    cos, sin = decoder.rotary_emb(embeds, positions.unsqueeze(0))
+    layout = TokenLayout(inputs["attention_mask"].bool(), keep)
+    cos, sin = cos[0, layout.columns], sin[0, layout.columns]
+    hidden = embeds.reshape(rows * length, -1)[layout.real]  # (tokens, hidden)
+    *body, last = decoder.layers[: base.config.num_hidden_layers]
+    for layer in body:
+        hidden = layer_on_tokens(layer, hidden, cos, sin, layout)
+    hidden = last_layer_at_kept(last, hidden, cos, sin, layout)
+    return base.lm_head(decoder.norm(hidden))
+
+
+class TokenLayout:
+    """Where the real tokens and the kept positions of a right-padded (B, T) batch sit, as flat indices."""
+
+    def __init__(self, real: torch.Tensor, keep: torch.Tensor):
+        self.rows, self.length = real.shape
+        self.real = real.flatten().nonzero().squeeze(1)  # (tokens,) flat (row, position) indices, row-major
+        self.columns = self.real % self.length  # each token's position
+        kept = keep.flatten().nonzero().squeeze(1)  # (N,)
+        rank = torch.full((self.rows * self.length,), -1, dtype=torch.long, device=real.device)
+        rank[self.real] = torch.arange(self.real.numel(), device=real.device)
+        self.kept_tokens = rank[kept]  # (N,) indices into the real tokens
+        # Kept positions laid out (rows, most kept in a row): slot j of row b is b's j-th kept position.
+        per_row = keep.sum(dim=1)
+        self.queries = int(per_row.max()) if kept.numel() else 0
+        slot = (keep.cumsum(dim=1) - 1).flatten()[kept]
+        self.kept_slots = (kept // self.length) * self.queries + slot
+        query_columns = torch.zeros(self.rows * self.queries, dtype=torch.long, device=real.device)
+        query_columns[self.kept_slots] = kept % self.length  # an empty slot looks at position 0 only (no NaN row)
+        key_columns = torch.arange(self.length, device=real.device)
+        self.kept_mask = (key_columns <= query_columns.view(self.rows, self.queries, 1)).unsqueeze(1)
+
+    def padded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(tokens, heads, d) -> (B, heads, T, d), zeros at the pad positions."""
+        out = tokens.new_zeros(self.rows * self.length, *tokens.shape[1:]).index_copy(0, self.real, tokens)
+        return out.view(self.rows, self.length, *tokens.shape[1:]).transpose(1, 2)
+
+    def unpadded(self, attended: torch.Tensor) -> torch.Tensor:
+        """(B, heads, T, d) -> (tokens, heads * d)."""
+        return attended.transpose(1, 2).reshape(self.rows * self.length, -1)[self.real]
+
+
+def split_heads(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Phi3Attention's fused qkv projection, split into (tokens, heads, d) q, k, v with RoPE applied to q and k."""
+    qkv = attn.qkv_proj(hidden)
+    d = attn.head_dim
+    q_end = attn.config.num_attention_heads * d
+    kv_end = q_end + attn.num_key_value_heads * d
+    q = qkv[:, :q_end].unflatten(-1, (-1, d))
+    k = qkv[:, q_end:kv_end].unflatten(-1, (-1, d))
+    v = qkv[:, kv_end:].unflatten(-1, (-1, d))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    return q, k, v
+
+
+def attend(attn, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA as transformers' sdpa_attention_forward calls it: causal without a mask, the given mask otherwise."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=attn.attention_dropout if attn.training else 0.0, scale=attn.scaling,
+        is_causal=mask is None, enable_gqa=attn.num_key_value_groups > 1)
+
+
+def mlp_block(layer, hidden: torch.Tensor) -> torch.Tensor:
+    return hidden + layer.resid_mlp_dropout(layer.mlp(layer.post_attention_layernorm(hidden)))
+
+
+def layer_on_tokens(layer, hidden, cos, sin, layout: TokenLayout) -> torch.Tensor:
+    """Phi3DecoderLayer on the real tokens (tokens, hidden); attention on the padded layout, causal."""
+    attn = layer.self_attn
+    q, k, v = split_heads(attn, layer.input_layernorm(hidden), cos, sin)
+    attended = attend(attn, layout.padded(q), layout.padded(k), layout.padded(v), None)
+    hidden = hidden + layer.resid_attn_dropout(attn.o_proj(layout.unpadded(attended)))
+    return mlp_block(layer, hidden)
+
+
+def last_layer_at_kept(layer, hidden, cos, sin, layout: TokenLayout) -> torch.Tensor:
+    """The last Phi3DecoderLayer's output at the kept positions only (N, hidden): keys and values from every real
+    token, queries from the kept ones (rows x most kept per row, each seeing the positions up to its own)."""
+    attn = layer.self_attn
+    q, k, v = split_heads(attn, layer.input_layernorm(hidden), cos, sin)
+    queries = q.new_zeros(layout.rows * layout.queries, *q.shape[1:]).index_copy(
+        0, layout.kept_slots, q[layout.kept_tokens])
+    queries = queries.view(layout.rows, layout.queries, *q.shape[1:]).transpose(1, 2)
+    attended = attend(attn, queries, layout.padded(k), layout.padded(v), layout.kept_mask)
+    attended = attended.transpose(1, 2).reshape(layout.rows * layout.queries, -1)[layout.kept_slots]
+    hidden = hidden[layout.kept_tokens] + layer.resid_attn_dropout(attn.o_proj(attended))
+    return mlp_block(layer, hidden)
