@@ -43,7 +43,9 @@ Measured per side over the timed steps (the warm-up steps run but are not counte
   (PNG decode, HD crops, tokenisation) happens before that span on both sides and is timed apart (data ms/step);
 - CLIP calls/step, CLIP images/step, CLIP ms/step: forward calls of `model.model.vision_embed_tokens.img_processor`
   (the CLIP trunk), the crops plus global views they encode, and the seconds spent inside them, from forward hooks;
-- LM tokens/step: rows x padded length, summed over the decoder's forward passes (policy and reference);
+- LM tokens/step: the positions the decoder's first layer computes, summed over its passes (policy and reference):
+  rows x padded length for the model's forward (SFT's loss computes the real tokens only where it can,
+  models/phi3v/supervised_forward.py);
 - saved MB/step: bytes of the tensors autograd keeps for backward (`torch.autograd.graph.saved_tensors_hooks`;
   one count per storage, parameters left out), i.e. the activation memory of a step whatever the allocator does;
 - memory from /proc/self/status: peak RSS is the process's high-water mark over its whole life (imports, model,
@@ -148,7 +150,8 @@ class StepMeter:
         clip = backbone.vision_embed_tokens.img_processor
         clip.register_forward_pre_hook(self._on_clip_start)
         clip.register_forward_hook(self._on_clip_end)
-        backbone.layers[0].register_forward_pre_hook(self._on_decoder, with_kwargs=True)
+        # On the first layer's norm, which every path calls: SFT's loss runs the layer's parts on the real tokens.
+        backbone.layers[0].input_layernorm.register_forward_pre_hook(self._on_decoder)
         self._saving = None
         self._clip_started = 0.0
         self._reset()
@@ -166,9 +169,8 @@ class StepMeter:
     def _on_clip_end(self, _module, _args, _output) -> None:
         self.clip_seconds += time.perf_counter() - self._clip_started
 
-    def _on_decoder(self, _module, args, kwargs) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]  # (rows, padded length, hidden)
-        self.lm_tokens += int(hidden.shape[0] * hidden.shape[1])
+    def _on_decoder(self, _module, args) -> None:
+        self.lm_tokens += int(args[0].shape[:-1].numel())  # (rows, padded length, hidden) or (tokens, hidden)
 
     def _on_save(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()

@@ -23,12 +23,17 @@ Same work on both sides:
   checkpointing. The parent asserts that both sides log the same loss at every step (`--loss-rtol`).
 
 - ours: `train.loop.train_step` with `train.losses.sft_loss_sum`: logits only at the supervised (row, position)
-  pairs (transformers' `logits_to_keep` as a boolean mask), no CLIP pass for a text-only batch in one process;
+  pairs, from `models.phi3v.supervised_forward` (one process, SDPA, right padding): the decoder's layers run on the
+  batch's real tokens only (the padding, ~40% of these batches' positions, is never computed) and the last layer's
+  queries, attention output, MLP and final norm only at the supervised positions. Same logits and gradients as the
+  full forward (tests/test_supervised_forward.py); LM tokens/step shows the positions it computes. No CLIP pass for
+  a text-only batch in one process;
 - TRL: `trl.SFTTrainer(model, args=SFTConfig(...), train_dataset=rows, data_collator=..., peft_config=LoraConfig)`:
   its fused log-prob head over every position, plus its entropy and token-accuracy metrics.
 
 Timed span per step: forward, backward, clipping, optimizer step (TRL: `on_step_begin` to `on_step_end`); fetching
-and collating the batch is timed apart (data ms/step). Columns as in dpo_vs_trl.py.
+and collating the batch is timed apart (data ms/step), and both sides fetch it the same way (the same rows, the same
+collator, no worker processes). Columns as in dpo_vs_trl.py.
 """
 
 from __future__ import annotations
