@@ -278,17 +278,20 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
     if global_units == 0:
         raise RuntimeError("an optimizer step has no supervised unit on any rank: check the data's labels")
     scale = accelerator.num_processes * config.grad_accum / global_units
-    loss_total = 0.0
+    # Summed on the device in float64 (what adding Python floats did) and read once after the step: no host sync
+    # per micro-batch.
+    loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     grad_norm = None
     nonfinite = False
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
     for batch in group:
         with accelerator.accumulate(model):
             loss, extra = loss_sum(model, batch)
             accelerator.backward(loss * scale)
-            loss_total += float(loss.detach())
+            loss_total += loss.detach().double()
             for key, value in extra.items():
-                metrics[key] = metrics.get(key, 0.0) + float(value)
+                value = torch.as_tensor(value, device=accelerator.device).detach().double()
+                metrics[key] = metrics[key] + value if key in metrics else value
             if accelerator.sync_gradients:
                 # inf: measure the norm without clipping.
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
@@ -302,7 +305,7 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
             optimizer.zero_grad(set_to_none=True)
     samples = global_sum(accelerator, sum(int(b["input_ids"].shape[0]) for b in group))
     record = {
-        "loss": global_sum(accelerator, loss_total) / global_units,
+        "loss": global_sum(accelerator, float(loss_total)) / global_units,
         "lr": scheduler.get_last_lr()[0],
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "units": global_units,
@@ -311,7 +314,7 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
         "tokens": global_sum(accelerator, local_tokens),  # every token computed, padding excluded
         "supervised_tokens": global_sum(accelerator, local_supervised),
     }
-    record.update({k: global_sum(accelerator, v) / global_units for k, v in metrics.items()})
+    record.update({k: global_sum(accelerator, float(v)) / global_units for k, v in metrics.items()})
     return record
 
 
