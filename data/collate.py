@@ -293,7 +293,7 @@ class DPOCollator:
       - `sequence_images` list[list[int]]: for each of the 2B rows, the indices into `image_sizes` of the images
         its slots show, in slot order.
 
-    One vision pass per batch: encode `pixel_values` once (`features = model.model.vision_embed_tokens(pixel_values,
+    One vision pass per batch: encode `pixel_values` once (`features = model.model.vision_embed_tokens.per_image(pixel_values,
     image_sizes)`, one tensor per image), then feed the 2B rows `image_features=[features[i] for row in
     sequence_images for i in row]`, which fills the slots row-major as the model expects.
 

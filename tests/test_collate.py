@@ -202,7 +202,7 @@ def test_dpo_rows_see_their_images_through_sequence_images(tiny_model, tiny_proc
     """One vision pass, features routed by sequence_images == each sequence run alone with its own images."""
     batch = DPOCollator(pad_token_id=tiny_processor.tokenizer.pad_token_id)(dpo_rows)
     with torch.no_grad():
-        features = tiny_model.model.vision_embed_tokens(batch["pixel_values"], batch["image_sizes"])
+        features = tiny_model.model.vision_embed_tokens.per_image(batch["pixel_values"], batch["image_sizes"])
         routed = [features[i] for images in batch["sequence_images"] for i in images]
         logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             image_features=routed).logits

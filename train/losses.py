@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data.render import IGNORE_INDEX
+from models.phi3v.modeling import several_processes
 from models.phi3v.supervised_forward import supervised_logits
 from recipe import Recipe
 from train.dpo_losses import combined_loss, reward_metrics, sft_nll_per_pair
@@ -152,11 +153,18 @@ class DPOLoss:
         uses (chosen, rejected, policy, reference); otherwise the policy pass encodes them with its adapters on and
         the reference pass again with them off (still once for chosen and rejected together)."""
         if "pixel_values" not in batch:
+            if share_features and several_processes():
+                # The image ranks run the tower once here and not in their passes: so does this one, on a blank
+                # crop, and tells its passes that it did (docs/distributed.md#one-vision-pass-per-forward-on-every-rank).
+                vision = peft_model.get_base_model().model
+                with torch.no_grad():
+                    vision.blank_image_term(vision.embed_tokens.weight[:1])
+                return {"image_features": []}, {"image_features": []}
             return {}, {}
         seq = batch["sequence_images"]
         if share_features:
             with torch.no_grad():
-                features = peft_model.get_base_model().model.vision_embed_tokens(batch["pixel_values"], batch["image_sizes"])
+                features = peft_model.get_base_model().model.vision_embed_tokens.per_image(batch["pixel_values"], batch["image_sizes"])
             shared = {"image_features": features, "sequence_images": seq}
             return shared, shared
         pixels = {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"], "sequence_images": seq}

@@ -71,7 +71,7 @@ def compute(model, processor, planned, data, batch_size: int, device) -> torch.T
         batch = to_device(batch, device)
         kwargs = {}
         if "pixel_values" in batch:
-            features = model.model.vision_embed_tokens(batch["pixel_values"], batch["image_sizes"])
+            features = model.model.vision_embed_tokens.per_image(batch["pixel_values"], batch["image_sizes"])
             kwargs = {"image_features": features, "sequence_images": batch["sequence_images"]}
         logps, _ = pair_logps(model, batch, kwargs)
         pairs = batch["input_ids"].shape[0] // 2

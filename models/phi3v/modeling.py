@@ -75,20 +75,30 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         image_sizes: torch.Tensor | None = None,
         image_features: list[torch.Tensor] | torch.Tensor | None = None,
         sequence_images: list[list[int]] | None = None,
+        *,
+        starts_sequence: bool = True,
     ) -> torch.Tensor:
         """Token embeddings with image features written at the image slots, out of place.
 
         Features fill the slots in row-major (sample, position) order, images in the order given, as the official
-        model does. `image_features` (one tensor per image, from `vision_embed_tokens(...)`) skips the vision pass.
+        model does. `image_features` (one tensor per image, from `vision_embed_tokens.per_image(...)`, or all images' features in one
+        tensor, from `vision_embed_tokens(...)`) skips the vision pass.
         `sequence_images[row]` lists the images (indices into the given ones) that row `row` holds, in slot order:
         a batch can then carry each image once for several rows (DPO: chosen and rejected share the prompt's image).
+        An empty `image_features` says the caller ran the vision path itself and this batch has no image.
+        `starts_sequence`: False for a decoding step that extends a cache (no rank runs the vision path there).
         """
         embeds = self.embed_tokens(input_ids)
         slots = input_ids == self.config.image_token_id
         if image_features is None and pixel_values is None:
-            return embeds + self.blank_image_term(embeds) if self.training and several_processes() else embeds
+            if starts_sequence and several_processes():
+                return embeds + self.blank_image_term(embeds)
+            return embeds
+        if image_features is not None and len(image_features) == 0 and not bool(slots.any()):
+            return embeds
         if image_features is None:
-            image_features = self.vision_embed_tokens(pixel_values, image_sizes)
+            encode = self.vision_embed_tokens if sequence_images is None else self.vision_embed_tokens.per_image
+            image_features = encode(pixel_values, image_sizes)
         if isinstance(image_features, torch.Tensor):
             features = image_features
         else:
@@ -105,15 +115,16 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
 
     def blank_image_term(self, embeds: torch.Tensor) -> torch.Tensor:
-        """0 x the features of one blank crop. In training, a text-only batch still runs the vision path, so that
-        every rank uses the same parameters in every step: DDP then finds no unused parameter, and ZeRO-3, which
-        gathers each parameter with a collective call on all ranks, does not hang when one rank has no image.
-        Only run when several processes train together (`several_processes`): one process has no other rank to wait
+        """0 x the features of one blank crop. A text-only batch still runs the vision path (in training, eval and a
+        generation's first step alike), so that every rank runs the same modules in every forward: DDP then finds no
+        unused parameter, and ZeRO-3 and FSDP, which gather each module's parameters with a collective call on all
+        ranks, do not hang when one rank has no image (docs/distributed.md#one-vision-pass-per-forward-on-every-rank).
+        Only run when several processes work together (`several_processes`): one process has no other rank to wait
         for, and a text-only batch then skips the CLIP pass entirely."""
         s = self.vision_embed_tokens.crop_size
         blank = torch.zeros(1, 3, s, s, dtype=torch.uint8, device=embeds.device)
         features = self.vision_embed_tokens(blank, torch.tensor([[s, s]]))
-        return 0.0 * features[0].sum().to(embeds.dtype)
+        return 0.0 * features.sum().to(embeds.dtype)
 
     def forward(
         self,
@@ -130,7 +141,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_features, sequence_images)
+            starts = cache is None or cache.get_seq_length() == 0
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_features, sequence_images,
+                                              starts_sequence=starts)
             input_ids = None
         return super().forward(
             input_ids=input_ids,

@@ -80,6 +80,7 @@ class Phi3VImageEmbedding(nn.Module):
             raise ValueError(f"img_processor.layer_idx={layer_idx} selects no CLIP layer of {total}")
         self.img_processor = CLIPHolder(vision_config, num_layers_run)
         self.crop_size = vision_config.image_size
+        self.grid = vision_config.image_size // vision_config.patch_size // 2  # merged 2x2: features per crop side
         dim = 4 * vision_config.hidden_size
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))
@@ -130,9 +131,21 @@ class Phi3VImageEmbedding(nn.Module):
     def grids(self, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         return [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
 
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+    def per_image(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """`forward`'s features split into one (num_image_tokens_i, hidden) tensor per image."""
+        features = self(pixel_values, image_sizes)
+        return list(features.split([self.num_tokens(rows, cols) for rows, cols in self.grids(image_sizes)]))
+
+    def num_tokens(self, rows: int, cols: int) -> int:
+        """Features of one image of rows x cols crops: both grids with a separator after each row, and glb_GN."""
+        g = self.grid
+        return rows * g * (cols * g + 1) + 1 + g * (g + 1)
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """pixel_values: (total_crops, 3, S, S) sub-crops of all images, uint8 or normalised float;
-        image_sizes: (num_images, 2) canvas [H, W]. Returns one (num_image_tokens_i, hidden) tensor per image."""
+        image_sizes: (num_images, 2) canvas [H, W]. Returns the images' features, one after the other:
+        (sum of num_image_tokens_i, hidden) (`per_image` splits them). One tensor: the hooks ZeRO-3 puts on a
+        module's outputs then fire once per call, however many images the batch holds (docs/distributed.md#zero-3)."""
         grids = self.grids(image_sizes)
         expected = sum(r * c for r, c in grids)
         if pixel_values.shape[0] != expected:
@@ -150,10 +163,8 @@ class Phi3VImageEmbedding(nn.Module):
             glb = self.with_row_separators(global_merged[i])
             sequences.append(torch.cat([sub, self.glb_GN[0].to(sub.dtype), glb]))
             start += rows * cols
-        lengths = [len(s) for s in sequences]
         # Features stay in the tower's dtype: the projector runs in the same dtype, or under autocast in training.
-        projected = self.img_projection(torch.cat(sequences))
-        return list(projected.split(lengths))
+        return self.img_projection(torch.cat(sequences))
 
     def with_row_separators(self, grid_HWC: torch.Tensor) -> torch.Tensor:
         """Append `sub_GN` after every row of a (H, W, C) grid -> (H * (W + 1), C)."""
