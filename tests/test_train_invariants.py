@@ -104,10 +104,3 @@ def test_eval_every_steps_skips_the_last_step_of_an_epoch_based_run(synthetic, t
     lines = [json.loads(line) for line in (run / "eval" / "during_training.jsonl").read_text().splitlines()]
     assert [(line["stage"], line["step"]) for line in lines] == [("sft", 2)]
 
-
-@pytest.mark.slow  # launches 2 processes
-def test_zero3_is_refused_with_its_reason(synthetic, tmp_path):
-    result = launch_two_processes("sft", small_overrides(tmp_path / "z3", synthetic, "sft"), deepspeed=True,
-                                  zero_stage=3, timeout=300, expect_failure=True)
-    assert "DeepSpeed ZeRO-3 is not supported yet" in result.stderr
-    assert "zero2.yaml" in result.stderr

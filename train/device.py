@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -81,15 +81,38 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: l
         )
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is not None and plugin.zero_stage == 3:
-        raise RuntimeError(
-            "DeepSpeed ZeRO-3 is not supported yet: it partitions the parameters at load time, so the preflight, "
-            "the base eval and generation (which needs synced ranks) cannot run as written. Use "
-            "recipes/accelerate/zero2.yaml (optimizer states and gradients sharded) or ddp.yaml"
-        )
+        # save_trained gathers the partitions into one 16-bit (or fp32) state dict for the hub layout.
+        plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     log.info("accelerate: %s, %d process(es), device %s, mixed precision %s", accelerator.distributed_type,
              accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
     set_seed(recipe.seed)
     return accelerator
+
+
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether the prepared model's parameters are partitioned across ranks (DeepSpeed ZeRO-3, FSDP)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+@contextmanager
+def whole_model_loading(accelerator: Accelerator):
+    """Load models whole on every rank, also under ZeRO-3. transformers builds a model inside `deepspeed.zero.Init`
+    (partitioned as it loads) while accelerate's ZeRO-3 config is registered with it; this unregisters it for the
+    load and registers it again after. The 4.2B model fits one GPU in 16 bits (8.4 GB): the base eval, the preflight
+    and the reference log-probs run on it unsharded, and `accelerator.prepare` partitions it (docs/distributed.md#zero-3)."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def prepare(accelerator: Accelerator, model, optimizer, micro_batch_size: int):

@@ -36,7 +36,7 @@ from recipe.run_dir import (
     write_json_atomically,
     write_start,
 )
-from train import callbacks, reference_cache, trainer
+from train import callbacks, device, reference_cache, trainer
 from train.checkpoint import data_fingerprint
 from train.cli import run_cli
 from train.loop import total_steps_for
@@ -54,7 +54,8 @@ def load_policy(start, recipe: Recipe, run_dir: Path, accelerator):
     if start == recipe_base(recipe, run_dir):
         model, processor, _ = load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
         return model, processor
-    return load_weights(start, recipe.model)
+    with device.whole_model_loading(accelerator):
+        return load_weights(start, recipe.model)
 
 
 def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None) -> Path:

@@ -20,7 +20,7 @@ from models.phi3v.tiny import build_demo_model
 from models.quantization import apply_quantization
 from recipe import ModelSection, Recipe
 from recipe.run_dir import Weights, base_path, is_adapter, replace_dir_atomically
-from train.device import apply_liger
+from train.device import apply_liger, whole_model_loading
 from train.hub_export import base_hub_id
 
 
@@ -40,9 +40,10 @@ def load_model(model_section: ModelSection, run_dir: Path, *, seed: int, acceler
                 tiny_model, tiny_processor = build_tiny(model_section, seed)
                 replace_dir_atomically(Path(source), lambda tmp: (tiny_model.save_pretrained(tmp),
                                                                   tiny_processor.save_pretrained(tmp)))
-    model, processor = models.load(source, revision=model_section.revision, dtype=model_section.dtype,
-                                   attn_implementation=model_section.attn_implementation,
-                                   num_crops=model_section.num_crops)
+    with whole_model_loading(accelerator):
+        model, processor = models.load(source, revision=model_section.revision, dtype=model_section.dtype,
+                                       attn_implementation=model_section.attn_implementation,
+                                       num_crops=model_section.num_crops)
     return apply_quantization(model, model_section), processor, source
 
 
