@@ -96,13 +96,15 @@ def _decode(processor, new_ids: torch.Tensor, end_ids: set[int]) -> str:
 
 @torch.inference_mode()
 def generate_batch(model, processor, examples: Sequence[EvalExample], texts: Sequence[str], *,
-                   max_new_tokens: int) -> list[str]:
-    """Greedy answers to one left-padded batch."""
+                   max_new_tokens: int, synced: bool = False) -> list[str]:
+    """Greedy answers to one left-padded batch. `synced`: several ranks generate together; a rank whose answers
+    have all ended keeps stepping until every rank's have, so that ranks whose model is sharded (ZeRO-3, FSDP)
+    keep making the same collective calls (docs/distributed.md#one-vision-pass-per-forward-on-every-rank)."""
     images = [[rgb_image(image, example, k) for k, image in enumerate(example.images)] for example in examples]
     batch = processor(text=list(texts), images=images, padding_side="left", do_normalize=False)
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
-    output_ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    output_ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced)
     prompt_width = batch["input_ids"].shape[1]  # generate returns the (left-padded) prompt, then the new tokens
     end_ids = _end_ids(model)
     return [_decode(processor, row[prompt_width:], end_ids) for row in output_ids]
@@ -110,14 +112,14 @@ def generate_batch(model, processor, examples: Sequence[EvalExample], texts: Seq
 
 def generate_indices(model, processor, examples: Sequence[EvalExample], texts: Sequence[str],
                      indices: Sequence[int], *, batch_size: int, max_new_tokens: int,
-                     show_progress: bool = True) -> list[tuple[int, str]]:
-    """(index, answer) for the given examples, batched in the given order."""
+                     show_progress: bool = True, synced: bool = False) -> list[tuple[int, str]]:
+    """(index, answer) for the given examples, batched in the given order (`synced`: see `generate_batch`)."""
     pairs: list[tuple[int, str]] = []
     with tqdm(total=len(indices), desc="eval: generating", unit="prompt", disable=not show_progress) as bar:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             answers = generate_batch(model, processor, [examples[i] for i in chunk], [texts[i] for i in chunk],
-                                     max_new_tokens=max_new_tokens)
+                                     max_new_tokens=max_new_tokens, synced=synced)
             pairs.extend(zip(chunk, answers))
             bar.update(len(chunk))
     return pairs
@@ -145,7 +147,8 @@ def generate_answers(model, processor, examples: Sequence[EvalExample], *, batch
     lengths = [prompt_length(processor, example, text) for example, text in zip(examples, texts)]
     indices = shard_for_rank(lengths, num_processes=num_processes, process_index=process_index)
     pairs = generate_indices(model, processor, examples, texts, indices, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, show_progress=process_index == 0)
+                             max_new_tokens=max_new_tokens, show_progress=process_index == 0,
+                             synced=num_processes > 1)
     if num_processes > 1:
         pairs = gather_object(pairs)
     return merge_gathered(pairs, len(examples))

@@ -1,7 +1,5 @@
 """Training invariants on the real entry points: loss normalisation across micro-batches and ranks, resume."""
 
-import math
-
 import pytest
 
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
@@ -11,6 +9,7 @@ from train.callbacks import Preempted
 from .train_helpers import (
     adapter,
     assert_same_adapter,
+    assert_same_steps,
     history,
     launch_two_processes,
     run_stage,
@@ -23,13 +22,6 @@ def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
     return root
-
-
-def assert_same_steps(a: list[dict], b: list[dict], rtol: float) -> None:
-    assert [h["step"] for h in a] == [h["step"] for h in b]
-    for x, y in zip(a, b):
-        for key in ("loss", "grad_norm", "units", "tokens", "supervised_tokens"):  # tokens: padding excluded
-            assert math.isclose(x[key], y[key], rel_tol=rtol, abs_tol=1e-7), (key, x, y)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

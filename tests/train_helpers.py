@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,11 +33,12 @@ def run_stage(stage: str, overrides: list[str], **kwargs) -> Path:
     return module.main(load_recipe(DEMO, overrides), DEMO, **kwargs)
 
 
-def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
-                         timeout: int = 600, expect_failure: bool = False) -> subprocess.CompletedProcess:
-    """The stage in 2 CPU processes over gloo (DDP, or DeepSpeed), through accelerate's launcher."""
+def two_process_command(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
+                        port_offset: int = 0) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of the stage in 2 CPU processes over gloo (DDP, or DeepSpeed ZeRO-`zero_stage`),
+    through accelerate's launcher."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--main_process_port", str(29500 + os.getpid() % 1000)]
+               "--mixed_precision", "no", "--main_process_port", str(29500 + (os.getpid() + port_offset) % 1000)]
     if deepspeed:
         command += ["--use_deepspeed", "--zero_stage", str(zero_stage), "--gradient_clipping", "1.0"]
     else:
@@ -45,6 +47,14 @@ def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = 
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     if not deepspeed:  # DDP on CPU; with ACCELERATE_USE_CPU, accelerate would also turn DeepSpeed into plain DDP
         env["ACCELERATE_USE_CPU"] = "1"
+    return command, env
+
+
+def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
+                         timeout: int = 600, expect_failure: bool = False) -> subprocess.CompletedProcess:
+    """The stage in 2 CPU processes over gloo (DDP, or DeepSpeed), through accelerate's launcher; `timeout` turns a
+    hang into a failure."""
+    command, env = two_process_command(stage, overrides, deepspeed=deepspeed, zero_stage=zero_stage)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_failure:
         assert result.returncode != 0, result.stderr[-4000:]
@@ -53,6 +63,13 @@ def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = 
     expected = "DistributedType.DEEPSPEED" if deepspeed else "DistributedType.MULTI_CPU"
     assert f"accelerate: {expected}, 2 process(es)" in result.stderr, result.stderr[-4000:]
     return result
+
+
+def assert_same_steps(a: list[dict], b: list[dict], rtol: float) -> None:
+    assert [h["step"] for h in a] == [h["step"] for h in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm", "units", "tokens", "supervised_tokens"):  # tokens: padding excluded
+            assert math.isclose(x[key], y[key], rel_tol=rtol, abs_tol=1e-7), (key, x, y)
 
 
 def history(run_dir: Path, stage: str) -> list[dict]:
