@@ -51,6 +51,9 @@ class PlannedSample:
     rejected_image_token_counts: tuple[int, ...] | None = None
     """Only for a preference pair with its own rejected images (image-contrast pairs)."""
     rejected_image_sizes: tuple[tuple[int, int], ...] | None = None
+    shared_tokens: int | None = None
+    """Only for a preference pair: the tokens of its prefix-sharing row (prompt + chosen + rejected), what DPO's
+    length grouping sorts by when prompts are shared."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,12 +90,13 @@ def plan_sample(sample: Sample, processor: Phi3VProcessor, *, max_image_pixels: 
     if sample.rejected_images is None:
         pair = render_preference(sample, processor, images.token_counts)
         return PlannedSample(sample=sample, num_tokens=pair.num_tokens, image_token_counts=images.token_counts,
-                             image_sizes=images.sizes)
+                             image_sizes=images.sizes, shared_tokens=pair.shared_tokens)
     rejected = _image_plan(sample.rejected_images, processor, sample.origin, "rejected_images", max_image_pixels)
     pair = render_preference(sample, processor, images.token_counts, rejected.token_counts)
     return PlannedSample(
         sample=sample, num_tokens=pair.num_tokens, image_token_counts=images.token_counts, image_sizes=images.sizes,
         rejected_image_token_counts=rejected.token_counts, rejected_image_sizes=rejected.sizes,
+        shared_tokens=pair.shared_tokens,
     )
 
 

@@ -236,6 +236,8 @@ def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *
                               max_image_pixels=data.max_image_pixels)
     pad_id = processor.tokenizer.pad_token_id
     lengths = [p.num_tokens for p in planned]
+    if stage == "dpo" and share_prompt:  # group by the shared row's length: what the LM computes per pair
+        lengths = [p.shared_tokens or p.num_tokens for p in planned]
     if stage == "dpo":
         collate = DPOCollator(pad_token_id=pad_id, share_prompt=share_prompt)
     elif data.packing:

@@ -115,6 +115,14 @@ class RenderedPair:
         """The longer of the two sequences: what a padded DPO batch must hold."""
         return max(len(self.prompt_ids) + len(self.chosen_ids), len(self.rejected_prompt_ids) + len(self.rejected_ids))
 
+    @property
+    def shared_tokens(self) -> int:
+        """The prefix-sharing row's length, prompt + chosen + rejected (data.collate.DPOCollator's layout); a pair
+        with its own rejected images takes the 2-row layout: twice `num_tokens`."""
+        if self.has_rejected_images:
+            return 2 * self.num_tokens
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
 
 # ------------------------------------------------------------------------------------------------ validation
 

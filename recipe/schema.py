@@ -239,7 +239,9 @@ class DpoSection:
     lr: float | None = option(None, "Peak learning rate of the DPO stage; null: train.lr.", gt=0)
     max_steps: int | None = option(None, "Optimizer steps of the DPO stage; null: train.max_steps / train.epochs.", ge=1)
     precompute_ref_logps: bool = option(
-        False, "Compute reference log-probs once before training; cache them."
+        True, "Compute the reference log-probs once before training (shared out over the ranks) and cache them, "
+        "instead of a reference pass in every step; false: the live pass (e.g. when a run sees only a small part "
+        "of its data, as each planned pair is scored once up front)."
     )
     share_prompt: bool = option(
         True, "One LM pass over each pair's prompt for both completions (prefix-sharing layout, same log-probs); "

@@ -19,8 +19,8 @@ def synthetic(tmp_path_factory):
 
 
 def test_precomputed_reference_trains_like_the_live_one_and_is_reused(synthetic, tmp_path):
-    live = run_stage("dpo", small_overrides(tmp_path / "live", synthetic, "dpo"))
-    cached = run_stage("dpo", [*small_overrides(tmp_path / "cached", synthetic, "dpo"), "dpo.precompute_ref_logps=true"])
+    live = run_stage("dpo", [*small_overrides(tmp_path / "live", synthetic, "dpo"), "dpo.precompute_ref_logps=false"])
+    cached = run_stage("dpo", small_overrides(tmp_path / "cached", synthetic, "dpo"))  # precomputed by default
     assert_same_adapter(adapter(live, "dpo"), adapter(cached, "dpo"))
     [table] = list((tmp_path / ".cache" / "ref_logps").iterdir())
     written = table.stat().st_mtime_ns

@@ -209,3 +209,22 @@ def test_dpo_runs_give_the_same_losses_with_and_without_prompt_sharing(tmp_path)
     for a, b in zip(on, off):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_length_grouping_sorts_pairs_by_their_shared_row(setup):
+    """`PlannedSample.shared_tokens` is the length of the pair's prefix-sharing row (what the LM computes), and
+    `data.group_by_length` batches DPO pairs of similar shared length."""
+    recipe, processor, planned, _ = setup
+    for index, plan_ in enumerate(planned):
+        batch = DPOCollator(pad_token_id=processor.tokenizer.pad_token_id)(
+            [RenderedDataset(planned, processor)[index]])
+        assert plan_.shared_tokens == int((batch["shared_input_ids"] != processor.tokenizer.pad_token_id).sum())
+    grouped = replace(recipe.data, group_by_length=True)
+    make_loader, _ = loader_factory(planned, processor, grouped, stage="dpo", micro_batch_size=4, seed=0,
+                                    num_replicas=1, rank=0)
+    spans = []
+    for batch in make_loader(0):
+        lengths = sorted(planned[i].shared_tokens for i in batch["indices"].tolist())
+        spans.append(lengths[-1] - lengths[0])
+    everything = sorted(p.shared_tokens for p in planned)
+    assert max(spans) < everything[-1] - everything[0]

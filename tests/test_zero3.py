@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
@@ -126,10 +127,14 @@ def test_zero3_full_fine_tuning_equals_one_process(synthetic, tmp_path):
 
 
 def test_zero3_dpo_lora_equals_one_process(synthetic, tmp_path):
+    """With the reference log-probs precomputed (the default): by 1 process, and shared out over the 2 ranks."""
     one = one_process(tmp_path / "one", synthetic, "dpo", max_steps=3)
     two = zero3(tmp_path / "two", synthetic, "dpo", max_steps=3)
     assert_same_steps(history(one, "dpo"), history(two, "dpo"), rtol=1e-4)
     assert_same_adapter(adapter(one, "dpo"), adapter(two, "dpo"))
+    tables = [load_file(path)["ref_logps"] for path in sorted((tmp_path / ".cache" / "ref_logps").iterdir())]
+    assert len(tables) == 2 and tables[0].shape == tables[1].shape and tables[0].shape[0] > 8
+    torch.testing.assert_close(tables[0], tables[1], rtol=1e-5, atol=1e-5)
 
 
 def test_a_text_only_rank_beside_an_image_rank_does_not_hang(synthetic, tmp_path):

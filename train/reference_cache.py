@@ -15,8 +15,10 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from data.collate import DPOCollator, RenderedDataset
 from recipe.run_dir import ADAPTER_WEIGHTS, Weights, file_sha256, stage_dir, write_json_atomically
@@ -58,16 +60,20 @@ def check_run_record(dpo_dir: Path, fields: dict, resuming: bool) -> None:
 
 
 @torch.no_grad()
-def compute(model, processor, planned, data, batch_size: int, device) -> torch.Tensor:
-    """(pairs, 2) reference log-probs, in planning order, one vision pass per batch of pairs."""
+def compute(model, processor, planned, data, batch_size: int, device, *, rank: int = 0,
+            num_ranks: int = 1) -> list[tuple[int, torch.Tensor]]:
+    """(batch index, (pairs, 2) reference log-probs) of this rank's share of the batches of `planned` in planning
+    order: batches rank, rank + num_ranks, ... One vision pass per batch of pairs."""
     dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
                               max_image_pixels=data.max_image_pixels)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=data.num_workers,
+    batches = [list(range(i, min(i + batch_size, len(planned)))) for i in range(0, len(planned), batch_size)]
+    mine = list(range(rank, len(batches), num_ranks))
+    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in mine], num_workers=data.num_workers,
                         collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id))
     was_training = model.training
     model.eval()
     rows = []
-    for batch in loader:
+    for index, batch in tqdm(zip(mine, loader), total=len(mine), desc="reference log-probs", disable=rank != 0):
         batch = to_device(batch, device)
         kwargs = {}
         if "pixel_values" in batch:
@@ -75,22 +81,39 @@ def compute(model, processor, planned, data, batch_size: int, device) -> torch.T
             kwargs = {"image_features": features, "sequence_images": batch["sequence_images"]}
         logps, _ = pair_logps(model, batch, kwargs)
         pairs = batch["input_ids"].shape[0] // 2
-        rows.append(torch.stack([logps[:pairs], logps[pairs:]], dim=1).float().cpu())
+        rows.append((index, torch.stack([logps[:pairs], logps[pairs:]], dim=1).float().cpu()))
     model.train(was_training)
-    return torch.cat(rows)
+    return rows
+
+
+def gathered_table(rows: list[tuple[int, torch.Tensor]], num_ranks: int) -> torch.Tensor:
+    """Every rank's (batch index, rows), in batch order, as one (pairs, 2) table (on every rank)."""
+    if num_ranks > 1:
+        shares: list = [None] * num_ranks
+        dist.all_gather_object(shares, rows)
+        rows = [row for share in shares for row in share]
+    return torch.cat([table for _, table in sorted(rows, key=lambda row: row[0])])
 
 
 def reference_logps(model, processor, planned, recipe, start: Weights, run_dir: Path, accelerator) -> torch.Tensor:
-    """The table of reference log-probs for `planned`, from the cache or computed once (by rank 0) and cached."""
+    """The table of reference log-probs for `planned`, from the cache or computed once, its batches shared out
+    over the ranks (the model is whole on every rank here, before `prepare`), and cached by rank 0."""
     fields = key_fields(start, recipe, planned)
     path = cache_path(run_dir, fields)
     if accelerator.is_main_process:
         check_run_record(stage_dir(run_dir, "dpo"), fields, resuming=recipe.train.resume)
-        if path.exists():
-            log.info("reference log-probs: reusing %s", path)
-        else:
-            log.info("reference log-probs: computing %d pairs once, caching in %s", len(planned), path)
-            table = compute(model, processor, planned, recipe.data, recipe.dpo.ref_batch_size, accelerator.device)
+    cached = [path.exists()]
+    if accelerator.num_processes > 1:  # rank 0's answer for all: they must all compute, or none
+        dist.broadcast_object_list(cached, src=0)
+    if cached[0]:
+        log.info("reference log-probs: reusing %s", path)
+    else:
+        log.info("reference log-probs: computing %d pairs once over %d rank(s), caching in %s", len(planned),
+                 accelerator.num_processes, path)
+        rows = compute(model, processor, planned, recipe.data, recipe.dpo.ref_batch_size, accelerator.device,
+                       rank=accelerator.process_index, num_ranks=accelerator.num_processes)
+        table = gathered_table(rows, accelerator.num_processes)
+        if accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"ref_logps": table}, str(tmp), metadata={"fields": json.dumps(fields, sort_keys=True)})
