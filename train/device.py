@@ -61,7 +61,7 @@ def apply_liger(enabled: bool) -> bool:
 
 def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: list | None = None) -> Accelerator:
     """`log_with`: tracker instances (train/tracking.py `make_trackers`); None: the recipe's tracker names."""
-    # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed) need it. A single process gets no
+    # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed, FSDP2) need it. A single process gets no
     # process group (asking for one without a launcher fails).
     # train.collective_timeout_s bounds every collective's wait (train/diagnostics.py writes the stacks before it).
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -85,6 +85,11 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: l
             f"{accelerator.num_processes} processes but no distributed backend: launch CPU runs with "
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (launch.sh does), not bare torchrun"
         )
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+        # transformers would then load the weights on rank 0 only; the base eval, the preflight and DPO's reference
+        # log-probs run before prepare and need the whole model on every rank (docs/distributed.md#fsdp2).
+        raise RuntimeError("fsdp_cpu_ram_efficient_loading: true is not supported: the model loads whole on every rank "
+                           "and is sharded at prepare; set it to false (recipes/accelerate/fsdp2.yaml)")
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is not None and plugin.zero_stage == 3:
         # save_trained gathers the partitions into one 16-bit (or fp32) state dict for the hub layout.
@@ -148,7 +153,9 @@ def whole_model_loading(accelerator: Accelerator):
     """Load models whole on every rank, also under ZeRO-3. transformers builds a model inside `deepspeed.zero.Init`
     (partitioned as it loads) while accelerate's ZeRO-3 config is registered with it; this unregisters it for the
     load and registers it again after. The 4.2B model fits one GPU in 16 bits (8.4 GB): the base eval, the preflight
-    and the reference log-probs run on it unsharded, and `accelerator.prepare` partitions it (docs/distributed.md#zero-3)."""
+    and the reference log-probs run on it unsharded, and `accelerator.prepare` partitions it (docs/distributed.md#zero-3).
+    FSDP2 needs nothing here: with `fsdp_cpu_ram_efficient_loading: false` (make_accelerator refuses true) transformers
+    loads the whole model on every rank, and `accelerator.prepare` shards it."""
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is None or plugin.zero_stage != 3:
         yield
