@@ -9,7 +9,7 @@ Usage: ./launch.sh [--dry-run] [--config NAME] [--max-restarts N] [RECIPE [key=v
 
   RECIPE          a YAML recipe, e.g. recipes/chartqa.yaml; default: recipes/demo.yaml (the CPU demo)
   key=value       recipe overrides by dotted path, e.g. train.lr=1.0e-4 data.train.0.limit=1000
-  --config NAME   accelerate config in recipes/accelerate/: cpu, ddp, zero2, fsdp
+  --config NAME   accelerate config in recipes/accelerate/: cpu, ddp, zero2, zero3, fsdp2
                   (default: cpu without a GPU, ddp with GPUs)
   --max-restarts N  restart a failed stage up to N times (torchrun's elastic agent, through accelerate launch):
                   a lost rank ends every rank of the stage, all restart and resume from the newest complete

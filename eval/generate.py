@@ -7,6 +7,9 @@
   similar length (little left padding) and every rank gets a similar share of tokens.
 - Every rank runs the same number of batches: a short shard is padded with a repeat of its last prompt, whose
   answer is dropped. ZeRO-3 needs that (each forward gathers parameters from all ranks).
+- Under sharded parameters (DeepSpeed ZeRO-3, FSDP; `shards_parameters`) `generate(synced_gpus=True)` keeps a rank
+  whose batch has finished stepping with the others until all have, and under FSDP2 the root unit's own parameters
+  are gathered for the whole generation (`root_unit_gathered`).
 - `model.generate` with left padding, greedy, the KV cache on (generate's default); it stops at the end ids of the
   model's generation config (`<|end|>`, `<|endoftext|>`). Each answer is cut at its first end id, decoded without
   special tokens and stripped.
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 
@@ -94,17 +98,49 @@ def _decode(processor, new_ids: torch.Tensor, end_ids: set[int]) -> str:
     return processor.decode(ids[:stop], skip_special_tokens=True).strip()
 
 
+def shards_parameters(accelerator) -> bool:
+    """Whether the prepared model's parameters are partitioned across ranks (DeepSpeed ZeRO-3, FSDP); False without
+    an accelerator or for a stand-in without a distributed type. train.device.shards_parameters is this one."""
+    from accelerate import DistributedType
+
+    distributed_type = getattr(accelerator, "distributed_type", None)
+    if distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return distributed_type == DistributedType.FSDP
+
+
+@contextlib.contextmanager
+def root_unit_gathered(model):
+    """FSDP2 gathers a unit's parameters in that unit's forward hook, and the root unit's (what no wrapped layer holds:
+    the CLIP embeddings, the projector, the separators) in the root's forward. `generate` does not run the root's
+    forward when the root is a PeftModel (its generate calls the base model's), so the root unit is gathered here
+    for the whole generation and freed after; the layers gather theirs in their own hooks. A no-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 @torch.inference_mode()
 def generate_batch(model, processor, examples: Sequence[EvalExample], texts: Sequence[str], *,
-                   max_new_tokens: int, synced: bool = False) -> list[str]:
-    """Greedy answers to one left-padded batch. `synced`: several ranks generate together; a rank whose answers
-    have all ended keeps stepping until every rank's have, so that ranks whose model is sharded (ZeRO-3, FSDP)
-    keep making the same collective calls (docs/distributed.md#one-vision-pass-per-forward-on-every-rank)."""
+                   max_new_tokens: int, synced_gpus: bool = False) -> list[str]:
+    """Greedy answers to one left-padded batch. `synced_gpus`: a rank whose answers have all ended keeps stepping
+    until every rank's have, so that ranks whose model is sharded (ZeRO-3, FSDP) keep making the same collective
+    calls (docs/distributed.md#one-vision-pass-per-forward-on-every-rank)."""
     images = [[rgb_image(image, example, k) for k, image in enumerate(example.images)] for example in examples]
     batch = processor(text=list(texts), images=images, padding_side="left", do_normalize=False)
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
-    output_ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced)
+    # synced_gpus: transformers sets it itself for a DeepSpeed ZeRO-3 or FSDP-managed model, but not for a model
+    # inside an FSDP2 root (a PeftModel's base model): passed whenever the parameters are sharded.
+    extra = {"synced_gpus": True} if synced_gpus else {}
+    output_ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
     prompt_width = batch["input_ids"].shape[1]  # generate returns the (left-padded) prompt, then the new tokens
     end_ids = _end_ids(model)
     return [_decode(processor, row[prompt_width:], end_ids) for row in output_ids]
@@ -112,14 +148,14 @@ def generate_batch(model, processor, examples: Sequence[EvalExample], texts: Seq
 
 def generate_indices(model, processor, examples: Sequence[EvalExample], texts: Sequence[str],
                      indices: Sequence[int], *, batch_size: int, max_new_tokens: int,
-                     show_progress: bool = True, synced: bool = False) -> list[tuple[int, str]]:
-    """(index, answer) for the given examples, batched in the given order (`synced`: see `generate_batch`)."""
+                     show_progress: bool = True, synced_gpus: bool = False) -> list[tuple[int, str]]:
+    """(index, answer) for the given examples, batched in the given order."""
     pairs: list[tuple[int, str]] = []
     with tqdm(total=len(indices), desc="eval: generating", unit="prompt", disable=not show_progress) as bar:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             answers = generate_batch(model, processor, [examples[i] for i in chunk], [texts[i] for i in chunk],
-                                     max_new_tokens=max_new_tokens, synced=synced)
+                                     max_new_tokens=max_new_tokens, synced_gpus=synced_gpus)
             pairs.extend(zip(chunk, answers))
             bar.update(len(chunk))
     return pairs
@@ -146,9 +182,10 @@ def generate_answers(model, processor, examples: Sequence[EvalExample], *, batch
     texts = [prompt_text(processor, example) for example in examples]
     lengths = [prompt_length(processor, example, text) for example, text in zip(examples, texts)]
     indices = shard_for_rank(lengths, num_processes=num_processes, process_index=process_index)
-    pairs = generate_indices(model, processor, examples, texts, indices, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, show_progress=process_index == 0,
-                             synced=num_processes > 1)
+    sharded = num_processes > 1 and shards_parameters(accelerator)
+    with root_unit_gathered(model) if sharded else contextlib.nullcontext():
+        pairs = generate_indices(model, processor, examples, texts, indices, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, show_progress=process_index == 0, synced_gpus=sharded)
     if num_processes > 1:
         pairs = gather_object(pairs)
     return merge_gathered(pairs, len(examples))

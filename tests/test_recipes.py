@@ -41,7 +41,7 @@ def summary_of(path: Path) -> dict:
 def test_the_shipped_recipes_are_all_found():
     assert {path.stem for path in RECIPE_FILES} >= {
         "demo", "chartqa", "docvqa", "phi35v_multi_image", "rlaif_v", "chartqa_dpo"}
-    assert {path.stem for path in ACCELERATE_FILES} >= {"cpu", "ddp", "zero2", "fsdp"}
+    assert {path.stem for path in ACCELERATE_FILES} >= {"cpu", "ddp", "zero2", "zero3", "fsdp2"}
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda path: path.stem)

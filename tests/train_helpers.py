@@ -33,34 +33,41 @@ def run_stage(stage: str, overrides: list[str], **kwargs) -> Path:
     return module.main(load_recipe(DEMO, overrides), DEMO, **kwargs)
 
 
+FSDP2_CONFIG = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
+
+
 def two_process_command(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
-                        port_offset: int = 0) -> tuple[list[str], dict[str, str]]:
-    """(command, environment) of the stage in 2 CPU processes over gloo (DDP, or DeepSpeed ZeRO-`zero_stage`),
-    through accelerate's launcher."""
+                        fsdp: bool = False, port_offset: int = 0) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) that launch the stage in 2 CPU processes over gloo: DDP, DeepSpeed, or FSDP2 (the
+    shipped recipes/accelerate/fsdp2.yaml with 2 processes in fp32; train.device selects FSDP2 on CPU)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--main_process_port", str(29500 + (os.getpid() + port_offset) % 1000)]
-    if deepspeed:
+    if fsdp:
+        command[3:3] = ["--config_file", str(FSDP2_CONFIG)]
+    elif deepspeed:
         command += ["--use_deepspeed", "--zero_stage", str(zero_stage), "--gradient_clipping", "1.0"]
     else:
         command += ["--multi_gpu"]
     command += [str(REPO / "train" / f"{stage}.py"), str(DEMO), *overrides]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    if not deepspeed:  # DDP on CPU; with ACCELERATE_USE_CPU, accelerate would also turn DeepSpeed into plain DDP
+    if not deepspeed and not fsdp:  # DDP on CPU; with ACCELERATE_USE_CPU, DeepSpeed would become plain DDP
         env["ACCELERATE_USE_CPU"] = "1"
     return command, env
 
 
 def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
-                         timeout: int = 600, expect_failure: bool = False) -> subprocess.CompletedProcess:
-    """The stage in 2 CPU processes over gloo (DDP, or DeepSpeed), through accelerate's launcher; `timeout` turns a
-    hang into a failure."""
-    command, env = two_process_command(stage, overrides, deepspeed=deepspeed, zero_stage=zero_stage)
+                         fsdp: bool = False, timeout: int = 600,
+                         expect_failure: bool = False) -> subprocess.CompletedProcess:
+    """The stage in 2 CPU processes over gloo (DDP, DeepSpeed, or FSDP2), through accelerate's launcher; `timeout`
+    turns a hang into a failure."""
+    command, env = two_process_command(stage, overrides, deepspeed=deepspeed, zero_stage=zero_stage, fsdp=fsdp)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_failure:
         assert result.returncode != 0, result.stderr[-4000:]
         return result
     assert result.returncode == 0, f"2-process {stage} run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    expected = "DistributedType.DEEPSPEED" if deepspeed else "DistributedType.MULTI_CPU"
+    expected = ("DistributedType.FSDP" if fsdp else "DistributedType.DEEPSPEED" if deepspeed
+                else "DistributedType.MULTI_CPU")
     assert f"accelerate: {expected}, 2 process(es)" in result.stderr, result.stderr[-4000:]
     return result
 

@@ -16,8 +16,9 @@ Loading reads exactly these files with `safetensors` and `json`: nothing in a ch
 checkpoint someone shares cannot run code (other files in the folder are ignored, with a warning). One exception,
 under DeepSpeed (`DistributedType.DEEPSPEED`): the engine owns the optimizer (and the weights' partitions), so the
 engine's own checkpoint, written by `accelerator.save_state` into `deepspeed/` (trainable parameters only), uses
-DeepSpeed's torch.save format and is loaded with pickle: resume DeepSpeed runs only from checkpoints you wrote. FSDP
-(shipped, not yet tested) takes the same path, with accelerate's FSDP format.
+DeepSpeed's torch.save format and is loaded with pickle: resume DeepSpeed runs only from checkpoints you wrote. FSDP2
+takes the same path (the same `deepspeed/` folder) with accelerate's FSDP format: the whole model's and the optimizer's
+shards in torch.distributed.checkpoint files, and pickled random states (docs/distributed.md#fsdp2).
 
 Writes: each rank writes its files into `.tmp-step-N/`, the main process fsyncs every file and the folder, then
 renames it into place; a complete checkpoint of the same step is moved aside (`.old-step-N/`) before the rename and
@@ -260,7 +261,7 @@ class Checkpointer:
         self.record = {"format": FORMAT, "allowed_changes": [], **record}
         self.allowed = tuple(allowed)
         self.last_saved_step: int | None = None
-        # DeepSpeed's engine (and FSDP's sharding, shipped but untested) own the optimizer and the weights' layout.
+        # DeepSpeed's engine and FSDP's sharding own the optimizer and the weights' layout.
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.engine_owned = self.deepspeed or accelerator.distributed_type == DistributedType.FSDP
 

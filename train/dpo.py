@@ -87,7 +87,11 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     model = configure_trainable(model, parts, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)
     log.info(report_trainable(model))
-    loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora", reference_table=reference_table)
+    # A frozen tower's image features are computed once per pair, outside the passes, except under FSDP, where
+    # they can be computed only inside the model's forward (train.device.model_forward_only): there each pass
+    # encodes its images (two vision passes per pair, the same values).
+    share = parts.vision != "lora" and not device.model_forward_only(accelerator)
+    loss_fn = DPOLoss(recipe, accelerator, share_features=share, reference_table=reference_table)
 
     plan = trainer.StagePlan(stage="dpo", run_dir=run_dir, total_steps=total_steps, unit_name="pairs",
                              lr_scale=(recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0,

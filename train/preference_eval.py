@@ -13,7 +13,7 @@ import torch
 from data.loaders import load_samples, loader_factory, plan, stage_sources
 from data.sources import SkipCounter
 from recipe import Recipe
-from train.device import to_device
+from train.device import model_forward_only, to_device
 from train.losses import DPOLoss, count_pairs, pair_logps
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) ->
     margins = {"dpo": [], "sft": []}
     for batch in make_loader(0):
         batch = to_device(batch, device)
-        kwargs, _ = DPOLoss.image_kwargs_for(peft_model, batch, share_features=True)
+        kwargs, _ = DPOLoss.image_kwargs_for(peft_model, batch, share_features=not model_forward_only(accelerator))
         pairs = count_pairs(batch)
         for which, context in (("dpo", nullcontext()), ("sft", peft_model.disable_adapter())):
             with context:

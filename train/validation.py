@@ -18,11 +18,18 @@ from data.loaders import eval_loss_loader, load_samples, plan, stage_sources
 from data.sources import SkipCounter
 from recipe import Recipe
 from recipe.run_dir import validation_file
-from train.device import autocast_context, to_device
+from train.device import autocast_context, shards_parameters, to_device
 from train.loop import global_sum
 from train.losses import sft_loss_sum, supervised_tokens
 
 log = logging.getLogger(__name__)
+
+
+def filler_batches(samples: int, batch_size: int, num_replicas: int, rank: int) -> int:
+    """How many batches `rank` has fewer than the rank with the most, under `data.loaders.eval_loss_loader`'s split
+    (batch i to rank i mod num_replicas)."""
+    batches = -(-samples // batch_size)
+    return -(-batches // num_replicas) - len(range(rank, batches, num_replicas))
 
 
 class ValidationLoss:
@@ -35,8 +42,17 @@ class ValidationLoss:
         samples = load_samples(recipe.data.eval, "sft", recipe.data, seed=recipe.seed, skips=skips,
                                main_first=accelerator.main_process_first)
         self.planned = plan(samples, processor, replace(recipe.data, on_bad_sample="skip", on_overlong="drop"), skips)
-        self.loader = eval_loss_loader(self.planned, processor, recipe.data, batch_size=recipe.train.micro_batch_size,
+        batch_size = recipe.train.micro_batch_size
+        self.loader = eval_loss_loader(self.planned, processor, recipe.data, batch_size=batch_size,
                                        num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+        # Sharded parameters (ZeRO-3, FSDP) gather in every forward, a collective call: every rank must run as many
+        # forwards as the rank with the most batches. The others run the first batch again and drop its loss.
+        self.fillers = 0
+        if shards_parameters(accelerator) and self.planned:
+            self.fillers = filler_batches(len(self.planned), batch_size, accelerator.num_processes,
+                                          accelerator.process_index)
+        self.filler = (eval_loss_loader(self.planned[:batch_size], processor, recipe.data, batch_size=batch_size)
+                       if self.fillers else None)
         if accelerator.is_main_process and not recipe.train.resume:
             self.file.unlink(missing_ok=True)  # a fresh stage (or an overwritten one) starts a fresh record
         log.info("validation loss on %d held-out samples, %s", len(self.planned),
@@ -67,6 +83,10 @@ class ValidationLoss:
                     loss, _ = sft_loss_sum(unwrapped, batch)
                 loss_sum += float(loss)
                 tokens += supervised_tokens(batch)
+            for _ in range(self.fillers):  # forwards only, their loss dropped (see __init__)
+                for batch in self.filler:
+                    with autocast_context(accelerator):
+                        sft_loss_sum(unwrapped, to_device(batch, accelerator.device))
         finally:
             unwrapped.train(was_training)
         loss_sum, tokens = global_sum(accelerator, loss_sum), int(global_sum(accelerator, tokens))
