@@ -30,6 +30,7 @@ from .train_helpers import (
     launch_two_processes,
     run_stage,
     small_overrides,
+    text_and_image_rows,
     two_process_command,
 )
 
@@ -173,3 +174,13 @@ def test_fsdp2_dpo_lora_equals_one_process(dpo_lora):
         assert held_out[0][policy]["pairs"] == held_out[1][policy]["pairs"]
         assert held_out[0][policy]["accuracy"] == held_out[1][policy]["accuracy"]
         assert held_out[0][policy]["mean_margin"] == pytest.approx(held_out[1][policy]["mean_margin"], rel=1e-4)
+
+
+@pytest.mark.slow  # launches 2 processes
+def test_a_text_only_rank_beside_an_image_rank_does_not_hang(synthetic, tmp_path):
+    """One rank's batch is text-only at every step, the other's has an image: the text-only rank runs the vision
+    path on a blank crop, so both gather the same FSDP units."""
+    overrides = [*small_overrides(tmp_path / "run", synthetic, "sft", micro_batch_size=1, grad_accum=1, max_steps=3),
+                 *text_and_image_rows(synthetic, tmp_path / "mixed"), "train.collective_timeout_s=60"]
+    launch_two_processes("sft", overrides, fsdp=True, timeout=300)
+    assert [h["step"] for h in history(tmp_path / "run", "sft")] == [1, 2, 3]

@@ -35,6 +35,7 @@ from .train_helpers import (
     launch_two_processes,
     run_stage,
     small_overrides,
+    text_and_image_rows,
     two_process_command,
 )
 
@@ -140,17 +141,13 @@ def test_zero3_dpo_lora_equals_one_process(synthetic, tmp_path):
 def test_a_text_only_rank_beside_an_image_rank_does_not_hang(synthetic, tmp_path):
     """Two rows, one per rank at every step: one text-only, one with an image. The text-only rank must run the
     vision path too (a blank crop), else the image rank waits for its parameters forever."""
-    data = tmp_path / "mixed"
-    (data / "images").mkdir(parents=True)
-    shutil.copy(next((synthetic / "images").iterdir()), data / "images" / "a.png")
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]}],
-             "images": ["images/a.png"]},
-            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "hello there"}]}]}]
-    (data / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     overrides = [*small_overrides(tmp_path / "run", synthetic, "sft", micro_batch_size=1, grad_accum=1, max_steps=3),
-                 "data.train.0.format=trl_messages", f"data.train.0.path={data / 'train.jsonl'}",
-                 f"data.train.0.image_root={data}", "data.train.0.limit=null", "train.collective_timeout_s=60"]
+                 *text_and_image_rows(synthetic, tmp_path / "mixed"), "train.collective_timeout_s=60"]
     launch_two_processes("sft", overrides, deepspeed=True, zero_stage=3, timeout=300)
     assert [h["step"] for h in history(tmp_path / "run", "sft")] == [1, 2, 3]
+
+
+def test_a_quantised_model_under_zero3_is_refused_with_its_reason(synthetic, tmp_path):
+    overrides = [*small_overrides(tmp_path / "q", synthetic, "sft"), "model.quantization=nf4"]
+    result = launch_two_processes("sft", overrides, deepspeed=True, zero_stage=3, timeout=300, expect_failure=True)
+    assert "model.quantization: nf4 with sharded parameters" in result.stderr and "zero2.yaml" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,21 @@ def assert_same_steps(a: list[dict], b: list[dict], rtol: float) -> None:
     for x, y in zip(a, b):
         for key in ("loss", "grad_norm", "units", "tokens", "supervised_tokens"):  # tokens: padding excluded
             assert math.isclose(x[key], y[key], rel_tol=rtol, abs_tol=1e-7), (key, x, y)
+
+
+def text_and_image_rows(synthetic: Path, folder: Path) -> list[str]:
+    """Overrides training SFT on two rows, one with an image (from `synthetic`) and one text-only, written to
+    `folder`: on 2 ranks with micro-batches of 1, one rank's batch is text-only at every step."""
+    (folder / "images").mkdir(parents=True)
+    shutil.copy(next((synthetic / "images").iterdir()), folder / "images" / "a.png")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]}],
+             "images": ["images/a.png"]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "hello there"}]}]}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return ["data.train.0.format=trl_messages", f"data.train.0.path={folder / 'train.jsonl'}",
+            f"data.train.0.image_root={folder}", "data.train.0.limit=null"]
 
 
 def history(run_dir: Path, stage: str) -> list[dict]:

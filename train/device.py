@@ -90,6 +90,12 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: l
         # log-probs run before prepare and need the whole model on every rank (docs/distributed.md#fsdp2).
         raise RuntimeError("fsdp_cpu_ram_efficient_loading: true is not supported: the model loads whole on every rank "
                            "and is sharded at prepare; set it to false (recipes/accelerate/fsdp2.yaml)")
+    if shards_parameters(accelerator) and recipe.model.quantization != "none":
+        raise RuntimeError(
+            f"model.quantization: {recipe.model.quantization} with sharded parameters (DeepSpeed ZeRO-3, FSDP) is not "
+            "supported: the quantised weights would have to be sharded in bitsandbytes' storage dtype, which is not "
+            "built or tested here. The 4-bit 4.2B model takes ~3 GB per GPU: use recipes/accelerate/ddp.yaml or "
+            "zero2.yaml (docs/qlora.md)")
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is not None and plugin.zero_stage == 3:
         # save_trained gathers the partitions into one 16-bit (or fp32) state dict for the hub layout.
