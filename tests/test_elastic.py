@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,15 @@ from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
 from recipe.run_dir import checkpoints_dir, diagnostics_file, rank_log_file
 
-from .train_helpers import DEMO, adapter, assert_same_adapter, history, run_stage, small_overrides
+from .train_helpers import (
+    DEMO,
+    adapter,
+    assert_same_adapter,
+    history,
+    run_stage,
+    small_overrides,
+    wait_for_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 INHERITED = ("SLURM_", "NPROC", "NNODES", "NODE_RANK", "MASTER_")
@@ -42,12 +49,7 @@ def test_a_killed_rank_restarts_the_stage_which_resumes_and_ends_with_the_uninte
                             "train.collective_timeout_s=120"],  # a hung start-up or step fails in minutes
                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        first_checkpoint = checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json"
-        deadline = time.monotonic() + 600
-        while not first_checkpoint.exists():
-            assert job.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "no checkpoint after 600 s"
-            time.sleep(0.05)
+        wait_for_file(job, checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json", log, 600)
         rank1 = int(re.search(r"# rank 1 of 2, pid (\d+)", diagnostics_file(run, 1).read_text()).group(1))
         os.kill(rank1, signal.SIGKILL)
         job.wait(timeout=900)

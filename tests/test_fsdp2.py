@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -32,6 +31,7 @@ from .train_helpers import (
     small_overrides,
     text_and_image_rows,
     two_process_command,
+    wait_for_file,
 )
 
 TIMEOUT = 420  # a hung collective fails the test instead of the session
@@ -119,12 +119,7 @@ def test_fsdp2_stop_and_resume_ends_with_the_uninterrupted_adapter(sft_lora, syn
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        first = checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json"
-        deadline = time.monotonic() + TIMEOUT
-        while not first.exists():
-            assert job.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.05)
+        wait_for_file(job, checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json", log, TIMEOUT)
         # What a preemption does: SIGTERM; the ranks agree on the step to stop after and write its checkpoint.
         rank1 = int(re.search(r"# rank 1 of 2, pid (\d+)", diagnostics_file(run, 1).read_text()).group(1))
         os.kill(rank1, signal.SIGTERM)

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ from .train_helpers import (
     small_overrides,
     text_and_image_rows,
     two_process_command,
+    wait_for_file,
 )
 
 pytestmark = pytest.mark.slow  # every test launches 2 processes
@@ -96,12 +96,7 @@ def test_zero3_resumes_from_its_checkpoint_to_the_uninterrupted_weights(scored_r
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                            start_new_session=True)
     try:
-        complete = checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json"
-        deadline = time.monotonic() + 300
-        while not complete.exists():
-            assert job.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.05)
+        wait_for_file(job, checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json", log, 300)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -93,6 +94,16 @@ def text_and_image_rows(synthetic: Path, folder: Path) -> list[str]:
     (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return ["data.train.0.format=trl_messages", f"data.train.0.path={folder / 'train.jsonl'}",
             f"data.train.0.image_root={folder}", "data.train.0.limit=null"]
+
+
+def wait_for_file(job: subprocess.Popen, path: Path, log: Path, seconds: float) -> None:
+    """Wait while the launched `job` runs until `path` exists (e.g. a checkpoint's last file); fails when the job ends
+    first (with the end of its `log`) or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert job.poll() is None, f"the run ended before {path} existed:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {path} after {seconds} s"
+        time.sleep(0.05)
 
 
 def history(run_dir: Path, stage: str) -> list[dict]:
