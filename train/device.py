@@ -71,6 +71,8 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: l
     # An FSDP launch on a CPU-only machine: accelerate forms a CPU process group (gloo) only when asked for the CPU;
     # select_fsdp_on_cpu then selects FSDP2 over it.
     fsdp_on_cpu = distributed and wants_fsdp() and not torch.cuda.is_available()
+    if distributed:
+        init_restartable_process_group(timeout)
     accelerator = Accelerator(
         cpu=fsdp_on_cpu,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
@@ -104,6 +106,30 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: l
              accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
     set_seed(recipe.seed)
     return accelerator
+
+
+def init_restartable_process_group(timeout: timedelta) -> bool:
+    """Under torchrun's elastic agent with restarts allowed (`launch.sh --max-restarts`), form the process group on a
+    store prefixed by the restart attempt; True if it did. With the static rendezvous (accelerate's default) the
+    agent keeps one TCPStore across restarts and the ranks' gloo/NCCL bootstrap keys carry no attempt in their
+    name, so a restarted rank can read the address its peer had in the attempt before and connect to a dead
+    process ("Gloo connectFullMesh failed ... Connection refused", or a hang): seen in tests/test_elastic.py.
+    accelerate (and DeepSpeed) then use the group formed here."""
+    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) < 1
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or torch.distributed.is_initialized()):
+        return False
+    from torch.distributed import PrefixStore, TCPStore
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                           timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                         store=PrefixStore(f"phi3v/attempt-{attempt}", agent_store), rank=rank,
+                                         world_size=world_size, timeout=timeout)
+    log.info("process group formed for restart attempt %s of at most %s", attempt,
+             os.environ["TORCHELASTIC_MAX_RESTARTS"])
+    return True
 
 
 def wants_fsdp() -> bool:
