@@ -413,6 +413,11 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # logging_steps=1
     if len(losses) != len(recorder.records):
         raise RuntimeError(f"trl: {len(losses)} logged losses for {len(recorder.records)} steps")
+    return trl_result(recorder, losses)
+
+
+def trl_result(recorder: TrlStepRecorder, losses: list[float]) -> dict:
+    """The TRL side's result: its recorded steps, each with its loss."""
     for record, loss in zip(recorder.records, losses):
         record["loss"] = loss
     return {"steps": recorder.records, "train_growth_mb": recorder.memory.growth_mb(),
@@ -422,6 +427,12 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
 # ------------------------------------------------------------------------------------------------ one side
 
 
+def write_result(workdir: Path, side: str, result: dict) -> None:
+    """What a side's subprocess hands its parent: the result, with the process's peak memory and threads."""
+    result.update(side=side, lifetime_peak_mb=lifetime_peak_mb(), torch_threads=torch.get_num_threads())
+    (workdir / f"{side}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -429,8 +440,7 @@ def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int,
         result = run_trl(workdir, steps, warmup, batch_size)
     else:
         result = run_ours(workdir, steps, warmup, batch_size, share_prompt=side == "ours")
-    result.update(side=side, lifetime_peak_mb=lifetime_peak_mb(), torch_threads=torch.get_num_threads())
-    (workdir / f"{side}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(workdir, side, result)
 
 
 # ------------------------------------------------------------------------------------------------ the parent
@@ -467,9 +477,11 @@ def summarise(result: dict, warmup: int, batch_size: int) -> SideSummary:
                        first_loss=result["steps"][0]["loss"], last_loss=result["steps"][-1]["loss"])
 
 
-def spawn_side(side: str, workdir: Path, args: argparse.Namespace) -> tuple[dict | None, str]:
-    """(result, '') or (None, the tail of the failed subprocess's output)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
+def spawn_side(side: str, workdir: Path, args: argparse.Namespace,
+               script: Path = Path(__file__)) -> tuple[dict | None, str]:
+    """(result, '') or (None, the tail of the failed subprocess's output) of `script --side side` (this benchmark,
+    or another built like it)."""
+    command = [sys.executable, str(script.resolve()), "--side", side, "--workdir", str(workdir),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
                "--threads", str(args.threads)]
     env = {**os.environ, **OFFLINE_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
@@ -486,20 +498,26 @@ def versions() -> str:
     return f"python {platform.python_version()}, " + ", ".join(f"{name} {metadata.version(name)}" for name in packages)
 
 
-def print_header(args: argparse.Namespace, recipe) -> None:
-    from models.phi3v.tiny import DEMO_MODEL as TINY_MODEL
-
+def print_machine(title: str, args: argparse.Namespace) -> None:
+    """The header lines every benchmark built like this one starts with: what, when, the command, machine, versions
+    and load."""
     now = datetime.datetime.now(datetime.timezone.utc)
     cpus = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
     threads = args.threads or f"torch's default ({torch.get_num_threads()})"
-    lora = recipe.lora
-    print(f"# DPO steps, ours vs TRL DPOTrainer, {now:%Y-%m-%d %H:%M} UTC")
+    print(f"# {title}, {now:%Y-%m-%d %H:%M} UTC")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
     print(f"machine: {platform.platform()}, {platform.machine()}, {cpus} CPUs ({usable} usable); torch threads "
           f"per side: {threads}")
     print(f"versions: {versions()}")
     print("load average at start (1/5/15 min): " + "/".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+def print_header(args: argparse.Namespace, recipe) -> None:
+    from models.phi3v.tiny import DEMO_MODEL as TINY_MODEL
+
+    lora = recipe.lora
+    print_machine("DPO steps, ours vs TRL DPOTrainer", args)
     print(f"model: tiny Phi-3-V {TINY_MODEL}, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
           f"{recipe.model.num_crops}; LoRA r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on the LM's "
           f"{', '.join(lora.target_modules)}; tower and projector frozen")

@@ -39,13 +39,8 @@ collator, no worker processes). Columns as in dpo_vs_trl.py.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,18 +53,19 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 from dpo_vs_trl import (  # noqa: E402
-    OFFLINE_ENV,
     SEED,
     StepMeter,
     TrlStepRecorder,
-    lifetime_peak_mb,
     load_base,
     load_demo_recipe,
     lora_config,
     paired_ratios,
+    print_machine,
+    spawn_side,
     time_our_steps,
     trainable_fingerprint,
-    versions,
+    trl_result,
+    write_result,
 )
 
 SIDES = ("ours", "trl")
@@ -191,18 +187,13 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     trainer.train()
     if len(losses) != len(recorder.records):
         raise RuntimeError(f"trl: {len(losses)} losses for {len(recorder.records)} steps")
-    for record, loss in zip(recorder.records, losses):
-        record["loss"] = loss
-    return {"steps": recorder.records, "train_growth_mb": recorder.memory.growth_mb(),
-            "peak_reset": recorder.memory.reset_ok, "initial_trainable": recorder.fingerprint}
+    return trl_result(recorder, losses)
 
 
 def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
-    result = (run_ours if side == "ours" else run_trl)(workdir, steps, warmup, batch_size)
-    result.update(side=side, lifetime_peak_mb=lifetime_peak_mb(), torch_threads=torch.get_num_threads())
-    (workdir / f"{side}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(workdir, side, (run_ours if side == "ours" else run_trl)(workdir, steps, warmup, batch_size))
 
 
 # ------------------------------------------------------------------------------------------------ the parent
@@ -219,18 +210,6 @@ def summarise(result: dict, warmup: int, batch_size: int) -> dict:
             "data_ms": 1000 * mean("data_seconds"), "clip_calls": mean("clip_calls"), "clip_ms": 1000 * mean("clip_seconds"),
             "lm_tokens": mean("lm_tokens"), "saved_mb": mean("saved_mb"), "peak_mb": result["lifetime_peak_mb"],
             "train_growth_mb": result["train_growth_mb"], "losses": [step["loss"] for step in result["steps"]]}
-
-
-def spawn_side(side: str, workdir: Path, args: argparse.Namespace) -> tuple[dict | None, str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--workdir", str(workdir),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads)]
-    env = {**os.environ, **OFFLINE_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        return None, (done.stdout + done.stderr)[-4000:]
-    return json.loads((workdir / f"{side}.json").read_text()), ""
 
 
 COLUMNS = (("samples/s", "samples_per_s", "{:.1f}"), ("s/step", "seconds_per_step", "{:.3f}"),
@@ -278,14 +257,7 @@ def run_both(args: argparse.Namespace) -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     recipe = load_demo_recipe()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"# SFT steps, ours vs TRL SFTTrainer, {now:%Y-%m-%d %H:%M} UTC")
-    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
-    print(f"machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs ({usable} usable); torch "
-          f"threads per side: {args.threads or 'default'}")
-    print(f"versions: {versions()}")
-    print("load average at start (1/5/15 min): " + "/".join(f"{x:.2f}" for x in os.getloadavg()))
+    print_machine("SFT steps, ours vs TRL SFTTrainer", args)
     print(f"model: the demo's tiny Phi-3-V, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
           f"{recipe.model.num_crops}; LoRA r {recipe.lora.r} on the LM's {', '.join(recipe.lora.target_modules)}; "
           "tower and projector frozen")
@@ -302,7 +274,7 @@ def run_both(args: argparse.Namespace) -> None:
         for repeat in range(args.repeats):
             for side, label in labels.items():
                 started = time.perf_counter()
-                result, failure = spawn_side(side, workdir, args)
+                result, failure = spawn_side(side, workdir, args, script=Path(__file__))
                 if result is None:
                     print(f"run {repeat + 1} {label}: failed; the tail of its output:\n{failure}")
                     sys.exit(1)

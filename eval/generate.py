@@ -100,7 +100,7 @@ def _decode(processor, new_ids: torch.Tensor, end_ids: set[int]) -> str:
 
 def shards_parameters(accelerator) -> bool:
     """Whether the prepared model's parameters are partitioned across ranks (DeepSpeed ZeRO-3, FSDP); False without
-    an accelerator or for a stand-in without a distributed type. train.device.shards_parameters is this one."""
+    an accelerator or for a stand-in without a distributed type. train.device imports this one."""
     from accelerate import DistributedType
 
     distributed_type = getattr(accelerator, "distributed_type", None)

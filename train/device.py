@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 
-from eval import generate as eval_generate
+from eval.generate import shards_parameters  # eval may not import train: the test lives there, train uses it
 from recipe import Recipe
 from recipe.run_dir import logs_dir
 
@@ -98,8 +98,8 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: l
             "supported: the quantised weights would have to be sharded in bitsandbytes' storage dtype, which is not "
             "built or tested here. The 4-bit 4.2B model takes ~3 GB per GPU: use recipes/accelerate/ddp.yaml or "
             "zero2.yaml (docs/qlora.md)")
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is not None and plugin.zero_stage == 3:
+    plugin = zero3_plugin(accelerator)
+    if plugin is not None:
         # save_trained gathers the partitions into one 16-bit (or fp32) state dict for the hub layout.
         plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     log.info("accelerate: %s, %d process(es), device %s, mixed precision %s", accelerator.distributed_type,
@@ -166,9 +166,12 @@ def select_fsdp_on_cpu(accelerator: Accelerator) -> bool:
     return True
 
 
-def shards_parameters(accelerator: Accelerator) -> bool:
-    """Whether the prepared model's parameters are partitioned across ranks (DeepSpeed ZeRO-3, FSDP)."""
-    return eval_generate.shards_parameters(accelerator)
+def zero3_plugin(accelerator: Accelerator):
+    """accelerate's DeepSpeed plugin when the run uses ZeRO-3, else None."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin if plugin.zero_stage == 3 else None
 
 
 def model_forward_only(accelerator: Accelerator) -> bool:
@@ -188,8 +191,8 @@ def whole_model_loading(accelerator: Accelerator):
     and the reference log-probs run on it unsharded, and `accelerator.prepare` partitions it (docs/distributed.md#zero-3).
     FSDP2 needs nothing here: with `fsdp_cpu_ram_efficient_loading: false` (make_accelerator refuses true) transformers
     loads the whole model on every rank, and `accelerator.prepare` shards it."""
-    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is None or plugin.zero_stage != 3:
+    plugin = zero3_plugin(accelerator)
+    if plugin is None:
         yield
         return
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
