@@ -27,6 +27,7 @@ from transformers.models.phi3.modeling_phi3 import (
 )
 
 from .configuration import Phi3VConfig
+from .sequence_parallel import SPLIT_ATTENTION, SequenceParallel, decoder_forward
 from .vision import Phi3VImageEmbedding
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -52,7 +53,13 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
 
 
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
-    """The Phi3 decoder whose input embeddings carry image features at the `<|image|>` slots."""
+    """The Phi3 decoder whose input embeddings carry image features at the `<|image|>` slots.
+
+    `sequence_parallel` (set by `enable_sequence_parallel`): inside its `splitting()`, a forward without a cache
+    merges the image features on the full sequence and runs the decoder on this rank's chunk of it
+    (models/phi3v/sequence_parallel.py)."""
+
+    sequence_parallel: SequenceParallel | None = None
 
     def __init__(self, config: Phi3VConfig):
         # Phi3Model.__init__ would initialise every weight once before the vision tower exists and once after:
@@ -114,6 +121,12 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
 
+    def splits_sequence(self, cache=None, use_cache: bool | None = None) -> bool:
+        """Whether this forward runs on a chunk of the sequence: sequence parallelism is on and splitting, and no
+        cache is built or read (training and scoring passes, never generation)."""
+        sp = self.sequence_parallel
+        return sp is not None and sp.active and cache is None and not use_cache
+
     def blank_image_term(self, embeds: torch.Tensor) -> torch.Tensor:
         """0 x the features of one blank crop. A text-only batch still runs the vision path (in training, eval and a
         generation's first step alike), so that every rank runs the same modules in every forward: DDP then finds no
@@ -145,6 +158,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_features, sequence_images,
                                               starts_sequence=starts)
             input_ids = None
+        if self.splits_sequence(cache, use_cache):
+            return decoder_forward(self, inputs_embeds, attention_mask, position_ids, self.sequence_parallel, **kwargs)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -170,6 +185,15 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         # The hub's generation_config says eos 2; the model ends its turns with <|end|> (docs/phi3v.md#tokenizer-ids-and-chat-template).
         self.generation_config.eos_token_id = list(end_ids(config))
         self.generation_config.pad_token_id = config.pad_token_id
+
+    def forward(self, *args, logits_to_keep: int | torch.Tensor = 0, use_cache: bool | None = None, **kwargs):
+        # Under sequence parallelism the decoder returns this rank's chunk: a (B, T) mask of kept positions is cut
+        # to the same chunk, and the logits are those of the chunk's kept positions (row-major).
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (self.model.splits_sequence(cache, use_cache) and isinstance(logits_to_keep, torch.Tensor)
+                and logits_to_keep.dtype == torch.bool and logits_to_keep.dim() == 2):
+            logits_to_keep = self.model.sequence_parallel.local_keep(logits_to_keep)
+        return super().forward(*args, logits_to_keep=logits_to_keep, use_cache=use_cache, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, attn_implementation: str = "sdpa", **kwargs):
@@ -224,6 +248,23 @@ def stop_ids(config: Phi3VConfig, loaded) -> list[int]:
     if not ids or set(ids) <= {config.eos_token_id, 2}:
         return ends
     return ids
+
+
+def enable_sequence_parallel(model, sp: SequenceParallel) -> None:
+    """Give the Phi3VModel inside `model` (a PeftModel or Phi3VForCausalLM) its sequence-parallel group. Refuses a
+    group that does not divide the attention heads (Ulysses hands each rank H/N heads)."""
+    decoder = next(m for m in model.modules() if isinstance(m, Phi3VModel))
+    config = decoder.config
+    if config._attn_implementation not in SPLIT_ATTENTION:
+        raise ValueError(f"train.sequence_parallel={sp.size} needs model.attn_implementation sdpa or "
+                         f"flash_attention_2, not {config._attn_implementation!r}")
+    for what, heads in (("attention heads", config.num_attention_heads),
+                        ("key/value heads", config.num_key_value_heads)):
+        if heads % sp.size:
+            raise ValueError(f"train.sequence_parallel={sp.size} does not divide the model's {heads} {what}: "
+                             "Ulysses attention gives each rank of the group an equal share of the heads")
+    decoder.sequence_parallel = sp
+    decoder.vision_embed_tokens.sequence_parallel = sp
 
 
 def several_processes() -> bool:

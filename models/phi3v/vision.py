@@ -16,6 +16,7 @@ from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPEncoder, CLIPVisionEmbeddings
 
 from .image_processing import normalize_uint8
+from .sequence_parallel import SequenceParallel, encode_rows
 
 
 class CLIPTrunk(nn.Module):
@@ -68,7 +69,12 @@ def tile_crops(merged_NggC: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 class Phi3VImageEmbedding(nn.Module):
     """Images -> one sequence of LM-width features per image, in the official order:
-    [sub-crop grid, a `sub_GN` after every row] + [`glb_GN`] + [global view grid, a `sub_GN` after every row]."""
+    [sub-crop grid, a `sub_GN` after every row] + [`glb_GN`] + [global view grid, a `sub_GN` after every row].
+
+    Under sequence parallelism (`sequence_parallel` splitting) the tower's rows are shared out over the group and
+    gathered (models/phi3v/sequence_parallel.py `encode_rows`)."""
+
+    sequence_parallel: SequenceParallel | None = None
 
     def __init__(self, config):
         super().__init__()
@@ -155,7 +161,9 @@ class Phi3VImageEmbedding(nn.Module):
             )
         tower_dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
         batch = self.tower_batch(pixel_values, grids, tower_dtype)
-        merged = merge_2x2(self.img_processor(batch))  # (num_images + total_crops, g, g, 4C)
+        sp = self.sequence_parallel
+        patches = encode_rows(self.img_processor, batch, sp) if sp is not None and sp.active else self.img_processor(batch)
+        merged = merge_2x2(patches)  # (num_images + total_crops, g, g, 4C)
         global_merged, sub_merged = merged[: len(grids)], merged[len(grids) :]
         sequences, start = [], 0
         for i, (rows, cols) in enumerate(grids):
