@@ -29,6 +29,7 @@ from recipe.schema import (
 
 PHI3V_HUB_IDS = frozenset({"microsoft/Phi-3-vision-128k-instruct", "microsoft/Phi-3.5-vision-instruct"})
 PHI3V_GEOMETRY = (336, 14)  # (crop_size, patch_size) of the real CLIP tower
+PHI3V_HEADS = 32  # attention heads = key/value heads of both hub models (no grouped-query attention)
 
 
 @functools.cache
@@ -55,6 +56,22 @@ def image_geometry(model: ModelSection) -> tuple[int, int] | None:
         except (OSError, ValueError):
             return None
         return PHI3V_GEOMETRY if model_type == "phi3_v" else None
+    return None
+
+
+def attention_heads(model: ModelSection) -> int | None:
+    """The language model's attention heads where known without a download; None for other models."""
+    if model.name_or_path == "tiny":
+        return DEMO_MODEL["num_attention_heads"]
+    if model.name_or_path in PHI3V_HUB_IDS:
+        return PHI3V_HEADS
+    config = Path(model.name_or_path) / "config.json"
+    if config.is_file():
+        try:
+            heads = json.loads(config.read_text(encoding="utf-8")).get("num_attention_heads")
+        except (OSError, ValueError):
+            return None
+        return heads if isinstance(heads, int) else None
     return None
 
 
@@ -205,6 +222,27 @@ def _train_problems(recipe: Recipe) -> list[str]:
     if train.resume and recipe.output_dir is None:
         what = "output_dir is null, so the run gets a fresh directory without checkpoints"
         problems.append(issue("train.resume", True, what, "set output_dir to the run directory to resume"))
+    return problems + _sequence_parallel_problems(recipe)
+
+
+def _sequence_parallel_problems(recipe: Recipe) -> list[str]:
+    """The group must split the heads (Ulysses gives each rank H/N of them) and the sequence; the processes are
+    known only at launch (train.parallel checks them there)."""
+    size, problems = recipe.train.sequence_parallel, []
+    if size == 1:
+        return problems
+    path = "train.sequence_parallel"
+    if recipe.model.attn_implementation not in ("sdpa", "flash_attention_2"):
+        problems.append(issue(path, size, f"Ulysses attention needs sdpa or flash_attention_2, and "
+                              f"model.attn_implementation is {recipe.model.attn_implementation!r}",
+                              "set model.attn_implementation: sdpa"))
+    heads = attention_heads(recipe.model)
+    if heads is not None and heads % size:
+        problems.append(issue(path, size, f"the model has {heads} attention heads, which {size} ranks cannot share "
+                              "equally", f"use a divisor of {heads}"))
+    if size > recipe.data.max_length:
+        problems.append(issue(path, size, f"a group larger than data.max_length ({recipe.data.max_length}) leaves "
+                              "ranks without a token", "use a smaller group"))
     return problems
 
 

@@ -205,6 +205,11 @@ class TrainSection:
         (), "Run-shaping keys a resume may change (RESUME_KEYS, e.g. [train.lr]); recorded in the checkpoints.")
     on_nonfinite: Literal["stop", "skip"] = option("stop", "Non-finite loss or gradient norm: stop, or skip the step.")
     max_nonfinite_steps: int = option(10, "With on_nonfinite: skip, stop after this many skipped steps.", ge=0)
+    sequence_parallel: int = option(
+        1, "Ranks that share each sequence (Ulysses sequence parallelism, for long samples): a group of this many "
+        "ranks holds one micro-batch, encodes 1/N of its crops each and runs the decoder on 1/N of its tokens; data "
+        "parallelism runs over processes / N groups. Must divide the processes and the attention heads (32 on "
+        "Phi-3-V); needs sdpa or flash_attention_2 (docs/distributed.md#sequence-parallelism).", ge=1)
 
 
 # The values that shape a training stage, recorded in each checkpoint and compared on resume (train/checkpoint.py);
@@ -216,7 +221,7 @@ RESUME_KEYS_COMMON = (
     "data.group_by_length", "data.assistant_turns", "train.micro_batch_size", "train.grad_accum", "train.lr",
     "train.lr_vision", "train.lr_projector", "train.scheduler", "train.warmup_ratio", "train.warmup_steps",
     "train.weight_decay", "train.adam_betas", "train.adam_eps", "train.max_grad_norm", "train.precision",
-    "train.max_steps", "train.epochs", "world_size", "data",
+    "train.max_steps", "train.epochs", "train.sequence_parallel", "world_size", "data",
 )
 RESUME_KEYS_DPO = ("dpo.lr", "dpo.max_steps", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.sft_weight",
                    "dpo.mdpo_weight")

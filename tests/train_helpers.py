@@ -39,10 +39,11 @@ FSDP2_CONFIG = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
 
 
 def two_process_command(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
-                        fsdp: bool = False, port_offset: int = 0) -> tuple[list[str], dict[str, str]]:
-    """(command, environment) that launch the stage in 2 CPU processes over gloo: DDP, DeepSpeed, or FSDP2 (the
-    shipped recipes/accelerate/fsdp2.yaml with 2 processes in fp32; train.device selects FSDP2 on CPU)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                        fsdp: bool = False, port_offset: int = 0, processes: int = 2) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) that launch the stage in 2 (or `processes`) CPU processes over gloo: DDP, DeepSpeed, or
+    FSDP2 (the shipped recipes/accelerate/fsdp2.yaml with 2 processes in fp32; train.device selects FSDP2 on CPU)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1",
                "--mixed_precision", "no", "--main_process_port", str(29500 + (os.getpid() + port_offset) % 1000)]
     if fsdp:
         command[3:3] = ["--config_file", str(FSDP2_CONFIG)]
@@ -58,11 +59,12 @@ def two_process_command(stage: str, overrides: list[str], *, deepspeed: bool = F
 
 
 def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
-                         fsdp: bool = False, timeout: int = 600,
-                         expect_failure: bool = False) -> subprocess.CompletedProcess:
-    """The stage in 2 CPU processes over gloo (DDP, DeepSpeed, or FSDP2), through accelerate's launcher; `timeout`
-    turns a hang into a failure."""
-    command, env = two_process_command(stage, overrides, deepspeed=deepspeed, zero_stage=zero_stage, fsdp=fsdp)
+                         fsdp: bool = False, timeout: int = 600, expect_failure: bool = False,
+                         processes: int = 2) -> subprocess.CompletedProcess:
+    """The stage in 2 (or `processes`) CPU processes over gloo (DDP, DeepSpeed, or FSDP2), through accelerate's
+    launcher; `timeout` turns a hang into a failure."""
+    command, env = two_process_command(stage, overrides, deepspeed=deepspeed, zero_stage=zero_stage, fsdp=fsdp,
+                                       processes=processes)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_failure:
         assert result.returncode != 0, result.stderr[-4000:]
@@ -70,7 +72,7 @@ def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = 
     assert result.returncode == 0, f"2-process {stage} run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     expected = ("DistributedType.FSDP" if fsdp else "DistributedType.DEEPSPEED" if deepspeed
                 else "DistributedType.MULTI_CPU")
-    assert f"accelerate: {expected}, 2 process(es)" in result.stderr, result.stderr[-4000:]
+    assert f"accelerate: {expected}, {processes} process(es)" in result.stderr, result.stderr[-4000:]
     return result
 
 

@@ -15,6 +15,7 @@ whole optimizer step (train/loop.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -36,7 +37,7 @@ from recipe.run_dir import (
     write_json_atomically,
     write_start,
 )
-from train import callbacks, device, reference_cache, trainer
+from train import callbacks, device, reference_cache, sequence_groups, trainer
 from train.checkpoint import data_fingerprint
 from train.cli import run_cli
 from train.loop import total_steps_for
@@ -69,9 +70,12 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
         write_start(run_dir, start)
     model, processor = load_policy(start, recipe, run_dir, accelerator)
 
+    sp = sequence_groups.form_groups(accelerator, recipe.train.sequence_parallel)
+    split = sequence_groups.data_split(accelerator.num_processes, accelerator.process_index,
+                                       recipe.train.sequence_parallel)
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
-        recipe, processor, "dpo", skips, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+        recipe, processor, "dpo", skips, num_replicas=split.replicas, rank=split.rank,
         main_first=accelerator.main_process_first, cache_dir=cache_dir(run_dir))
     total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum,
                                   recipe.dpo.max_steps or recipe.train.max_steps,
@@ -91,7 +95,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     # they can be computed only inside the model's forward (train.device.model_forward_only): there each pass
     # encodes its images (two vision passes per pair, the same values).
     share = parts.vision != "lora" and not device.model_forward_only(accelerator)
-    loss_fn = DPOLoss(recipe, accelerator, share_features=share, reference_table=reference_table)
+    sequence_groups.attach(model, sp)
+    loss_fn = DPOLoss(recipe, accelerator, share_features=share, reference_table=reference_table, sp=sp)
 
     plan = trainer.StagePlan(stage="dpo", run_dir=run_dir, total_steps=total_steps, unit_name="pairs",
                              lr_scale=(recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0,
@@ -101,7 +106,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     stop = callbacks.stop_after(stop_after_step)
     mark_training_started(run_dir, "dpo")  # a failure from here on keeps the stage folder
     model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=loss_fn,
-                               count=count_pairs, callbacks=[c for c in (every, stop) if c is not None])
+                               count=functools.partial(count_pairs, sp=sp), callbacks=[c for c in (every, stop) if c is not None])
 
     trained = save_trained(accelerator, model, processor, adapter_dir(run_dir, "dpo"), recipe=recipe, run_dir=run_dir,
                            applies_after=start.adapters)

@@ -78,6 +78,7 @@ class LoopConfig:
     on_nonfinite: str = "stop"  # or "skip"
     max_nonfinite_steps: int = 10
     resume_command: str = ""  # the overrides that resume this run, for the stop message
+    ranks_per_sample: int = 1  # train.sequence_parallel: a group of ranks holds each micro-batch
 
 
 class StopTraining(RuntimeError):
@@ -303,7 +304,8 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
                 # The scheduler is not given to accelerate.prepare, which would step it once per process.
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    samples = global_sum(accelerator, sum(int(b["input_ids"].shape[0]) for b in group))
+    # Every rank of a sequence-parallel group holds the same micro-batches: count them once.
+    samples = global_sum(accelerator, sum(int(b["input_ids"].shape[0]) for b in group)) / config.ranks_per_sample
     record = {
         "loss": global_sum(accelerator, float(loss_total)) / global_units,
         "lr": scheduler.get_last_lr()[0],
@@ -311,8 +313,8 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
         "units": global_units,
         "samples": samples,
         "nonfinite": nonfinite,
-        "tokens": global_sum(accelerator, local_tokens),  # every token computed, padding excluded
-        "supervised_tokens": global_sum(accelerator, local_supervised),
+        "tokens": global_sum(accelerator, local_tokens) / config.ranks_per_sample,  # padding excluded
+        "supervised_tokens": global_sum(accelerator, local_supervised) / config.ranks_per_sample,
     }
     record.update({k: global_sum(accelerator, float(v)) / global_units for k, v in metrics.items()})
     return record

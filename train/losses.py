@@ -15,11 +15,14 @@ backward sums what flows into them from both.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
 from data.render import IGNORE_INDEX
 from models.phi3v.modeling import several_processes
+from models.phi3v.sequence_parallel import SequenceParallel
 from models.phi3v.supervised_forward import supervised_logits
 from recipe import Recipe
 from train.dpo_losses import combined_loss, reward_metrics, sft_nll_per_pair
@@ -37,16 +40,26 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return F.pad(supervised, (0, 1)), labels[:, 1:][supervised]
 
 
-def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, dict]:
+def sft_loss_sum(model, batch: dict, sp: SequenceParallel | None = None) -> tuple[torch.Tensor, dict]:
     """Summed cross-entropy over supervised tokens; logits only at their (row, position) pairs, (N, vocab), computed
-    on the real tokens only where `supervised_logits` can (models/phi3v/supervised_forward.py)."""
+    on the real tokens only where `supervised_logits` can (models/phi3v/supervised_forward.py). Under sequence
+    parallelism, the sum over this rank's chunk of the sequence (the group's chunks add up to the whole)."""
     keep, targets = supervised_positions(batch["labels"])
-    logits = supervised_logits(model, model_inputs(batch), keep)  # (N, V)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
+    if sp is None:
+        logits = supervised_logits(model, model_inputs(batch), keep)  # (N, V)
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
+    with sp.splitting():
+        logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits  # this chunk's (n, V)
+    local = sp.local_rows(keep) >= 0
+    return F.cross_entropy(logits.float(), targets[local], reduction="sum"), {}
 
 
-def supervised_tokens(batch: dict) -> int:
-    return int(batch["num_supervised_tokens"])
+def supervised_tokens(batch: dict, sp: SequenceParallel | None = None) -> int:
+    """The supervised tokens of a batch; under sequence parallelism those of this rank's chunk (the loop adds every
+    rank's count, and a group's chunks add up to its batch's)."""
+    if sp is None:
+        return int(batch["num_supervised_tokens"])
+    return int((sp.local_rows(supervised_positions(batch["labels"])[0]) >= 0).sum())
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -55,16 +68,37 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=1)
 
 
-def completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_token_logps(logits: torch.Tensor, keep: torch.Tensor, token_index: torch.Tensor, targets: torch.Tensor,
+                     sp: SequenceParallel | None) -> torch.Tensor:
+    """log p(targets[i]) whose logits sit at kept position `token_index[i]` of `keep` (row-major). `logits` are the
+    model's for `keep`; under sequence parallelism those of this rank's chunk: each rank scores the targets it holds
+    and the group sums them, so every rank gets every target's log-prob."""
+    if sp is None:
+        return token_logps(logits[token_index], targets)
+    rows = sp.local_rows(keep)[token_index]
+    here = (rows >= 0).nonzero().squeeze(1)
+    values = torch.zeros(targets.shape[0], dtype=torch.float32, device=logits.device)
+    values = values.index_put((here,), token_logps(logits[rows[here]], targets[here]))
+    return sp.sum(values)
+
+
+def splitting(sp: SequenceParallel | None):
+    return sp.splitting() if sp is not None else nullcontext()
+
+
+def completion_logps(model, batch: dict, image_kwargs: dict,
+                     sp: SequenceParallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) of each of the 2B rows' supervised tokens, on the 2B-row layout; only the
     supervised (row, position) pairs get logits."""
     keep, targets = supervised_positions(batch["labels"])
     # use_cache=False: no cache in training, and with packed position_ids a cache would let samples see each other.
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                   use_cache=False, **image_kwargs).logits  # (N, V)
+    with splitting(sp):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                       use_cache=False, **image_kwargs).logits  # (N, V)
     rows = keep.nonzero()[:, 0]
+    logps = kept_token_logps(logits, keep, torch.arange(targets.shape[0], device=keep.device), targets, sp)
     sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=logits.device)
-    return sums.index_add(0, rows, token_logps(logits, targets)), keep.sum(dim=1)
+    return sums.index_add(0, rows, logps), keep.sum(dim=1)
 
 
 def unwrapped(model):
@@ -101,7 +135,8 @@ def prefix_sharing_mask(segments: torch.Tensor, attn_implementation: str, dtype:
     return allowed
 
 
-def shared_completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_completion_logps(model, batch: dict, image_kwargs: dict,
+                            sp: SequenceParallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What `completion_logps` returns for the 2B rows, from the prefix-sharing layout: B rows, one LM pass over
     each prompt for both completions."""
     pairs = batch["shared_input_ids"].shape[0]
@@ -110,22 +145,24 @@ def shared_completion_logps(model, batch: dict, image_kwargs: dict) -> tuple[tor
         kwargs["sequence_images"] = kwargs["sequence_images"][:pairs]
     dtype = unwrapped(model).get_input_embeddings().weight.dtype
     mask = prefix_sharing_mask(batch["shared_segments"], attn_implementation(model), dtype)
-    logits = model(input_ids=batch["shared_input_ids"], attention_mask=mask,
-                   position_ids=batch["shared_position_ids"], logits_to_keep=batch["shared_keep"], use_cache=False,
-                   **kwargs).logits  # (N, V): each kept position once
-    logps = token_logps(logits[batch["shared_token_index"]], batch["shared_targets"])
+    with splitting(sp):
+        logits = model(input_ids=batch["shared_input_ids"], attention_mask=mask,
+                       position_ids=batch["shared_position_ids"], logits_to_keep=batch["shared_keep"],
+                       use_cache=False, **kwargs).logits  # (N, V): each kept position once
+    logps = kept_token_logps(logits, batch["shared_keep"], batch["shared_token_index"], batch["shared_targets"], sp)
     sequence = batch["shared_sequence"]
     sums = torch.zeros(2 * pairs, dtype=torch.float32, device=logits.device).index_add(0, sequence, logps)
     return sums, batch["shared_counts"]
 
 
-def pair_logps(model, batch: dict, image_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch: dict, image_kwargs: dict,
+               sp: SequenceParallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) of the 2B completions (chosen 0..B-1, rejected B..2B-1): from the
     prefix-sharing layout where `shares_prompt`, else from the 2B-row layout; the same values either way
-    (tests/test_dpo_shared_prompt.py)."""
+    (tests/test_dpo_shared_prompt.py). Under sequence parallelism every rank of the group gets the whole sums."""
     if shares_prompt(model, batch):
-        return shared_completion_logps(model, batch, image_kwargs)
-    return completion_logps(model, batch, image_kwargs)
+        return shared_completion_logps(model, batch, image_kwargs, sp)
+    return completion_logps(model, batch, image_kwargs, sp)
 
 
 class DPOLoss:
@@ -142,9 +179,13 @@ class DPOLoss:
     and so the image's token count.
     """
 
-    def __init__(self, recipe: Recipe, accelerator, share_features: bool, reference_table: torch.Tensor | None = None):
+    def __init__(self, recipe: Recipe, accelerator, share_features: bool, reference_table: torch.Tensor | None = None,
+                 sp: SequenceParallel | None = None):
         self.dpo, self.accelerator, self.share_features = recipe.dpo, accelerator, share_features
         self.reference_table = reference_table
+        # Under sequence parallelism every rank of a group computes its pairs' whole loss from the summed log-probs;
+        # the group's first rank counts it (loss, metrics, pairs), the others' gradients flow through the sums.
+        self.sp, self.weight = sp, 1.0 if sp is None or sp.is_owner else 0.0
         self.generator = torch.Generator().manual_seed(recipe.seed)
 
     @staticmethod
@@ -175,7 +216,7 @@ class DPOLoss:
             table = self.reference_table.to(batch["input_ids"].device)[batch["indices"]]
             return torch.cat([table[:, 0], table[:, 1]])
         with torch.no_grad(), peft_model.disable_adapter():
-            return pair_logps(peft_model, batch, kwargs)[0]
+            return pair_logps(peft_model, batch, kwargs, self.sp)[0]
 
     def corrupted(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Each uint8 crop with a random 80% of its 8x8-pixel cells set to white."""
@@ -193,16 +234,20 @@ class DPOLoss:
         kwargs, ref_kwargs = self.image_kwargs_for(peft_model, corrupted, self.share_features)
         kwargs = {**kwargs, "sequence_images": batch["sequence_images"][:pairs]}
         ref_kwargs = {**ref_kwargs, "sequence_images": batch["sequence_images"][:pairs]}
-        policy_corrupted, _ = completion_logps(model, chosen, kwargs)
+        policy_corrupted, _ = completion_logps(model, chosen, kwargs, self.sp)
         with torch.no_grad(), peft_model.disable_adapter():
-            reference_corrupted, _ = completion_logps(peft_model, chosen, ref_kwargs)
+            reference_corrupted, _ = completion_logps(peft_model, chosen, ref_kwargs, self.sp)
         margin = (policy_chosen - reference_chosen) - (policy_corrupted - reference_corrupted)
         return -F.logsigmoid(self.dpo.beta * margin)
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        with splitting(self.sp):  # the frozen tower's features, computed here, have their crops sharded too
+            return self.loss(model, batch)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         peft_model = self.accelerator.unwrap_model(model)
         policy_kwargs, reference_kwargs = self.image_kwargs_for(peft_model, batch, self.share_features)
-        policy_logps, num_tokens = pair_logps(model, batch, policy_kwargs)
+        policy_logps, num_tokens = pair_logps(model, batch, policy_kwargs, self.sp)
         reference_logps = self.reference(peft_model, batch, reference_kwargs)
         pairs = batch["input_ids"].shape[0] // 2
         chosen, rejected = slice(0, pairs), slice(pairs, 2 * pairs)
@@ -223,8 +268,9 @@ class DPOLoss:
         metrics.update(reward_metrics(policy_logps[chosen], policy_logps[rejected], reference_logps[chosen],
                                       reference_logps[rejected], beta=self.dpo.beta))
         # The loop divides metric sums by the step's pairs: hand it sums, as tensors (no device sync here).
-        return losses.sum(), {k: v.detach() * pairs for k, v in metrics.items()}
+        return self.weight * losses.sum(), {k: v.detach() * pairs * self.weight for k, v in metrics.items()}
 
 
-def count_pairs(batch: dict) -> int:
-    return batch["input_ids"].shape[0] // 2
+def count_pairs(batch: dict, sp: SequenceParallel | None = None) -> int:
+    """The pairs of a batch; under sequence parallelism counted by the group's first rank only (DPOLoss)."""
+    return batch["input_ids"].shape[0] // 2 if sp is None or sp.is_owner else 0

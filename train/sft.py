@@ -11,6 +11,7 @@ micro-batches and ranks (train/loop.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -23,7 +24,7 @@ from data.loaders import stage_loaders
 from data.sources import SkipCounter
 from recipe import Recipe
 from recipe.run_dir import adapter_dir, cache_dir, mark_training_started, merged_dir
-from train import callbacks, device, trainer
+from train import callbacks, device, sequence_groups, trainer
 from train.checkpoint import data_fingerprint
 from train.cli import run_cli
 from train.loop import total_steps_for
@@ -42,14 +43,14 @@ from train.validation import ValidationLoss
 log = logging.getLogger("train.sft")
 
 
-def preflight(accelerator, model, first_batch: dict, recipe: Recipe) -> None:
+def preflight(accelerator, model, first_batch: dict, recipe: Recipe, sp=None) -> None:
     """Before step 1: report what trains and the first batch's supervised tokens; one forward and backward must
     reach every part the recipe trains."""
     log.info(report_trainable(model))
     log.info("first batch: %d sequences, %d supervised tokens", first_batch["input_ids"].shape[0],
              supervised_tokens(first_batch))
     with device.autocast_context(accelerator):
-        loss, _ = sft_loss_sum(model, first_batch)
+        loss, _ = sft_loss_sum(model, first_batch, sp)
     loss.backward()
     expected = trained_parts(recipe.model)
     if "pixel_values" not in first_batch:  # this rank's first batches are text-only: its tower gets no gradient
@@ -78,9 +79,12 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     # Model first: the demo's tiny model builds its tokenizer from the data's texts; the data needs the processor.
     model, processor, base_path = load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
 
+    sp = sequence_groups.form_groups(accelerator, recipe.train.sequence_parallel)
+    split = sequence_groups.data_split(accelerator.num_processes, accelerator.process_index,
+                                       recipe.train.sequence_parallel)
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
-        recipe, processor, "sft", skips, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+        recipe, processor, "sft", skips, num_replicas=split.replicas, rank=split.rank,
         main_first=accelerator.main_process_first, cache_dir=cache_dir(run_dir))
     total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum, recipe.train.max_steps, recipe.train.epochs)
     log.info("%d samples planned, %d micro-batches per rank per epoch, %d optimizer steps", len(planned),
@@ -92,7 +96,9 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
 
     model = configure_trainable(model, recipe.model, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)
-    preflight(accelerator, model, device.to_device(first_batch_with_images(make_loader), accelerator.device), recipe)
+    sequence_groups.attach(model, sp)
+    preflight(accelerator, model, device.to_device(first_batch_with_images(make_loader), accelerator.device), recipe,
+              sp)
 
     plan = trainer.StagePlan(stage="sft", run_dir=run_dir, total_steps=total_steps, unit_name="tokens",
                              data_fingerprint=data_fingerprint(planned))
@@ -101,8 +107,9 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     validation = ValidationLoss.for_recipe(recipe, processor, run_dir, accelerator, total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)
     mark_training_started(run_dir, "sft")  # a failure from here on keeps the stage folder
-    model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=sft_loss_sum,
-                               count=supervised_tokens, callbacks=[c for c in (every, validation, stop) if c is not None])
+    model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader,
+                               loss_sum=functools.partial(sft_loss_sum, sp=sp),
+                               count=functools.partial(supervised_tokens, sp=sp), callbacks=[c for c in (every, validation, stop) if c is not None])
 
     lora = is_peft(accelerator.unwrap_model(model))
     trained = save_trained(accelerator, model, processor, (adapter_dir if lora else merged_dir)(run_dir, "sft"),

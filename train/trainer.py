@@ -98,7 +98,8 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
                         max_grad_norm=recipe.train.max_grad_norm, log_every=recipe.train.log_every,
                         checkpoint_every=recipe.train.checkpoint_every, unit_name=plan.unit_name,
                         on_nonfinite=recipe.train.on_nonfinite, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
-                        resume_command=f"train.resume=true output_dir={plan.run_dir}")
+                        resume_command=f"train.resume=true output_dir={plan.run_dir}",
+                        ranks_per_sample=recipe.train.sequence_parallel)
 
     def on_step(state_: LoopState) -> None:
         for callback in callbacks:

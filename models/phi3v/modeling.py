@@ -186,14 +186,17 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.generation_config.eos_token_id = list(end_ids(config))
         self.generation_config.pad_token_id = config.pad_token_id
 
-    def forward(self, *args, logits_to_keep: int | torch.Tensor = 0, use_cache: bool | None = None, **kwargs):
-        # Under sequence parallelism the decoder returns this rank's chunk: a (B, T) mask of kept positions is cut
-        # to the same chunk, and the logits are those of the chunk's kept positions (row-major).
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        # Phi3ForCausalLM.forward's parameters, named (generate validates its arguments against them). Under sequence
+        # parallelism the decoder returns this rank's chunk: a (B, T) mask of kept positions is cut to the same
+        # chunk, and the logits are those of the chunk's kept positions (row-major).
         if (self.model.splits_sequence(cache, use_cache) and isinstance(logits_to_keep, torch.Tensor)
                 and logits_to_keep.dtype == torch.bool and logits_to_keep.dim() == 2):
             logits_to_keep = self.model.sequence_parallel.local_keep(logits_to_keep)
-        return super().forward(*args, logits_to_keep=logits_to_keep, use_cache=use_cache, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, attn_implementation: str = "sdpa", **kwargs):
