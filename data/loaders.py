@@ -22,6 +22,7 @@ from data.collate import DPOCollator, PackedSFTCollator, RenderedDataset, SFTCol
 from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
 from data.sample import DataError, Origin
 from data.sources import SkipCounter, iter_samples, mix, source_name
+from data.multipage import write_multipage
 from data.synthetic import DEMO_COUNTS, write_synthetic
 from data.validate import validate_images
 from recipe.schema import STAGE_FORMATS, SYNTHETIC_DIR, DataSection, Source
@@ -40,15 +41,27 @@ def stage_sources(sources: tuple[Source, ...], stage: str) -> list[Source]:
 
 
 def concrete(source: Source, stage: str) -> Source:
-    """A `synthetic` source becomes the jsonl file of its split, in the TRL format of the stage."""
+    """A `synthetic` source becomes the jsonl file of its split, in the TRL format of the stage; `config:
+    multipage` (or `multipage-<pages>`) selects the multi-page document task (data/multipage.py)."""
     if source.format != "synthetic":
         return source
     root = Path(source.path or SYNTHETIC_DIR)
-    paths = write_synthetic(root, seed=0, **DEMO_COUNTS)
+    paths = synthetic_paths(root, source.config)
     split = "eval" if source.split in ("eval", "test", "validation") else "train"
     file = getattr(paths, SYNTHETIC_FILES[(stage, split)])
     return Source(format="trl_messages" if stage == "sft" else "trl_preference", path=str(file),
                       image_root=str(root), weight=source.weight, limit=source.limit)
+
+
+def synthetic_paths(root: Path, config: str | None):
+    """Write (once) and locate the synthetic dataset a `synthetic` source's `config` names."""
+    if config is None:
+        return write_synthetic(root, seed=0, **DEMO_COUNTS)
+    name, _, pages = config.partition("-")
+    if name != "multipage" or (pages and not pages.isdigit()):
+        raise ValueError(f"a synthetic source's config is null (the demo's task) or multipage[-<pages>], got "
+                         f"{config!r}")
+    return write_multipage(root, **({"pages": int(pages)} if pages else {}))
 
 
 def load_samples(sources: tuple[Source, ...], stage: str, data: DataSection, *, seed: int, skips: SkipCounter,

@@ -13,6 +13,11 @@
 - `model.generate` with left padding, greedy, the KV cache on (generate's default); it stops at the end ids of the
   model's generation config (`<|end|>`, `<|endoftext|>`). Each answer is cut at its first end id, decoded without
   special tokens and stripped.
+- Phi-3 drops its cache and runs the whole sequence again (the vision path included) at the step where the batch's
+  width first passes `original_max_position_embeddings` (4096: the short/long RoPE switch). Synced ranks must take
+  that step together, or one rank's vision pass would wait for ranks that never run it: where a batch's prompts
+  plus `max_new_tokens` can reach the switch, every rank's batch is left-padded to the widest of that batch on any
+  rank (`common_width`; every rank knows every rank's prompt lengths), so all cross at the same step.
 """
 
 from __future__ import annotations
@@ -127,14 +132,35 @@ def root_unit_gathered(model):
         model.reshard()
 
 
+def left_pad(batch: dict, width: int, pad_token_id: int) -> dict:
+    """`input_ids` and `attention_mask` left-padded to `width` (a wider batch is returned as it is)."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    padded = dict(batch)
+    padded["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (extra, 0), value=pad_token_id)
+    padded["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (extra, 0), value=0)
+    return padded
+
+
+def common_width(lengths: Sequence[int], shards: Sequence[Sequence[int]], start: int, batch_size: int,
+                 max_new_tokens: int, switch: int | None) -> int | None:
+    """The width every rank pads batch `start // batch_size` to: the longest prompt of that batch on any rank, where
+    that prompt plus `max_new_tokens` can pass the RoPE switch; else None (each rank keeps its own width)."""
+    widest = max((lengths[i] for shard in shards for i in shard[start:start + batch_size]), default=0)
+    return widest if switch is not None and widest + max_new_tokens > switch else None
+
+
 @torch.inference_mode()
 def generate_batch(model, processor, examples: Sequence[EvalExample], texts: Sequence[str], *,
-                   max_new_tokens: int, synced_gpus: bool = False) -> list[str]:
-    """Greedy answers to one left-padded batch. `synced_gpus`: a rank whose answers have all ended keeps stepping
-    until every rank's have, so that ranks whose model is sharded (ZeRO-3, FSDP) keep making the same collective
-    calls (docs/distributed.md#one-vision-pass-per-forward-on-every-rank)."""
+                   max_new_tokens: int, synced_gpus: bool = False, width: int | None = None) -> list[str]:
+    """Greedy answers to one left-padded batch (to `width` where given). `synced_gpus`: a rank whose answers have all
+    ended keeps stepping until every rank's have, so that ranks whose model is sharded (ZeRO-3, FSDP) keep making the
+    same collective calls (docs/distributed.md#one-vision-pass-per-forward-on-every-rank)."""
     images = [[rgb_image(image, example, k) for k, image in enumerate(example.images)] for example in examples]
     batch = processor(text=list(texts), images=images, padding_side="left", do_normalize=False)
+    if width is not None:
+        batch = left_pad(batch, width, processor.tokenizer.pad_token_id)
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
     # synced_gpus: transformers sets it itself for a DeepSpeed ZeRO-3 or FSDP-managed model, but not for a model
@@ -148,14 +174,20 @@ def generate_batch(model, processor, examples: Sequence[EvalExample], texts: Seq
 
 def generate_indices(model, processor, examples: Sequence[EvalExample], texts: Sequence[str],
                      indices: Sequence[int], *, batch_size: int, max_new_tokens: int,
-                     show_progress: bool = True, synced_gpus: bool = False) -> list[tuple[int, str]]:
-    """(index, answer) for the given examples, batched in the given order."""
+                     show_progress: bool = True, synced_gpus: bool = False,
+                     lengths: Sequence[int] = (), shards: Sequence[Sequence[int]] = ()) -> list[tuple[int, str]]:
+    """(index, answer) for the given examples, batched in the given order. With `synced_gpus`, `lengths` (every
+    example's prompt length) and `shards` (every rank's indices) set the common width of batches that can reach the
+    RoPE switch (module docstring)."""
+    switch = getattr(getattr(model, "config", None), "original_max_position_embeddings", None)
     pairs: list[tuple[int, str]] = []
     with tqdm(total=len(indices), desc="eval: generating", unit="prompt", disable=not show_progress) as bar:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
+            width = (common_width(lengths, shards, start, batch_size, max_new_tokens, switch)
+                     if synced_gpus and shards else None)
             answers = generate_batch(model, processor, [examples[i] for i in chunk], [texts[i] for i in chunk],
-                                     max_new_tokens=max_new_tokens, synced_gpus=synced_gpus)
+                                     max_new_tokens=max_new_tokens, synced_gpus=synced_gpus, width=width)
             pairs.extend(zip(chunk, answers))
             bar.update(len(chunk))
     return pairs
@@ -181,11 +213,12 @@ def generate_answers(model, processor, examples: Sequence[EvalExample], *, batch
         model = accelerator.unwrap_model(model)
     texts = [prompt_text(processor, example) for example in examples]
     lengths = [prompt_length(processor, example, text) for example, text in zip(examples, texts)]
-    indices = shard_for_rank(lengths, num_processes=num_processes, process_index=process_index)
+    shards = [shard_for_rank(lengths, num_processes=num_processes, process_index=rank) for rank in range(num_processes)]
     sharded = num_processes > 1 and shards_parameters(accelerator)
     with root_unit_gathered(model) if sharded else contextlib.nullcontext():
-        pairs = generate_indices(model, processor, examples, texts, indices, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, show_progress=process_index == 0, synced_gpus=sharded)
+        pairs = generate_indices(model, processor, examples, texts, shards[process_index], batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, show_progress=process_index == 0, synced_gpus=sharded,
+                                 lengths=lengths, shards=shards)
     if num_processes > 1:
         pairs = gather_object(pairs)
     return merge_gathered(pairs, len(examples))

@@ -29,6 +29,7 @@ from data.adapters import adapt_row, apply_columns, resolve_image, vqa_reference
 from data.render import to_messages
 from data.sample import DataError, ImageRef, Origin, SFTSample
 from data.sources import LOCAL_FILE_BUILDERS, image_root_of, load_rows, source_name
+from data.multipage import is_multipage_question
 from data.synthetic import question_task
 from eval import metrics
 from recipe.schema import SYNTHETIC_DIR, Source
@@ -248,8 +249,8 @@ def pope_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None
 
 
 def synthetic_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None) -> EvalExample:
-    """A synthetic `sft_eval.jsonl` row (TRL messages): every turn before the last answer is the prompt (a dialogue
-    keeps its earlier, reference answers), the last answer is the reference. The questions are used verbatim: the
+    """A synthetic `sft_eval.jsonl` row (TRL messages; the demo's task or data/multipage.py's): every turn before the
+    last answer is the prompt (a dialogue keeps its earlier, reference answers), the last answer is the reference. The questions are used verbatim: the
     model was tuned on that wording."""
     sample = adapt_row(row, format="trl_messages", columns={}, origin=origin, image_root=image_root)
     assert isinstance(sample, SFTSample), "trl_messages rows adapt to SFT samples"
@@ -258,7 +259,8 @@ def synthetic_example(row: Mapping[str, Any], origin: Origin, image_root: Path |
         raise DataError(origin, "messages", "bad eval row: the last turn must be a text-only assistant answer")
     question = prompt[-1].text
     return EvalExample(id=str(origin.row), messages=tuple(to_messages(prompt)), images=sample.images,
-                       references=(answer.text,), meta={"kind": question_task(question)}, origin=origin)
+                       references=(answer.text,), origin=origin,
+                       meta={"kind": "multipage" if is_multipage_question(question) else question_task(question)})
 
 
 # ------------------------------------------------------------------------------------------------ scorers

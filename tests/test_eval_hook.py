@@ -20,7 +20,7 @@ import eval.generate as generate_module
 import eval.hook as hook_module
 from data.synthetic import write_synthetic
 from eval.__main__ import ModelPlan, main, plan_model
-from eval.generate import generate_answers, merge_gathered, shard_for_rank
+from eval.generate import common_width, generate_answers, left_pad, merge_gathered, shard_for_rank
 from eval.hook import EvalGateError, evaluate_stage, gate_violations
 from eval.report import biggest_changes, write_report
 from eval.tasks import TASKS, load_examples
@@ -452,3 +452,17 @@ def yaml_dump(recipe) -> str:
     from recipe.parse import resolved_yaml
 
     return resolved_yaml(recipe)
+
+
+def test_batches_that_can_reach_the_rope_switch_get_one_width_on_every_rank():
+    """Phi-3 drops its cache where a batch's width passes 4096; synced ranks must cross at the same step, so a batch
+    that can reach it is padded to the widest prompt of that batch on any rank (eval/generate.py)."""
+    lengths = [4075, 4075, 4075, 4074, 100, 90]
+    shards = [shard_for_rank(lengths, num_processes=2, process_index=rank) for rank in range(2)]
+    assert [[lengths[i] for i in shard] for shard in shards] == [[4075, 4075, 100], [4075, 4074, 90]]
+    widths = [common_width(lengths, shards, start, 1, 24, 4096) for start in range(3)]
+    assert widths == [4075, 4075, None]  # the last batches cannot reach 4096: each rank keeps its own width
+    assert common_width(lengths, shards, 0, 2, 24, None) is None  # a model without the switch
+    batch = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.tensor([[1, 1]])}
+    padded = left_pad(batch, 4, pad_token_id=0)
+    assert padded["input_ids"].tolist() == [[0, 0, 5, 6]] and padded["attention_mask"].tolist() == [[0, 0, 1, 1]]
