@@ -87,8 +87,11 @@ export OMP_NUM_THREADS
 # One run directory for every node: under SLURM named by the job id, else output_dir= must be given for NNODES > 1.
 output_dir="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field output_dir \
               --job-id "${SLURM_JOB_ID:-}" --nodes "$NNODES")"
-read -r -a stages <<< "$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field stages)"
 world=$(( NPROC * NNODES ))
+# --processes: the plan refuses a train.sequence_parallel group that does not divide the job's processes.
+stage_list="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field stages --processes "$world")" \
+  || exit 2
+read -r -a stages <<< "$stage_list"
 # Every stage writes into the same run directory.
 run_overrides=("${overrides[@]}")
 [[ " ${overrides[*]} " == *" output_dir="* ]] || run_overrides+=("output_dir=$output_dir")

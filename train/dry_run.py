@@ -20,8 +20,13 @@ With `model.quantization` the tiny model's language linears are quantised with b
 (the summary gives the bytes of the quantised layers and of the rest). The optimizer is not built: `paged_adamw_8bit`
 needs the run's CUDA device.
 
+With `train.sequence_parallel: N` > 1 (one process here, so no sequence is really split) the summary gives the group
+layout (processes must be a multiple of N; tokens a rank holds at data.max_length) and, per stage, how the fixture
+batch's supervised positions fall on the N ranks' chunks (what each rank's loss sums). The split itself is checked
+by tests/test_sequence_parallel*.py on CPU processes.
+
 What a dry run cannot show: that the hub dataset really has the columns the recipe names, or that the real model
-fits in memory.
+fits in memory (`python -m train.memory RECIPE --gpus N` estimates it).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ from recipe.checks import recipe_problems
 from recipe.errors import debug_requested
 from recipe.schema import STAGE_FORMATS
 from train.device import set_threads
-from train.losses import DPOLoss, count_pairs, sft_loss_sum, supervised_tokens
+from models.phi3v.sequence_parallel import SequenceParallel
+from train.losses import DPOLoss, count_pairs, sft_loss_sum, supervised_positions, supervised_tokens
 from train.model_loading import build_tiny
 from train.trainable import (
     check_gradients,
@@ -281,7 +287,7 @@ def run_stage(recipe: Recipe, stage: str, folder: Path) -> dict[str, Any]:
     loss.backward()
     check_gradients(model, trained_parts(parts))
     check_finite_gradients(model)
-    return {
+    summary = {
         "sources": [{"format": s.format, "path": s.path, "fixture_rows": FIXTURE_ROWS_PER_SOURCE} for _, s in indexed],
         "batch": {key: list(value.shape) for key, value in batch.items() if isinstance(value, torch.Tensor)},
         "supervised_tokens" if stage == "sft" else "pairs": units,
@@ -290,6 +296,16 @@ def run_stage(recipe: Recipe, stage: str, folder: Path) -> dict[str, Any]:
         "parameters": trainable_counts(model),
         "weight_bytes": weight_bytes(model),
     }
+    if recipe.train.sequence_parallel > 1:
+        summary["supervised_positions_per_rank"] = chunk_counts(batch, recipe.train.sequence_parallel)
+    return summary
+
+
+def chunk_counts(batch: dict, size: int) -> list[int]:
+    """How many of the batch's supervised positions each rank of a group of `size` holds (SFT rows, or DPO's
+    2B-row layout)."""
+    keep = supervised_positions(batch["labels"])[0]
+    return [int((SequenceParallel(None, size, rank).local_rows(keep) >= 0).sum()) for rank in range(size)]
 
 
 def dry_run(recipe: Recipe) -> dict[str, Any]:
@@ -310,6 +326,10 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
                   "dtype": recipe.model.dtype, "precision": recipe.train.precision,
                   "quantization": recipe.model.quantization},
         "stages": stages,
+        **({"sequence_parallel": {
+            "size": recipe.train.sequence_parallel, "processes": f"a multiple of {recipe.train.sequence_parallel}",
+            "tokens_per_rank": -(-recipe.data.max_length // recipe.train.sequence_parallel)}}
+           if recipe.train.sequence_parallel > 1 else {}),
         "not_run": [s for s in recipe.stages if s not in TRAINING_STAGES],
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -30,6 +30,14 @@ frozen one keeps nothing. The trained projector keeps its input and hidden per i
 supervised positions (`logits_to_keep`): `--supervised` of each sample (default 0.25), each V (a + 8) bytes with the
 fp32 upcast and its gradient.
 
+Under sequence parallelism (`train.sequence_parallel: N`, docs/distributed.md#sequence-parallelism) a rank keeps the
+activations of T/N tokens, the logits of 1/N of the supervised positions and a trained tower's activations for 1/N
+of the crops. What it adds: the Ulysses all-to-all buffers (q, k, v and the attention output, sent and received:
+8 h a bytes per local token, for one layer at a time with checkpointing, for every layer without), the whole
+sequence's embeddings during the image merge (T h a, before the split), and the gathered tower output and the
+projector on every image token (the projector runs whole on each rank). `--sequence-parallel` tries each group size
+and the report names the smallest that fits.
+
 Checked on the demo's tiny model on CPU (fp32, LoRA, no checkpointing, 40 x 256 tokens; tests/test_memory.py
 asserts within 35%): estimate 287 MiB against a measured peak RSS growth of 254 MiB for one forward + backward,
 +13%. Not modelled: allocator caching and fragmentation, the attention kernels' workspaces, NCCL buckets. "Fits" leaves 10% of the GPU for the CUDA
@@ -44,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from recipe import Recipe, load_recipe
+from recipe.checks import attention_heads
 
 GiB = 1024**3
 STRATEGIES = ("ddp", "zero2", "zero3", "fsdp2")
@@ -68,6 +77,7 @@ class ModelCounts:
     crop_tokens: int  # CLIP tokens per crop (patches + class token)
     image_dim: int  # the projector's input width
     lora_dropout_inputs: int  # widths of the language-model inputs that go through LoRA dropout, per layer
+    heads: int = 32  # attention heads: the sequence-parallel group sizes divide them
 
     @property
     def frozen(self) -> int:
@@ -111,6 +121,7 @@ def count(model, recipe: Recipe) -> ModelCounts:
         vision_layers_run=base.model.vision_embed_tokens.img_processor.vision_model.num_layers_run,
         crop_tokens=(vision.image_size // vision.patch_size) ** 2 + 1,
         image_dim=4 * config.img_processor["image_dim_out"], lora_dropout_inputs=lora_inputs,
+        heads=config.num_attention_heads,
     )
 
 
@@ -134,12 +145,17 @@ def model_states(counts: ModelCounts, strategy: str, gpus: int, w: int) -> dict[
     raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
 
 
-def activation_bytes(counts: ModelCounts, recipe: Recipe, *, checkpointing: bool, supervised: float = 0.25) -> dict:
-    """Bytes of activations kept for the backward of one micro-batch (the module docstring has the model)."""
+def activation_bytes(counts: ModelCounts, recipe: Recipe, *, checkpointing: bool, supervised: float = 0.25,
+                     sequence_parallel: int | None = None) -> dict:
+    """Bytes of activations kept for the backward of one micro-batch, per rank (the module docstring has the model);
+    `sequence_parallel`: the group size (default the recipe's)."""
+    n = sequence_parallel or recipe.train.sequence_parallel
     a = 2 if recipe.train.precision == "bf16" else 4
     h, i = counts.hidden, counts.intermediate
-    tokens = recipe.train.micro_batch_size * recipe.data.max_length
-    crops = recipe.train.micro_batch_size * (recipe.model.num_crops + 1)
+    whole = recipe.train.micro_batch_size * recipe.data.max_length
+    tokens = -(-whole // n)  # this rank's chunk
+    all_crops = recipe.train.micro_batch_size * (recipe.model.num_crops + 1)
+    crops = -(-all_crops // n)
     per_token_layer = a * (10 * h + 4 * i) + (8 * h if a == 2 else 0)
     per_token_layer += (a + 1) * counts.lora_dropout_inputs  # dropout output and mask of each LoRA input
     layer = tokens * per_token_layer
@@ -153,18 +169,24 @@ def activation_bytes(counts: ModelCounts, recipe: Recipe, *, checkpointing: bool
         vision_input = crops * counts.crop_tokens * a * hv
         vision = (vision_input * counts.vision_layers_run + 2 * vision_layer if checkpointing
                   else vision_layer * (counts.vision_layers_run + 1))
-    image_tokens = crops * (counts.crop_tokens - 1) // 4  # 2x2 patch merge before the projector
+    image_tokens = all_crops * (counts.crop_tokens - 1) // 4  # 2x2 patch merge before the projector
     projector = image_tokens * a * (counts.image_dim + 2 * h) if recipe.model.projector == "full" else 0
     logits = int(tokens * supervised) * counts.vocab * (a + 8)
-    return {"language": language, "vision": vision, "projector": projector, "logits": logits,
-            "total": language + vision + projector + logits}
+    split = 0
+    if n > 1:  # all-to-all buffers, the whole sequence's embeddings at the merge, the gathered tower output
+        split = tokens * 8 * h * a * (1 if checkpointing else counts.layers) + whole * h * a
+        split += all_crops * (counts.crop_tokens - 1) * counts.vision_hidden * a
+    return {"language": language, "vision": vision, "projector": projector, "logits": logits, "split": split,
+            "total": language + vision + projector + logits + split}
 
 
-def plan(recipe: Recipe, gpus: int, gpu_memory_gb: float, supervised: float = 0.25, counts: ModelCounts | None = None):
+def plan(recipe: Recipe, gpus: int, gpu_memory_gb: float, supervised: float = 0.25, counts: ModelCounts | None = None,
+         sequence_parallel: int | None = None):
     """{strategy: {parameters, gradients, optimizer, activations (ckpt / no ckpt), totals, fits}} in bytes."""
     counts = counts or count(build_model(recipe), recipe)
     w = weight_bytes(recipe)
-    acts = {ckpt: activation_bytes(counts, recipe, checkpointing=ckpt, supervised=supervised)["total"]
+    acts = {ckpt: activation_bytes(counts, recipe, checkpointing=ckpt, supervised=supervised,
+                                   sequence_parallel=sequence_parallel)["total"]
             for ckpt in (True, False)}
     budget = HEADROOM * gpu_memory_gb * 1e9
     rows = {}
@@ -177,16 +199,35 @@ def plan(recipe: Recipe, gpus: int, gpu_memory_gb: float, supervised: float = 0.
     return counts, rows
 
 
+def group_sizes(gpus: int, heads: int) -> list[int]:
+    """The sequence-parallel group sizes a job of `gpus` can use: divisors of both the GPUs and the heads."""
+    return [n for n in range(1, gpus + 1) if gpus % n == 0 and heads % n == 0]
+
+
+def smallest_groups(recipe: Recipe, counts: ModelCounts, gpus: int, gpu_memory_gb: float, supervised: float,
+                    heads: int) -> dict[str, int | None]:
+    """{strategy: the smallest sequence-parallel group with which a micro-batch fits with checkpointing, or None}."""
+    best: dict[str, int | None] = dict.fromkeys(STRATEGIES)
+    for n in group_sizes(gpus, heads):
+        _, rows = plan(recipe, gpus, gpu_memory_gb, supervised, counts=counts, sequence_parallel=n)
+        for strategy, row in rows.items():
+            if best[strategy] is None and row["fits_ckpt"]:
+                best[strategy] = n
+    return best
+
+
 def report(recipe: Recipe, recipe_path: str, gpus: int, gpu_memory_gb: float, supervised: float = 0.25) -> str:
     counts, rows = plan(recipe, gpus, gpu_memory_gb, supervised)
     m = recipe.model
+    n = recipe.train.sequence_parallel
     lines = [
         f"{recipe_path}: {m.name_or_path}, {counts.total:,} parameters, {counts.trainable:,} trained "
         f"(language {m.language}, vision {m.vision}, projector {m.projector}"
         + (f", LoRA r={recipe.lora.r}" if "lora" in (m.language, m.vision) else "") + ")",
         f"{gpus} GPUs x {gpu_memory_gb:g} GB; weights {m.dtype}, compute {recipe.train.precision}; micro-batch "
         f"{recipe.train.micro_batch_size} x {recipe.data.max_length} tokens, {m.num_crops}+1 crops an image, "
-        f"{supervised:.0%} of tokens supervised; fits = total <= {HEADROOM:.0%} of the GPU",
+        f"{supervised:.0%} of tokens supervised; fits = total <= {HEADROOM:.0%} of the GPU"
+        + (f"; sequence parallel {n}: {-(-recipe.data.max_length // n):,} tokens a rank" if n > 1 else ""),
         "",
         f"{'GiB per GPU':<12}{'params':>8}{'grads':>8}{'optim':>8}{'act ckpt':>10}{'total':>8}{'fits':>6}"
         f"{'act no-ckpt':>13}{'total':>8}{'fits':>6}",
@@ -199,7 +240,16 @@ def report(recipe: Recipe, recipe_path: str, gpus: int, gpu_memory_gb: float, su
                      f"{gib('activations_ckpt'):>10}{gib('total_ckpt'):>8}{'yes' if r['fits_ckpt'] else 'no':>6}"
                      f"{gib('activations_no_ckpt'):>13}{gib('total_no_ckpt'):>8}"
                      f"{'yes' if r['fits_no_ckpt'] else 'no':>6}")
+    heads = attention_heads(recipe.model) or counts.heads
+    best = smallest_groups(recipe, counts, gpus, gpu_memory_gb, supervised, heads)
+    lines += ["", f"train.sequence_parallel that fits (gradient checkpointing on; group sizes dividing {gpus} GPUs "
+                  f"and {heads} heads):"]
+    for strategy, size in best.items():
+        advice = (f"{size}" + (" (the recipe's)" if size == n else "") if size else
+                  "none: lower data.max_length or train.micro_batch_size, or add GPUs")
+        lines.append(f"  {strategy:<8}{advice}")
     return "\n".join(lines)
+
 
 
 def main(argv: list[str] | None = None) -> None:
