@@ -73,20 +73,20 @@ class SequenceParallel:
         pad = self.padded_length(keep.shape[1]) - keep.shape[1]
         return self.chunk(F.pad(keep, (0, pad), value=False))
 
-    def full_from_kept(self, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Per-position values computed at this rank's kept positions (`local_keep(keep)`, row-major) -> the values
-        at every kept position of `keep` (row-major), on every rank: the chunks summed over the group. Its gradient
-        is summed over the group too, so a loss computed whole on every rank must count on one of them only
-        (`is_owner`)."""
-        pad = self.padded_length(keep.shape[1]) - keep.shape[1]
-        padded = F.pad(keep, (0, pad), value=False)
-        local = torch.zeros_like(padded)
-        self.chunk(local).copy_(self.chunk(padded))
-        order = torch.zeros(padded.shape, dtype=torch.long, device=keep.device)
-        order[padded] = torch.arange(int(padded.sum()), device=keep.device)
-        full = values.new_zeros(int(padded.sum()), *values.shape[1:])
-        full = full.index_copy(0, order[local], values)
-        return AllReduceSum.apply(full, self.group)
+    def local_rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """For each kept position of `keep` (B, T) (row-major), its row in this rank's logits (those of
+        `local_keep(keep)`, row-major), or -1 where another rank of the group computes it."""
+        padded = F.pad(keep, (0, self.padded_length(keep.shape[1]) - keep.shape[1]), value=False)
+        mine = torch.zeros_like(padded)
+        self.chunk(mine).copy_(self.chunk(padded))
+        rows = torch.full(padded.shape, -1, dtype=torch.long, device=keep.device)
+        rows[mine] = torch.arange(int(mine.sum()), device=keep.device)
+        return rows[padded]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor summed over the group, on every rank; its gradient is summed over the group too, so a loss
+        computed whole on every rank from it must count on one rank only (`is_owner`)."""
+        return AllReduceSum.apply(tensor, self.group)
 
 
 def decoder_forward(decoder, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -163,7 +163,7 @@ def ulysses(base):
 
     @functools.wraps(base)
     def attention(module, query, key, value, attention_mask, *args, sequence_parallel=None, **kwargs):
-        if sequence_parallel is None or not sequence_parallel.active:
+        if sequence_parallel is None:  # not `active`: a checkpointed layer recomputes after splitting() has ended
             return base(module, query, key, value, attention_mask, *args, **kwargs)
         sp = sequence_parallel
         query, key, value = (heads_to_sequence(t, sp) for t in (query, key, value))
