@@ -89,12 +89,15 @@ def sft_loss(model, batch: dict, sp: SequenceParallel | None) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets[local], reduction="sum")
 
 
-def worker(rank: int, world: int, port: int, case: str, attn: str, out: str) -> None:
+def worker(rank: int, world: int, port: int, case: str, attn: str, out: str, checkpointing: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model, processor = build(attn)
+        if checkpointing:  # the backward recomputes each layer, all-to-alls included
+            model.gradient_checkpointing_enable()
+            model.train()
         batch = batch_for(processor, case)
         reference = sft_loss(model, batch, None)
         reference.backward()
@@ -119,9 +122,10 @@ def worker(rank: int, world: int, port: int, case: str, attn: str, out: str) -> 
         dist.destroy_process_group()
 
 
-def run(case: str, attn: str = "sdpa", world: int = 2, tmp_path: Path | None = None) -> None:
+def run(case: str, attn: str = "sdpa", world: int = 2, tmp_path: Path | None = None,
+        checkpointing: bool = False) -> None:
     out = tmp_path / "ok"
-    mp.spawn(worker, args=(world, free_port(), case, attn, str(out)), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, free_port(), case, attn, str(out), checkpointing), nprocs=world, join=True)
     assert out.exists()
 
 
@@ -129,6 +133,11 @@ def run(case: str, attn: str = "sdpa", world: int = 2, tmp_path: Path | None = N
                                   pytest.param("one_image", marks=pytest.mark.slow)])
 def test_two_ranks_give_one_process_loss_and_gradients(case, tmp_path):
     run(case, tmp_path=tmp_path)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing(tmp_path):
+    run("images", tmp_path=tmp_path, checkpointing=True)
 
 
 def test_eager_attention_is_refused():
