@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.collate import DPOCollator, PackedSFTCollator, RenderedDataset, SFTCollator
 from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
+from data.multipage import write_multipage
 from data.sample import DataError, Origin
 from data.sources import SkipCounter, iter_samples, mix, source_name
-from data.multipage import write_multipage
 from data.synthetic import DEMO_COUNTS, write_synthetic
 from data.validate import validate_images
 from recipe.schema import STAGE_FORMATS, SYNTHETIC_DIR, DataSection, Source

@@ -26,10 +26,10 @@ from typing import Any
 from PIL import Image
 
 from data.adapters import adapt_row, apply_columns, resolve_image, vqa_references
+from data.multipage import is_multipage_question
 from data.render import to_messages
 from data.sample import DataError, ImageRef, Origin, SFTSample
 from data.sources import LOCAL_FILE_BUILDERS, image_root_of, load_rows, source_name
-from data.multipage import is_multipage_question
 from data.synthetic import question_task
 from eval import metrics
 from recipe.schema import SYNTHETIC_DIR, Source

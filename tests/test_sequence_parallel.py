@@ -6,7 +6,6 @@ gradients of the ranks summed over the group must equal the reference's (what DD
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY_TEXTS, chat, deterministic_init_, drawn_image  # noqa: E402
 
 from data.collate import SFTCollator  # noqa: E402
-
 from models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor  # noqa: E402
 from models.phi3v.modeling import enable_sequence_parallel  # noqa: E402
 from models.phi3v.sequence_parallel import SequenceParallel, pad_mask  # noqa: E402

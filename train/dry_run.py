@@ -54,13 +54,13 @@ from data.sample import Origin, PreferenceSample, SFTSample
 from data.sources import SkipCounter, source_name
 from data.synthetic import write_synthetic
 from models import DTYPES
+from models.phi3v.sequence_parallel import SequenceParallel
 from models.quantization import apply_quantization, weight_bytes
 from recipe import ModelSection, Recipe, RecipeError, Source, load_recipe, recipe_help
 from recipe.checks import recipe_problems
 from recipe.errors import debug_requested
 from recipe.schema import STAGE_FORMATS
 from train.device import set_threads
-from models.phi3v.sequence_parallel import SequenceParallel
 from train.losses import DPOLoss, count_pairs, sft_loss_sum, supervised_positions, supervised_tokens
 from train.model_loading import build_tiny
 from train.trainable import (
