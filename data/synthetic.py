@@ -17,6 +17,12 @@ the colour of a single shape, its kind, the number of shapes (1-4), the colour o
 and a number (0-20) printed large. Every tenth row is text-only and every tenth is a two-turn conversation with a
 system turn, so the pipeline meets those shapes too.
 
+One systematic error is planted, for the preference stage to fix: in `sft_train` half of the answers "purple" to the
+colour question are labelled "blue" (an annotator who confuses the two: `CONFUSION`, `CONFUSION_RATE`), while the
+held-out splits are right and every preference pair whose answer is purple rejects "blue". SFT learns the confusion
+from its data; DPO's pairs teach it away, so the demo's DPO stage can raise the held-out score over SFT's, as
+preference tuning should.
+
 Determinism: each split draws from its own `random.Random` seeded by (seed, split name), the bitmap font is the
 one embedded in Pillow, and no image repeats anywhere in the dataset (a repeat is redrawn), so the held-out splits
 never share an image with the training ones. The same arguments give byte-identical files.
@@ -24,6 +30,7 @@ never share an image with the training ones. The same arguments give byte-identi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -37,7 +44,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the drawing or the row layout changes, so that existing cached datasets are regenerated."""
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -49,6 +56,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("one", "two", "three", "four")
+CONFUSION = ("purple", "blue")  # (the right colour, what sft_train's annotator sometimes wrote: module docstring)
+CONFUSION_RATE = 0.5
 NUMBERS = tuple(str(n) for n in range(21))
 
 QUESTIONS: dict[str, str] = {
@@ -242,6 +251,9 @@ def _write_all(paths: SyntheticPaths, manifest: dict[str, Any]) -> None:
     for split in _SPLITS:
         rng = random.Random(f"data.synthetic/{manifest['seed']}/{split}")
         examples = [_example(kind, rng, sizes, writer.is_new) for kind in _row_kinds(manifest["rows"][split])]
+        if split == "sft_train":  # its own draws: the other rows stay as the split's generator drew them
+            confusion = random.Random(f"data.synthetic/{manifest['seed']}/confusion")
+            examples = [_confused(e) if confusion.random() < CONFUSION_RATE else e for e in examples]
         to_row = _sft_row if split.startswith("sft") else _preference_row
         rows = [to_row(example, writer.save(example.image)) for example in examples]
         _write_jsonl(getattr(paths, split), rows)
@@ -362,7 +374,7 @@ def _text_example(rng: random.Random) -> _Example:
 
 def _colour_example(rng: random.Random, size: tuple[int, int]) -> _Example:
     image, colour, _ = _single_shape_image(rng, size)
-    return _Example(image=image, exchanges=(_QA(QUESTIONS["colour"], colour, _other(rng, ANSWERS["colour"], colour)),))
+    return _Example(image=image, exchanges=(_colour_pair(rng, colour),))
 
 
 def _shape_example(rng: random.Random, size: tuple[int, int]) -> _Example:
@@ -373,7 +385,7 @@ def _shape_example(rng: random.Random, size: tuple[int, int]) -> _Example:
 def _dialogue_example(rng: random.Random, size: tuple[int, int]) -> _Example:
     image, colour, shape = _single_shape_image(rng, size)
     exchanges = (_QA(QUESTIONS["shape"], shape, _other(rng, SHAPES, shape)),
-                 _QA(QUESTIONS["colour"], colour, _other(rng, ANSWERS["colour"], colour)))
+                 _colour_pair(rng, colour))
     return _Example(image=image, exchanges=exchanges, system=SYSTEM_PROMPT)
 
 
@@ -393,6 +405,21 @@ def _count_example(rng: random.Random, size: tuple[int, int]) -> _Example:
     wrong = rng.choice([n for n in (count - 1, count + 1) if 1 <= n <= len(COUNT_WORDS)])
     answer = _QA(QUESTIONS["count"], COUNT_WORDS[count - 1], COUNT_WORDS[wrong - 1])
     return _Example(image=image, exchanges=(answer,))
+
+
+def _confused(example: _Example) -> _Example:
+    """An example whose colour answers of CONFUSION[0] say CONFUSION[1] (other examples unchanged)."""
+    right, written = CONFUSION
+    exchanges = tuple(dataclasses.replace(qa, answer=written) if qa.question == QUESTIONS["colour"] and
+                      qa.answer == right else qa for qa in example.exchanges)
+    return dataclasses.replace(example, exchanges=exchanges)
+
+
+def _colour_pair(rng: random.Random, colour: str) -> _QA:
+    """The colour question's answer and rejected answer: the planted confusion for CONFUSION[0], another colour
+    otherwise (drawn either way, so that the rows after it are drawn alike)."""
+    other = _other(rng, ANSWERS["colour"], colour)
+    return _QA(QUESTIONS["colour"], colour, CONFUSION[1] if colour == CONFUSION[0] else other)
 
 
 def _tallest_example(rng: random.Random, size: tuple[int, int]) -> _Example:

@@ -20,8 +20,6 @@ from .train_helpers import run_stage
 
 pytestmark = pytest.mark.slow  # the whole demo (SFT 600 steps, DPO 300, eval, export): about a minute on 2 cores
 
-# DPO may trade a little exact match for preference margin; more than this is a regression.
-DPO_EXACT_MATCH_TOLERANCE = 0.10
 # DPO widens the held-out log-prob margin (about 2x on the demo); its pairwise accuracy on the 128 held-out pairs (one
 # standard error ~0.035) moves by a few pairs either way from a strong SFT start (seen: SFT 0.836 -> DPO 0.797, and
 # 0.773 -> 0.797 with an SFT start that differed by float rounding): a larger drop is a regression.
@@ -145,7 +143,9 @@ def test_tuned_model_beats_the_base_on_held_out_data(demo_run):
     scores = json.loads((demo_run / "eval" / "results.json").read_text())["synthetic"]["exact_match"]
     assert set(scores) == {"base", "sft", "dpo"}
     assert scores["sft"] >= scores["base"] + 0.3, scores
-    assert scores["dpo"] >= scores["sft"] - DPO_EXACT_MATCH_TOLERANCE, scores
+    # The SFT data's planted purple/blue confusion is what the preference pairs fix (data/synthetic.py): DPO must
+    # not fall below SFT (seen: 0.625 -> 0.648).
+    assert scores["dpo"] >= scores["sft"], scores
 
 
 def test_dpo_widens_held_out_preference_margins_and_keeps_accuracy(demo_run):

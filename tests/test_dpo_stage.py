@@ -12,6 +12,7 @@ from data.sources import SkipCounter
 from data.synthetic import write_synthetic
 from recipe import load_recipe
 from train import model_loading as common
+from train.dpo import chosen_trend, warn_if_chosen_falls
 from train.losses import DPOLoss
 from train.trainable import configure_trainable, dpo_parts
 
@@ -78,3 +79,21 @@ def test_gradients_reach_only_the_fresh_adapter(setup):
     trained = {n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained and all("lora_B" in n for n in trained)
     assert all(torch.isfinite(p.grad).all() for p in peft_model.parameters() if p.grad is not None)
+
+
+def test_a_falling_chosen_log_prob_under_a_growing_margin_is_warned_about(caplog):
+    """What the demo showed before its data carried a systematic error: the margin grows while the chosen answers
+    become less likely, and the task score falls; the stage says so and names the RPO term."""
+    history = [{"step": 50, "logps/chosen": -1.0, "rewards/margins": 0.2},
+               {"step": 100, "logps/chosen": -1.2, "rewards/margins": 0.5},
+               {"step": 150, "logps/chosen": -1.5, "rewards/margins": 0.9}]
+    assert chosen_trend(history) == pytest.approx((-0.5, 0.7))  # the first third against the last
+    with caplog.at_level("WARNING", logger="train.dpo"):
+        warn_if_chosen_falls(history)
+    assert "chosen answers' log-prob fell by 0.500" in caplog.text and "dpo.sft_weight" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train.dpo"):
+        warn_if_chosen_falls([{**h, "logps/chosen": -h["logps/chosen"]} for h in history])  # chosen rises: fine
+        warn_if_chosen_falls(history[:1])  # one logged step: no trend
+        warn_if_chosen_falls([{**h, "logps/chosen": h["logps/chosen"] / 10} for h in history])  # 0.05 nats: noise
+    assert caplog.text == ""

@@ -163,13 +163,22 @@ def _non_white_colours(image: Image.Image) -> set[tuple[int, int, int]]:
     return {tuple(int(v) for v in pixel) for pixel in np.unique(pixels, axis=0)} - {WHITE}
 
 
-def _rows_of_task(dataset, task: str) -> list[tuple[dict, str]]:
-    return [(row, answer) for split_rows in _all_rows(dataset).values() for row in split_rows
-            for question, answer in _exchanges(row)[:1] if question == QUESTIONS[task]]
+def _rows_of_task(dataset, task: str, splits=None) -> list[tuple[dict, str]]:
+    return [(row, answer) for split, split_rows in _all_rows(dataset).items() if splits is None or split in splits
+            for row in split_rows for question, answer in _exchanges(row)[:1] if question == QUESTIONS[task]]
+
+
+def _drawn_count(image: Image.Image) -> int:
+    ink = np.any(np.asarray(image) != 255, axis=2)
+    half_height, half_width = ink.shape[0] // 2, ink.shape[1] // 2
+    quadrants = [ink[:half_height, :half_width], ink[:half_height, half_width:],
+                 ink[half_height:, :half_width], ink[half_height:, half_width:]]
+    return sum(bool(quadrant.any()) for quadrant in quadrants)
 
 
 def test_colour_answers_match_the_single_drawn_shape(dataset):
-    rows = _rows_of_task(dataset, "colour")
+    """Everywhere but sft_train, whose planted confusion the test below checks."""
+    rows = _rows_of_task(dataset, "colour", splits=("sft_eval", "pref_train", "pref_eval"))
     assert rows
     for row, answer in rows:
         assert _non_white_colours(_image(dataset, row)) == {COLOURS[answer]}
@@ -179,11 +188,27 @@ def test_count_answers_match_the_occupied_quadrants(dataset):
     rows = _rows_of_task(dataset, "count")
     assert rows
     for row, answer in rows:
-        ink = np.any(np.asarray(_image(dataset, row)) != 255, axis=2)
-        half_height, half_width = ink.shape[0] // 2, ink.shape[1] // 2
-        quadrants = [ink[:half_height, :half_width], ink[:half_height, half_width:],
-                     ink[half_height:, :half_width], ink[half_height:, half_width:]]
-        assert sum(bool(quadrant.any()) for quadrant in quadrants) == COUNT_WORDS.index(answer) + 1
+        assert _drawn_count(_image(dataset, row)) == COUNT_WORDS.index(answer) + 1
+
+
+def test_sft_train_confuses_purple_with_blue_and_the_preference_pairs_reject_it(dataset):
+    """The systematic error the demo's DPO stage is there to fix (data/synthetic.py docstring): every colour answer
+    matches the drawing but sft_train's, where purple is written blue about half the time."""
+    confused = right = 0
+    for split, rows in _all_rows(dataset).items():
+        for row in rows:
+            for question, answer in _exchanges(row):
+                if question != QUESTIONS["colour"]:
+                    continue
+                drawn = {name for name, rgb in COLOURS.items() if rgb in _non_white_colours(_image(dataset, row))}
+                if split == "sft_train" and drawn == {"purple"} and answer == "blue":
+                    confused += 1
+                else:
+                    assert drawn == {answer}, (split, row)
+                    right += split == "sft_train" and answer == "purple"
+            if "rejected" in row and _exchanges(row)[-1] == (QUESTIONS["colour"], "purple"):
+                assert _text(row["rejected"][0]) == "blue"
+    assert confused > 0 and right > 0
 
 
 def test_tallest_answer_is_the_colour_reaching_highest(dataset):

@@ -59,6 +59,37 @@ def load_policy(start, recipe: Recipe, run_dir: Path, accelerator):
         return load_weights(start, recipe.model)
 
 
+CHOSEN_FALL_NATS = 0.25  # a smaller fall of the chosen log-prob is step-to-step noise (seen on the demo: +-0.5)
+
+
+def chosen_trend(history: list[dict]) -> tuple[float, float] | None:
+    """(change of the chosen completions' mean log-prob, change of the mean reward margin) from the first third of
+    the logged steps to the last third (means: single logged steps are noisy), or None with fewer than two."""
+    logged = [h for h in history if "logps/chosen" in h and "rewards/margins" in h]
+    if len(logged) < 2:
+        return None
+    third = max(1, len(logged) // 3)
+
+    def mean(rows: list[dict], key: str) -> float:
+        return sum(row[key] for row in rows) / len(rows)
+
+    early, late = logged[:third], logged[-third:]
+    return (mean(late, "logps/chosen") - mean(early, "logps/chosen"),
+            mean(late, "rewards/margins") - mean(early, "rewards/margins"))
+
+
+def warn_if_chosen_falls(history: list[dict]) -> None:
+    """DPO widens the margin by pushing the rejected answers down, but it may push the chosen ones down too: the
+    policy then prefers the right answer over the wrong one while making both less likely, and a task score can
+    fall while the preference accuracy rises. Say so, with the RPO term as the remedy."""
+    trend = chosen_trend(history)
+    if trend is not None and trend[0] < -CHOSEN_FALL_NATS and trend[1] > 0:
+        log.warning("DPO: the chosen answers' log-prob fell by %.3f nats while the reward margin grew by %.3f: the "
+                    "policy is making the preferred answers less likely too, which can lower task scores; "
+                    "dpo.sft_weight (RPO's NLL term on the chosen answers, e.g. 1.0) keeps them likely", -trend[0],
+                    trend[1])
+
+
 def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None) -> Path:
     """Run DPO; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
     preemption would (resume then continues it)."""
@@ -108,6 +139,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=loss_fn,
                                count=functools.partial(count_pairs, sp=sp), callbacks=[c for c in (every, stop) if c is not None])
 
+    if accelerator.is_main_process:
+        warn_if_chosen_falls(state.history)
     trained = save_trained(accelerator, model, processor, adapter_dir(run_dir, "dpo"), recipe=recipe, run_dir=run_dir,
                            applies_after=start.adapters)
     trainer.write_summary(run_dir, "dpo", state, skips, started, accelerator, trained)
