@@ -94,7 +94,8 @@ run_overrides=("${overrides[@]}")
 [[ " ${overrides[*]} " == *" output_dir="* ]] || run_overrides+=("output_dir=$output_dir")
 if [[ $max_restarts -gt 0 ]]; then
   [[ $world -gt 1 ]] || { echo "launch.sh: --max-restarts needs more than one process (NPROC x NNODES)" >&2; exit 2; }
-  run_overrides+=("train.resume=true")  # a restarted rank continues from the newest complete checkpoint
+  # a restarted rank continues from the newest complete checkpoint (added once: a repeated override warns)
+  [[ " ${overrides[*]} " == *" train.resume=true "* ]] || run_overrides+=("train.resume=true")
 fi
 
 launcher=("$PYTHON" -m accelerate.commands.launch --config_file "$config_file"
