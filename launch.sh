@@ -131,6 +131,13 @@ echo "launch.sh: $NNODES node(s) x $NPROC process(es), accelerate config '$confi
 for command in "${commands[@]}"; do echo "+ $command"; done
 [[ $dry_run -eq 1 ]] && exit 0
 
+# One writer per run directory: node 0 takes the lock for the whole launch (a second launch into it exits 2 naming
+# this one); every stage joins it through the token, and it is released when this script exits, however it exits.
+if [[ $NODE_RANK -eq 0 ]]; then
+  PHI3V_RUN_LOCK="$("$PYTHON" -m recipe.run_lock acquire "$output_dir" --pid $$ --command "launch.sh $recipe ${overrides[*]}")"
+  export PHI3V_RUN_LOCK
+  trap '"$PYTHON" -m recipe.run_lock release "$output_dir" --token "$PHI3V_RUN_LOCK" || true' EXIT
+fi
 for command in "${commands[@]}"; do
   eval "$command"
 done
