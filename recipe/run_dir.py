@@ -15,7 +15,7 @@ written (atomically). Every stage, the eval CLI and export ask it; no other modu
                                   both with a manifest.json of their weight files (recipe/manifest.py)
         summary.json              steps, units, samples, seconds, skipped rows, the logged history, validation
         validation.jsonl          the SFT validation loss on data.eval, one line per evaluation (resume keeps it)
-      dpo/start.json              what DPO started from: base, revision, SFT adapter and its sha256
+      dpo/start.json              what DPO started from: base, revision, SFT adapter, the sha256 of each weight file
       eval/                       results.json, predictions, report.html (eval/report.py)
       logs/                       tracker files: tensorboard/<stage>/ (event files), wandb/ (W&B's run folders);
                                   rank-<r>.log: each rank's log of each stage
@@ -42,7 +42,7 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
-from recipe.manifest import ManifestError, file_sha256, verify_manifest, write_manifest
+from recipe.manifest import ManifestError, file_sha256, read_manifest, verify_manifest, write_manifest
 from recipe.parse import load_recipe, resolved_yaml
 from recipe.schema import ModelSection, Recipe
 
@@ -457,10 +457,31 @@ def dpo_start(recipe: Recipe, run_dir: Path) -> Weights:
                             "adapter")
 
 
+def weights_sha256(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of every weight file of an adapter or merged folder: an adapter's
+    `adapter_model.safetensors` (LoRA) and `full_weights.safetensors` (the parts trained in full, e.g. the projector).
+    Read from the folder's manifest when it has one (`verify_weights` checked it against the files), else hashed."""
+    folder = Path(folder)
+    if manifest_file(folder).is_file():
+        files = read_manifest(manifest_file(folder))
+        return {rel: entry["sha256"] for rel, entry in sorted(files.items()) if rel.endswith(WEIGHT_FILES)}
+    return {path.name: file_sha256(path) for path in sorted(folder.glob("*.safetensors"))}
+
+
+def start_weights_sha256(start: Weights) -> list[dict[str, str]]:
+    """The content hash of every weight file DPO starts from: each adapter's, and the base's when it is a folder
+    with a manifest (a merged SFT model): a changed projector shows as surely as a changed LoRA."""
+    hashes = [weights_sha256(adapter) for adapter in start.adapters]
+    if manifest_file(start.base).is_file():
+        hashes.insert(0, weights_sha256(Path(start.base)))
+    return hashes
+
+
 def write_start(run_dir: Path, start: Weights) -> Path:
-    """dpo/start.json: the starting weights, with each adapter's content hash (to detect a changed SFT adapter)."""
+    """dpo/start.json: the starting weights, with the hash of each of their weight files (to detect a changed SFT
+    model, its projector included)."""
     record = {"base": start.base, "revision": start.revision, "adapters": [str(a) for a in start.adapters],
-              "adapter_sha256": [file_sha256(Path(a) / ADAPTER_WEIGHTS) for a in start.adapters]}
+              "weights_sha256": start_weights_sha256(start)}
     return write_json_atomically(start_file(run_dir), record)
 
 

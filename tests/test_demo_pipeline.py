@@ -161,7 +161,8 @@ def test_dpo_records_its_starting_point(demo_run):
     import hashlib
 
     digest = hashlib.sha256((demo_run / "sft" / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
-    assert start["adapter_sha256"] == [digest]
+    [hashes] = start["weights_sha256"]
+    assert hashes["adapter_model.safetensors"] == digest and "full_weights.safetensors" in hashes
 
 
 def test_report_shows_every_stage(demo_run):

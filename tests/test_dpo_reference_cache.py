@@ -4,9 +4,11 @@ resume when the inputs changed; and the mDPO term on a real run."""
 import json
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
+from recipe.run_dir import write_weights_manifest
 
 from .train_helpers import adapter, assert_same_adapter, history, run_stage, small_overrides
 
@@ -37,6 +39,29 @@ def test_resuming_with_other_data_is_refused(synthetic, tmp_path):
     changed = [*overrides, "train.resume=true", "data.train.0.limit=32"]
     with pytest.raises(ValueError, match=r"data, pairs changed since"):
         run_stage("dpo", changed)
+
+
+def test_a_changed_projector_alone_misses_the_cache(synthetic, tmp_path):
+    """The SFT adapter's projector lives in full_weights.safetensors, beside the LoRA: changing only it is another
+    reference model, so another cache key (and another start record)."""
+    sft = run_stage("sft", small_overrides(tmp_path / "sft", synthetic, "sft", max_steps=1))
+    dpo = [f"dpo.from_sft={sft}", "dpo.precompute_ref_logps=true", "train.max_steps=1"]
+    first = run_stage("dpo", [*small_overrides(tmp_path / "first", synthetic, "dpo"), *dpo])
+    tables = tmp_path / ".cache" / "ref_logps"
+    assert len(list(tables.iterdir())) == 1
+
+    folder = sft / "sft" / "adapter"
+    lora = (folder / "adapter_model.safetensors").read_bytes()
+    full = load_file(folder / "full_weights.safetensors")
+    assert full and all("img_projection" in name for name in full), sorted(full)
+    save_file({name: tensor + 0.01 for name, tensor in full.items()}, str(folder / "full_weights.safetensors"))
+    write_weights_manifest(folder)  # as an SFT run that trained another projector would
+    second = run_stage("dpo", [*small_overrides(tmp_path / "second", synthetic, "dpo"), *dpo])
+    assert (folder / "adapter_model.safetensors").read_bytes() == lora
+    assert len(list(tables.iterdir())) == 2  # missed: computed for the new projector
+    before, after = (json.loads((run / "dpo" / "start.json").read_text())["weights_sha256"] for run in (first, second))
+    assert before[0]["adapter_model.safetensors"] == after[0]["adapter_model.safetensors"]
+    assert before[0]["full_weights.safetensors"] != after[0]["full_weights.safetensors"]
 
 
 def test_mdpo_term_trains(synthetic, tmp_path):
