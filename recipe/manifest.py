@@ -6,9 +6,9 @@ run directory's module writes and verifies them through `write_manifest` and `ve
 cut short by a disk that lied or a copy that stopped, a file deleted or replaced, shows as a size or hash that differs
 from the record, named in a `ManifestError` (a ValueError: the message alone, exit 2, recipe/errors.py).
 
-    write_manifest(folder, folder / "manifest.json")             # after every other file is written
-    verify_manifest(folder, folder / "manifest.json")            # raises ManifestError naming the first bad file
-    verify_manifest(folder, path, closed=("deepspeed",))         # and refuses files there that it does not list
+    write_manifest(folder, path)                           # after every other file is written
+    verify_manifest(folder, path)                          # raises ManifestError naming the first bad file
+    verify_manifest(folder, path, closed=("deepspeed",))   # and refuses files there that it does not list
 
 A folder whose files are loaded by unpickling (DeepSpeed's and FSDP's checkpoint folders) is `closed`: a file in it
 that the manifest does not list is refused too, so what is unpickled is byte for byte what this project wrote.

@@ -4,8 +4,8 @@
     ...
     lock.release()
 
-`<run>/run.lock` (the name is `recipe.run_dir.LOCK`) is created with O_CREAT|O_EXCL, so of two launches racing for
-one run directory exactly one creates it; it holds the holder's host, pid (and the pid's start time, so that a
+The lock file (`recipe.run_dir.lock_file`) is created with O_CREAT|O_EXCL, so of two launches racing for one run
+directory exactly one creates it; it holds the holder's host, pid (and the pid's start time, so that a
 reused pid is not mistaken for it), start time, command, a token and a lease. A second launch refuses with a message
 naming the holder. A lock is stale, and is taken over, when
 - its host is this host and its process is gone (a crash, a SIGKILL: `train.resume=true` then just works), or

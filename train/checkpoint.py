@@ -19,7 +19,8 @@ under DeepSpeed (`DistributedType.DEEPSPEED`): the engine owns the optimizer (an
 engine's own checkpoint, written by `accelerator.save_state` into `deepspeed/` (trainable parameters only), uses
 DeepSpeed's torch.save format and is loaded with pickle: resume DeepSpeed runs only from checkpoints you wrote. FSDP2
 takes the same path (the same `deepspeed/` folder) with accelerate's FSDP format: the whole model's and the optimizer's
-shards in torch.distributed.checkpoint files, and pickled random states (docs/distributed.md#fsdp2).
+shards in torch.distributed.checkpoint files, and pickled random states (docs/distributed.md#fsdp2). Their files are
+unpickled only once the manifest vouches for each of them and lists every file in `deepspeed/` (below).
 
 Writes: each rank writes its files into `.tmp-step-N/`, the main process writes the loop state and then the manifest,
 fsyncs every file and the folder, then renames it into place; a complete checkpoint of the same step is moved aside (`.old-step-N/`) before the rename and
