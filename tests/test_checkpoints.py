@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
 from recipe import RecipeError, load_recipe
+from recipe.run_dir import write_folder_manifest
 from train import callbacks, checkpoint, sft
 from train.checkpoint import Checkpointer, ResumeRefused, check_resume, recover_replaced
 from train.loop import Diverged, Interrupted
@@ -254,3 +255,21 @@ def test_resume_names_a_cut_short_and_a_missing_file_and_continues_from_the_newe
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "no checkpoint there is intact" in err and "Traceback" not in err, err
     assert "step-00000002: loop_state.json in" in err and "bytes it was written with" in err, err
+
+
+def test_a_file_planted_among_the_engines_pickles_fails_the_manifest_and_the_older_checkpoint_is_taken(tmp_path):
+    """deepspeed/ (DeepSpeed's and FSDP's torch.save files) is closed: a file its manifest does not list is refused
+    before anything there is unpickled, and resume falls back to the checkpoint before."""
+    for step in (2, 4):
+        folder = tmp_path / f"step-{step:08d}"
+        (folder / "deepspeed").mkdir(parents=True)
+        (folder / "deepspeed" / "random_states_0.pkl").write_bytes(b"written by this run")
+        (folder / "loop_state.json").write_text(json.dumps({"step": step}))
+        write_folder_manifest(folder)
+    (tmp_path / "step-00000004" / "deepspeed" / "custom_checkpoint_0.pkl").write_bytes(
+        pickle.dumps(Payload(tmp_path / "pwned")))
+    assert checkpoint.intact_checkpoint(tmp_path) == tmp_path / "step-00000002"
+    assert (tmp_path / ".failed-step-00000004").is_dir() and not (tmp_path / "pwned").exists()
+    (tmp_path / "step-00000002" / "deepspeed" / "random_states_0.pkl").write_bytes(b"written by intruder")
+    with pytest.raises(ResumeRefused, match=r"step-00000002: deepspeed/random_states_0.pkl in .* sha256 differs"):
+        checkpoint.intact_checkpoint(tmp_path)
