@@ -69,3 +69,22 @@ def test_mdpo_term_trains(synthetic, tmp_path):
     steps = history(run, "dpo")
     assert all("loss/mdpo" in h for h in steps)
     assert steps[0]["loss/mdpo"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0: log 2
+
+
+def test_a_dpo_only_run_scores_the_base_and_its_resume_does_not_score_it_again(synthetic, tmp_path, monkeypatch):
+    from train import callbacks
+
+    run = tmp_path / "run"
+    overrides = [*small_overrides(run, synthetic, "dpo", max_steps=2, checkpoint_every=1), "stages=[dpo,eval]",
+                 "eval.limit=4"]
+    run_stage("dpo", overrides)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    scored = {stage for metrics in results.values() for values in metrics.values() for stage in values}
+    assert scored == {"base", "dpo"}, results
+
+    hooks = []
+    real = callbacks.run_eval_hook
+    monkeypatch.setattr(callbacks, "run_eval_hook", lambda stage, *args, **kwargs: (
+        hooks.append(stage), real(stage, *args, **kwargs))[1])
+    run_stage("dpo", [*overrides, "train.resume=true"])
+    assert hooks == ["dpo"]  # the base was scored and logged by the run this one continues

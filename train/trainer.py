@@ -28,6 +28,7 @@ from train import device, diagnostics, optim, tracking
 from train.checkpoint import (
     Checkpointer,
     check_resume,
+    checkpoints,
     frozen_fingerprint,
     nonfinite_parameters,
     shaping_values,
@@ -69,6 +70,12 @@ def open_stage(recipe: Recipe, recipe_path, stage: str):
     diagnostics.start(run_dir, accelerator.process_index, accelerator.num_processes, recipe.train.collective_timeout_s)
     tracking.start(accelerator, recipe, run_dir)
     return run_dir, accelerator, folder
+
+
+def resumes(recipe: Recipe, run_dir: Path, stage: str) -> bool:
+    """Whether the stage continues a checkpoint (after open_stage set failed ones aside): its start, the base eval
+    included, was logged by the run it continues."""
+    return recipe.train.resume and bool(checkpoints(checkpoints_dir(run_dir, stage)))
 
 
 def take_run_lock(accelerator, run_dir: Path) -> None:
