@@ -17,7 +17,8 @@ written (atomically). Every stage, the eval CLI and export ask it; no other modu
         validation.jsonl          the SFT validation loss on data.eval, one line per evaluation (resume keeps it)
       dpo/start.json              what DPO started from: base, revision, SFT adapter, the sha256 of each weight file
       eval/                       results.json, predictions, report.html (eval/report.py)
-      logs/                       tracker files: tensorboard/<stage>/ (event files), wandb/ (W&B's run folders);
+      logs/                       tracker files: tensorboard/<stage>/ (event files), wandb/ (W&B's run folders),
+                                  wandb-<stage>.id (the stage's W&B run id, continued on resume);
                                   rank-<r>.log: each rank's log of each stage
       diagnostics/rank-<r>.txt    each rank's Python stacks, written on SIGUSR1, by the step watchdog (a step that
                                   outlasts the collective timeout) and when a collective fails
@@ -135,6 +136,11 @@ def diagnostics_file(run_dir: Path, rank: int) -> Path:
 def tensorboard_dir(run_dir: Path, stage: str) -> Path:
     """A stage's TensorBoard event files: one TensorBoard run per stage, `<run>/logs/tensorboard/<stage>`."""
     return logs_dir(run_dir) / "tensorboard" / stage
+
+
+def wandb_id_file(run_dir: Path, stage: str) -> Path:
+    """The W&B run id of a stage (`<run>/logs/wandb-<stage>.id`): a resumed stage continues that W&B run."""
+    return logs_dir(run_dir) / f"wandb-{stage}.id"
 
 
 def wandb_dir(run_dir: Path) -> Path:

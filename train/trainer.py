@@ -68,7 +68,7 @@ def open_stage(recipe: Recipe, recipe_path, stage: str):
         check_resume(recipe, stage, checkpoints_dir(run_dir, stage), accelerator.num_processes, accelerator)
     folder = prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
     diagnostics.start(run_dir, accelerator.process_index, accelerator.num_processes, recipe.train.collective_timeout_s)
-    tracking.start(accelerator, recipe, run_dir)
+    tracking.start(accelerator, recipe, run_dir, stage)
     return run_dir, accelerator, folder
 
 
