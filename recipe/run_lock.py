@@ -29,9 +29,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -41,6 +41,8 @@ from pathlib import Path
 
 from recipe.errors import run_main
 from recipe.run_dir import lock_file
+
+log = logging.getLogger(__name__)
 
 LEASE_S = 300.0  # a holder on another host that has not renewed for this long is gone
 YOUNG_S = 30.0  # a lock file that cannot be read yet may be in the middle of being written
@@ -127,7 +129,10 @@ class RunLock:
 
     def _renew_forever(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
-            self.renew()
+            try:
+                self.renew()
+            except OSError as error:  # the run directory went away (a failed start removes it): nothing to renew
+                log.warning("run lock %s: the lease could not be renewed (%s)", self.path, error)
 
     def renew(self) -> bool:
         """Push the lease forward, only while the lock is still this holder's (same token)."""
@@ -223,7 +228,7 @@ def _break_stale(path: Path, seen: Holder | None, reason: str) -> None:
         except FileExistsError:
             pass
     elif seen is not None:
-        print(f"run lock: took over {path} from {describe(seen)}: {reason}", file=sys.stderr)
+        log.warning("took over the run lock %s from %s: %s", path, describe(seen), reason)
     aside.unlink(missing_ok=True)
 
 

@@ -32,7 +32,7 @@ def holding(run_dir) -> subprocess.Popen:
     return job
 
 
-def test_a_live_holder_refuses_a_second_writer_and_a_killed_one_leaves_a_stale_lock(tmp_path, capsys):
+def test_a_live_holder_refuses_a_second_writer_and_a_killed_one_leaves_a_stale_lock(tmp_path, caplog):
     run = tmp_path / "run"
     job = holding(run)
     try:
@@ -45,8 +45,9 @@ def test_a_live_holder_refuses_a_second_writer_and_a_killed_one_leaves_a_stale_l
         job.send_signal(signal.SIGKILL)
         job.wait()
     assert json.loads(lock_file(run).read_text())["pid"] == job.pid  # SIGKILL: nothing released it
-    lock = run_lock.acquire(run, command="after the crash")
-    assert f"its process {job.pid} is gone" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="recipe.run_lock"):
+        lock = run_lock.acquire(run, command="after the crash")
+    assert f"its process {job.pid} is gone" in caplog.text
     assert json.loads(lock_file(run).read_text())["pid"] == os.getpid()
     assert run_lock.acquire(run, command="again") is lock  # this process holds it already
     lock.release()
