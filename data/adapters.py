@@ -121,10 +121,12 @@ def confined_image_path(value: str | os.PathLike, *, image_root: Path | None, or
                      "to the folder that holds its images")
     root, why = resolved(Path(image_root))
     if root is None:
-        raise _error(origin, field, "unreadable image path", f"the source's image_root {str(image_root)!r} {why}")
+        raise _error(origin, field, "unreadable image path", f"the source's image_root {str(image_root)!r} {why}. "
+                     "Fix: point image_root at the folder that holds the images")
     target, why = resolved(root / value)
     if target is None:
-        raise _error(origin, field, "unreadable image path", f"{str(value)!r} (under {root}) {why}")
+        raise _error(origin, field, "unreadable image path", f"{str(value)!r} (under {root}) {why}. Fix: correct the "
+                     "path in this row, or drop the row")
     if not target.is_relative_to(root):
         raise _error(origin, field, "image path escapes image_root",
                      f"{str(value)!r} resolves to {target}, outside {root}; keep the images under the image_root "
@@ -133,7 +135,8 @@ def confined_image_path(value: str | os.PathLike, *, image_root: Path | None, or
     if why in ("does not exist", "is a symbolic link to nothing"):
         raise _error(origin, field, "image file not found", f"{str(value)!r} resolves to {target}, which {why}")
     if why is not None:
-        raise _error(origin, field, "unreadable image path", f"{str(value)!r} resolves to {target}, which {why}")
+        raise _error(origin, field, "unreadable image path", f"{str(value)!r} resolves to {target}, which {why}. "
+                     "Fix: make it a readable image file, or drop the row")
     return target
 
 
