@@ -243,6 +243,15 @@ CASES = [
     ("run-eval-missing-stage", "eval", lambda w: [DEMO, "--model", str(w.stopped_run), "--stage", "dpo"], 2,
      ["no dpo model", "run the dpo stage"]),
     ("run-summary-missing", "summary", lambda w: [str(w.root / "no-run")], 2, ["no-run", "no such run directory"]),
+    ("run-export-cut-short-weights", "export", lambda w: [str(run_with_weights(w, "cut"))], 2,
+     ["adapter_model.safetensors", "cut short", "restore the folder"]),
+    ("run-eval-changed-weights", "eval", lambda w: [DEMO, "--model", str(run_with_weights(w, "changed")), "--stage",
+                                                    "sft"], 2, ["adapter_model.safetensors", "has changed"]),
+    ("run-locked", "sft", lambda w: w.sft(None, f"output_dir={locked_run(w)}"), 2,
+     ["is in use by another run", "pid 1,", "run.lock"]),
+    ("run-resume-nothing-intact", "sft", lambda w: w.sft(None, f"output_dir={broken_checkpoint_run(w)}",
+                                                         "train.resume=true"), 2,
+     ["no checkpoint there is intact", "step-00000001", "holds no manifest.json"]),
     ("run-stage-exists", "sft", lambda w: w.sft(None, f"output_dir={occupied_run(w)}"), 2,
      ["already holds a sft run", "overwrite_output_dir"]),
 ]
@@ -274,6 +283,46 @@ def odd_source(world: World, make) -> Path:
     path = world.folder() / "odd.jsonl"
     make(path)
     return path
+
+
+def run_with_weights(world: World, damage: str) -> Path:
+    """A run directory whose SFT adapter's weight file was cut short or changed after its manifest was written."""
+    from recipe.run_dir import write_weights_manifest
+
+    run = world.folder()
+    shutil.copy(world.stopped_run / "recipe.resolved.yaml", run)
+    (run / "base").mkdir()
+    (run / "base" / "config.json").write_text("{}")
+    adapter = run / "sft" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 4)
+    write_weights_manifest(adapter)
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(data[:100] if damage == "cut" else data[::-1])
+    return run
+
+
+def locked_run(world: World) -> Path:
+    """A run directory whose lock is held by a live process of this host (pid 1, which outlives every test)."""
+    from recipe.run_dir import lock_file
+    from recipe.run_lock import process_start
+
+    run = world.folder()
+    lock_file(run).write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "pid_start": process_start(1),
+                                          "started": "2026-01-01T00:00:00+00:00", "command": "launch.sh other.yaml",
+                                          "token": "theirs", "lease_until": 0}))
+    return run
+
+
+def broken_checkpoint_run(world: World) -> Path:
+    """A run directory whose only SFT checkpoint has no manifest (copied without it, or cut off by a crash of an old
+    version)."""
+    run = world.folder()
+    checkpoint = run / "sft" / "checkpoints" / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "loop_state.json").write_text(json.dumps({"step": 1}))
+    return run
 
 
 def other_model(world: World) -> Path:
