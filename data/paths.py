@@ -18,7 +18,7 @@ import os
 import stat
 from pathlib import Path
 
-_KINDS = ((stat.S_ISDIR, "is a folder, not a file"), (stat.S_ISSOCK, "is a socket, not a regular file"),
+_KINDS = ((stat.S_ISDIR, "is a folder, not a regular file"), (stat.S_ISSOCK, "is a socket, not a regular file"),
           (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file"),
           (stat.S_ISCHR, "is a character device, not a regular file"),
           (stat.S_ISBLK, "is a block device, not a regular file"))
@@ -35,7 +35,7 @@ def os_error_problem(error: OSError) -> str:
     if error.errno == errno.ENOTDIR:
         return "cannot exist: a part of it is a file, not a folder"
     if error.errno == errno.EISDIR:
-        return "is a folder, not a file"
+        return "is a folder, not a regular file"
     if error.errno == errno.ENAMETOOLONG:
         return "is a name too long for the filesystem"
     return f"cannot be read ({error.strerror or error})"
