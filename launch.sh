@@ -137,6 +137,10 @@ if [[ $NODE_RANK -eq 0 ]]; then
   PHI3V_RUN_LOCK="$("$PYTHON" -m recipe.run_lock acquire "$output_dir" --pid $$ --command "launch.sh $recipe ${overrides[*]}")"
   export PHI3V_RUN_LOCK
   trap '"$PYTHON" -m recipe.run_lock release "$output_dir" --token "$PHI3V_RUN_LOCK" || true' EXIT
+  # A signal ends the launch through the EXIT trap too (bash runs it after the running stage, which handles the
+  # same SIGTERM by saving a checkpoint, has exited); an unhandled SIGTERM would skip it.
+  trap 'exit 143' TERM
+  trap 'exit 130' INT
 fi
 for command in "${commands[@]}"; do
   eval "$command"
