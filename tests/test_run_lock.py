@@ -91,7 +91,7 @@ def test_two_launches_at_once_one_runs_the_other_exits_2_and_a_sigkilled_run_res
     synthetic = tmp_path / "synthetic"
     write_synthetic(synthetic, seed=0, **SYNTHETIC_COUNTS)
     run = tmp_path / "run"
-    overrides = small_overrides(run, synthetic, "sft", max_steps=40, checkpoint_every=1)
+    overrides = small_overrides(run, synthetic, "sft", max_steps=300, checkpoint_every=1, keep_checkpoints=300)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop(run_lock.TOKEN_ENV, None)
     command = [sys.executable, str(REPO / "train" / "sft.py"), str(DEMO), *overrides]
