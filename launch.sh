@@ -97,7 +97,8 @@ run_overrides=("${overrides[@]}")
 [[ " ${overrides[*]} " == *" output_dir="* ]] || run_overrides+=("output_dir=$output_dir")
 if [[ $max_restarts -gt 0 ]]; then
   [[ $world -gt 1 ]] || { echo "launch.sh: --max-restarts needs more than one process (NPROC x NNODES)" >&2; exit 2; }
-  run_overrides+=("train.resume=true")  # a restarted rank continues from the newest complete checkpoint
+  # a restarted rank continues from the newest complete checkpoint (added once: a repeated override warns)
+  [[ " ${overrides[*]} " == *" train.resume=true "* ]] || run_overrides+=("train.resume=true")
 fi
 
 launcher=("$PYTHON" -m accelerate.commands.launch --config_file "$config_file"
@@ -133,6 +134,17 @@ echo "launch.sh: $NNODES node(s) x $NPROC process(es), accelerate config '$confi
 for command in "${commands[@]}"; do echo "+ $command"; done
 [[ $dry_run -eq 1 ]] && exit 0
 
+# One writer per run directory: node 0 takes the lock for the whole launch (a second launch into it exits 2 naming
+# this one); every stage joins it through the token, and it is released when this script exits, however it exits.
+if [[ $NODE_RANK -eq 0 ]]; then
+  PHI3V_RUN_LOCK="$("$PYTHON" -m recipe.run_lock acquire "$output_dir" --pid $$ --command "launch.sh $recipe ${overrides[*]}")"
+  export PHI3V_RUN_LOCK
+  trap '"$PYTHON" -m recipe.run_lock release "$output_dir" --token "$PHI3V_RUN_LOCK" || true' EXIT
+  # A signal ends the launch through the EXIT trap too (bash runs it after the running stage, which handles the
+  # same SIGTERM by saving a checkpoint, has exited); an unhandled SIGTERM would skip it.
+  trap 'exit 143' TERM
+  trap 'exit 130' INT
+fi
 for command in "${commands[@]}"; do
   eval "$command"
 done

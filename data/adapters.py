@@ -30,6 +30,7 @@ from typing import Any
 
 from data.conversation import TAG_TEXT as IMAGE_TAG
 from data.conversation import check_completion, problem, validate_conversation
+from data.paths import path_problem, resolved
 from data.sample import (
     DataError,
     ImagePart,
@@ -104,8 +105,9 @@ def _require_str(row: Mapping[str, Any], key: str, *, origin: Origin) -> str:
 
 
 def confined_image_path(value: str | os.PathLike, *, image_root: Path | None, origin: Origin, field: str) -> Path:
-    """Resolve an image path against `image_root`; it must exist and stay inside the root after resolving
-    symlinks and `..` (a row must not make us read arbitrary files)."""
+    """Resolve an image path against `image_root`; it must be a readable regular file and stay inside the root after
+    resolving symlinks and `..` (a row must not make us read arbitrary files). Filesystem oddities (a loop of links,
+    a socket or device, permission denied, a name that is not valid text) are named (data/paths.py)."""
     if str(value) == "":
         raise _error(origin, field, "bad image", "the image path is empty")
     if "://" in str(value):
@@ -117,15 +119,25 @@ def confined_image_path(value: str | os.PathLike, *, image_root: Path | None, or
         raise _error(origin, field, "no image root",
                      f"image {str(value)!r} is a path but the source has no image_root; set the source's image_root "
                      "to the folder that holds its images")
-    root = Path(image_root).resolve()
-    resolved = (root / value).resolve()
-    if not resolved.is_relative_to(root):
+    root, why = resolved(Path(image_root))
+    if root is None:
+        raise _error(origin, field, "unreadable image path", f"the source's image_root {str(image_root)!r} {why}. "
+                     "Fix: point image_root at the folder that holds the images")
+    target, why = resolved(root / value)
+    if target is None:
+        raise _error(origin, field, "unreadable image path", f"{str(value)!r} (under {root}) {why}. Fix: correct the "
+                     "path in this row, or drop the row")
+    if not target.is_relative_to(root):
         raise _error(origin, field, "image path escapes image_root",
-                     f"{str(value)!r} resolves to {resolved}, outside {root}; keep the images under the image_root "
+                     f"{str(value)!r} resolves to {target}, outside {root}; keep the images under the image_root "
                      "or point image_root at a folder that contains them")
-    if not resolved.is_file():
-        raise _error(origin, field, "image file not found", f"{str(value)!r} resolves to {resolved}, not a file")
-    return resolved
+    why = path_problem(target)
+    if why in ("does not exist", "is a symbolic link to nothing"):
+        raise _error(origin, field, "image file not found", f"{str(value)!r} resolves to {target}, which {why}")
+    if why is not None:
+        raise _error(origin, field, "unreadable image path", f"{str(value)!r} resolves to {target}, which {why}. "
+                     "Fix: make it a readable image file, or drop the row")
+    return target
 
 
 def resolve_image(value: Any, *, image_root: Path | None, origin: Origin, field: str) -> ImageRef:

@@ -34,6 +34,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from data.paths import os_error_problem, path_problem, text_problem
 from data.sample import DataError, ImageRef, Origin
 from recipe.schema import MAX_IMAGE_PIXELS
 
@@ -88,16 +89,25 @@ def _opened(ref: ImageRef, origin: Origin, field: str) -> Iterator[Image.Image]:
         raise DataError(origin, field, f"image file {ref.describe()} vanished while being opened") from error
     except PermissionError as error:
         raise DataError(origin, field, f"image file {ref.describe()} cannot be opened: {error}") from error
+    except OSError as error:
+        if error.errno is None:  # Pillow's own errors (no errno): an unreadable image, below
+            raise _not_an_image(ref, origin, field, error) from error
+        raise DataError(origin, field, f"image file {ref.describe()} {os_error_problem(error)} (it changed while the "
+                        "run read it). Fix: keep the dataset's files in place during the run") from error
     except Image.DecompressionBombError as error:
         raise DataError(
             origin, field, f"{ref.describe()} exceeds Pillow's own decompression-bomb limit "
             f"(2 x PIL.Image.MAX_IMAGE_PIXELS): {error}. Fix: shrink the image.") from error
     except _DECODE_ERRORS as error:
-        raise DataError(
-            origin, field, f"{ref.describe()} is not a readable image ({type(error).__name__}: {error}); "
-            "the header is missing or corrupt. Fix: re-encode the file as PNG or JPEG, or drop the row.") from error
+        raise _not_an_image(ref, origin, field, error) from error
     with image:
         yield image
+
+
+def _not_an_image(ref: ImageRef, origin: Origin, field: str, error: BaseException) -> DataError:
+    return DataError(
+        origin, field, f"{ref.describe()} is not a readable image ({type(error).__name__}: {error}); "
+        "the header is missing or corrupt. Fix: re-encode the file as PNG or JPEG, or drop the row.")
 
 
 def _byte_source(ref: ImageRef, origin: Origin, field: str) -> BinaryIO | str:
@@ -106,6 +116,9 @@ def _byte_source(ref: ImageRef, origin: Origin, field: str) -> BinaryIO | str:
         if not ref.data:
             raise DataError(origin, field, "the image bytes are empty (0 bytes). Fix: drop the row or re-export it.")
         return io.BytesIO(ref.data)
+    invalid = text_problem(ref.path)
+    if invalid is not None:
+        raise DataError(origin, field, f"image path {str(ref.path)!r} {invalid}. Fix: rename the file.")
     try:
         status = ref.path.stat()
     except FileNotFoundError as error:
@@ -113,10 +126,12 @@ def _byte_source(ref: ImageRef, origin: Origin, field: str) -> BinaryIO | str:
             origin, field, f"image file {ref.path} does not exist. Fix: check the dataset's image root "
             "and the path in this row.") from error
     except OSError as error:
-        raise DataError(origin, field, f"image file {ref.path} cannot be read ({error})") from error
-    # A directory, FIFO or device is refused before opening: reading a FIFO would block forever.
+        raise DataError(origin, field, f"image file {ref.path} {os_error_problem(error)}. Fix: make it a readable "
+                        "file, or drop the row.") from error
+    # A directory, socket, FIFO or device is refused before opening: reading a FIFO would block forever.
     if not stat.S_ISREG(status.st_mode):
-        raise DataError(origin, field, f"image path {ref.path} is not a regular file. Fix: point the row at a file.")
+        why = path_problem(ref.path) or "is not a regular file"
+        raise DataError(origin, field, f"image path {ref.path} {why}. Fix: point the row at a file.")
     if status.st_size == 0:
         raise DataError(origin, field, f"image file {ref.path} is empty (0 bytes). Fix: re-download it or drop the row.")
     return str(ref.path)

@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 import datasets
 
 from data.adapters import Adapter, adapter_for, apply_columns, skip_reason
+from data.paths import path_problem, resolved
 from data.sample import DataError, Origin, PreferenceSample, SFTSample
 from recipe.schema import Source
 
@@ -77,13 +78,27 @@ def check_text_file(path: Path, *, json_lines: bool) -> None:
             rows += 1
             if json_lines:
                 try:
-                    json.loads(line)
+                    value = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"data source {path}: line {number} (row {rows - 1}) is not valid JSON "
                                      f"({error.msg} at column {error.colno}). Fix: correct or delete that line") from None
+                except RecursionError:
+                    raise ValueError(f"data source {path}: line {number} (row {rows - 1}) nests JSON too deeply to "
+                                     "read. Fix: correct or delete that line") from None
+                if "\\ud" in line.lower():  # an escaped surrogate: a lone one is no text (the reader refuses it)
+                    _check_unicode(value, path, number, rows - 1)
     if rows == 0:
         raise ValueError(f"data source {path}: the file holds no rows (only blank lines). Fix: point the source at a "
                          "file with rows, or remove the source")
+
+
+def _check_unicode(value: Any, path: Path, number: int, row: int) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"data source {path}: line {number} (row {row}) holds text that is not valid Unicode (a lone "
+                         f"surrogate {error.object[error.start]!r}, written as a \\u escape). Fix: correct or delete "
+                         "that line") from None
 
 
 def _offline() -> bool:
@@ -93,8 +108,11 @@ def _offline() -> bool:
 def _load_dataset(source: Source) -> datasets.Dataset | datasets.IterableDataset:
     path = Path(source.path)
     if path.suffix in LOCAL_FILE_BUILDERS:
-        if not path.is_file():
+        why = path_problem(path)
+        if why == "does not exist":
             raise ValueError(f"data source {source.path!r}: no such file; fix the source's path")
+        if why is not None:
+            raise ValueError(f"data source {source.path!r} {why}. Fix: point the source's path at a readable file")
         if path.suffix in (".json", ".jsonl"):
             check_text_file(path, json_lines=path.suffix == ".jsonl")
         try:
@@ -104,8 +122,12 @@ def _load_dataset(source: Source) -> datasets.Dataset | datasets.IterableDataset
             cause = error.__cause__ or error.__context__ or error
             raise ValueError(f"data source {source.path}: cannot be read as {LOCAL_FILE_BUILDERS[path.suffix]} "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from error
-    if (path.is_absolute() or source.path.startswith(".")) and not path.exists():
-        raise ValueError(f"data source {source.path!r}: no such folder; fix the source's path")
+    if path.is_absolute() or source.path.startswith("."):
+        target, why = resolved(path)
+        if target is None:
+            raise ValueError(f"data source {source.path!r} {why}. Fix: point the source's path at a folder")
+        if not target.exists():
+            raise ValueError(f"data source {source.path!r}: no such folder; fix the source's path")
     try:
         return datasets.load_dataset(source.path, name=source.config, split=source.split, revision=source.revision,
                                      streaming=source.streaming)

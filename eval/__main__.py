@@ -42,6 +42,7 @@ from recipe.run_dir import (
     read_start,
     resolve_output_dir,
     stage_weights,
+    verify_weights,
 )
 
 
@@ -93,14 +94,14 @@ def plan_model(model: str, recipe: Recipe, *, stage: str | None, adapter: Path |
         raise ValueError("--stage base with --adapter: the base model has no adapter; drop one of them")
     if not is_run_dir(Path(model)):
         weights = Weights(base=model, revision=recipe.model.revision, adapters=(adapter,) if adapter else ())
-        return ModelPlan(weights=weights, stage=stage or ("sft" if adapter else "base"))
+        return ModelPlan(weights=verify_weights(weights), stage=stage or ("sft" if adapter else "base"))
     run_dir = Path(model)
     stage = stage or latest_stage(run_dir)
     if adapter is None:
         return ModelPlan(weights=stage_weights(run_dir, stage, recipe), stage=stage, run_dir=run_dir)
     start = base_weights(run_dir, recipe) if stage == "sft" else read_start(run_dir)
     weights = Weights(base=start.base, revision=start.revision, adapters=(*start.adapters, adapter))
-    return ModelPlan(weights=weights, stage=stage, run_dir=run_dir)
+    return ModelPlan(weights=verify_weights(weights), stage=stage, run_dir=run_dir)
 
 
 def load_planned(plan: ModelPlan, recipe: Recipe):

@@ -27,8 +27,9 @@ from typing import Any, Literal
 import yaml
 
 from recipe.checks import issue, recipe_problems, recipe_warnings, show
-from recipe.errors import REDACTED, SECRET_KEY, URL_CREDENTIALS, redact_secrets  # noqa: F401 (re-exported)
+from recipe.errors import REDACTED, SECRET_KEY, URL_CREDENTIALS, redact_message, redact_secrets  # noqa: F401 (re-exported)
 from recipe.schema import Recipe
+from recipe.strict_yaml import DuplicateKeys, duplicate_message, strict_safe_load
 
 DEFAULT = "default"
 OVERRIDE = "override"
@@ -340,7 +341,7 @@ def _apply_override(raw: dict, text: str, state: _Parse) -> None:
         state.problems.append(f"override {text!r}: not key=value, so it cannot be applied. Fix: {fix}.")
         return
     try:
-        value = yaml.safe_load(literal)
+        value = strict_safe_load(literal)
     except yaml.YAMLError as error:
         what = f"the value is not valid YAML ({str(error).splitlines()[0]})"
         state.problems.append(issue(f"override {path}", literal, what, f"quote it: {path}='...'"))
@@ -350,6 +351,19 @@ def _apply_override(raw: dict, text: str, state: _Parse) -> None:
         container, key = slot
         container[key] = value
         state.overridden.add(path)
+
+
+def _repeated_overrides(overrides: Sequence[str]) -> list[str]:
+    """One warning per key given more than once on the command line. The last one wins (documented in
+    `recipe_help`): scripts append overrides to a user's (launch.sh adds output_dir=, a test its train.resume=true),
+    so the later one is the one meant; the warning names every value so that a typo'd repeat is still seen."""
+    given: dict[str, list[str]] = {}
+    for text in overrides:
+        path, sep, _ = text.partition("=")
+        if sep and path.strip():
+            given.setdefault(path.strip(), []).append(text)
+    return [f"override {path} is given {len(texts)} times ({redact_message(', '.join(texts))}): the last one "
+            f"applies" for path, texts in given.items() if len(texts) > 1]
 
 
 def parse_recipe(
@@ -377,17 +391,20 @@ def parse_recipe(
         raise RecipeError(source, problems)
     origins = {path: state.origin(path) for path, _, _ in _leaves(recipe)}
     object.__setattr__(recipe, "_provenance", tuple(origins.items()))  # a tuple: immutable and picklable
-    for message in recipe_warnings(recipe, origins):
+    for message in _repeated_overrides(overrides) + recipe_warnings(recipe, origins):
         warnings.warn(message, RecipeWarning, stacklevel=2)
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe with yaml.safe_load, apply `path=value` overrides and validate; see parse_recipe."""
+    """Read a YAML recipe as yaml.safe_load does (a key given twice in one mapping is an error), apply `path=value`
+    overrides and validate; see parse_recipe."""
     source = f"recipe file {path}"
     try:
         with Path(path).open(encoding="utf-8") as stream:  # a stream, so that YAML errors name the file
-            mapping = yaml.safe_load(stream)
+            mapping = strict_safe_load(stream)
+    except DuplicateKeys as error:
+        raise RecipeError(source, [f"{duplicate_message(*d)}." for d in error.duplicates]) from error
     except yaml.YAMLError as error:
         raise RecipeError(source, [f"not valid YAML: {error}. Fix: correct the syntax there."]) from error
     mapping = {} if mapping is None else mapping  # an empty file is a recipe of defaults
@@ -420,7 +437,8 @@ def resolved_yaml(recipe: Recipe) -> str:
 def recipe_help() -> str:
     """Every recipe key with its type, range, default and documentation, for `--help`."""
     lines = ["Recipe keys. Override any on the command line by its dotted path, e.g. train.lr=2.0e-4 or"]
-    lines += ["data.train.0.weight=2 (values are read as YAML)."]
+    lines += ["data.train.0.weight=2 (values are read as YAML). A key given twice on the command line takes its last",
+              "value (with a warning); a key given twice in one mapping of the YAML file is an error."]
     for path, f, tp in _schema_walk(Recipe):
         if dataclasses.is_dataclass(_without_none(tp)[0]):
             lines += ["", f"{path}: {f.metadata['doc']}"]

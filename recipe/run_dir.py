@@ -2,18 +2,23 @@
 written (atomically). Every stage, the eval CLI and export ask it; no other module spells a path of the layout.
 
     <run>/
+      run.lock                    while a launch or stage writes here: its host, pid, start, command, lease
+                                  (recipe/run_lock.py: one writer per run directory)
       recipe.resolved.yaml        every value the run used, with where each came from (load_recipe reads it back)
       env.json                    package versions, git commit, interpreter, machine, seed
       base/                       the demo's tiny base model (a hub-layout checkpoint), written by the first stage
       sft/ dpo/                   one folder per training stage:
-        checkpoints/step-NNNNNNNN resumable checkpoints (train/checkpoint.py)
+        checkpoints/step-NNNNNNNN resumable checkpoints (train/checkpoint.py), each with its manifest.json;
+                   .failed-step-N one that failed its manifest on resume (kept, never resumed)
         adapter/                  the trained LoRA adapter (PEFT layout), or
-        merged/                   the whole model in the hub layout (full fine-tuning, or the export of the adapter)
+        merged/                   the whole model in the hub layout (full fine-tuning, or the export of the adapter);
+                                  both with a manifest.json of their weight files (recipe/manifest.py)
         summary.json              steps, units, samples, seconds, skipped rows, the logged history, validation
         validation.jsonl          the SFT validation loss on data.eval, one line per evaluation (resume keeps it)
-      dpo/start.json              what DPO started from: base, revision, SFT adapter and its sha256
+      dpo/start.json              what DPO started from: base, revision, SFT adapter, the sha256 of each weight file
       eval/                       results.json, predictions, report.html (eval/report.py)
-      logs/                       tracker files: tensorboard/<stage>/ (event files), wandb/ (W&B's run folders);
+      logs/                       tracker files: tensorboard/<stage>/ (event files), wandb/ (W&B's run folders),
+                                  wandb-<stage>.id (the stage's W&B run id, continued on resume);
                                   rank-<r>.log: each rank's log of each stage
       diagnostics/rank-<r>.txt    each rank's Python stacks, written on SIGUSR1, by the step watchdog (a step that
                                   outlasts the collective timeout) and when a collective fails
@@ -25,7 +30,6 @@ adapter over the weights it started from (exact: merged in float32 when loaded),
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -39,6 +43,7 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
+from recipe.manifest import ManifestError, file_sha256, read_manifest, verify_manifest, write_manifest
 from recipe.parse import load_recipe, resolved_yaml
 from recipe.schema import ModelSection, Recipe
 
@@ -59,11 +64,19 @@ TRAINED_STAGES = ("sft", "dpo")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_CONFIG = "config.json"
+MANIFEST = "manifest.json"
+LOCK = "run.lock"
+WEIGHT_FILES = (".safetensors",)  # what a weights folder's manifest covers (cards and configs are rewritten later)
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "deepspeed", "tokenizers", "safetensors",
             "pillow", "numpy", "flash-attn", "liger-kernel", "wandb", "tensorboard")
 
 
 # ----------------------------------------------------------------------------------------------- paths
+
+
+def lock_file(run_dir: Path) -> Path:
+    """The run directory's lock: one writer at a time (recipe/run_lock.py)."""
+    return Path(run_dir) / LOCK
 
 
 def recipe_file(run_dir: Path) -> Path:
@@ -123,6 +136,11 @@ def diagnostics_file(run_dir: Path, rank: int) -> Path:
 def tensorboard_dir(run_dir: Path, stage: str) -> Path:
     """A stage's TensorBoard event files: one TensorBoard run per stage, `<run>/logs/tensorboard/<stage>`."""
     return logs_dir(run_dir) / "tensorboard" / stage
+
+
+def wandb_id_file(run_dir: Path, stage: str) -> Path:
+    """The W&B run id of a stage (`<run>/logs/wandb-<stage>.id`): a resumed stage continues that W&B run."""
+    return logs_dir(run_dir) / f"wandb-{stage}.id"
 
 
 def wandb_dir(run_dir: Path) -> Path:
@@ -250,10 +268,11 @@ _STAGE_STARTS: dict[tuple[Path, str], _StageStart] = {}
 
 
 def _record_stage_start(run_dir: Path, stage: str) -> None:
-    existed = run_dir.is_dir()
+    # A run directory that holds only the lock this stage took was made by this stage.
+    existed = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} - {LOCK} != set()
     _STAGE_STARTS[(run_dir.resolve(), stage)] = _StageStart(
         run_dir=run_dir, stage=stage, made_run_dir=not existed,
-        entries_before=frozenset(p.name for p in run_dir.iterdir()) if existed else frozenset(),
+        entries_before=frozenset(p.name for p in run_dir.iterdir()) if existed else frozenset({LOCK}),
         files_before={name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None
                       for name in (RESOLVED_RECIPE, ENV_FILE)})
 
@@ -351,12 +370,36 @@ class Weights:
         return self.base + "".join(f" + {adapter}" for adapter in self.adapters)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def manifest_file(folder: Path) -> Path:
+    return Path(folder) / MANIFEST
+
+
+def write_folder_manifest(folder: Path, suffixes: tuple[str, ...] = ("",)) -> Path:
+    """`folder/manifest.json`: each file's path, size and sha256 (recipe/manifest.py), written after them."""
+    return write_manifest(folder, manifest_file(folder), suffixes)
+
+
+def write_weights_manifest(folder: Path) -> Path:
+    """The manifest of an adapter or merged folder: its weight files (model cards and configs change after)."""
+    return write_folder_manifest(folder, WEIGHT_FILES)
+
+
+def verify_folder(folder: Path, closed: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Raise ManifestError naming the first file of `folder` that is not as its manifest records."""
+    return verify_manifest(folder, manifest_file(folder), closed)
+
+
+def verify_weights(weights: Weights) -> Weights:
+    """`weights`, once every local folder of it that holds a manifest (this project's adapters and merged models)
+    passed it: a weight file cut short or changed is refused before it is loaded."""
+    for folder in (Path(weights.base), *weights.adapters):
+        if manifest_file(folder).is_file():
+            try:
+                verify_folder(folder)
+            except ManifestError as error:
+                raise ManifestError(f"refusing to load {folder}: {error}. Fix: restore the folder from a copy, or "
+                                    "train the stage again") from None
+    return weights
 
 
 def base_weights(run_dir: Path, recipe: Recipe | None = None) -> Weights:
@@ -378,16 +421,17 @@ def recipe_base(recipe: Recipe, run_dir: Path) -> Weights:
 
 def stage_weights(run_dir: Path, stage: str, recipe: Recipe | None = None) -> Weights:
     """The weights of `stage` ('base', 'sft' or 'dpo') of a run: its adapter over what it started from, else its
-    merged checkpoint. DPO started from what `dpo/start.json` records."""
+    merged checkpoint. DPO started from what `dpo/start.json` records. Each folder's manifest, where it has one, is
+    verified first (`verify_weights`)."""
     run_dir = Path(run_dir)
     if stage == "base":
         return base_weights(run_dir, recipe)
     adapter, merged = adapter_dir(run_dir, stage), merged_dir(run_dir, stage)
     if is_adapter(adapter):
         start = base_weights(run_dir, recipe) if stage == "sft" else read_start(run_dir)
-        return Weights(base=start.base, revision=start.revision, adapters=(*start.adapters, adapter))
+        return verify_weights(Weights(base=start.base, revision=start.revision, adapters=(*start.adapters, adapter)))
     if is_checkpoint(merged):
-        return Weights(base=str(merged))
+        return verify_weights(Weights(base=str(merged)))
     raise FileNotFoundError(f"{run_dir} has no {stage} model: neither {adapter} nor {merged} holds weights. Fix: run "
                             f"the {stage} stage, or pick another stage")
 
@@ -411,18 +455,39 @@ def dpo_start(recipe: Recipe, run_dir: Path) -> Weights:
     if is_adapter(source):  # <sft run>/sft/adapter, or a lone adapter over this recipe's base
         sft_run = source.parent.parent
         base = base_weights(sft_run) if recipe_file(sft_run).is_file() else recipe_base(recipe, run_dir)
-        return Weights(base=base.base, revision=base.revision, adapters=(source,))
+        return verify_weights(Weights(base=base.base, revision=base.revision, adapters=(source,)))
     if is_checkpoint(source):
-        return Weights(base=str(source))
+        return verify_weights(Weights(base=str(source)))
     raise FileNotFoundError(f"dpo.from_sft = {str(source)!r} holds no SFT model (no {ADAPTER_CONFIG} or "
                             f"{CHECKPOINT_CONFIG}, and no run directory): point it at the SFT run directory or its "
                             "adapter")
 
 
+def weights_sha256(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of every weight file of an adapter or merged folder: an adapter's
+    `adapter_model.safetensors` (LoRA) and `full_weights.safetensors` (the parts trained in full, e.g. the projector).
+    Read from the folder's manifest when it has one (`verify_weights` checked it against the files), else hashed."""
+    folder = Path(folder)
+    if manifest_file(folder).is_file():
+        files = read_manifest(manifest_file(folder))
+        return {rel: entry["sha256"] for rel, entry in sorted(files.items()) if rel.endswith(WEIGHT_FILES)}
+    return {path.name: file_sha256(path) for path in sorted(folder.glob("*.safetensors"))}
+
+
+def start_weights_sha256(start: Weights) -> list[dict[str, str]]:
+    """The content hash of every weight file DPO starts from: each adapter's, and the base's when it is a folder
+    with a manifest (a merged SFT model): a changed projector shows as surely as a changed LoRA."""
+    hashes = [weights_sha256(adapter) for adapter in start.adapters]
+    if manifest_file(start.base).is_file():
+        hashes.insert(0, weights_sha256(Path(start.base)))
+    return hashes
+
+
 def write_start(run_dir: Path, start: Weights) -> Path:
-    """dpo/start.json: the starting weights, with each adapter's content hash (to detect a changed SFT adapter)."""
+    """dpo/start.json: the starting weights, with the hash of each of their weight files (to detect a changed SFT
+    model, its projector included)."""
     record = {"base": start.base, "revision": start.revision, "adapters": [str(a) for a in start.adapters],
-              "adapter_sha256": [file_sha256(Path(a) / ADAPTER_WEIGHTS) for a in start.adapters]}
+              "weights_sha256": start_weights_sha256(start)}
     return write_json_atomically(start_file(run_dir), record)
 
 

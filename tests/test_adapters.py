@@ -374,7 +374,7 @@ def test_paths_inside_the_root_resolve(root):
     ("image", "image_root", "field", "reason"),
     [
         ("missing.png", "root", "images[0]", "image file not found"),
-        ("sub", "root", "images[0]", "image file not found"),
+        ("sub", "root", "images[0]", "unreadable image path"),  # a folder: named as one
         ("a.png", None, "images[0]", "no image root"),
         ("hf://datasets/owner/name@main/a.png", None, "images[0]", "remote image path"),
         (b"", "root", "images[0]", "bad image"),

@@ -15,8 +15,12 @@ import importlib
 import io
 import json
 import os
+import shutil
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +199,21 @@ CASES = [
     ("image-is-a-folder", "sft", lambda w: w.sft(w.dataset([*GOOD[:2], sft_row(".")])), 2, ["row 2", "images"]),
     ("image-remote-url", "sft", lambda w: w.sft(w.dataset([*GOOD[:2], sft_row("https://example.org/a.png")])), 2,
      ["row 2", "remote image path"]),
+    ("image-symlink-loop", "sft", lambda w: w.sft(with_odd_file(w, "img2.png", symlink_loop)), 2,
+     ["row 2", "images[0]", "img2.png", "loop of symbolic links"]),
+    ("image-dangling-symlink", "sft", lambda w: w.sft(with_odd_file(w, "img2.png", dangling_symlink)), 2,
+     ["row 2", "images[0]", "img2.png", "not found"]),
+    ("image-socket", "sft", lambda w: w.sft(with_odd_file(w, "img1.png", unix_socket)), 2,
+     ["row 1", "images[0]", "img1.png", "is a socket"]),
+    ("image-fifo", "sft", lambda w: w.sft(with_odd_file(w, "img3.png", os.mkfifo)), 2,
+     ["row 3", "images[0]", "img3.png", "named pipe"]),
+    ("image-name-nul", "sft", lambda w: w.sft(w.dataset([*GOOD[:2], sft_row("img\x00.png")])), 2,
+     ["row 2", "images[0]", "NUL character"]),
+    ("data-lone-surrogate", "sft", lambda w: w.sft(w.dataset([*GOOD[:2], sft_row("img\ud800.png")])), 2,
+     ["data.jsonl", "line 3", "row 2", "lone surrogate"]),
+    ("data-source-fifo", "sft", lambda w: w.sft(odd_source(w, os.mkfifo)), 2, ["odd.jsonl", "named pipe"]),
+    ("data-source-symlink-loop", "sft", lambda w: w.sft(odd_source(w, symlink_loop)), 2,
+     ["odd.jsonl", "loop of symbolic links"]),
     # ---------------------------------------------------------------------------------------------- preference rows
     ("pref-missing-rejected", "dpo", lambda w: w.sft(w.dataset([pref_row(), pref_row(rejected=None)]),
                                                      fmt="trl_preference", stage="dpo"), 2, ["row 1", "rejected"]),
@@ -224,9 +243,86 @@ CASES = [
     ("run-eval-missing-stage", "eval", lambda w: [DEMO, "--model", str(w.stopped_run), "--stage", "dpo"], 2,
      ["no dpo model", "run the dpo stage"]),
     ("run-summary-missing", "summary", lambda w: [str(w.root / "no-run")], 2, ["no-run", "no such run directory"]),
+    ("run-export-cut-short-weights", "export", lambda w: [str(run_with_weights(w, "cut"))], 2,
+     ["adapter_model.safetensors", "cut short", "restore the folder"]),
+    ("run-eval-changed-weights", "eval", lambda w: [DEMO, "--model", str(run_with_weights(w, "changed")), "--stage",
+                                                    "sft"], 2, ["adapter_model.safetensors", "has changed"]),
+    ("run-locked", "sft", lambda w: w.sft(None, f"output_dir={locked_run(w)}"), 2,
+     ["is in use by another run", "pid 1,", "run.lock"]),
+    ("run-resume-nothing-intact", "sft", lambda w: w.sft(None, f"output_dir={broken_checkpoint_run(w)}",
+                                                         "train.resume=true"), 2,
+     ["no checkpoint there is intact", "step-00000001", "holds no manifest.json"]),
     ("run-stage-exists", "sft", lambda w: w.sft(None, f"output_dir={occupied_run(w)}"), 2,
      ["already holds a sft run", "overwrite_output_dir"]),
 ]
+
+
+def symlink_loop(path: Path) -> None:
+    """`path` -> `path.b` -> `path`: resolving it never ends (Python 3.11 raised a bare RuntimeError)."""
+    os.symlink(path.name + ".b", path)
+    os.symlink(path.name, path.with_name(path.name + ".b"))
+
+
+def dangling_symlink(path: Path) -> None:
+    os.symlink(path.name + ".gone", path)
+
+
+def unix_socket(path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))  # the socket file stays after the socket closes
+
+
+def with_odd_file(world: World, name: str, make) -> Path:
+    """A dataset of GOOD rows whose image `name` is made by `make(path)` instead of written."""
+    data = world.dataset(GOOD, {name: None})
+    make(data.parent / name)
+    return data
+
+
+def odd_source(world: World, make) -> Path:
+    path = world.folder() / "odd.jsonl"
+    make(path)
+    return path
+
+
+def run_with_weights(world: World, damage: str) -> Path:
+    """A run directory whose SFT adapter's weight file was cut short or changed after its manifest was written."""
+    from recipe.run_dir import write_weights_manifest
+
+    run = world.folder()
+    shutil.copy(world.stopped_run / "recipe.resolved.yaml", run)
+    (run / "base").mkdir()
+    (run / "base" / "config.json").write_text("{}")
+    adapter = run / "sft" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 4)
+    write_weights_manifest(adapter)
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(data[:100] if damage == "cut" else data[::-1])
+    return run
+
+
+def locked_run(world: World) -> Path:
+    """A run directory whose lock is held by a live process of this host (pid 1, which outlives every test)."""
+    from recipe.run_dir import lock_file
+    from recipe.run_lock import process_start
+
+    run = world.folder()
+    lock_file(run).write_text(json.dumps({"host": socket.gethostname(), "pid": 1, "pid_start": process_start(1),
+                                          "started": "2026-01-01T00:00:00+00:00", "command": "launch.sh other.yaml",
+                                          "token": "theirs", "lease_until": 0}))
+    return run
+
+
+def broken_checkpoint_run(world: World) -> Path:
+    """A run directory whose only SFT checkpoint has no manifest (copied without it, or cut off by a crash of an old
+    version)."""
+    run = world.folder()
+    checkpoint = run / "sft" / "checkpoints" / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "loop_state.json").write_text(json.dumps({"step": 1}))
+    return run
 
 
 def other_model(world: World) -> Path:
@@ -346,3 +442,77 @@ def test_launch_sh_stops_on_a_bad_recipe_with_the_message_alone(tmp_path):
                          PYTHON=sys.executable)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "did you mean 'lora.dropout'" in result.stderr and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the image loader
+
+
+def test_the_image_loader_names_paths_that_changed_during_the_run(tmp_path):
+    """The loader reads files the adapters accepted earlier: one deleted, replaced by a loop of links, by a folder,
+    or a device in its place, is a DataError naming it."""
+    from data.images import load_rgb
+    from data.sample import DataError, ImageRef, Origin
+
+    origin = Origin(dataset="data.train.0", row=5)
+    path = tmp_path / "a.png"
+    changes = {"does not exist": lambda: None, "loop of symbolic links": lambda: symlink_loop(path),
+               "is a folder": lambda: path.mkdir(), "is a socket": lambda: unix_socket(path)}
+    for expected, change in changes.items():
+        path.write_bytes(PNG)
+        assert load_rgb(ImageRef(path=path), origin, "images[0]").size == (48, 48)
+        path.unlink()
+        change()
+        with pytest.raises(DataError, match=expected) as error:
+            load_rgb(ImageRef(path=path), origin, "images[0]")
+        assert "row 5" in str(error.value) and "images[0]" in str(error.value)
+        path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    with pytest.raises(DataError, match="is a character device"):
+        load_rgb(ImageRef(path=Path("/dev/null")), origin, "images[0]")
+    with pytest.raises(DataError, match="not valid text"):
+        load_rgb(ImageRef(path=Path("img\ud800.png")), origin, "images[0]")
+
+
+def message_as(uid: int | None, check) -> str:
+    """`check()`'s result, run in a forked child as user `uid` (None: this user): root reads every file, so a
+    permission is tested as `nobody`."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to uid, run the check, send its text back
+        try:
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
+            os.write(write, check().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as stream:
+        text = stream.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_an_image_without_read_permission_is_a_message():
+    from data.adapters import confined_image_path
+    from data.sample import DataError, Origin
+
+    folder = Path(tempfile.mkdtemp(prefix="perm-"))
+    try:
+        os.chmod(folder, 0o755)
+        (folder / "a.png").write_bytes(PNG)
+        os.chmod(folder / "a.png", 0)
+        (folder / "locked").mkdir(mode=0o700)
+        (folder / "locked" / "b.png").write_bytes(PNG)
+        for name in ("a.png", "locked/b.png"):
+            def check(name=name) -> str:
+                try:
+                    confined_image_path(name, image_root=folder, origin=Origin(dataset="d", row=1), field="image")
+                except DataError as error:
+                    return str(error)
+                return "accepted"
+            text = message_as(65534 if os.geteuid() == 0 else None, check)
+            assert "row 1" in text and "permission denied" in text, text
+    finally:
+        for path in sorted(folder.rglob("*"), reverse=True):
+            os.chmod(path, stat.S_IRWXU)
+        shutil.rmtree(folder)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
 from recipe import RecipeError, load_recipe
+from recipe.run_dir import write_folder_manifest
 from train import callbacks, checkpoint, sft
 from train.checkpoint import Checkpointer, ResumeRefused, check_resume, recover_replaced
 from train.loop import Diverged, Interrupted
@@ -221,3 +222,54 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resumes(syn
     assert len(steps) < 10 and not (run / "sft" / "adapter").exists(), steps
     launch_two_processes("sft", [*overrides, "train.resume=true"])
     assert_same_adapter(adapter(one, "sft"), adapter(run, "sft"))
+
+
+def test_resume_names_a_cut_short_and_a_missing_file_and_continues_from_the_newest_intact_checkpoint(
+        synthetic, tmp_path, caplog, capsys):
+    run = tmp_path / "run"
+    overrides = small_overrides(run, synthetic, "sft", max_steps=4, checkpoint_every=1, keep_checkpoints=3)
+    run_stage("sft", overrides)
+    finished = adapter(run, "sft")
+    folders = checkpoint.checkpoints(run / "sft" / "checkpoints")
+    assert [p.name for p in folders] == ["step-00000002", "step-00000003", "step-00000004"]
+    assert set(json.loads((folders[-1] / "manifest.json").read_text())["files"]) >= {
+        "trainable.safetensors", "optimizer.safetensors", "loop_state.json", "run.json", "rng-0.json"}
+    tensor = folders[2] / "trainable.safetensors"  # a disk that lied: the file cut short
+    tensor.write_bytes(tensor.read_bytes()[: tensor.stat().st_size // 2])
+    (folders[1] / "optimizer.safetensors").unlink()  # a copy that stopped
+
+    with caplog.at_level("WARNING", logger="train.checkpoint"):
+        run_stage("sft", [*overrides, "train.resume=true"])
+    warned = caplog.text
+    assert "trainable.safetensors in" in warned and "not the" in warned and "cut short" in warned, warned
+    assert "optimizer.safetensors is missing from" in warned, warned
+    names = sorted(p.name for p in (run / "sft" / "checkpoints").iterdir())
+    assert ".failed-step-00000003" in names and ".failed-step-00000004" in names, names
+    assert_same_adapter(finished, adapter(run, "sft"), rel=1e-6)  # steps 3 and 4 again, from step 2
+
+    # Nothing intact: refused with the message alone (exit 2), each checkpoint named.
+    for folder in checkpoint.checkpoints(run / "sft" / "checkpoints"):
+        (folder / "loop_state.json").write_text("{}")
+    with pytest.raises(SystemExit) as exited:
+        sft.cli([str(DEMO), *overrides, "train.resume=true"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "no checkpoint there is intact" in err and "Traceback" not in err, err
+    assert "step-00000002: loop_state.json in" in err and "bytes it was written with" in err, err
+
+
+def test_a_file_planted_among_the_engines_pickles_fails_the_manifest_and_the_older_checkpoint_is_taken(tmp_path):
+    """deepspeed/ (DeepSpeed's and FSDP's torch.save files) is closed: a file its manifest does not list is refused
+    before anything there is unpickled, and resume falls back to the checkpoint before."""
+    for step in (2, 4):
+        folder = tmp_path / f"step-{step:08d}"
+        (folder / "deepspeed").mkdir(parents=True)
+        (folder / "deepspeed" / "random_states_0.pkl").write_bytes(b"written by this run")
+        (folder / "loop_state.json").write_text(json.dumps({"step": step}))
+        write_folder_manifest(folder)
+    (tmp_path / "step-00000004" / "deepspeed" / "custom_checkpoint_0.pkl").write_bytes(
+        pickle.dumps(Payload(tmp_path / "pwned")))
+    assert checkpoint.intact_checkpoint(tmp_path) == tmp_path / "step-00000002"
+    assert (tmp_path / ".failed-step-00000004").is_dir() and not (tmp_path / "pwned").exists()
+    (tmp_path / "step-00000002" / "deepspeed" / "random_states_0.pkl").write_bytes(b"written by intruder")
+    with pytest.raises(ResumeRefused, match=r"step-00000002: deepspeed/random_states_0.pkl in .* sha256 differs"):
+        checkpoint.intact_checkpoint(tmp_path)

@@ -47,12 +47,14 @@ def test_run_directory_holds_exactly_the_expected_files(demo_run):
     model_files = {"config.json", "generation_config.json", "model.safetensors", "chat_template.jinja",
                    "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"}
     # Exports carry the hub checkpoint's files (docs/export.md): the chat template inside tokenizer_config.json.
-    merged_files = {*(model_files - {"chat_template.jinja"}), "special_tokens_map.json", "README.md"}
+    # Weights folders and checkpoints record a manifest of their files (docs/reliability.md); no run.lock is left.
+    merged_files = {*(model_files - {"chat_template.jinja"}), "special_tokens_map.json", "README.md", "manifest.json"}
     adapter_files = {"README.md", "adapter_config.json", "adapter_model.safetensors", "base_model.json",
-                     "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+                     "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "manifest.json"}
     # Lean and pickle-free (train/checkpoint.py): trainable weights, optimizer, scheduler, RNG, loop state, run record.
     checkpoint_files = {"loop_state.json", "optimizer.json", "optimizer.safetensors", "rng-0.json", "rng-0.safetensors",
-                        "run.json", "scheduler.json", "trainable.safetensors"}
+                        "run.json", "scheduler.json", "trainable.safetensors", "manifest.json"}
     recipe = load_recipe(demo_run / "recipe.resolved.yaml")
     expected = {"recipe.resolved.yaml", "env.json", "eval/results.json", "eval/report.html",
                 *(f"eval/predictions/{s}/synthetic.jsonl" for s in ("base", "sft", "dpo")),
@@ -161,7 +163,8 @@ def test_dpo_records_its_starting_point(demo_run):
     import hashlib
 
     digest = hashlib.sha256((demo_run / "sft" / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
-    assert start["adapter_sha256"] == [digest]
+    [hashes] = start["weights_sha256"]
+    assert hashes["adapter_model.safetensors"] == digest and "full_weights.safetensors" in hashes
 
 
 def test_report_shows_every_stage(demo_run):

@@ -440,7 +440,7 @@ def test_dpo_eval_and_export_agree_on_a_runs_weights(tmp_path):
 
     recorded = json.loads((run / "dpo" / "start.json").read_text())
     assert recorded["base"] == "org/base" and recorded["revision"] == "v1"
-    assert recorded["adapters"] == [str(sft_adapter)] and len(recorded["adapter_sha256"]) == 1
+    assert recorded["adapters"] == [str(sft_adapter)] and len(recorded["weights_sha256"]) == 1
     assert start == stage_weights(run, "sft")  # DPO starts from the SFT model the resolver names
     dpo_weights = stage_weights(run, "dpo")  # what export merges
     assert dpo_weights.adapters == (sft_adapter, dpo_adapter) and dpo_weights.base == recorded["base"]

@@ -97,7 +97,7 @@ def test_the_recipe_choices_equal_the_registries():
     assert set(typing.get_args(schema.SourceFormat)) == {*SFT_ADAPTERS, *PREFERENCE_ADAPTERS, "synthetic"}
 
 
-LAYOUT = re.compile(r"recipe\.resolved\.yaml|sft/adapter|sft/merged|start\.json")
+LAYOUT = re.compile(r"recipe\.resolved\.yaml|sft/adapter|sft/merged|start\.json|run\.lock")
 
 
 def test_only_the_run_directory_module_spells_the_layout():

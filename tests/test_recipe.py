@@ -603,3 +603,40 @@ def test_export_hub_id_must_be_org_slash_name():
     (problem,) = problems_of(with_(MINIMAL, export={"hub_id": "not a repo"}))
     assert problem.startswith("export.hub_id = 'not a repo': a hub repository id is ORG/NAME")
     assert parse_recipe(with_(MINIMAL, export={"hub_id": "me/phi3v-chartqa"}), ()).export.hub_id == "me/phi3v-chartqa"
+
+
+# ----------------------------------------------------------------------------------------------- said twice
+
+
+def test_a_key_given_twice_in_one_mapping_is_an_error_naming_the_key_and_both_lines(tmp_path):
+    text = "train:\n  lr: 1.0e-4\n  max_steps: 2\n  lr: 2.0e-4\ndata:\n  train:\n    - {format: synthetic, limit: 1, limit: 2}\n"
+    with pytest.raises(RecipeError) as error:
+        load_recipe(write(tmp_path, text))
+    message = str(error.value)
+    assert "key 'train.lr' is given twice in one mapping (line 2 and line 4)" in message, message
+    assert "key 'data.train.0.limit' is given twice in one mapping (line 7 and line 7)" in message, message
+    assert "2 problem(s)" in message
+
+
+def test_strict_yaml_reads_what_safe_load_reads_merge_keys_and_anchors_included(tmp_path):
+    from recipe.strict_yaml import strict_safe_load
+
+    text = ("base: &b {lr: 1, steps: 2}\nother:\n  <<: *b\n  lr: 3\nlist: [*b, *b]\nwhen: 2026-01-01\n"
+            "n: 0x10\nyes_: yes\n")
+    assert strict_safe_load(text) == yaml.safe_load(text)
+    with pytest.raises(yaml.YAMLError, match="key '1' is given twice"):
+        strict_safe_load("1: a\n0x1: b\n")  # the same key once constructed, as safe_load would keep only one
+    with pytest.raises(yaml.constructor.ConstructorError):  # what safe_load refuses stays refused
+        strict_safe_load("!!python/object:os.system {}\n")
+
+
+def test_an_override_given_twice_takes_the_last_value_with_a_warning_naming_both(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(MINIMAL))
+    with pytest.warns(RecipeWarning, match=r"override train.lr is given 2 times \(train.lr=1.0e-3, train.lr=2.0e-3\)"):
+        recipe = load_recipe(path, ["train.lr=1.0e-3", "train.lr=2.0e-3"])
+    assert recipe.train.lr == 2.0e-3
+
+
+def test_an_override_value_with_a_key_twice_is_refused():
+    with pytest.raises(RecipeError, match="given twice"):
+        parse_recipe(MINIMAL, ["data.train.0.columns={q: a, q: b}"])

@@ -73,6 +73,35 @@ def test_trackers_write_inside_the_run_directory(tmp_path):
     assert "wandb/" in (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
 
 
+def test_a_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
+    """The stage's W&B run id is kept in the run directory: a resume continues that run (resume="allow"); a new start
+    of the stage (no train.resume) begins another."""
+    import wandb
+    from accelerate import Accelerator
+
+    from recipe.run_dir import wandb_id_file
+    from train import tracking
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    ids = []
+    try:
+        for resume in ("false", "true", "false"):
+            recipe = load_recipe(DEMO, ["logging.report_to=[wandb]", f"train.resume={resume}", f"output_dir={run}"])
+            accelerator = Accelerator(log_with=make_trackers(recipe, run, "sft"), cpu=True)
+            tracking.start(accelerator, recipe, run, "sft")
+            [tracker] = accelerator.trackers
+            assert tracker.init_kwargs["resume"] == "allow" and tracker.run.id == tracker.init_kwargs["id"]
+            ids.append(tracker.run.id)
+            assert wandb_id_file(run, "sft").read_text().strip() == ids[-1]
+            accelerator.end_training()
+    finally:
+        wandb.teardown()  # W&B keeps its settings in a process-wide singleton: leave none to later tests
+    assert ids[0] == ids[1] != ids[2]
+    assert len(list((run / "logs" / "wandb").glob(f"offline-run-*-{ids[0]}"))) == 2  # one W&B run, continued
+
+
 def test_nice_ticks_cover_the_range_with_round_steps():
     assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(3.0, 47.0) == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]

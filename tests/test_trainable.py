@@ -7,7 +7,7 @@ import pytest
 from data.synthetic import DEMO_COUNTS, write_synthetic
 from recipe import LoraSection, ModelSection
 from train.model_loading import build_tiny
-from train.trainable import configure_trainable
+from train.trainable import PROJECTOR, VISION, configure_trainable, part_of, trainable_counts
 
 from .train_helpers import run_stage, small_overrides
 
@@ -28,6 +28,19 @@ def test_a_vision_tower_trained_in_full_leaves_the_layers_that_never_run_frozen(
         in_layer = {name for name in trainable if f"vision_model.encoder.layers.{index}." in name}
         assert bool(in_layer) == (index < layers_run), (index, layers_run)
     assert not any("post_layernorm" in name for name in trainable)
+
+
+def test_the_report_counts_a_part_trained_in_full_beside_lora_once():
+    """PEFT keeps the frozen original of a `modules_to_save` part and its trained copy: the part's total is its own
+    size (the denominator of `trainable X of total`), not twice."""
+    section = ModelSection(name_or_path="tiny", vision="lora", projector="full", language="lora", num_crops=4,
+                           gradient_checkpointing=False)
+    model, _ = build_tiny(section, seed=0)
+    sizes = {part: sum(p.numel() for n, p in model.named_parameters() if part_of(n) == part)
+             for part in (PROJECTOR, VISION)}
+    counts = trainable_counts(configure_trainable(model, section, LoraSection()))
+    assert counts[PROJECTOR]["total"] == sizes[PROJECTOR] and 0 < counts[PROJECTOR]["trainable"] <= sizes[PROJECTOR]
+    assert sizes[VISION] < counts[VISION]["total"] < 1.5 * sizes[VISION]  # plus its LoRA, not twice
 
 
 def test_held_out_preference_eval_with_fewer_pairs_than_a_batch(tmp_path):

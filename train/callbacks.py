@@ -10,6 +10,8 @@ from pathlib import Path
 from eval.hook import evaluate_stage, score_during_training
 from models.quantization import quantization_tag
 from recipe import Recipe
+from recipe.run_dir import recipe_base
+from train.model_loading import load_model
 
 
 def stages_to_score(recipe: Recipe) -> tuple[str, ...]:
@@ -34,6 +36,22 @@ def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *
                               accelerator=accelerator, data=recipe.data, step=step)
     finally:
         model.train(was_training)
+
+
+def score_base_before_dpo(start, model, processor, recipe: Recipe, run_dir: Path, *, accelerator) -> None:
+    """A run without an SFT stage scores the base at DPO's step 0 (when the recipe scores the base): the loaded
+    policy itself when DPO starts from the base, else the base loaded beside it for the eval, then freed."""
+    if "base" not in stages_to_score(recipe):
+        return
+    if start == recipe_base(recipe, run_dir):
+        model.to(accelerator.device)
+        run_eval_hook("base", model, processor, recipe, run_dir, base_path=start.base, accelerator=accelerator,
+                      step=0)
+        return
+    base, base_processor, base_path = load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
+    run_eval_hook("base", base.to(accelerator.device), base_processor, recipe, run_dir, base_path=base_path,
+                  accelerator=accelerator, step=0)
+    del base
 
 
 def eval_every_steps(stage: str, processor, recipe: Recipe, run_dir: Path, *, accelerator, total_steps: int):

@@ -10,7 +10,8 @@ A checkpoint `<run>/<stage>/checkpoints/step-NNNNNNNN/` holds (format 1):
     rng-<rank>.json/.safetensors  python `random`, numpy, torch CPU (and CUDA) generator states, one pair per rank
     run.json                   the values that shaped the run (RESUME_KEYS), fingerprints of the data and of the
                                frozen weights, and the changes earlier resumes were allowed to make
-    loop_state.json            step, epoch, position in the epoch, counters, logged history; written last
+    loop_state.json            step, epoch, position in the epoch, counters, logged history
+    manifest.json              each file's relative path, size and sha256 (recipe/manifest.py); written last
 
 Loading reads exactly these files with `safetensors` and `json`: nothing in a checkpoint folder is ever unpickled, so a
 checkpoint someone shares cannot run code (other files in the folder are ignored, with a warning). One exception,
@@ -18,11 +19,19 @@ under DeepSpeed (`DistributedType.DEEPSPEED`): the engine owns the optimizer (an
 engine's own checkpoint, written by `accelerator.save_state` into `deepspeed/` (trainable parameters only), uses
 DeepSpeed's torch.save format and is loaded with pickle: resume DeepSpeed runs only from checkpoints you wrote. FSDP2
 takes the same path (the same `deepspeed/` folder) with accelerate's FSDP format: the whole model's and the optimizer's
-shards in torch.distributed.checkpoint files, and pickled random states (docs/distributed.md#fsdp2).
+shards in torch.distributed.checkpoint files, and pickled random states (docs/distributed.md#fsdp2). Their files are
+unpickled only once the manifest vouches for each of them and lists every file in `deepspeed/` (below).
 
-Writes: each rank writes its files into `.tmp-step-N/`, the main process fsyncs every file and the folder, then
-renames it into place; a complete checkpoint of the same step is moved aside (`.old-step-N/`) before the rename and
+Writes: each rank writes its files into `.tmp-step-N/`, the main process writes the loop state and then the manifest,
+fsyncs every file and the folder, then renames it into place; a complete checkpoint of the same step is moved aside (`.old-step-N/`) before the rename and
 deleted only after it (restore puts it back if a crash left it there), and older checkpoints are rotated out last.
+
+Verified before trusted: resume takes the newest checkpoint whose files all match its manifest. One that does not
+(a tensor file cut short, a file missing or changed) is named in the log with the file and why, renamed
+`.failed-step-N/` (kept for inspection, never resumed) and the one before it is tried; when none passes, resume is
+refused (ResumeRefused, exit 2) with each failure. The main process verifies, every rank gets its answer. The
+`deepspeed/` folder is closed: a file in it that the manifest does not list is refused, so what DeepSpeed or FSDP
+unpickle is byte for byte what this run wrote.
 
 Resume (`train.resume: true`) compares the recipe's run-shaping values, the processes and the data fingerprint with
 the checkpoint's `run.json`, and refuses any change not listed in `train.resume_allow_changes` with one message naming
@@ -48,12 +57,15 @@ from accelerate import DistributedType
 from safetensors.torch import load_file, save_file
 
 from recipe import Recipe, recipe_to_dict
+from recipe.manifest import ManifestError
+from recipe.run_dir import MANIFEST, manifest_file, verify_folder, write_folder_manifest
 from recipe.schema import RESUME_KEYS_COMMON, RESUME_KEYS_DPO
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 PREFIX = "step-"
+FAILED = ".failed-"  # a checkpoint that failed its manifest is renamed `.failed-step-N` (kept, never resumed)
 STATE_FILE = "loop_state.json"
 RUN_FILE = "run.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -143,10 +155,74 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def check_resume(recipe: Recipe, stage: str, directory: Path, world_size: int) -> Path | None:
-    """Before anything is loaded or written: the newest checkpoint, refused (ResumeRefused) when the recipe changed
-    a run-shaping value it does not allow; None when there is nothing to resume."""
-    latest = latest_checkpoint(directory)
+_VERIFIED: dict[Path, tuple] = {}  # checkpoint -> `_stamp` when it passed (check_resume, then restore: hashed once)
+
+
+def _stamp(folder: Path) -> tuple:
+    """Each file's path, size and modification time: what a change to the folder after it passed would alter."""
+    return tuple(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in folder.rglob("*") if p.is_file()))
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise ManifestError naming the first file of the checkpoint that is not as its manifest records."""
+    if not manifest_file(folder).is_file():
+        raise ManifestError(
+            f"it holds no {MANIFEST}: an older version wrote it (an older one still used accelerate's pickle format, "
+            "which is never loaded: unpickling can run code), or it was copied without it")
+    stamp = _stamp(folder)
+    if _VERIFIED.get(folder.resolve()) == stamp:
+        return
+    verify_folder(folder, closed=(DEEPSPEED_DIR,))
+    _VERIFIED[folder.resolve()] = stamp
+
+
+def newest_intact(directory: Path) -> Path | None:
+    """The newest checkpoint that passes its manifest (None when there is none at all). Each newer one that fails is
+    logged with the file and why and renamed `.failed-step-N`; ResumeRefused when every checkpoint fails."""
+    recover_replaced(directory)
+    failures = []
+    for folder in reversed(checkpoints(directory)):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except ManifestError as error:
+            aside = folder.with_name(f"{FAILED}{folder.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            failures.append(f"  {folder.name}: {error}")
+            log.warning("checkpoint %s is not intact: %s. Moved aside to %s (kept, never resumed); trying the "
+                        "checkpoint before it", folder, error, aside.name)
+    if failures:
+        raise ResumeRefused(
+            f"refusing to resume from {directory}: no checkpoint there is intact (each was moved aside to "
+            f"{FAILED}step-N):\n" + "\n".join(failures) + "\nFix: restore a checkpoint from a copy, or start a new "
+            "run (another output_dir, or overwrite_output_dir=true)")
+    return None
+
+
+def intact_checkpoint(directory: Path, accelerator=None) -> Path | None:
+    """`newest_intact` decided by the main process and given to every rank (the same answer, or the same refusal)."""
+    answer: list = [None, None]
+    if accelerator is None or accelerator.is_main_process:
+        try:
+            found = newest_intact(Path(directory))
+            answer[0] = None if found is None else str(found)
+        except ResumeRefused as refused:
+            answer[1] = str(refused)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(answer, from_process=0)
+    if answer[1] is not None:
+        raise ResumeRefused(answer[1])
+    return None if answer[0] is None else Path(answer[0])
+
+
+def check_resume(recipe: Recipe, stage: str, directory: Path, world_size: int, accelerator=None) -> Path | None:
+    """Before anything is loaded or written: the newest intact checkpoint, refused (ResumeRefused) when the recipe
+    changed a run-shaping value it does not allow; None when there is nothing to resume."""
+    latest = intact_checkpoint(directory, accelerator)
     if latest is None:
         return None
     record = read_run_record(latest)
@@ -290,6 +366,7 @@ class Checkpointer:
             _write_json(staging / SCHEDULER_FILE, self.scheduler.state_dict())
             _write_json(staging / RUN_FILE, self.record)
             state.save(staging / STATE_FILE)
+            write_folder_manifest(staging)  # last: every file above, by size and sha256
             fsync_tree(staging)
             self._replace(staging, final)
             self.rotate()
@@ -337,13 +414,10 @@ class Checkpointer:
     # --------------------------------------------------------------------------------------------- restore
 
     def restore(self, state_cls):
-        """Load the newest complete checkpoint into the prepared objects; returns its loop state, or None. Refuses
+        """Load the newest intact checkpoint into the prepared objects; returns its loop state, or None. Refuses
         (ResumeRefused) a checkpoint of other frozen weights, other trainable parameters, or changed run-shaping
         values `train.resume_allow_changes` does not list."""
-        if self.accelerator.is_main_process:
-            recover_replaced(self.directory)
-        self.accelerator.wait_for_everyone()
-        latest = latest_checkpoint(self.directory)
+        latest = intact_checkpoint(self.directory, self.accelerator)
         if latest is None:
             return None
         old = read_run_record(latest)
@@ -420,7 +494,8 @@ class Checkpointer:
         self.scheduler._last_lr = lrs
 
     def _warn_foreign_files(self, latest: Path) -> None:
-        known = {STATE_FILE, RUN_FILE, TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE, SCHEDULER_FILE, DEEPSPEED_DIR}
+        known = {STATE_FILE, RUN_FILE, TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE, SCHEDULER_FILE, DEEPSPEED_DIR,
+                 MANIFEST}
         foreign = sorted(p.name for p in latest.iterdir() if p.name not in known and not p.name.startswith("rng-"))
         if foreign and self.accelerator.is_main_process:
             log.warning("%s: ignoring files that are no part of a checkpoint (never loaded): %s", latest,
@@ -441,7 +516,8 @@ def recover_replaced(directory: Path) -> None:
 
 
 def checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp-` directory is an interrupted save and is ignored)."""
+    """Checkpoints, oldest first, intact or not (`verify_checkpoint` tells); a `.tmp-` directory is an interrupted
+    save, a `.failed-` one failed its manifest: both are ignored."""
     if not Path(directory).is_dir():
         return []
-    return sorted(p for p in Path(directory).iterdir() if p.name.startswith(PREFIX) and (p / STATE_FILE).exists())
+    return sorted(p for p in Path(directory).iterdir() if p.name.startswith(PREFIX) and p.is_dir())

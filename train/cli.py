@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from recipe import load_recipe, recipe_help
+from recipe import load_recipe, recipe_help, run_lock
 from recipe.errors import run_main
 from recipe.run_dir import removed_if_failed_before_training
 from train.loop import StopTraining
@@ -38,6 +38,7 @@ def run_cli(main: Callable, doc: str, argv: list[str] | None = None, *, prog: st
             print(f"{prog}: error: {stopped}", file=sys.stderr)
             return stopped.exit_code
         finally:
+            run_lock.release_all()  # a failed stage too: the next launch need not wait for this process to be gone
             for path in removed:
                 log.warning("removed %s: the run failed before its first step", path)
         return 0

@@ -100,6 +100,8 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     if accelerator.is_main_process:
         write_start(run_dir, start)
     model, processor = load_policy(start, recipe, run_dir, accelerator)
+    if "sft" not in recipe.stages and not trainer.resumes(recipe, run_dir, "dpo"):  # no SFT stage scored the base
+        callbacks.score_base_before_dpo(start, model, processor, recipe, run_dir, accelerator=accelerator)
 
     sp = sequence_groups.form_groups(accelerator, recipe.train.sequence_parallel)
     split = sequence_groups.data_split(accelerator.num_processes, accelerator.process_index,

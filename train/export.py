@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from models.adapters import apply_adapter
 from models.phi3v.export_files import hub_layout_problems, remote_code_repo, write_hub_files
 from models.phi3v.processing import resolve_folder
 from models.quantization import apply_quantization, dequantize_language_model_
+from recipe import run_lock
 from recipe.errors import run_main
 from recipe.run_dir import (
     TRAINED_STAGES,
@@ -46,6 +48,7 @@ from recipe.run_dir import (
     replace_dir_atomically,
     stage_dir,
     stage_weights,
+    write_weights_manifest,
 )
 from train.device import set_threads
 from train.hub_export import base_hub_id, push_to_hub, write_cards
@@ -86,6 +89,7 @@ def export_stage(run_dir: Path, stage: str, dtype: str, overwrite: bool = False)
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
         processor.save_pretrained(tmp)
         finish_hub_folder(tmp, recipe, run_dir, base_folder=base_folder)
+        write_weights_manifest(tmp)
 
     return replace_dir_atomically(target, write)
 
@@ -131,6 +135,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_run_recipe(args.run_dir)
     set_threads(recipe)
+    run_lock.acquire(args.run_dir, command=" ".join(["python -m train.export", *(argv or sys.argv[1:])]))
+    try:
+        return export_stages(args, recipe)
+    finally:
+        run_lock.release(args.run_dir)
+
+
+def export_stages(args, recipe) -> list[Path]:
+    """Merge (or finish) each asked stage, write the model cards, upload when asked; the exported folders."""
     stages = args.stage or [s for s in TRAINED_STAGES if stage_dir(args.run_dir, s).is_dir()]
     written = []
     with torch.no_grad():

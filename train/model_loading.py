@@ -19,7 +19,7 @@ from models.phi3v.export_files import remote_code_repo, write_old_stack_tokenize
 from models.phi3v.tiny import build_demo_model
 from models.quantization import apply_quantization
 from recipe import ModelSection, Recipe
-from recipe.run_dir import Weights, base_path, is_adapter, replace_dir_atomically
+from recipe.run_dir import Weights, base_path, is_adapter, replace_dir_atomically, write_weights_manifest
 from train.device import apply_liger, whole_model_loading
 from train.hub_export import base_hub_id
 
@@ -68,7 +68,8 @@ def save_trained(accelerator: Accelerator, model, processor, folder: Path, *, re
     """The adapter in PEFT layout (LoRA), or the whole model in the hub layout (full fine-tuning), with the
     processor beside it, written atomically. An adapter is made portable (`models.adapters.make_portable`: old
     PEFT keys, explicit targets, the base's hub id, full-trained parts in `full_weights.safetensors`) when the
-    recipe is given; `applies_after` names adapters it is trained on top of (DPO over SFT), recorded beside it."""
+    recipe is given; `applies_after` names adapters it is trained on top of (DPO over SFT), recorded beside it.
+    Its weight files are recorded in `manifest.json` (recipe/run_dir.py `verify_weights` checks them on loading)."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state dict otherwise
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
@@ -83,6 +84,7 @@ def save_trained(accelerator: Accelerator, model, processor, folder: Path, *, re
                 write_old_stack_tokenizer(tmp)  # the adapter's tokenizer, readable by the old stack too
                 base_config = unwrapped.get_base_model().config.to_dict()
                 write_processor_files(tmp, remote_repo=remote_code_repo(base_hub_id(recipe, run_dir), base_config))
+            write_weights_manifest(tmp)  # last: eval, export and DPO verify the weights before loading them
 
         replace_dir_atomically(folder, write)
     accelerator.wait_for_everyone()

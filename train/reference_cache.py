@@ -1,5 +1,6 @@
-"""Precomputed reference log-probs for DPO: one pass before training, cached on disk under a key of the model, the
-SFT adapter, the data and the rendering settings; reused by later runs with the same key.
+"""Precomputed reference log-probs for DPO: one pass before training, cached on disk under a key of the starting
+weights (the base, and every weight file of the SFT adapter: its LoRA and its full-trained projector), the data and
+the rendering settings; reused by later runs with the same key.
 
 Where: `<runs root>/.cache/ref_logps/<key>.safetensors` (the runs root is the run directory's parent), one row per
 planned pair in planning order: [chosen, rejected] summed log-probs under the reference (the SFT policy). The run
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.collate import DPOCollator, RenderedDataset
-from recipe.run_dir import ADAPTER_WEIGHTS, Weights, file_sha256, stage_dir, write_json_atomically
+from recipe.run_dir import Weights, stage_dir, start_weights_sha256, write_json_atomically
 from train.device import to_device
 from train.losses import pair_logps
 
@@ -34,7 +35,7 @@ def key_fields(start: Weights, recipe, planned) -> dict:
         digest.update(f"{plan.sample.origin}|{plan.num_tokens}|{plan.image_token_counts}\n".encode())
     return {
         "base": start.base, "revision": start.revision,
-        "adapter_sha256": [file_sha256(Path(adapter) / ADAPTER_WEIGHTS) for adapter in start.adapters],
+        "weights_sha256": start_weights_sha256(start),  # every weight file: LoRA and full-trained parts alike
         "data": digest.hexdigest(), "pairs": len(planned), "dtype": recipe.model.dtype,
         "num_crops": recipe.model.num_crops, "max_length": recipe.data.max_length,
         "assistant_turns": recipe.data.assistant_turns,

@@ -91,8 +91,9 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
              batches_per_epoch, total_steps)
 
     model.to(accelerator.device)
-    callbacks.run_eval_hook("base", model, processor, recipe, run_dir, base_path=base_path, accelerator=accelerator,
-                            step=0)
+    if not trainer.resumes(recipe, run_dir, "sft"):  # a resumed stage scored and logged the base when it started
+        callbacks.run_eval_hook("base", model, processor, recipe, run_dir, base_path=base_path,
+                                accelerator=accelerator, step=0)
 
     model = configure_trainable(model, recipe.model, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)

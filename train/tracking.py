@@ -6,7 +6,8 @@ written inside the run directory (`recipe.run_dir`: `<run>/logs/`):
 - TensorBoard: `<run>/logs/tensorboard/<stage>/`; point TensorBoard at `<run>/logs/tensorboard` to see the stages
   side by side, each on its own step axis.
 - W&B: one run per stage, named `<run name>/<stage>`, grouped by the run name (`group`), `job_type` the stage, its
-  files under `<run>/logs/wandb/`.
+  files under `<run>/logs/wandb/`; its id is kept in the run directory, so a resumed stage continues its W&B run
+  (`resume="allow"`) rather than starting a new one.
 
 Steps are each stage's own optimizer steps: the base eval is logged at SFT's step 0, the end-of-stage eval at the
 stage's last step, DPO's evals at DPO's steps (its step 1 is DPO's first step, not SFT's last + 1). Separate runs
@@ -16,6 +17,7 @@ resuming a stage never has to know how many steps another stage took.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
@@ -23,7 +25,7 @@ from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 from data.render import IGNORE_INDEX
 from recipe import Recipe, recipe_to_dict
 from recipe.parse import redact_secrets
-from recipe.run_dir import tensorboard_dir, wandb_dir
+from recipe.run_dir import tensorboard_dir, wandb_dir, wandb_id_file, write_text_atomically
 
 DEFAULT_PROJECT = "phi3v-tune"
 
@@ -45,13 +47,29 @@ def make_trackers(recipe: Recipe, run_dir: Path, stage: str) -> list[GeneralTrac
     return trackers
 
 
-def start(accelerator, recipe: Recipe, run_dir: Path) -> None:
-    """Start the accelerator's trackers (`make_trackers`) with the flattened recipe as their config."""
+def start(accelerator, recipe: Recipe, run_dir: Path, stage: str) -> None:
+    """Start the accelerator's trackers (`make_trackers`) with the flattened recipe as their config; a resumed
+    stage continues its W&B run (`wandb_run_id`)."""
     if not recipe.logging.report_to:
         return
     if accelerator.is_main_process and "wandb" in recipe.logging.report_to:
         wandb_dir(run_dir).mkdir(parents=True, exist_ok=True)  # W&B falls back to a temp folder when it is absent
+        run_id = wandb_run_id(run_dir, stage, resume=recipe.train.resume)
+        for tracker in accelerator.log_with:
+            if isinstance(tracker, WandBTracker):
+                tracker.init_kwargs.update(id=run_id, resume="allow")
     accelerator.init_trackers(recipe.logging.project or DEFAULT_PROJECT, config=flat_config(recipe))
+
+
+def wandb_run_id(run_dir: Path, stage: str, *, resume: bool) -> str:
+    """The stage's W&B run id: the recorded one when the stage resumes (its W&B run goes on from where it stopped,
+    nothing logged twice), else a new one, recorded for a later resume."""
+    path = wandb_id_file(run_dir, stage)
+    if resume and path.is_file():
+        return path.read_text(encoding="utf-8").strip()
+    run_id = uuid.uuid4().hex[:16]
+    write_text_atomically(path, run_id + "\n")
+    return run_id
 
 
 def flat_config(recipe: Recipe) -> dict:

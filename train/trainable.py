@@ -125,15 +125,16 @@ def parameter_groups(model, train: TrainSection) -> list[dict]:
 
 def trainable_counts(model) -> dict[str, dict[str, int]]:
     """Per part: trainable and total parameter counts (a LoRA adapter counts towards the part it adapts; a 4-bit
-    weight counts its weights, not its packed bytes)."""
+    weight counts its weights, not its packed bytes). A part trained in full beside LoRA is held twice by PEFT
+    (`modules_to_save`: the frozen original and the trained copy): its total counts it once."""
     counts = {p: {"trainable": 0, "total": 0} for p in PARTS}
     for name, param in model.named_parameters():
         part = counts[part_of(name)]
-        part["total"] += logical_numel(param)
+        if ".modules_to_save." not in name:  # the trained copy of an `original_module` counted already
+            part["total"] += logical_numel(param)
         if param.requires_grad:
             part["trainable"] += param.numel()
     return counts
-
 
 
 def trained_parts(model_section: ModelSection) -> set[str]:

@@ -8,13 +8,14 @@ directory's resolved recipe (recipe.run_dir.record_run) is rewritten on resume o
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from eval.summary import run_summary
-from recipe import Recipe
+from recipe import Recipe, run_lock
 from recipe.run_dir import (
     checkpoints_dir,
     prepare_stage_dir,
@@ -27,6 +28,7 @@ from train import device, diagnostics, optim, tracking
 from train.checkpoint import (
     Checkpointer,
     check_resume,
+    checkpoints,
     frozen_fingerprint,
     nonfinite_parameters,
     shaping_values,
@@ -55,18 +57,42 @@ class StagePlan:
 def open_stage(recipe: Recipe, recipe_path, stage: str):
     """(run_dir, accelerator, stage_dir) for a stage: the run directory resolved, accelerate set up, `<run>/<stage>`
     created (never over an earlier run of it unless the recipe says so) and the stage's trackers started (before
-    the base eval, which they log at step 0). A resume that changes a run-shaping value is refused here, before
+    the base eval, which they log at step 0). The run directory's lock is taken first (one writer at a time). A resume that changes a run-shaping value is refused here, before
     anything is loaded or written."""
     log.info("intra-op threads: %d", device.set_threads(recipe))  # before the model loads
     run_dir = resolve_output_dir(recipe, recipe_path)
     accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum,
                                           log_with=tracking.make_trackers(recipe, run_dir, stage))
+    take_run_lock(accelerator, run_dir)
     if recipe.train.resume:
-        check_resume(recipe, stage, checkpoints_dir(run_dir, stage), accelerator.num_processes)
+        check_resume(recipe, stage, checkpoints_dir(run_dir, stage), accelerator.num_processes, accelerator)
     folder = prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
     diagnostics.start(run_dir, accelerator.process_index, accelerator.num_processes, recipe.train.collective_timeout_s)
-    tracking.start(accelerator, recipe, run_dir)
+    tracking.start(accelerator, recipe, run_dir, stage)
     return run_dir, accelerator, folder
+
+
+def resumes(recipe: Recipe, run_dir: Path, stage: str) -> bool:
+    """Whether the stage continues a checkpoint (after open_stage set failed ones aside): its start, the base eval
+    included, was logged by the run it continues."""
+    return recipe.train.resume and bool(checkpoints(checkpoints_dir(run_dir, stage)))
+
+
+def take_run_lock(accelerator, run_dir: Path) -> None:
+    """The main process takes (or joins) the run directory's lock (recipe/run_lock.py); every rank gets its refusal,
+    so that no rank waits for a main process that left."""
+    refusal: list = [None]
+    if accelerator.is_main_process:
+        try:
+            run_lock.acquire(run_dir, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        except run_lock.RunLocked as error:
+            refusal[0] = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        raise run_lock.RunLocked(refusal[0])
 
 
 def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Callable, loss_sum: Callable,
@@ -117,11 +143,13 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
 
 
 def finish(accelerator, run_dir: Path) -> Path:
-    """End the stage: close the trackers and print the scores so far, the skipped rows and the run directory."""
+    """End the stage: close the trackers, print the scores so far, the skipped rows and the run directory, and
+    release the run directory's lock."""
     accelerator.end_training()
     if accelerator.is_main_process:
         print(run_summary(run_dir))
         print(f"run directory: {run_dir}")
+        run_lock.release(run_dir)
     return run_dir
 
 
