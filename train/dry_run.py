@@ -66,7 +66,7 @@ from train.trainable import (
     upcast_trainable_,
 )
 
-TRAINING_STAGES = tuple(STAGE_FORMATS)  # ("sft", "dpo")
+TRAINING_STAGES = ("sft", "dpo")  # GRPO samples from the model: not dry-run
 FIXTURE_ROWS_PER_SOURCE = 2
 # Row 0 of a source shows one image; row 1 shows two where the format holds several images per row.
 MULTI_IMAGE_FORMATS = frozenset({"trl_messages", "llava", "sharegpt", "trl_preference"})
