@@ -226,7 +226,7 @@ RESUME_KEYS_COMMON = (
 )
 RESUME_KEYS_DPO = ("dpo.lr", "dpo.max_steps", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.sft_weight",
                    "dpo.mdpo_weight")
-RESUME_KEYS_GRPO = ("grpo.lr", "grpo.max_steps", "grpo.rewards", "grpo.answer_pattern", "grpo.num_generations",
+RESUME_KEYS_GRPO = ("grpo.lr", "grpo.max_steps", "grpo.rewards", "grpo.prompt_suffix", "grpo.answer_pattern", "grpo.num_generations",
                     "grpo.temperature", "grpo.top_p", "grpo.max_new_tokens", "grpo.stop_strings", "grpo.loss_type",
                     "grpo.epsilon", "grpo.epsilon_high", "grpo.beta", "grpo.scale_rewards", "grpo.num_iterations")
 RESUME_KEYS = RESUME_KEYS_COMMON + RESUME_KEYS_DPO + RESUME_KEYS_GRPO
@@ -276,6 +276,9 @@ class GrpoReward:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GrpoSection:
     rewards: tuple[GrpoReward, ...] = option((GrpoReward(),), "Rewards, summed with their weights (train/grpo_rewards.py).")
+    prompt_suffix: str | None = option(
+        None, "Text appended to each prompt's last user turn, e.g. an instruction to reason briefly and then give "
+        "the answer in tags (what a format reward checks); null: the rows' prompts as they are.")
     answer_pattern: str | None = option(
         None, "Regular expression whose first group is the answer the metric rewards score (e.g. "
         "'<answer>(.*?)</answer>'); no match scores 0; null: the whole completion.")

@@ -66,7 +66,7 @@ from train.trainable import (
     upcast_trainable_,
 )
 
-TRAINING_STAGES = ("sft", "dpo")  # GRPO samples from the model: not dry-run
+TRAINING_STAGES = ("sft", "dpo", "grpo")
 FIXTURE_ROWS_PER_SOURCE = 2
 # Row 0 of a source shows one image; row 1 shows two where the format holds several images per row.
 MULTI_IMAGE_FORMATS = frozenset({"trl_messages", "llava", "sharegpt", "trl_preference"})
@@ -304,7 +304,11 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     stages = {}
     with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
         for stage in (s for s in recipe.stages if s in TRAINING_STAGES):
-            stages[stage] = run_stage(recipe, stage, Path(tmp))
+            if stage == "grpo":  # one generation, rewards and loss (train/grpo_dry_run.py)
+                from train.grpo_dry_run import run_grpo_stage
+                stages[stage] = run_grpo_stage(recipe, Path(tmp))
+            else:
+                stages[stage] = run_stage(recipe, stage, Path(tmp))
     return {
         "model": {"recipe": recipe.model.name_or_path, "dry_run": "tiny", "num_crops": recipe.model.num_crops,
                   "dtype": recipe.model.dtype, "precision": recipe.train.precision,

@@ -59,13 +59,17 @@ from train.losses import supervised_positions, token_logps, unwrapped
 log = logging.getLogger(__name__)
 
 
-def prompt_example(sample: SFTSample, index: int) -> EvalExample:
-    """An SFT sample as a GRPO prompt: the turns before its last answer, that answer as the reference."""
+def prompt_example(sample: SFTSample, index: int, suffix: str | None = None) -> EvalExample:
+    """An SFT sample as a GRPO prompt: the turns before its last answer (`suffix` appended to the last user turn's
+    text: grpo.prompt_suffix), that answer as the reference."""
     *prompt, answer = sample.turns
-    if answer.role != "assistant" or answer.num_images or not prompt:
-        raise DataError(sample.origin, "messages", "a GRPO prompt row must end with a text-only assistant answer "
-                                                   "(the reference the rewards score against)")
-    return EvalExample(id=str(index), messages=tuple(to_messages(prompt)), images=sample.images,
+    if answer.role != "assistant" or answer.num_images or not prompt or prompt[-1].role != "user":
+        raise DataError(sample.origin, "messages", "a GRPO prompt row must end with a user turn and a text-only "
+                                                   "assistant answer (the reference the rewards score against)")
+    messages = to_messages(prompt)
+    if suffix:
+        messages[-1] = {**messages[-1], "content": [*messages[-1]["content"], {"type": "text", "text": suffix}]}
+    return EvalExample(id=str(index), messages=tuple(messages), images=sample.images,
                        references=(answer.text,), meta={}, origin=sample.origin)
 
 
@@ -178,7 +182,8 @@ class GRPOData:
                  num_replicas: int, rank: int, reference: bool):
         self.recipe, self.grpo, self.processor, self.engine = recipe, recipe.grpo, processor, engine
         self.rewards, self.model, self.reference = list(rewards), model, reference
-        self.examples = [prompt_example(plan.sample, index) for index, plan in enumerate(planned)]
+        self.examples = [prompt_example(plan.sample, index, self.grpo.prompt_suffix)
+                         for index, plan in enumerate(planned)]
         self.grad_accum = recipe.train.grad_accum
         self.sampler = ShuffledBatchSampler(len(planned), recipe.train.micro_batch_size, recipe.seed,
                                             num_replicas=num_replicas, rank=rank)
