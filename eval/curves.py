@@ -6,7 +6,9 @@ font or file outside the page, so the report reads offline and in any browser.
 
 Charts per stage (a chart is left out when the history has none of its values): loss (and, for SFT, the validation
 loss on `data.eval`, `summary["validation"]`), learning rate, gradient norm; for DPO also the reward margin and the
-reward accuracy (TRL's `rewards/margins` and `rewards/accuracies`, means over each logged step's pairs).
+reward accuracy (TRL's `rewards/margins` and `rewards/accuracies`, means over each logged step's pairs); for GRPO the
+mean reward of the sampled completions, the share of groups whose rewards were all equal, the KL to the start (with
+`grpo.beta > 0`), the clipped share of tokens, the completions' length and entropy.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ CHARTS = {
         Chart("rewards/accuracies", "Reward accuracy", "accuracy", (Series("accuracy", "rewards/accuracies"),)),
         Chart("lr", "Learning rate", "learning rate", (Series("lr", "lr"),)),
         Chart("grad_norm", "Gradient norm (before clipping)", "grad norm", (Series("grad norm", "grad_norm"),)),
+    ),
+    "grpo": (
+        Chart("reward", "Mean reward of the sampled completions", "reward", (Series("reward", "reward"),)),
+        Chart("frac_reward_zero_std", "Groups with equal rewards (no signal)", "share",
+              (Series("groups", "frac_reward_zero_std"),)),
+        Chart("kl", "KL to the starting policy (k3, per token)", "KL", (Series("kl", "kl"),)),
+        Chart("clip_ratio/region_mean", "Clipped tokens", "share", (Series("clipped", "clip_ratio/region_mean"),)),
+        Chart("completions/mean_length", "Completion length", "tokens",
+              (Series("length", "completions/mean_length"),)),
+        Chart("entropy", "Token entropy", "nats", (Series("entropy", "entropy"),)),
+        Chart("loss", "Loss", "loss", (Series("train", "loss"),)),
     ),
 }
 

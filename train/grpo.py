@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -51,9 +52,14 @@ from train.trainable import configure_trainable, dpo_parts, report_trainable, up
 log = logging.getLogger("train.grpo")
 
 
-def grpo_parts(model_section):
-    """A fresh LoRA on the merged start (as DPO), or the recipe's parts when it trains the language model in full."""
-    return model_section if model_section.language == "full" else dpo_parts(model_section)
+def grpo_parts(model_section, beta: float):
+    """A fresh LoRA on the merged start (as DPO: the tower gets LoRA when the recipe says so), the projector in full
+    when the recipe trains it and there is no KL reference (beta 0: the adapter-disabled reference would see the
+    trained projector); or the recipe's parts when it trains the language model in full (beta 0, recipe/checks.py)."""
+    if model_section.language == "full":
+        return model_section
+    parts = dpo_parts(model_section)
+    return replace(parts, projector=model_section.projector) if beta == 0 else parts
 
 
 def sample_table(batches: list[dict], limit: int = 4) -> list[dict]:
@@ -94,7 +100,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir(run_dir),
                    progress=accelerator.is_main_process, main_first=accelerator.main_process_first)
 
-    parts = grpo_parts(recipe.model)
+    parts = grpo_parts(recipe.model, grpo.beta)
     model.to(accelerator.device)
     model = configure_trainable(model, parts, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)

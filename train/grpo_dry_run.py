@@ -34,7 +34,7 @@ def run_grpo_stage(recipe: Recipe, folder: Path) -> dict[str, Any]:
     recipe = dataclasses.replace(recipe, grpo=grpo, data=dataclasses.replace(recipe.data, num_workers=0))
     indexed = [(index, source) for index, source in enumerate(recipe.data.train) if stage_sources((source,), "grpo")]
     samples = [sample for index, source in indexed for sample in source_samples(source, index, "sft", folder / "grpo")]
-    parts = grpo_parts(recipe.model)
+    parts = grpo_parts(recipe.model, grpo.beta)
     model, processor = trainable_model(recipe, parts)
     planned = plan(samples, processor, recipe.data, SkipCounter(), progress=False)
     rewards = build_rewards(grpo)
