@@ -13,6 +13,7 @@ from data.sources import SkipCounter
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
 from recipe import load_recipe
+from recipe.run_dir import start_file
 from train import grpo
 from train import model_loading as common
 from train.callbacks import Preempted
@@ -135,7 +136,7 @@ def test_a_short_run_logs_the_rewards_and_the_loss_terms(synthetic, tmp_path):
     # num_iterations=2: the second step replays the first's completions (same rewards), against old log-probs.
     assert steps[1]["reward"] == steps[0]["reward"] and steps[1]["loss"] != steps[0]["loss"]
     assert (run / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (run / "grpo" / "start.json").is_file()
+    assert start_file(run, "grpo").is_file()
 
 
 def test_stop_and_resume_ends_with_the_same_adapter(synthetic, tmp_path):

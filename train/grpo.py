@@ -4,7 +4,7 @@
     ./launch.sh recipes/demo_grpo.yaml                      # SFT, then this stage on the same run directory
 
 Starting point (recipe/run_dir.py `grpo_start`): this run's DPO model when its stages include dpo, else its SFT
-model, else the base; recorded in `<run>/grpo/start.json` with the adapters' content hashes. The starting adapters
+model, else the base; the run directory records it (`recipe.run_dir.write_start`) with the adapters' content hashes. The starting adapters
 are merged into the weights and GRPO trains a fresh LoRA on top (`model.language: full` with `grpo.beta: 0` trains
 the language model in full instead); the KL reference (`grpo.beta > 0`) is the same network with the adapter
 disabled.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -40,26 +39,15 @@ from recipe.run_dir import (
 from train import callbacks, device, trainer
 from train.checkpoint import data_fingerprint
 from train.cli import run_cli
-from train.dpo import load_policy
 from train.grpo_losses import check_options
 from train.grpo_rewards import build_rewards
 from train.grpo_rollout import TorchRollout
-from train.grpo_step import GRPOData, GRPOLoss
+from train.grpo_step import GRPOData, GRPOLoss, grpo_parts
 from train.loop import total_steps_for
-from train.model_loading import save_trained
-from train.trainable import configure_trainable, dpo_parts, report_trainable, upcast_trainable_
+from train.model_loading import load_policy, save_trained
+from train.trainable import configure_trainable, report_trainable, upcast_trainable_
 
 log = logging.getLogger("train.grpo")
-
-
-def grpo_parts(model_section, beta: float):
-    """A fresh LoRA on the merged start (as DPO: the tower gets LoRA when the recipe says so), the projector in full
-    when the recipe trains it and there is no KL reference (beta 0: the adapter-disabled reference would see the
-    trained projector); or the recipe's parts when it trains the language model in full (beta 0, recipe/checks.py)."""
-    if model_section.language == "full":
-        return model_section
-    parts = dpo_parts(model_section)
-    return replace(parts, projector=model_section.projector) if beta == 0 else parts
 
 
 def sample_table(batches: list[dict], limit: int = 4) -> list[dict]:

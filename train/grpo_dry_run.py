@@ -9,33 +9,29 @@ does not apply, and the summary says so (`zero_advantage`)."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from data.loaders import plan, stage_sources
+from data.loaders import plan
+from data.sample import SFTSample
 from data.sources import SkipCounter
-from recipe import Recipe
+from recipe import ModelSection, Recipe
 from train.grpo_rewards import build_rewards
 from train.grpo_rollout import TorchRollout
 from train.grpo_step import GRPOData, GRPOLoss
-from train.trainable import check_gradients, trainable_counts, trained_parts
+from train.trainable import check_gradients, trained_parts
 
 DRY_RUN_TOKENS = 8
 
 
-def run_grpo_stage(recipe: Recipe, folder: Path) -> dict[str, Any]:
-    from models.quantization import weight_bytes
-    from train.dry_run import check_finite_gradients, source_samples, trainable_model
-    from train.grpo import grpo_parts
-
+def grpo_fixture_step(recipe: Recipe, samples: Sequence[SFTSample], model, processor,
+                      parts: ModelSection) -> dict[str, Any]:
+    """One generation, the rewards, the loss and its backward on the fixture prompts `samples`, with `model` (the
+    tiny model with GRPO's trained parts, `grpo_parts`); the stage's summary (without the sources)."""
     grpo = dataclasses.replace(recipe.grpo, max_new_tokens=min(recipe.grpo.max_new_tokens, DRY_RUN_TOKENS))
     recipe = dataclasses.replace(recipe, grpo=grpo, data=dataclasses.replace(recipe.data, num_workers=0))
-    indexed = [(index, source) for index, source in enumerate(recipe.data.train) if stage_sources((source,), "grpo")]
-    samples = [sample for index, source in indexed for sample in source_samples(source, index, "sft", folder / "grpo")]
-    parts = grpo_parts(recipe.model, grpo.beta)
-    model, processor = trainable_model(recipe, parts)
     planned = plan(samples, processor, recipe.data, SkipCounter(), progress=False)
     rewards = build_rewards(grpo)
     engine = TorchRollout(processor, temperature=grpo.temperature, top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens,
@@ -57,9 +53,7 @@ def run_grpo_stage(recipe: Recipe, folder: Path) -> dict[str, Any]:
     zero_advantage = bool((batch["advantages"] == 0).all())
     if not zero_advantage:
         check_gradients(model, trained_parts(parts))
-    check_finite_gradients(model)
     return {
-        "sources": [{"format": s.format, "path": s.path} for _, s in indexed],
         "batch": {key: list(value.shape) for key, value in batch.items() if isinstance(value, torch.Tensor)},
         "completions": len(batch["texts"]),
         "units": units,
@@ -67,6 +61,4 @@ def run_grpo_stage(recipe: Recipe, folder: Path) -> dict[str, Any]:
         "rewards": {name: round(float(metrics[f"rewards/{name}/mean"]) / units, 6) for name in loss_fn.reward_names},
         "zero_advantage": zero_advantage,
         "trained_parts": sorted(trained_parts(parts)),
-        "parameters": trainable_counts(model),
-        "weight_bytes": weight_bytes(model),
     }

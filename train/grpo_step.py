@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -55,8 +56,19 @@ from train.grpo_losses import (
 from train.grpo_rewards import Reward, score_completions
 from train.grpo_rollout import Completions, RolloutEngine, without_image_slots
 from train.losses import supervised_positions, token_logps, unwrapped
+from train.trainable import dpo_parts
 
 log = logging.getLogger(__name__)
+
+
+def grpo_parts(model_section, beta: float):
+    """A fresh LoRA on the merged start (as DPO: the tower gets LoRA when the recipe says so), the projector in full
+    when the recipe trains it and there is no KL reference (beta 0: the adapter-disabled reference would see the
+    trained projector); or the recipe's parts when it trains the language model in full (beta 0, recipe/checks.py)."""
+    if model_section.language == "full":
+        return model_section
+    parts = dpo_parts(model_section)
+    return replace(parts, projector=model_section.projector) if beta == 0 else parts
 
 
 def prompt_example(sample: SFTSample, index: int, suffix: str | None = None) -> EvalExample:
