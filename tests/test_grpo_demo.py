@@ -37,7 +37,7 @@ def test_grpo_raises_the_held_out_exact_match_over_sft(synthetic, tmp_path):
     steps = history(run_dir, "grpo")
     assert steps[-1]["rewards/exact_match/mean"] > steps[0]["rewards/exact_match/mean"], steps
     summary = json.loads((run_dir / "grpo" / "summary.json").read_text())
-    assert summary["samples"] and all(len(group["completions"]) == 8 for group in summary["samples"])
+    assert summary["sampled_groups"] and all(len(g["completions"]) == 8 for g in summary["sampled_groups"])
     assert (run_dir / "grpo" / "merged" / "model.safetensors").is_file()
 
 

@@ -12,6 +12,7 @@ from data.loaders import load_samples, plan
 from data.sources import SkipCounter
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
+from eval.curves import curves_section
 from recipe import load_recipe
 from recipe.run_dir import start_file
 from train import grpo
@@ -137,6 +138,10 @@ def test_a_short_run_logs_the_rewards_and_the_loss_terms(synthetic, tmp_path):
     assert steps[1]["reward"] == steps[0]["reward"] and steps[1]["loss"] != steps[0]["loss"]
     assert (run / "grpo" / "adapter" / "adapter_model.safetensors").is_file()
     assert start_file(run, "grpo").is_file()
+    # The report's GRPO block: its curves and the last generation's groups with their completions and rewards.
+    page = curves_section(run)
+    assert 'data-stage="grpo" data-metric="reward"' in page and 'data-metric="kl"' in page
+    assert '<table class="samples">' in page
 
 
 def test_stop_and_resume_ends_with_the_same_adapter(synthetic, tmp_path):

@@ -298,7 +298,7 @@ def run_grpo_stage(recipe: Recipe, stage: str, folder: Path) -> dict[str, Any]:
     (train/grpo_dry_run.py); the stage's summary."""
     indexed = [(index, source) for index, source in enumerate(recipe.data.train) if stage_sources((source,), stage)]
     samples = [sample for index, source in indexed for sample in source_samples(source, index, "sft", folder / stage)]
-    parts = grpo_parts(recipe.model, recipe.grpo.beta)
+    parts = grpo_parts(recipe.model)
     model, processor = trainable_model(recipe, parts)
     summary = grpo_fixture_step(recipe, samples, model, processor, parts)
     check_finite_gradients(model)

@@ -88,7 +88,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir(run_dir),
                    progress=accelerator.is_main_process, main_first=accelerator.main_process_first)
 
-    parts = grpo_parts(recipe.model, grpo.beta)
+    parts = grpo_parts(recipe.model)
     model.to(accelerator.device)
     model = configure_trainable(model, parts, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)
@@ -127,7 +127,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     trained = save_trained(accelerator, model, processor, adapter_dir(run_dir, "grpo"), recipe=recipe,
                            run_dir=run_dir, applies_after=start.adapters)
     trainer.write_summary(run_dir, "grpo", state, skips, started, accelerator, trained,
-                          samples=sample_table(data.last_batches))
+                          sampled_groups=sample_table(data.last_batches))
     callbacks.run_eval_hook("grpo", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=start.base,
                             accelerator=accelerator, step=state.step)
     if accelerator.is_main_process:

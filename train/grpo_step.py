@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -61,14 +60,14 @@ from train.trainable import dpo_parts
 log = logging.getLogger(__name__)
 
 
-def grpo_parts(model_section, beta: float):
-    """A fresh LoRA on the merged start (as DPO: the tower gets LoRA when the recipe says so), the projector in full
-    when the recipe trains it and there is no KL reference (beta 0: the adapter-disabled reference would see the
-    trained projector); or the recipe's parts when it trains the language model in full (beta 0, recipe/checks.py)."""
+def grpo_parts(model_section):
+    """A fresh LoRA on the merged start, as DPO trains (the tower gets LoRA when the recipe puts it there, the
+    projector stays frozen: then each prompt's image features serve all the loss passes of its completions); or the
+    recipe's parts when it trains the language model in full (only with grpo.beta 0, recipe/checks.py: a KL
+    reference is the adapter switched off)."""
     if model_section.language == "full":
         return model_section
-    parts = dpo_parts(model_section)
-    return replace(parts, projector=model_section.projector) if beta == 0 else parts
+    return dpo_parts(model_section)
 
 
 def prompt_example(sample: SFTSample, index: int, suffix: str | None = None) -> EvalExample:
