@@ -111,8 +111,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     log.info("%d prompts planned, %d completions each, %d micro-batches per rank per epoch, %d optimizer steps",
              len(planned), grpo.num_generations, data.batches_per_epoch, total_steps)
 
-    loss_fn = GRPOLoss(grpo)
-    loss_fn.reward_names = [reward.name for reward in rewards]
+    loss_fn = GRPOLoss(grpo, [reward.name for reward in rewards])
     plan_ = trainer.StagePlan(stage="grpo", run_dir=run_dir, total_steps=total_steps,
                               unit_name="tokens" if grpo.loss_type == "dapo" else "completions",
                               lr_scale=(grpo.lr / recipe.train.lr) if grpo.lr else 1.0,

@@ -40,8 +40,7 @@ def grpo_fixture_step(recipe: Recipe, samples: Sequence[SFTSample], model, proce
     data = GRPOData(recipe, planned, processor, engine, rewards, model, num_replicas=1, rank=0,
                     reference=grpo.beta > 0)
     batch = data.generate([list(range(len(planned)))], epoch=0)[0]
-    loss_fn = GRPOLoss(grpo)
-    loss_fn.reward_names = [reward.name for reward in rewards]
+    loss_fn = GRPOLoss(grpo, [reward.name for reward in rewards])
     precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.precision == "bf16")
     with precision:
         loss_sum, metrics = loss_fn(model, batch)

@@ -173,11 +173,10 @@ class RolloutLoader:
             if position + length <= self.skip:
                 position += length
                 continue
-            if self.skip > position and (self.skip - position) % per_cycle == 0 and self.skip - position < length:
-                pass  # resumes at a pass boundary of this generation: the same completions, regenerated
-            elif self.skip > position:
-                log.warning("resuming inside an optimizer step of generation %d: its rollouts are sampled again",
-                            cycle)
+            if self.skip > position:  # only with num_iterations > 1: the loop resumes at step boundaries
+                log.warning("resuming inside generation %d of epoch %d: its completions are sampled again with the "
+                            "current weights, so this resume is not exact (keep train.checkpoint_every a multiple "
+                            "of grpo.num_iterations)", cycle, self.epoch)
             batches = owner.generate(prompt_batches[cycle * per_cycle:(cycle + 1) * per_cycle], self.epoch)
             for _ in range(passes):
                 for batch in batches:
@@ -251,19 +250,24 @@ class GRPOData:
         return batch
 
     def _advantages(self, batches: list[dict]) -> None:
+        """Group advantages of each micro-batch; with `scale_rewards: batch` over the rewards of the whole step on
+        all ranks (TRL's generation batch), every group's mean still its own."""
         group, scale = self.grpo.num_generations, self.grpo.scale_rewards
-        if scale == "batch":  # the std over the generation batch, all ranks (TRL's)
-            everything = torch.cat([b["rewards"] for b in batches])
-            every_rank = _gather(everything.to(self.model.device)).cpu()
-            _, std = group_advantages(every_rank, group, "batch")
-            std = std[0]
+        rewards = torch.cat([b["rewards"] for b in batches])
+        if scale == "batch":
+            rewards = _gather(rewards.to(self.model.device)).cpu()
+        advantages, std = group_advantages(rewards, group, scale)
+        start = self.rank_offset(len(batches[0]["rewards"]) * len(batches)) if scale == "batch" else 0
+        _, group_std = group_advantages(rewards, group, "group")  # for the zero-std share, whatever the scaling
         for batch in batches:
-            advantages, group_std = group_advantages(batch["rewards"], group, "group" if scale == "batch" else scale)
-            if scale == "batch":
-                grouped = batch["rewards"].view(-1, group)
-                advantages = (batch["rewards"] - grouped.mean(1).repeat_interleave(group)) / (std + 1e-4)
-            batch["advantages"] = advantages
-            batch["zero_std_groups"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
+            rows = slice(start, start + len(batch["rewards"]))
+            batch["advantages"] = advantages[rows]
+            batch["zero_std_groups"] = torch.isclose(group_std[rows], torch.zeros_like(group_std[rows])).float().mean()
+            start += len(batch["rewards"])
+
+    def rank_offset(self, per_rank: int) -> int:
+        """Where this rank's rewards start among every rank's (gathered in rank order)."""
+        return (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0) * per_rank
 
     @torch.no_grad()
     def _extra_logps(self, batch: dict) -> None:
@@ -279,8 +283,8 @@ class GRPOData:
 class GRPOLoss:
     """The loop's `loss_sum` and `count` for rollout micro-batches (module doc)."""
 
-    def __init__(self, grpo):
-        self.grpo = grpo
+    def __init__(self, grpo, reward_names: Sequence[str]):
+        self.grpo, self.reward_names = grpo, list(reward_names)
         self.epsilon_low = grpo.epsilon
         self.epsilon_high = grpo.epsilon if grpo.epsilon_high is None else grpo.epsilon_high
 
@@ -315,5 +319,3 @@ class GRPOLoss:
         # The loop divides metric sums by the step's units: hand it each micro-batch mean times its units.
         scale = float(self.count(batch))
         return terms.sum(), {k: torch.as_tensor(v).detach().float().cpu() * scale for k, v in metrics.items()}
-
-    reward_names: list[str] = []
