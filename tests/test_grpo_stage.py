@@ -71,6 +71,11 @@ def test_a_group_shares_its_prompt_pass_and_samples_what_separate_rows_would(set
     # A completion depends on its seed only: sampled again, the same tokens.
     again = engine(processor).sample(model, examples, num_generations=G, seeds=seeds)
     assert again.completion_ids.tolist() == shared.completion_ids.tolist()
+    # Without kept features (FSDP, a tower with LoRA) the prefill's forward encodes the images: the same tokens.
+    calls[0] = 0
+    inside = engine(processor, share_features=False).sample(model, examples, num_generations=G, seeds=seeds)
+    assert calls[0] == 1 and inside.image_features is None
+    assert inside.completion_ids.tolist() == shared.completion_ids.tolist()
 
 
 def test_stop_strings_and_top_p(setup):

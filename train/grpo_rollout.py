@@ -128,16 +128,12 @@ class TorchRollout:
         starts = [sum(counts[:b]) for b in range(len(counts))]
         prompt_images = [list(range(start, start + count)) for start, count in zip(starts, counts)]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        features = None
-        image_kwargs: dict = {}
-        if "pixel_values" in batch:
-            features = base.model.vision_embed_tokens.per_image(batch["pixel_values"], batch["image_sizes"])
-            image_kwargs = {"image_features": features, "sequence_images": prompt_images}
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         image_token_id = base.config.image_token_id
         end_ids = model.generation_config.eos_token_id
         end_ids = torch.tensor(end_ids if isinstance(end_ids, list | tuple) else [end_ids], device=device)
         with root_unit_gathered(model) if self.synced else contextlib.nullcontext():
+            features, image_kwargs = self._prefill_images(base, batch, prompt_images)
             out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1, **image_kwargs)
             cache = out.cache
@@ -185,8 +181,22 @@ class TorchRollout:
         return Completions(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                            completion_mask=completion_mask, texts=texts, pixel_values=batch.get("pixel_values"),
                            image_sizes=batch.get("image_sizes"), prompt_images=prompt_images,
-                           image_features=[f.detach() for f in features] if features is not None and
-                           self.share_features else None, truncated=truncated)
+                           image_features=features, truncated=truncated)
+
+    def _prefill_images(self, base, batch: dict, prompt_images: list[list[int]]) -> tuple[list | None, dict]:
+        """(features kept for the loss passes, the prefill's image inputs). Sharing: each image encoded here, once,
+        and its features kept; a text-only micro-batch keeps `[]` ("no image, the vision path is done"), so that its
+        loss passes run no tower either (every rank then runs the same modules under ZeRO-3). Not sharing (FSDP, a
+        tower with LoRA): the prefill's forward encodes each prompt's images once itself."""
+        if not self.share_features:
+            if "pixel_values" not in batch:
+                return None, {}
+            return None, {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"],
+                          "sequence_images": prompt_images}
+        if "pixel_values" not in batch:
+            return [], {}
+        features = base.model.vision_embed_tokens.per_image(batch["pixel_values"], batch["image_sizes"])
+        return features, {"image_features": features, "sequence_images": prompt_images}
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, end_ids: set[int]) -> str:
         """A completion's text: its tokens before the first end id, special tokens dropped, stripped."""
