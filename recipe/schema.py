@@ -296,6 +296,9 @@ class GrpoSection:
         "group", "Divide advantages by the group's reward std, the step's (batch), or not (Dr. GRPO: none).")
     num_iterations: int = option(1, "Optimizer steps per generation (importance ratios against the sampling policy).",
                                  ge=1)
+    share_prompt: bool = option(
+        True, "One LM pass over each prompt for its G completions in the loss pass (prefix-sharing layout, same "
+              "log-probs; sdpa or eager attention); false: G rows, each computing the prompt.")
     lr: float | None = option(None, "Peak learning rate of the GRPO stage; null: train.lr.", gt=0)
     max_steps: int | None = option(
         None, "Optimizer steps of the GRPO stage; null: train.max_steps / train.epochs.", ge=1)

@@ -107,17 +107,31 @@ def test_the_loss_pass_reuses_the_rollout_features_and_scores_what_pixels_would(
     model, processor, examples = setup
     completions = engine(processor).sample(model, examples, num_generations=G,
                                            seeds=completion_seeds(0, 2, range(len(examples)), G))
-    batch = rollout_batch(completions)
+    batch = rollout_batch(completions, processor.tokenizer.pad_token_id)
+    rows_only = {k: v for k, v in batch.items() if not k.startswith("shared_")}
     calls = [0]
     handle = model.get_base_model().model.vision_embed_tokens.img_processor.register_forward_hook(
         lambda *_: calls.__setitem__(0, calls[0] + 1))
     shared, _ = completion_token_logps(model, batch, 1.0)
     assert calls[0] == 0  # no vision pass: the rollout's features serve every completion
-    from_pixels, _ = completion_token_logps(model, {k: v for k, v in batch.items() if k != "image_features"}, 1.0)
+    in_rows, _ = completion_token_logps(model, rows_only, 1.0)
+    from_pixels, _ = completion_token_logps(model, {k: v for k, v in rows_only.items() if k != "image_features"}, 1.0)
     assert calls[0] == 1  # one pass for the micro-batch's prompts, shared over their G rows
     handle.remove()
-    torch.testing.assert_close(shared, from_pixels, atol=1e-5, rtol=0)
+    # The prefix-sharing layout (each prompt once for its G completions) gives the G-row layout's log-probs.
+    assert batch["shared_input_ids"].shape[0] == len(examples)
+    assert batch["shared_input_ids"].numel() < batch["input_ids"].numel()
+    torch.testing.assert_close(shared, in_rows, atol=1e-5, rtol=0)
+    torch.testing.assert_close(in_rows, from_pixels, atol=1e-5, rtol=0)
     assert (shared[batch["completion_mask"] == 0] == 0).all() and (shared[batch["completion_mask"] == 1] < 0).all()
+    # ... and the same gradients.
+    grads = []
+    for layout in (batch, rows_only):
+        model.zero_grad()
+        completion_token_logps(model, layout, 1.0)[0].sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-4)
 
 
 def overrides(run_dir, synthetic, **grpo_keys):

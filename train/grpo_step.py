@@ -54,7 +54,14 @@ from train.grpo_losses import (
 )
 from train.grpo_rewards import Reward, score_completions
 from train.grpo_rollout import Completions, RolloutEngine, without_image_slots
-from train.losses import supervised_positions, token_logps, unwrapped
+from train.grpo_shared import shared_layout
+from train.losses import (
+    attn_implementation,
+    prefix_sharing_mask,
+    supervised_positions,
+    token_logps,
+    unwrapped,
+)
 from train.trainable import dpo_parts
 
 log = logging.getLogger(__name__)
@@ -99,8 +106,9 @@ def _gather(values: torch.Tensor) -> torch.Tensor:
     return torch.cat(gathered)
 
 
-def rollout_batch(completions: Completions) -> dict:
-    """The micro-batch tensors of `completions` (module doc's layout)."""
+def rollout_batch(completions: Completions, pad_token_id: int | None = None) -> dict:
+    """The micro-batch tensors of `completions` (module doc's layout); with `pad_token_id`, also the prefix-sharing
+    layout of train/grpo_shared.py (`shared_*`)."""
     group = completions.num_generations
     prompt_ids = completions.prompt_ids.repeat_interleave(group, dim=0)
     prompt_mask = completions.prompt_mask.repeat_interleave(group, dim=0)
@@ -115,27 +123,52 @@ def rollout_batch(completions: Completions) -> dict:
         batch["pixel_values"], batch["image_sizes"] = completions.pixel_values, completions.image_sizes
     if completions.image_features is not None:
         batch["image_features"] = completions.image_features
+    if pad_token_id is not None:
+        batch.update(shared_layout(completions.prompt_ids, completions.prompt_mask, completions.completion_ids,
+                                   completions.completion_mask, pad_token_id))
+        batch["prompt_images"] = completions.prompt_images
     return batch
 
 
-def image_kwargs(batch: dict) -> dict:
+def image_kwargs(batch: dict, shared: bool = False) -> dict:
     """The loss pass's image inputs: the rollout's features when reusable, else the prompts' pixels (encoded once
-    per prompt, shared over its G rows); none for a text-only micro-batch."""
+    per prompt, shared over its G rows, or its one row in the shared layout); none for a text-only micro-batch."""
+    rows = batch["prompt_images"] if shared else batch["sequence_images"]
     if "image_features" in batch:
-        return {"image_features": batch["image_features"], "sequence_images": batch["sequence_images"]}
+        return {"image_features": batch["image_features"], "sequence_images": rows}
     if "pixel_values" in batch:
-        return {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"],
-                "sequence_images": batch["sequence_images"]}
+        return {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"], "sequence_images": rows}
     return {}
+
+
+def shares_prompt(model, batch: dict) -> bool:
+    """Whether the loss pass runs the prefix-sharing layout: built for this batch, and an attention that takes a
+    block mask (sdpa, eager; flash-attention-2 does not)."""
+    return "shared_input_ids" in batch and attn_implementation(model) in ("sdpa", "eager")
+
+
+def completion_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (tokens, V) for each completion token, row-major over the completion mask; those tokens), from the
+    prefix-sharing layout where `shares_prompt`, else from the G-row layout (the same values)."""
+    if shares_prompt(model, batch):
+        dtype = unwrapped(model).get_input_embeddings().weight.dtype
+        mask = prefix_sharing_mask(batch["shared_segments"], attn_implementation(model), dtype)
+        logits = model(input_ids=batch["shared_input_ids"], attention_mask=mask,
+                       position_ids=batch["shared_position_ids"], logits_to_keep=batch["shared_keep"],
+                       use_cache=False, **image_kwargs(batch, shared=True)).logits
+        targets = batch["input_ids"][:, -batch["completion_mask"].shape[1]:][batch["completion_mask"].bool()]
+        return logits[batch["shared_token_index"]], targets
+    keep, targets = supervised_positions(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False,
+                   **image_kwargs(batch)).logits
+    return logits, targets
 
 
 def completion_token_logps(model, batch: dict, temperature: float, *, entropy: bool = False):
     """(log-probs (N, C) of the completion tokens at `temperature`, 0 on padding; the mean token entropy or None).
     Logits only at the positions whose next token is a completion token."""
-    keep, targets = supervised_positions(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False,
-                   **image_kwargs(batch)).logits  # (tokens, V)
+    logits, targets = completion_logits(model, batch)  # (tokens, V)
     image_token_id = unwrapped(model).config.image_token_id
     logits = without_image_slots(logits, image_token_id) / temperature
     mask = batch["completion_mask"].bool()
@@ -240,7 +273,7 @@ class GRPOData:
                                   answer_pattern=self.answer_pattern)
         per_function = torch.tensor(table, dtype=torch.float32).reshape(len(row_examples), len(self.rewards))
         weights = torch.tensor([reward.weight for reward in self.rewards], dtype=torch.float32)
-        batch = rollout_batch(completions)
+        batch = rollout_batch(completions, self.processor.tokenizer.pad_token_id if self.grpo.share_prompt else None)
         batch["rewards_per_function"] = per_function
         batch["rewards"] = (per_function * weights).nansum(dim=1)
         batch["indices"] = torch.tensor(indices, dtype=torch.long)
