@@ -22,9 +22,11 @@ prompt, then the right-padded completion (TRL's layout), `labels` = the completi
 loop's token counts and the supervised-position logits of train/losses.py apply as they are.
 
 `GRPOLoss` computes the completion tokens' log-probs at the sampling temperature (logits / temperature, as TRL),
-the clipped per-token loss and the loop's per-completion terms. Image features: with a frozen tower and projector
-(and outside FSDP) the features the rollout computed are reused (no vision pass in the loss pass); otherwise each
-prompt's images are encoded once per pass and shared over its G rows (`sequence_images`).
+the clipped per-token loss and the loop's per-completion terms. The language model reads each prompt once for its G
+completions (`grpo.share_prompt`: train/grpo_shared.py's layout, the same log-probs as the G-row layout). Image
+features: with a frozen tower and projector (and outside FSDP) the features the rollout computed are reused (no
+vision pass in the loss pass); otherwise each prompt's images are encoded once per pass and shared over its
+completions (`sequence_images`).
 
 Resume: the loop state counts micro-batches; a resume that lands inside a generation's `num_iterations` passes
 samples that generation again with the resumed weights (the same seeds), so it is exact only at generation
