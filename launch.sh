@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One launcher for every scale: a CPU smoke run, one GPU, N GPUs, N nodes (SLURM or plain env vars).
-# Runs the recipe's stages in order: sft -> dpo (each with its eval hook when `eval` is a stage) -> export.
+# Runs the recipe's stages in order: sft -> dpo -> grpo (each with its eval hook when `eval` is a stage) -> export.
 set -euo pipefail
 
 usage() {
@@ -119,13 +119,13 @@ fi
 commands=()
 for stage in "${stages[@]}"; do
   case "$stage" in
-    sft|dpo) commands+=("$(printf '%q ' "${env_prefix[@]}" "${launcher[@]}" "$here/train/$stage.py" "$recipe" "${run_overrides[@]}")") ;;
+    sft|dpo|grpo) commands+=("$(printf '%q ' "${env_prefix[@]}" "${launcher[@]}" "$here/train/$stage.py" "$recipe" "${run_overrides[@]}")") ;;
     eval) ;;  # the eval hook runs inside the training stages; alone it is: python -m eval RECIPE --model RUN_DIR
     export) [[ $NODE_RANK -eq 0 ]] && commands+=("$(printf '%q ' "$PYTHON" -m train.export "$output_dir")") ;;
   esac
 done
 # Export and a lone eval run once, on node 0 (the other nodes only take part in the training stages).
-if [[ $NODE_RANK -eq 0 && " ${stages[*]} " == *" eval "* && " ${stages[*]} " != *" sft "* && " ${stages[*]} " != *" dpo "* ]]; then
+if [[ $NODE_RANK -eq 0 && " ${stages[*]} " == *" eval "* && " ${stages[*]} " != *" sft "* && " ${stages[*]} " != *" dpo "* && " ${stages[*]} " != *" grpo "* ]]; then
   commands+=("$(printf '%q ' "$PYTHON" -m eval "$recipe" --model "$output_dir")")
 fi
 

@@ -6,7 +6,10 @@ font or file outside the page, so the report reads offline and in any browser.
 
 Charts per stage (a chart is left out when the history has none of its values): loss (and, for SFT, the validation
 loss on `data.eval`, `summary["validation"]`), learning rate, gradient norm; for DPO also the reward margin and the
-reward accuracy (TRL's `rewards/margins` and `rewards/accuracies`, means over each logged step's pairs).
+reward accuracy (TRL's `rewards/margins` and `rewards/accuracies`, means over each logged step's pairs); for GRPO the
+mean reward of the sampled completions, the share of groups whose rewards were all equal, the KL to the start (with
+`grpo.beta > 0`), the clipped share of tokens, the completions' length and entropy, and a table of the last
+generation's best and worst prompt groups with each completion and its reward.
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ CHARTS = {
         Chart("rewards/accuracies", "Reward accuracy", "accuracy", (Series("accuracy", "rewards/accuracies"),)),
         Chart("lr", "Learning rate", "learning rate", (Series("lr", "lr"),)),
         Chart("grad_norm", "Gradient norm (before clipping)", "grad norm", (Series("grad norm", "grad_norm"),)),
+    ),
+    "grpo": (
+        Chart("reward", "Mean reward of the sampled completions", "reward", (Series("reward", "reward"),)),
+        Chart("frac_reward_zero_std", "Groups with equal rewards (no signal)", "share",
+              (Series("groups", "frac_reward_zero_std"),)),
+        Chart("kl", "KL to the starting policy (k3, per token)", "KL", (Series("kl", "kl"),)),
+        Chart("clip_ratio/region_mean", "Clipped tokens", "share", (Series("clipped", "clip_ratio/region_mean"),)),
+        Chart("completions/mean_length", "Completion length", "tokens",
+              (Series("length", "completions/mean_length"),)),
+        Chart("entropy", "Token entropy", "nats", (Series("entropy", "entropy"),)),
+        Chart("loss", "Loss", "loss", (Series("train", "loss"),)),
     ),
 }
 
@@ -184,7 +198,22 @@ def stage_curves(stage: str, summary: Mapping) -> str:
     steps = summary.get("steps")
     note = f" ({steps} optimizer steps)" if isinstance(steps, int) else ""
     return (f'<h3>{html.escape(stage)}{note}</h3><div class="curves" data-stage="{html.escape(stage)}">'
-            + "".join(charts) + "</div>")
+            + "".join(charts) + "</div>" + samples_table(summary.get("sampled_groups") or ()))
+
+
+def samples_table(groups: Sequence[Mapping]) -> str:
+    """GRPO's sampled completions of its last generation with their rewards, best and worst prompt groups first
+    (`summary["sampled_groups"]`, written by train/grpo.py); "" for a stage without them."""
+    if not groups:
+        return ""
+    rows = []
+    for group in groups:
+        completions = "<br>".join(f"{html.escape(repr(c['text']))} &rarr; {c['reward']:.3g}"
+                                  for c in group["completions"])
+        rows.append(f"<tr><td>{html.escape(group['prompt'])}</td><td>{html.escape(', '.join(group['references']))}"
+                    f'</td><td class="num">{group["mean_reward"]:.3g}</td><td>{completions}</td></tr>')
+    return ('<table class="samples"><tr><th>prompt (last generation)</th><th>reference</th><th>mean reward</th>'
+            "<th>completions &rarr; reward</th></tr>" + "".join(rows) + "</table>")
 
 
 def curves_section(run_dir: str | Path) -> str:

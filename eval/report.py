@@ -32,8 +32,8 @@ from eval.curves import STYLE as CURVES_STYLE
 from eval.curves import curves_section
 from recipe.run_dir import eval_dir, write_file_atomically, write_text_atomically
 
-STAGES = ("base", "sft", "dpo")
-DELTAS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"))
+STAGES = ("base", "sft", "dpo", "grpo")
+DELTAS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"), ("grpo", "sft"), ("grpo", "base"))
 EXAMPLES_PER_LIST = 5
 THUMBNAIL_SIDE = 160
 """The longest side of a thumbnail, in pixels."""

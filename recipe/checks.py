@@ -104,11 +104,11 @@ def _duplicates(path: str, values: tuple[str, ...], consequence: str) -> list[st
 
 def _stage_problems(stages: tuple[str, ...]) -> list[str]:
     if not stages:
-        return [issue("stages", stages, "nothing would run", "list some of sft, dpo, eval, export")]
+        return [issue("stages", stages, "nothing would run", "list some of sft, dpo, grpo, eval, export")]
     problems = _duplicates("stages", stages, "so it would run twice")
     listed = list(dict.fromkeys(stages))
     if listed != sorted(listed, key=STAGE_ORDER.index):
-        what = "stages run in the order sft, dpo, eval, export: each uses the output of the one before"
+        what = "stages run in the order sft, dpo, grpo, eval, export: each uses the output of the one before"
         problems.append(issue("stages", stages, what, f"write {sorted(listed, key=STAGE_ORDER.index)}"))
     return problems
 
@@ -195,7 +195,7 @@ def _stage_data_problems(data: DataSection, stages: tuple[str, ...]) -> list[str
 
 def _train_problems(recipe: Recipe) -> list[str]:
     train, problems = recipe.train, []
-    if {"sft", "dpo"} & set(recipe.stages) and (train.max_steps is None) == (train.epochs is None):
+    if {"sft", "dpo", "grpo"} & set(recipe.stages) and (train.max_steps is None) == (train.epochs is None):
         if train.max_steps is None:
             what, fix = (
                 "train.epochs is null too, so training has no length",
@@ -243,6 +243,9 @@ def _sequence_parallel_problems(recipe: Recipe) -> list[str]:
     if size > recipe.data.max_length:
         problems.append(issue(path, size, f"a group larger than data.max_length ({recipe.data.max_length}) leaves "
                               "ranks without a token", "use a smaller group"))
+    if "grpo" in recipe.stages:
+        problems.append(issue(path, size, "the grpo stage does not split sequences (its rollouts generate whole "
+                              "prompts on each rank)", "run grpo in its own launch with train.sequence_parallel=1"))
     return problems
 
 
@@ -306,6 +309,45 @@ def _export_problems(recipe: Recipe) -> list[str]:
     return []
 
 
+def _pattern_problem(path: str, pattern: str | None) -> list[str]:
+    if pattern is None:
+        return []
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return [issue(path, pattern, f"not a regular expression ({error})", "fix the pattern (Python re syntax)")]
+    return []
+
+
+def _grpo_problems(recipe: Recipe) -> list[str]:
+    grpo = recipe.grpo
+    if "grpo" not in recipe.stages:
+        return []
+    problems = _duplicates("grpo.rewards", tuple(r.function or r.type for r in grpo.rewards), "so it would count twice")
+    if not grpo.rewards:
+        problems.append(issue("grpo.rewards", grpo.rewards, "GRPO would have no reward", "list e.g. {type: exact_match}"))
+    for index, reward in enumerate(grpo.rewards):
+        if reward.type == "format" and not reward.pattern:
+            problems.append(issue(f"grpo.rewards.{index}.pattern", None, "a format reward needs a pattern",
+                                  "set pattern, e.g. '^<think>.*</think>\\s*<answer>.*</answer>$'"))
+        if reward.type == "function" and (not reward.function or ":" not in reward.function):
+            problems.append(issue(f"grpo.rewards.{index}.function", reward.function, "a function reward needs the "
+                                  "import path of your function", "set function: my_module:my_reward"))
+        problems += _pattern_problem(f"grpo.rewards.{index}.pattern", reward.pattern)
+    problems += _pattern_problem("grpo.answer_pattern", grpo.answer_pattern)
+    if grpo.top_p > 1:
+        problems.append(issue("grpo.top_p", grpo.top_p, "a probability mass above 1", "set it in (0, 1]"))
+    if grpo.beta > 0 and recipe.model.language == "full":
+        what = "the KL reference is the adapter-disabled model, and model.language: full trains no adapter"
+        problems.append(issue("grpo.beta", grpo.beta, what, "set grpo.beta: 0.0, or model.language: lora"))
+    if grpo.num_iterations > 1 and recipe.train.checkpoint_every % grpo.num_iterations:
+        what = (f"a checkpoint inside a generation's {grpo.num_iterations} passes would resume by sampling it again, "
+                "not exactly")
+        problems.append(issue("train.checkpoint_every", recipe.train.checkpoint_every, what,
+                              f"use a multiple of grpo.num_iterations ({grpo.num_iterations})"))
+    return problems
+
+
 def recipe_problems(recipe: Recipe) -> list[str]:
     """Every cross-field problem of a well-typed, in-range recipe; empty when it is valid."""
     return [
@@ -314,6 +356,7 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         *_data_problems(recipe),
         *_train_problems(recipe),
         *_dpo_problems(recipe),
+        *_grpo_problems(recipe),
         *_eval_problems(recipe),
         *_export_problems(recipe),
         *_duplicates("logging.report_to", recipe.logging.report_to, "so it would log twice"),

@@ -60,7 +60,7 @@ EVAL = "eval"
 LOGS = "logs"
 CACHE = ".cache"
 DIAGNOSTICS = "diagnostics"
-TRAINED_STAGES = ("sft", "dpo")
+TRAINED_STAGES = ("sft", "dpo", "grpo")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_CONFIG = "config.json"
@@ -103,8 +103,8 @@ def summary_file(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / stage / SUMMARY
 
 
-def start_file(run_dir: Path) -> Path:
-    return Path(run_dir) / "dpo" / START
+def start_file(run_dir: Path, stage: str = "dpo") -> Path:
+    return Path(run_dir) / stage / START
 
 
 def eval_dir(run_dir: Path) -> Path:
@@ -428,7 +428,7 @@ def stage_weights(run_dir: Path, stage: str, recipe: Recipe | None = None) -> We
         return base_weights(run_dir, recipe)
     adapter, merged = adapter_dir(run_dir, stage), merged_dir(run_dir, stage)
     if is_adapter(adapter):
-        start = base_weights(run_dir, recipe) if stage == "sft" else read_start(run_dir)
+        start = base_weights(run_dir, recipe) if stage == "sft" else read_start(run_dir, stage)
         return verify_weights(Weights(base=start.base, revision=start.revision, adapters=(*start.adapters, adapter)))
     if is_checkpoint(merged):
         return verify_weights(Weights(base=str(merged)))
@@ -483,18 +483,28 @@ def start_weights_sha256(start: Weights) -> list[dict[str, str]]:
     return hashes
 
 
-def write_start(run_dir: Path, start: Weights) -> Path:
-    """dpo/start.json: the starting weights, with the hash of each of their weight files (to detect a changed SFT
-    model, its projector included)."""
+def write_start(run_dir: Path, start: Weights, stage: str = "dpo") -> Path:
+    """<stage>/start.json (DPO, GRPO): the starting weights, with the hash of each of their weight files (to detect
+    a changed starting model, its projector included)."""
     record = {"base": start.base, "revision": start.revision, "adapters": [str(a) for a in start.adapters],
               "weights_sha256": start_weights_sha256(start)}
-    return write_json_atomically(start_file(run_dir), record)
+    return write_json_atomically(start_file(run_dir, stage), record)
 
 
-def read_start(run_dir: Path) -> Weights:
-    path = start_file(run_dir)
+def grpo_start(recipe: Recipe, run_dir: Path) -> Weights:
+    """What GRPO starts from: this run's DPO model when its stages include dpo, else its SFT model when they include
+    sft, else the base."""
+    for stage in ("dpo", "sft"):
+        if stage in recipe.stages:
+            return stage_weights(run_dir, stage, recipe)
+    return recipe_base(recipe, run_dir)
+
+
+def read_start(run_dir: Path, stage: str = "dpo") -> Weights:
+    path = start_file(run_dir, stage)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the DPO stage records its starting point there when it starts")
+        raise FileNotFoundError(f"{path} is missing: the {stage} stage records its starting point there when it "
+                                "starts")
     record = json.loads(path.read_text(encoding="utf-8"))
     return Weights(base=record["base"], revision=record.get("revision"),
                    adapters=tuple(Path(a) for a in record.get("adapters", ())))

@@ -22,19 +22,25 @@ EvalTask = Literal["chartqa", "docvqa", "textvqa", "ai2d", "scienceqa", "pope", 
 DpoLossType = Literal[
     "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"
 ]
-Stage = Literal["sft", "dpo", "eval", "export"]
+Stage = Literal["sft", "dpo", "grpo", "eval", "export"]
 Quantization = Literal["none", "nf4", "fp4", "int8"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit"]
-TrainedStage = Literal["base", "sft", "dpo"]
+TrainedStage = Literal["base", "sft", "dpo", "grpo"]
+GrpoLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+GrpoRewardType = Literal[
+    "exact_match", "relaxed_accuracy", "anls", "vqa_accuracy", "option_letter", "format", "length", "function"
+]
 
-# Which training stage reads which source formats; `synthetic` draws both conversations and preference pairs.
+# Which training stage reads which source formats; `synthetic` draws both conversations and preference pairs. GRPO
+# reads the SFT rows: the turns before the last answer are its prompt, that answer its reference.
 STAGE_FORMATS = {
     "sft": frozenset({"trl_messages", "llava", "sharegpt", "vqa", "synthetic"}),
     "dpo": frozenset({"trl_preference", "rlaif_v", "synthetic"}),
+    "grpo": frozenset({"trl_messages", "llava", "sharegpt", "vqa", "synthetic"}),  # prompts + reference answers
 }
 # TRL's DPO losses whose formula has a label-smoothing term (conservative DPO, robust DPO).
 LABEL_SMOOTHING_LOSSES = frozenset({"sigmoid", "robust"})
-STAGE_ORDER: tuple[Stage, ...] = ("sft", "dpo", "eval", "export")
+STAGE_ORDER: tuple[Stage, ...] = ("sft", "dpo", "grpo", "eval", "export")
 # PIL's decompression-bomb limit; data/images.py refuses larger images by default.
 MAX_IMAGE_PIXELS = 89_478_485
 # Where a `synthetic` source without a path writes the demo's dataset (data/synthetic.py draws it).
@@ -225,7 +231,10 @@ RESUME_KEYS_COMMON = (
 )
 RESUME_KEYS_DPO = ("dpo.lr", "dpo.max_steps", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.sft_weight",
                    "dpo.mdpo_weight")
-RESUME_KEYS = RESUME_KEYS_COMMON + RESUME_KEYS_DPO
+RESUME_KEYS_GRPO = ("grpo.lr", "grpo.max_steps", "grpo.rewards", "grpo.prompt_suffix", "grpo.answer_pattern", "grpo.num_generations",
+                    "grpo.temperature", "grpo.top_p", "grpo.max_new_tokens", "grpo.stop_strings", "grpo.loss_type",
+                    "grpo.epsilon", "grpo.epsilon_high", "grpo.beta", "grpo.scale_rewards", "grpo.num_iterations")
+RESUME_KEYS = RESUME_KEYS_COMMON + RESUME_KEYS_DPO + RESUME_KEYS_GRPO
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -254,6 +263,50 @@ class DpoSection:
     )
     ref_batch_size: int = option(8, "Pairs per batch when precomputing reference log-probs.", ge=1)
     from_sft: str | None = option(None, "SFT run dir or adapter path to start from; null: the base model.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GrpoReward:
+    type: GrpoRewardType = option(
+        "exact_match",
+        "A task metric (exact_match, relaxed_accuracy, anls, vqa_accuracy, option_letter: the eval's own scorer, on "
+        "the answer), format (1 when `pattern` matches the completion), length (-tokens / grpo.max_new_tokens), or "
+        "function (`function`: module:function, called as f(completion: str, example: EvalExample) -> float | None; "
+        "docs/grpo.md).")
+    weight: float = option(1.0, "Weight of this reward in the summed reward.", gt=0)
+    pattern: str | None = option(None, "format: the regular expression the completion must contain (re.search).")
+    function: str | None = option(None, "function: the import path `module:function` of your reward.")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GrpoSection:
+    rewards: tuple[GrpoReward, ...] = option((GrpoReward(),), "Rewards, summed with their weights (train/grpo_rewards.py).")
+    prompt_suffix: str | None = option(
+        None, "Text appended to each prompt's last user turn, e.g. an instruction to reason briefly and then give "
+        "the answer in tags (what a format reward checks); null: the rows' prompts as they are.")
+    answer_pattern: str | None = option(
+        None, "Regular expression whose first group is the answer the metric rewards score (e.g. "
+        "'<answer>(.*?)</answer>'); no match scores 0; null: the whole completion.")
+    num_generations: int = option(8, "Completions sampled per prompt (the group advantages are computed in).", ge=2)
+    temperature: float = option(1.0, "Sampling temperature; the loss scores log-probs at it too (as TRL).", gt=0)
+    top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens reaching this mass (<= 1).", gt=0)
+    max_new_tokens: int = option(64, "Most tokens per completion (dr_grpo divides by it).", ge=1)
+    stop_strings: tuple[str, ...] = option((), "A completion also ends at the token completing one of these.")
+    loss_type: GrpoLossType = option("dapo", "TRL's GRPO loss normalisation: grpo, bnpo, dr_grpo, dapo (TRL's default).")
+    epsilon: float = option(0.2, "Clip range below (and above, unless epsilon_high) the importance ratio 1.", gt=0, lt=1)
+    epsilon_high: float | None = option(None, "Upper clip range (DAPO's clip-higher, e.g. 0.28); null: epsilon.", gt=0)
+    beta: float = option(0.0, "Weight of the KL penalty to the starting policy (adapter disabled); 0: no "
+                              "reference pass (TRL's default).", ge=0)
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", "Divide advantages by the group's reward std, the step's (batch), or not (Dr. GRPO: none).")
+    num_iterations: int = option(1, "Optimizer steps per generation (importance ratios against the sampling policy).",
+                                 ge=1)
+    share_prompt: bool = option(
+        True, "One LM pass over each prompt for its G completions in the loss pass (prefix-sharing layout, same "
+              "log-probs; sdpa or eager attention); false: G rows, each computing the prompt.")
+    lr: float | None = option(None, "Peak learning rate of the GRPO stage; null: train.lr.", gt=0)
+    max_steps: int | None = option(
+        None, "Optimizer steps of the GRPO stage; null: train.max_steps / train.epochs.", ge=1)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -304,10 +357,11 @@ class Recipe:
     data: DataSection = section(DataSection, "Data sources and how samples are rendered and batched.")
     train: TrainSection = section(TrainSection, "Optimiser, schedule and checkpoints (SFT and DPO).")
     dpo: DpoSection = section(DpoSection, "The DPO stage.")
+    grpo: GrpoSection = section(GrpoSection, "The GRPO stage (reinforcement learning on the task metrics).")
     eval: EvalSection = section(EvalSection, "Scoring with task metrics.")
     export: ExportSection = section(ExportSection, "What the export stage writes.")
     stages: tuple[Stage, ...] = option(
-        ("sft", "export"), "Stages to run, in the order sft, dpo, eval, export."
+        ("sft", "export"), "Stages to run, in the order sft, dpo, grpo, eval, export."
     )
     output_dir: str | None = option(None, "Run directory; null: runs/<recipe-name>-<timestamp>/.")
     overwrite_output_dir: bool = option(False, "Allow writing into a run directory that already holds files.")

@@ -167,7 +167,7 @@ def test_unknown_key_inside_a_list_item_keeps_the_index():
 
 def test_key_in_the_wrong_section_points_to_where_it_belongs():
     (problem,) = problems_of(with_(MINIMAL, model={"lr": 1.0e-4}))
-    assert problem.startswith("unknown key 'model.lr' — did you mean 'train.lr' or 'dpo.lr'?")
+    assert problem.startswith("unknown key 'model.lr' — did you mean 'train.lr' or 'dpo.lr' or 'grpo.lr'?")
 
 
 def test_unknown_key_without_a_near_match_lists_the_valid_keys():
@@ -242,7 +242,7 @@ def test_lists_mappings_and_sections_are_checked_item_by_item():
         "data.train.0.columns.q = 1: expected str, got an integer. Fix: quote it: '1'.",
         "eval = [1]: expected mapping, got a list. Fix: write eval as a mapping of its keys (tasks, limit, when, "
         "every_steps, max_new_tokens, batch_size, gate_margin).",
-        "stages.1 = 'train': expected one of 'sft', 'dpo', 'eval', 'export'. Fix: write one of them.",
+        "stages.1 = 'train': expected one of 'sft', 'dpo', 'grpo', 'eval', 'export'. Fix: write one of them.",
     )
 
 
@@ -348,7 +348,7 @@ def test_cross_field_problems_are_collected_into_one_error():
     with pytest.raises(RecipeError) as caught:
         parse_recipe(mapping)
     assert caught.value.problems == (
-        "stages = ['dpo', 'sft', 'eval']: stages run in the order sft, dpo, eval, export: each uses the output of "
+        "stages = ['dpo', 'sft', 'eval']: stages run in the order sft, dpo, grpo, eval, export: each uses the output of "
         "the one before. Fix: write ['sft', 'dpo', 'eval'].",
         "data.max_length = 1024: the smallest image takes 1321 tokens at model.num_crops=16, so no sample with an "
         "image would fit. Fix: raise data.max_length above that plus the text, or lower model.num_crops.",
@@ -368,14 +368,14 @@ def test_cross_field_problems_are_collected_into_one_error():
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"stages": []}, "stages = []: nothing would run. Fix: list some of sft, dpo, eval, export."),
+        ({"stages": []}, "stages = []: nothing would run. Fix: list some of sft, dpo, grpo, eval, export."),
         (
             {"stages": ["export", "sft", "sft"]},
             "stages = ['export', 'sft', 'sft']: 'sft' is listed twice, so it would run twice. Fix: list it once.",
         ),
         (
             {"stages": ["export", "sft", "sft"]},
-            "stages = ['export', 'sft', 'sft']: stages run in the order sft, dpo, eval, export: each uses the "
+            "stages = ['export', 'sft', 'sft']: stages run in the order sft, dpo, grpo, eval, export: each uses the "
             "output of the one before. Fix: write ['sft', 'export'].",
         ),
         (

@@ -48,10 +48,11 @@ def test_the_shipped_recipes_are_all_found():
 def test_recipe_dry_runs_every_training_stage(path):
     recipe = load_recipe(path)
     summary = summary_of(path)
-    assert list(summary["stages"]) == [stage for stage in recipe.stages if stage in ("sft", "dpo")]
+    assert list(summary["stages"]) == [stage for stage in recipe.stages if stage in ("sft", "dpo", "grpo")]
     for stage, result in summary["stages"].items():
         assert math.isfinite(result["loss"]), stage
-        rows = result["batch"]["input_ids"][0] // (2 if stage == "dpo" else 1)  # DPO: chosen and rejected rows
+        # DPO: chosen and rejected rows; GRPO: the G completions of each prompt
+        rows = result["batch"]["input_ids"][0] // {"dpo": 2, "grpo": recipe.grpo.num_generations}.get(stage, 1)
         assert result["batch"]["image_sizes"][0] >= rows  # every fixture row shows at least one image
         for part in PARTS:  # exactly the recipe's trained parts train
             assert (result["parameters"][part]["trainable"] > 0) == (part in result["trained_parts"]), (stage, part)

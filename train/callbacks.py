@@ -17,7 +17,7 @@ from train.model_loading import load_model
 def stages_to_score(recipe: Recipe) -> tuple[str, ...]:
     if "eval" not in recipe.stages or not recipe.eval.tasks:
         return ()
-    return recipe.eval.when or ("base", *[s for s in recipe.stages if s in ("sft", "dpo")])
+    return recipe.eval.when or ("base", *[s for s in recipe.stages if s in ("sft", "dpo", "grpo")])
 
 
 def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *, base_path: str, accelerator,

@@ -59,7 +59,7 @@ from safetensors.torch import load_file, save_file
 from recipe import Recipe, recipe_to_dict
 from recipe.manifest import ManifestError
 from recipe.run_dir import MANIFEST, manifest_file, verify_folder, write_folder_manifest
-from recipe.schema import RESUME_KEYS_COMMON, RESUME_KEYS_DPO
+from recipe.schema import RESUME_KEYS_COMMON, RESUME_KEYS_DPO, RESUME_KEYS_GRPO
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ def shaping_values(recipe: Recipe, stage: str, world_size: int) -> dict:
     keys = [k for k in RESUME_KEYS_COMMON if k not in ("world_size", "data")]
     if stage == "dpo":
         keys += RESUME_KEYS_DPO
+    if stage == "grpo":
+        keys += RESUME_KEYS_GRPO
     values = {key: _lookup(tree, key) for key in keys}
     values["world_size"] = world_size
     return json.loads(json.dumps(values))  # tuples as lists: the form run.json reads back

@@ -32,7 +32,6 @@ from recipe.run_dir import (
     cache_dir,
     dpo_start,
     mark_training_started,
-    recipe_base,
     stage_dir,
     write_json_atomically,
     write_start,
@@ -42,21 +41,11 @@ from train.checkpoint import data_fingerprint
 from train.cli import run_cli
 from train.loop import total_steps_for
 from train.losses import DPOLoss, count_pairs
-from train.model_loading import load_model, load_weights, save_trained
+from train.model_loading import load_policy, save_trained
 from train.preference_eval import preference_eval
 from train.trainable import configure_trainable, dpo_parts, report_trainable, upcast_trainable_
 
 log = logging.getLogger("train.dpo")
-
-
-def load_policy(start, recipe: Recipe, run_dir: Path, accelerator):
-    """The SFT policy: the starting weights with their adapters merged in (the recipe's base itself, built first
-    for `tiny`, when DPO starts from the base)."""
-    if start == recipe_base(recipe, run_dir):
-        model, processor, _ = load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
-        return model, processor
-    with device.whole_model_loading(accelerator):
-        return load_weights(start, recipe.model)
 
 
 CHOSEN_FALL_NATS = 0.25  # a smaller fall of the chosen log-prob is step-to-step noise (seen on the demo: +-0.5)

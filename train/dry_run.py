@@ -59,8 +59,9 @@ from models.quantization import apply_quantization, weight_bytes
 from recipe import ModelSection, Recipe, RecipeError, Source, load_recipe, recipe_help
 from recipe.checks import recipe_problems
 from recipe.errors import debug_requested
-from recipe.schema import STAGE_FORMATS
 from train.device import set_threads
+from train.grpo_dry_run import grpo_fixture_step
+from train.grpo_step import grpo_parts
 from train.losses import DPOLoss, count_pairs, sft_loss_sum, supervised_positions, supervised_tokens
 from train.model_loading import build_tiny
 from train.trainable import (
@@ -72,7 +73,7 @@ from train.trainable import (
     upcast_trainable_,
 )
 
-TRAINING_STAGES = tuple(STAGE_FORMATS)  # ("sft", "dpo")
+TRAINING_STAGES = ("sft", "dpo", "grpo")
 FIXTURE_ROWS_PER_SOURCE = 2
 # Row 0 of a source shows one image; row 1 shows two where the format holds several images per row.
 MULTI_IMAGE_FORMATS = frozenset({"trl_messages", "llava", "sharegpt", "trl_preference"})
@@ -308,6 +309,20 @@ def chunk_counts(batch: dict, size: int) -> list[int]:
     return [int((SequenceParallel(None, size, rank).local_rows(keep) >= 0).sum()) for rank in range(size)]
 
 
+def run_grpo_stage(recipe: Recipe, stage: str, folder: Path) -> dict[str, Any]:
+    """GRPO's fixture prompts (its sources' rows, as SFT reads them): one generation, rewards, loss and backward
+    (train/grpo_dry_run.py); the stage's summary."""
+    indexed = [(index, source) for index, source in enumerate(recipe.data.train) if stage_sources((source,), stage)]
+    samples = [sample for index, source in indexed for sample in source_samples(source, index, "sft", folder / stage)]
+    parts = grpo_parts(recipe.model)
+    model, processor = trainable_model(recipe, parts)
+    summary = grpo_fixture_step(recipe, samples, model, processor, parts)
+    check_finite_gradients(model)
+    return {"sources": [{"format": s.format, "path": s.path, "fixture_rows": FIXTURE_ROWS_PER_SOURCE}
+                        for _, s in indexed],
+            **summary, "parameters": trainable_counts(model), "weight_bytes": weight_bytes(model)}
+
+
 def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Validate `recipe` and run one fixture batch per training stage; the summary per stage (sources, batch
     shapes, units, loss, trained parts, trainable and total parameters per part). Raises RecipeError for an
@@ -320,7 +335,8 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     stages = {}
     with tempfile.TemporaryDirectory(prefix="dry-run-") as tmp:
         for stage in (s for s in recipe.stages if s in TRAINING_STAGES):
-            stages[stage] = run_stage(recipe, stage, Path(tmp))
+            run = run_grpo_stage if stage == "grpo" else run_stage
+            stages[stage] = run(recipe, stage, Path(tmp))
     return {
         "model": {"recipe": recipe.model.name_or_path, "dry_run": "tiny", "num_crops": recipe.model.num_crops,
                   "dtype": recipe.model.dtype, "precision": recipe.train.precision,

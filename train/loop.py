@@ -155,7 +155,10 @@ def micro_batches(make_loader: Callable[[int], object], state: LoopState, accele
     while True:
         loader = make_loader(state.epoch)
         if state.micro_batches_in_epoch:
-            loader = accelerator.skip_first_batches(loader, state.micro_batches_in_epoch)
+            # A loader that generates its batches (GRPO's rollouts) skips them itself.
+            skip = getattr(loader, "skip_first_batches", None)
+            loader = (skip(state.micro_batches_in_epoch) if skip else
+                      accelerator.skip_first_batches(loader, state.micro_batches_in_epoch))
         group = []
         for batch in loader:
             group.append(batch)

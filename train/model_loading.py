@@ -19,7 +19,14 @@ from models.phi3v.export_files import remote_code_repo, write_old_stack_tokenize
 from models.phi3v.tiny import build_demo_model
 from models.quantization import apply_quantization
 from recipe import ModelSection, Recipe
-from recipe.run_dir import Weights, base_path, is_adapter, replace_dir_atomically, write_weights_manifest
+from recipe.run_dir import (
+    Weights,
+    base_path,
+    is_adapter,
+    recipe_base,
+    replace_dir_atomically,
+    write_weights_manifest,
+)
 from train.device import apply_liger, whole_model_loading
 from train.hub_export import base_hub_id
 
@@ -89,3 +96,13 @@ def save_trained(accelerator: Accelerator, model, processor, folder: Path, *, re
         replace_dir_atomically(folder, write)
     accelerator.wait_for_everyone()
     return folder
+
+
+def load_policy(start: Weights, recipe: Recipe, run_dir: Path, accelerator):
+    """The policy a stage after SFT starts from (DPO, GRPO): the starting weights with their adapters merged in (the
+    recipe's base itself, built first for `tiny`, when the stage starts from the base)."""
+    if start == recipe_base(recipe, run_dir):
+        model, processor, _ = load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
+        return model, processor
+    with whole_model_loading(accelerator):
+        return load_weights(start, recipe.model)
