@@ -61,6 +61,7 @@ def test_vision_tower_runs_once_per_batch_of_pairs(setup, vision, expected_calls
 
 def test_step_zero_loss_is_log_2_and_margins_are_zero(setup):
     recipe, _, batch = setup
+    recipe = replace(recipe, dpo=replace(recipe.dpo, sft_weight=0.0))  # the sigmoid loss alone (the demo adds RPO's)
     model, _ = common.build_tiny(recipe.model, seed=0)
     peft_model = configure_trainable(model, dpo_parts(recipe.model), recipe.lora)
     loss, metrics = DPOLoss(recipe, Accelerator(cpu=True), share_features=True)(peft_model, batch)
