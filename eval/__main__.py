@@ -35,11 +35,11 @@ from recipe.run_dir import (
     ADAPTER_CONFIG,
     Weights,
     base_weights,
-    eval_dir,
     is_adapter,
     is_run_dir,
     latest_stage,
     read_start,
+    report_file,
     resolve_output_dir,
     stage_weights,
     verify_weights,
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if accelerator is None or accelerator.is_main_process:
         print(f"{plan.stage} model: {plan.weights.describe()}")
         print(results_table(run_dir, recipe_eval.tasks))
-        print(f"report: {eval_dir(run_dir) / 'report.html'}")
+        print(f"report: {report_file(run_dir)}")
         if failure is not None:
             print(failure, file=sys.stderr)
     return 1 if failure is not None else 0

@@ -48,7 +48,13 @@ from eval.report import (
     write_report,
 )
 from eval.tasks import EvalExample, Task, load_examples, resolve_tasks, score_task
-from recipe.run_dir import eval_dir, write_text_atomically
+from recipe.run_dir import (
+    during_training_file,
+    eval_cache_dir,
+    report_file,
+    results_file,
+    write_text_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +190,7 @@ def save_report_thumbnails(run_dir: Path, stage: str, task: str, examples: Seque
 
 def merge_results(run_dir: Path, stage: str, scores: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """results.json with this stage's scores set (other stages and tasks kept), written atomically."""
-    path = eval_dir(run_dir) / "results.json"
+    path = results_file(run_dir)
     results: dict[str, Any] = {}
     if path.is_file():
         try:
@@ -226,8 +232,8 @@ def check_gate(results: Mapping[str, Any], stage: str, tasks: Sequence[Task], ma
         listing = "\n".join(f"  - {line}" for line in violations)
         raise EvalGateError(
             f"eval gate failed after scoring stage '{stage}': {len(violations)} metric(s) fell by more than "
-            f"eval.gate_margin = {margin}:\n{listing}\nThe scores are in {eval_dir(run_dir) / 'results.json'} and the "
-            f"examples that changed in {eval_dir(run_dir) / 'report.html'}. Fix: look into the regression, or raise "
+            f"eval.gate_margin = {margin}:\n{listing}\nThe scores are in {results_file(run_dir)} and the "
+            f"examples that changed in {report_file(run_dir)}. Fix: look into the regression, or raise "
             "eval.gate_margin (null turns the gate off).",
             violations,
         )
@@ -265,7 +271,7 @@ def evaluate_stage(stage: str, model, processor, recipe_eval, run_dir: str | Pat
     _check_stage(stage)
     run_dir = Path(run_dir)
     tasks = resolve_tasks(recipe_eval.tasks, data=data, paths=task_paths)
-    cache_dir = Path(cache_dir) if cache_dir is not None else eval_dir(run_dir) / "cache"
+    cache_dir = Path(cache_dir) if cache_dir is not None else eval_cache_dir(run_dir)
     scores = {
         task.name: _score_task(stage, task, model, processor, recipe_eval, run_dir, cache_dir=cache_dir,
                                model_id=model_id_for_cache, accelerator=accelerator)
@@ -304,7 +310,7 @@ def score_during_training(stage: str, step: int, model, processor, recipe_eval, 
                                        max_new_tokens=recipe_eval.max_new_tokens, accelerator=accelerator)
         scores[task.name], _ = score_task(task, examples, predictions)
     if accelerator is None or accelerator.is_main_process:
-        path = eval_dir(Path(run_dir)) / "during_training.jsonl"
+        path = during_training_file(Path(run_dir))
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as stream:
             stream.write(json.dumps({"stage": stage, "step": step, "scores": scores}) + "\n")

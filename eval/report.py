@@ -30,7 +30,14 @@ from PIL import Image
 
 from eval.curves import STYLE as CURVES_STYLE
 from eval.curves import curves_section
-from recipe.run_dir import eval_dir, write_file_atomically, write_text_atomically
+from recipe.run_dir import (
+    eval_dir,
+    predictions_file,
+    report_file,
+    results_file,
+    write_file_atomically,
+    write_text_atomically,
+)
 
 STAGES = ("base", "sft", "dpo", "grpo")
 DELTAS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"), ("grpo", "sft"), ("grpo", "base"))
@@ -49,7 +56,7 @@ pre { white-space: pre-wrap; margin: 0; max-width: 40em; }
 
 
 def predictions_path(run_dir: str | Path, stage: str, task: str) -> Path:
-    return eval_dir(run_dir) / "predictions" / stage / f"{task}.jsonl"
+    return predictions_file(Path(run_dir), stage, task)
 
 
 def thumbnail_path(run_dir: str | Path, task: str, example_id: str) -> Path:
@@ -178,8 +185,8 @@ def task_section(run_dir: Path, task: str, by_metric: Mapping[str, Mapping[str, 
 
 def render_report(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
-    results_file = eval_dir(run_dir) / "results.json"
-    results = json.loads(results_file.read_text(encoding="utf-8")) if results_file.is_file() else {}
+    path = results_file(run_dir)
+    results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     sections = [task_section(run_dir, task, by_metric) for task, by_metric in sorted(results.items())]
     title = f"Eval report: {html.escape(run_dir.name)}"
     body = "\n".join(sections) if sections else "<p>No task has been scored yet.</p>"
@@ -192,4 +199,4 @@ def render_report(run_dir: str | Path) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Render run_dir/eval/report.html (atomically) and return its path."""
-    return write_text_atomically(eval_dir(run_dir) / "report.html", render_report(run_dir))
+    return write_text_atomically(report_file(Path(run_dir)), render_report(run_dir))

@@ -16,20 +16,18 @@ from recipe.errors import run_main
 from recipe.run_dir import (
     TRAINED_STAGES,
     adapter_dir,
-    eval_dir,
     is_adapter,
     is_checkpoint,
     merged_dir,
+    report_file,
+    results_file,
     summary_file,
 )
-
-RESULTS = "results.json"
-REPORT = "report.html"
 
 
 def results_table(run_dir: Path, tasks: Sequence[str] | None = None) -> str:
     """One row per task and metric, one column per stage (blank where not scored); every scored task by default."""
-    results = json.loads((eval_dir(run_dir) / RESULTS).read_text(encoding="utf-8"))
+    results = json.loads(results_file(run_dir).read_text(encoding="utf-8"))
     header = ["task", "metric", *STAGES]
     rows = [[task, metric, *(f"{by_stage[s]:.4f}" if s in by_stage else "" for s in STAGES)]
             for task in (sorted(results) if tasks is None else tasks) for metric, by_stage in results.get(task, {}).items()]
@@ -55,7 +53,7 @@ def run_summary(run_dir: str | Path) -> str:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     lines = [f"run {run_dir}"]
-    if (eval_dir(run_dir) / RESULTS).is_file():
+    if results_file(run_dir).is_file():
         lines += ["scores:", *("  " + row for row in results_table(run_dir).splitlines())]
     else:
         lines.append("scores: none yet (no eval stage has run)")
@@ -68,7 +66,7 @@ def run_summary(run_dir: str | Path) -> str:
         detail = "; ".join(f"{dataset}: " + ", ".join(f"{reason} {n}" for reason, n in reasons.items())
                            for dataset, reasons in by_dataset.items())
         lines.append(f"{stage}: {total} rows skipped" + (f" ({detail})" if detail else ""))
-    report = eval_dir(run_dir) / REPORT
+    report = report_file(run_dir)
     if report.is_file():
         lines.append(f"report: {report}")
     for stage in TRAINED_STAGES:

@@ -15,8 +15,16 @@ written (atomically). Every stage, the eval CLI and export ask it; no other modu
                                   both with a manifest.json of their weight files (recipe/manifest.py)
         summary.json              steps, units, samples, seconds, skipped rows, the logged history, validation
         validation.jsonl          the SFT validation loss on data.eval, one line per evaluation (resume keeps it)
-      dpo/start.json              what DPO started from: base, revision, SFT adapter, the sha256 of each weight file
-      eval/                       results.json, predictions, report.html (eval/report.py)
+      dpo/start.json              what DPO (grpo/start.json: GRPO) started from: base, revision, adapters, the sha256
+                                  of each weight file
+      dpo/preference_eval.json    held-out preference accuracy and margin, DPO's policy and its SFT start
+      dpo/ref_logps.json          the fields of the precomputed reference log-probs' cache key
+      eval/results.json           every scored stage's metrics per task
+      eval/predictions/<stage>/<task>.jsonl   each example's prompt, references, prediction and score
+      eval/report.html            the report (eval/report.py)
+      eval/cache/                 the base model's predictions, cached by what they depend on
+      eval/during_training.jsonl  the scores of eval.every_steps
+    runs/.cache/                  shared by the runs beside this one: images known to decode, ref_logps/<key>
       logs/                       tracker files: tensorboard/<stage>/ (event files), wandb/ (W&B's run folders),
                                   wandb-<stage>.id (the stage's W&B run id, continued on resume);
                                   rank-<r>.log: each rank's log of each stage
@@ -43,6 +51,9 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
+from models.adapters import (  # an adapter folder's own files
+    ADAPTER_CONFIG,
+)
 from recipe.manifest import ManifestError, file_sha256, read_manifest, verify_manifest, write_manifest
 from recipe.parse import load_recipe, resolved_yaml
 from recipe.schema import ModelSection, Recipe
@@ -61,11 +72,17 @@ LOGS = "logs"
 CACHE = ".cache"
 DIAGNOSTICS = "diagnostics"
 TRAINED_STAGES = ("sft", "dpo", "grpo")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_CONFIG = "config.json"
 MANIFEST = "manifest.json"
 LOCK = "run.lock"
+RESULTS = "results.json"
+REPORT = "report.html"
+PREDICTIONS = "predictions"
+EVAL_CACHE = "cache"
+DURING_TRAINING = "during_training.jsonl"
+PREFERENCE_EVAL = "preference_eval.json"
+REFERENCE_LOGPS = "ref_logps"  # the shared cache's folder, and <stage>/ref_logps.json (the key's fields)
+STEP = "step-"  # a checkpoint folder: step-NNNNNNNN
 WEIGHT_FILES = (".safetensors",)  # what a weights folder's manifest covers (cards and configs are rewritten later)
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "deepspeed", "tokenizers", "safetensors",
             "pillow", "numpy", "flash-attn", "liger-kernel", "wandb", "tensorboard")
@@ -109,6 +126,49 @@ def start_file(run_dir: Path, stage: str = "dpo") -> Path:
 
 def eval_dir(run_dir: Path) -> Path:
     return Path(run_dir) / EVAL
+
+
+def results_file(run_dir: Path) -> Path:
+    """Every scored stage's metrics per task (eval/hook.py writes it)."""
+    return eval_dir(run_dir) / RESULTS
+
+
+def report_file(run_dir: Path) -> Path:
+    return eval_dir(run_dir) / REPORT
+
+
+def predictions_file(run_dir: Path, stage: str, task: str) -> Path:
+    """One line per example: prompt, references, prediction, score (eval/report.py)."""
+    return eval_dir(run_dir) / PREDICTIONS / stage / f"{task}.jsonl"
+
+
+def eval_cache_dir(run_dir: Path) -> Path:
+    """The base model's predictions, cached by what they depend on (eval/hook.py)."""
+    return eval_dir(run_dir) / EVAL_CACHE
+
+
+def during_training_file(run_dir: Path) -> Path:
+    """Scores of `eval.every_steps`, one line per evaluation."""
+    return eval_dir(run_dir) / DURING_TRAINING
+
+
+def preference_eval_file(run_dir: Path, stage: str = "dpo") -> Path:
+    """Held-out preference accuracy and margin of the stage's policy and of the one it started from."""
+    return Path(run_dir) / stage / PREFERENCE_EVAL
+
+
+def reference_logps_file(run_dir: Path, key: str) -> Path:
+    """Precomputed DPO reference log-probs, shared by the runs next to this one (`runs/.cache/ref_logps/`)."""
+    return cache_dir(Path(run_dir).resolve()) / REFERENCE_LOGPS / f"{key}.safetensors"
+
+
+def reference_record_file(run_dir: Path, stage: str = "dpo") -> Path:
+    """The fields of the reference log-probs' cache key the stage used (a resume must match them)."""
+    return Path(run_dir) / stage / f"{REFERENCE_LOGPS}.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{STEP}{step:08d}"
 
 
 def logs_dir(run_dir: Path) -> Path:

@@ -106,6 +106,36 @@ def test_only_the_run_directory_module_spells_the_layout():
     assert spelled == []
 
 
+# Names of the layout that are also ordinary words elsewhere, each for the reason given; every other name the run
+# directory's owner exports must not be written as a string literal in any other module.
+SHARED_WORDS = {
+    "BASE": "'base' is also the stage name of the base model (results, reports)",
+    "EVAL": "'eval' is also a data split and a stage name",
+    "ADAPTER": "'adapter' is also the subfolder of an uploaded hub repository",
+    "CHECKPOINT_CONFIG": "'config.json' is the hub checkpoint's own file (models/phi3v/export_files.py owns it)",
+    "MANIFEST": "'manifest.json' is also the synthetic dataset's record (data/synthetic.py)",
+    "PREDICTIONS": "'predictions' is also a key of the eval cache's entries",
+    "EVAL_CACHE": "'cache' is also the KV cache's keyword in generation",
+    "REFERENCE_LOGPS": "'ref_logps' is also the name of a tensor in that cache and in a GRPO batch",
+}
+
+
+def test_every_name_the_run_directory_owner_exports_is_spelled_only_there():
+    import ast
+
+    owner = REPO / "recipe" / "run_dir.py"
+    names = {node.targets[0].id: node.value.value for node in ast.parse(owner.read_text()).body
+             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+             and isinstance(node.value.value, str)}
+    assert {"RESULTS", "REPORT", "LOCK", "STEP", "PREFERENCE_EVAL", "DURING_TRAINING"} <= set(names)
+    assert set(SHARED_WORDS) <= set(names)
+    spelled = [f"{name} {value!r}: {p.relative_to(REPO)}:{i}" for name, value in names.items()
+               if name not in SHARED_WORDS for p in project_files() if p != owner
+               for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+               if f'"{value}"' in line or f"'{value}'" in line]
+    assert spelled == []
+
+
 def test_no_code_comment_cites_a_document_outside_the_repository():
     cited = re.compile(r"REFERENCE\.md|DESIGN\.md|STYLE\.md")
     files = [*project_files(), *(REPO / "benchmarks").glob("*.py"), *(REPO / "tests").rglob("*.py")]

@@ -58,13 +58,19 @@ from safetensors.torch import load_file, save_file
 
 from recipe import Recipe, recipe_to_dict
 from recipe.manifest import ManifestError
-from recipe.run_dir import MANIFEST, manifest_file, verify_folder, write_folder_manifest
+from recipe.run_dir import (
+    MANIFEST,
+    STEP,
+    checkpoint_name,
+    manifest_file,
+    verify_folder,
+    write_folder_manifest,
+)
 from recipe.schema import RESUME_KEYS_COMMON, RESUME_KEYS_DPO, RESUME_KEYS_GRPO
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-PREFIX = "step-"
 FAILED = ".failed-"  # a checkpoint that failed its manifest is renamed `.failed-step-N` (kept, never resumed)
 STATE_FILE = "loop_state.json"
 RUN_FILE = "run.json"
@@ -346,7 +352,7 @@ class Checkpointer:
     # --------------------------------------------------------------------------------------------- save
 
     def save(self, state) -> Path:
-        name = f"{PREFIX}{state.step:08d}"
+        name = checkpoint_name(state.step)
         final, staging = self.directory / name, self.directory / f".tmp-{name}"
         unwrapped = self.accelerator.unwrap_model(self.model)
         acc = self.accelerator
@@ -508,7 +514,7 @@ def recover_replaced(directory: Path) -> None:
     """A crash between moving a same-step checkpoint aside and renaming its replacement in: put the old one back."""
     if not Path(directory).is_dir():
         return
-    for old in Path(directory).glob(f".old-{PREFIX}*"):
+    for old in Path(directory).glob(f".old-{STEP}*"):
         final = old.with_name(old.name[len(".old-"):])
         if final.exists():
             shutil.rmtree(old)
@@ -522,4 +528,4 @@ def checkpoints(directory: Path) -> list[Path]:
     save, a `.failed-` one failed its manifest: both are ignored."""
     if not Path(directory).is_dir():
         return []
-    return sorted(p for p in Path(directory).iterdir() if p.name.startswith(PREFIX) and p.is_dir())
+    return sorted(p for p in Path(directory).iterdir() if p.name.startswith(STEP) and p.is_dir())

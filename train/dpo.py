@@ -32,7 +32,7 @@ from recipe.run_dir import (
     cache_dir,
     dpo_start,
     mark_training_started,
-    stage_dir,
+    preference_eval_file,
     write_json_atomically,
     write_start,
 )
@@ -137,7 +137,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     trainer.write_summary(run_dir, "dpo", state, skips, started, accelerator, trained)
     held_out = preference_eval(accelerator, model, processor, recipe, device=accelerator.device)
     if held_out and accelerator.is_main_process:
-        write_json_atomically(stage_dir(run_dir, "dpo") / "preference_eval.json", held_out)
+        write_json_atomically(preference_eval_file(run_dir), held_out)
         log.info("held-out preferences: %s", held_out)
     if held_out:
         accelerator.log({f"eval/preference/{policy}/{key}": value for policy, scores in held_out.items()

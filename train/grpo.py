@@ -33,7 +33,7 @@ from recipe.run_dir import (
     cache_dir,
     grpo_start,
     mark_training_started,
-    stage_dir,
+    summary_file,
     write_start,
 )
 from train import callbacks, device, trainer
@@ -130,7 +130,7 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     callbacks.run_eval_hook("grpo", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=start.base,
                             accelerator=accelerator, step=state.step)
     if accelerator.is_main_process:
-        log.info("GRPO summary: %s", stage_dir(run_dir, "grpo") / "summary.json")
+        log.info("GRPO summary: %s", summary_file(run_dir, "grpo"))
     return trainer.finish(accelerator, run_dir)
 
 

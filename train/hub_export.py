@@ -12,9 +12,18 @@ import logging
 import os
 from pathlib import Path
 
+from models.adapters import BASE_RECORD, FULL_WEIGHTS
 from models.phi3v.export_files import remote_code_repo
 from recipe import Recipe
-from recipe.run_dir import BASE, adapter_dir, eval_dir, is_checkpoint, merged_dir, summary_file
+from recipe.run_dir import (
+    BASE,
+    adapter_dir,
+    is_adapter,
+    is_checkpoint,
+    merged_dir,
+    results_file,
+    summary_file,
+)
 
 log = logging.getLogger("train.hub_export")
 CARD = "README.md"
@@ -46,7 +55,7 @@ def is_hub_id(name: str) -> bool:
 
 
 def _scores(run_dir: Path) -> str:
-    path = eval_dir(run_dir) / "results.json"
+    path = results_file(run_dir)
     if not path.is_file():
         return "No evaluation was run (`eval` was not among the recipe's stages).\n"
     results = json.loads(path.read_text(encoding="utf-8"))
@@ -142,10 +151,10 @@ Generation should stop at `<|end|>`; `generation_config.json` lists it with `<|e
 
 def adapter_card(recipe: Recipe, run_dir: Path, stage: str, *, base_id: str, repo_id: str | None = None) -> str:
     folder = adapter_dir(run_dir, stage)
-    record_file = folder / "base_model.json"
+    record_file = folder / BASE_RECORD
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
     where = f"{repo_id}\", subfolder=\"adapter" if repo_id else str(folder)
-    full = (folder / "full_weights.safetensors").is_file()
+    full = (folder / FULL_WEIGHTS).is_file()
     after = record.get("applies_after") or []
     notes = []
     if full:
@@ -201,7 +210,7 @@ def write_cards(recipe: Recipe, run_dir: Path, stage: str, *, repo_id: str | Non
         path = merged_dir(run_dir, stage) / CARD
         path.write_text(merged_card(recipe, run_dir, stage, base_id=base_id, repo_id=repo_id), encoding="utf-8")
         written.append(path)
-    if (adapter_dir(run_dir, stage) / "adapter_config.json").is_file():
+    if is_adapter(adapter_dir(run_dir, stage)):
         path = adapter_dir(run_dir, stage) / CARD
         path.write_text(adapter_card(recipe, run_dir, stage, base_id=base_id, repo_id=repo_id), encoding="utf-8")
         written.append(path)
@@ -218,7 +227,7 @@ def upload_plan(run_dir: Path, stage: str) -> list[tuple[Path, str]]:
     plan = []
     if is_checkpoint(merged):
         plan.append((merged, ""))
-    if (adapter / "adapter_config.json").is_file():
+    if is_adapter(adapter):
         plan.append((adapter, "adapter" if plan else ""))
     if not plan:
         raise FileNotFoundError(f"{run_dir}: the {stage} stage has neither a merged export nor an adapter to upload")

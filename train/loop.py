@@ -40,6 +40,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
+from recipe.run_dir import checkpoint_name
 from train.checkpoint import Checkpointer, latest_checkpoint, nonfinite_parameters
 from train.tracking import batch_tokens
 
@@ -256,7 +257,7 @@ def stop(accelerator, state: LoopState, config: LoopConfig, checkpointer: Checkp
     path = None
     if checkpointer and state.step > 0:
         if checkpointer.last_saved_step == state.step:
-            path = checkpointer.directory / f"step-{state.step:08d}"
+            path = checkpointer.directory / checkpoint_name(state.step)
         else:
             path = save_checked(accelerator, checkpointer, state)
     # A rank that was not signalled itself knows only that another one was: it reports SIGTERM.

@@ -23,6 +23,7 @@ from recipe.run_dir import (
     Weights,
     base_path,
     is_adapter,
+    is_checkpoint,
     recipe_base,
     replace_dir_atomically,
     write_weights_manifest,
@@ -43,7 +44,7 @@ def load_model(model_section: ModelSection, run_dir: Path, *, seed: int, acceler
     source = base_path(model_section, run_dir)
     if model_section.name_or_path == "tiny":
         with accelerator.main_process_first():
-            if accelerator.is_main_process and not (Path(source) / "config.json").exists():
+            if accelerator.is_main_process and not is_checkpoint(Path(source)):
                 tiny_model, tiny_processor = build_tiny(model_section, seed)
                 replace_dir_atomically(Path(source), lambda tmp: (tiny_model.save_pretrained(tmp),
                                                                   tiny_processor.save_pretrained(tmp)))

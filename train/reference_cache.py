@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.collate import DPOCollator, RenderedDataset
-from recipe.run_dir import Weights, stage_dir, start_weights_sha256, write_json_atomically
+from recipe.run_dir import (
+    Weights,
+    reference_logps_file,
+    reference_record_file,
+    start_weights_sha256,
+    write_json_atomically,
+)
 from train.device import to_device
 from train.losses import pair_logps
 
@@ -44,11 +50,11 @@ def key_fields(start: Weights, recipe, planned) -> dict:
 
 def cache_path(run_dir: Path, fields: dict) -> Path:
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(run_dir).resolve().parent / ".cache" / "ref_logps" / f"{key}.safetensors"
+    return reference_logps_file(run_dir, key)
 
 
-def check_run_record(dpo_dir: Path, fields: dict, resuming: bool) -> None:
-    record = dpo_dir / "ref_logps.json"
+def check_run_record(run_dir: Path, fields: dict, resuming: bool) -> None:
+    record = reference_record_file(run_dir)
     if resuming and record.exists():
         before = json.loads(record.read_text())
         changed = sorted(k for k in set(before) | set(fields) if before.get(k) != fields.get(k))
@@ -102,7 +108,7 @@ def reference_logps(model, processor, planned, recipe, start: Weights, run_dir: 
     fields = key_fields(start, recipe, planned)
     path = cache_path(run_dir, fields)
     if accelerator.is_main_process:
-        check_run_record(stage_dir(run_dir, "dpo"), fields, resuming=recipe.train.resume)
+        check_run_record(run_dir, fields, resuming=recipe.train.resume)
     cached = [path.exists()]
     if accelerator.num_processes > 1:  # rank 0's answer for all: they must all compute, or none
         dist.broadcast_object_list(cached, src=0)
