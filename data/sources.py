@@ -152,11 +152,14 @@ class SkipCounter:
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._skipped: set[Origin] = set()
+        self.records: list[tuple[str, int, str, str]] = []
+        """(dataset, row, field, problem) of each row counted, in order (the plan cache stores a stage's)."""
 
     def record(self, error: DataError) -> None:
         if error.origin in self._skipped:
             return
         self._skipped.add(error.origin)
+        self.records.append((error.origin.dataset, error.origin.row, error.field, error.problem))
         key = (error.origin.dataset, skip_reason(error))
         self._counts[key] += 1
         # The first skip of each kind is a warning with its full message; the rest go to debug, not to flood the log.
