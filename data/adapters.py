@@ -23,6 +23,7 @@ raw bytes. A path is resolved against the source's image root and must stay insi
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -117,15 +118,25 @@ def confined_image_path(value: str | os.PathLike, *, image_root: Path | None, or
         raise _error(origin, field, "no image root",
                      f"image {str(value)!r} is a path but the source has no image_root; set the source's image_root "
                      "to the folder that holds its images")
-    root = Path(image_root).resolve()
-    resolved = (root / value).resolve()
-    if not resolved.is_relative_to(root):
+    root, resolved, inside, is_file = resolved_under(str(image_root), str(value))
+    if not inside:
         raise _error(origin, field, "image path escapes image_root",
                      f"{str(value)!r} resolves to {resolved}, outside {root}; keep the images under the image_root "
                      "or point image_root at a folder that contains them")
-    if not resolved.is_file():
+    if not is_file:
         raise _error(origin, field, "image file not found", f"{str(value)!r} resolves to {resolved}, not a file")
     return resolved
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def resolved_under(image_root: str, value: str) -> tuple[Path, Path, bool, bool]:
+    """(root, resolved path, inside the root, is a file): resolving walks every component with lstat, and datasets
+    re-use their images across many rows; memoised while one source is read (data.sources clears it before each
+    read, so a file that appears or vanishes between runs is seen)."""
+    root = Path(image_root).resolve()
+    resolved = (root / value).resolve()
+    inside = resolved.is_relative_to(root)
+    return root, resolved, inside, inside and resolved.is_file()
 
 
 def resolve_image(value: Any, *, image_root: Path | None, origin: Origin, field: str) -> ImageRef:

@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 
 import datasets
 
-from data.adapters import Adapter, adapter_for, apply_columns, skip_reason
+from data.adapters import Adapter, adapter_for, apply_columns, resolved_under, skip_reason
 from data.sample import DataError, Origin, PreferenceSample, SFTSample
 from recipe.schema import Source
 
@@ -208,6 +208,7 @@ def iter_samples(source: Source, *, on_bad_sample: OnBadSample = "error",
 def _adapted(source: Source, adapter: Adapter, *, on_bad_sample: OnBadSample,
              skip_counter: SkipCounter | None) -> Iterator[Sample]:
     name, image_root, columns = source_name(source), image_root_of(source), dict(source.columns or {})
+    resolved_under.cache_clear()  # image paths are resolved afresh for each read of a source
     first_error: DataError | None = None
     num_rows = num_samples = 0
     for num_rows, row in enumerate(load_rows(source), start=1):
