@@ -2,6 +2,7 @@
 
     python benchmarks/data_startup.py --rows 100000                  # cold + warm, 1 and 2 processes
     python benchmarks/data_startup.py --rows 1000000 --runs cold --processes 1
+    python benchmarks/data_startup.py --rows 100000 --trees before=/tmp/base,after=. --repeats 3   # paired
 
 Generates, under `--workdir` (a temporary folder unless given), a pool of `--images` PNG files of real sizes (200 to
 1400 px a side, drawn once, seeded) and a `trl_messages` jsonl of `--rows` rows that reference them (images are
@@ -15,10 +16,16 @@ with that file as `data.train`, `train.max_steps=1`, stages [sft] and a fresh `o
 - **warm**: the same runs root and datasets cache again, with a new `output_dir` (a second run, a resume, another
   stage).
 
-Per run: wall seconds of the whole command (launch, imports, the tiny model, data start-up, one step, the adapter
-save), the seconds from launch to the log line "N samples planned" (start-up up to the DataLoaders), and the peak
+Per run: the seconds from launch to rank 0's log line "first batch: ..." (the preflight batch, drawn right before
+step 1: imports, the tiny model, the whole data start-up, the DataLoader's first batches), to its line "N samples
+planned", and to the end of the whole command (plus one step, the adapter save and the demo's validation loss on its
+held-out split), and the peak
 resident memory of the largest process (`ru_maxrss` of the waited-for children, so per rank, not summed). The machine
 line says what else was running: figures taken while other jobs load the machine are noted as such.
+
+`--trees before=PATH,after=PATH` runs two checkouts (e.g. `git worktree add /tmp/base <commit>`) on the same data,
+interleaved (each configuration's runs of one tree back to back with the other's, the order alternating per repeat),
+each in its own runs root and datasets cache, and prints the median (min-max) per tree and the paired ratio.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,13 +48,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "recipes" / "demo.yaml"
 WORDS = ("the", "chart", "shows", "a", "bar", "line", "value", "of", "in", "year", "total", "rate", "sales", "what",
          "which", "is", "highest", "lowest", "between", "and", "percent", "growth", "region", "north", "south")
 PEAK_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
                 "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
                 "sys.exit(code)")
 PLANNED_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* (\d+) samples planned")
+FIRST_BATCH_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* first batch: ")
 
 
 def write_images(folder: Path, count: int, seed: int) -> list[str]:
@@ -101,30 +109,38 @@ def prepare(workdir: Path, rows: int, num_images: int, seed: int) -> Path:
     return rows_file
 
 
-def command(processes: int, overrides: list[str], port: int) -> tuple[list[str], dict[str, str]]:
+def command(tree: Path, processes: int, overrides: list[str], port: int) -> tuple[list[str], dict[str, str]]:
+    """The one-step SFT run of the code in `tree` (this checkout, or another one to compare with)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
+    recipe = tree / "recipes" / "demo.yaml"
     if processes == 1:
-        return [sys.executable, str(REPO / "train" / "sft.py"), str(DEMO), *overrides], env
+        return [sys.executable, str(tree / "train" / "sft.py"), str(recipe), *overrides], env
     env["ACCELERATE_USE_CPU"] = "1"
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(port),
-            str(REPO / "train" / "sft.py"), str(DEMO), *overrides], env
+            str(tree / "train" / "sft.py"), str(recipe), *overrides], env
 
 
-def planned_at(log: Path, launched: float) -> tuple[float | None, int | None]:
-    """Seconds from launch to the 'N samples planned' line of rank 0's log, and N."""
-    if not log.is_file():
-        return None, None
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = PLANNED_LINE.match(line)
-        if match:
-            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            return stamp - launched, int(match.group(2))
-    return None, None
+def stamp(match: re.Match, launched: float) -> float:
+    return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - launched
 
 
-def run_once(workdir: Path, rows_file: Path, processes: int, kind: str, tag: str, port: int) -> dict:
+def log_times(log: Path, launched: float) -> tuple[float | None, int | None, float | None]:
+    """Seconds from launch to rank 0's 'N samples planned' line, N, and seconds to its 'first batch' line (the
+    preflight batch, right before step 1)."""
+    planned_s = planned = first_s = None
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if planned_s is None and (match := PLANNED_LINE.match(line)):
+                planned_s, planned = stamp(match, launched), int(match.group(2))
+            elif first_s is None and (match := FIRST_BATCH_LINE.match(line)):
+                first_s = stamp(match, launched)
+    return planned_s, planned, first_s
+
+
+def run_once(workdir: Path, rows_file: Path, processes: int, kind: str, tag: str, port: int,
+             tree: Path = REPO) -> dict:
     root = workdir / f"runs-{tag}-p{processes}"
     hf_cache = workdir / f"hf-{tag}-p{processes}"
     if kind == "cold":
@@ -134,7 +150,7 @@ def run_once(workdir: Path, rows_file: Path, processes: int, kind: str, tag: str
     overrides = [f"output_dir={run_dir}", "data.train.0.format=trl_messages", f"data.train.0.path={rows_file}",
                  f"data.train.0.image_root={rows_file.parent}", "stages=[sft]", "train.max_steps=1",
                  "train.checkpoint_every=100", "train.log_every=1", "data.max_length=2048"]
-    argv, env = command(processes, overrides, port)
+    argv, env = command(tree, processes, overrides, port)
     env["HF_DATASETS_CACHE"] = str(hf_cache)
     launched = time.time()
     started = time.perf_counter()
@@ -145,10 +161,48 @@ def run_once(workdir: Path, rows_file: Path, processes: int, kind: str, tag: str
     if result.returncode != 0:
         raise SystemExit(f"run failed ({' '.join(argv)}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     peak_kb = int(re.findall(r"^PEAK_RSS_KB (\d+)$", result.stderr, re.MULTILINE)[-1])
-    planned_s, planned = planned_at(run_dir / "logs" / "rank-0.log", launched)
+    planned_s, planned, first_s = log_times(run_dir / "logs" / "rank-0.log", launched)
     return {"kind": kind, "processes": processes, "wall_s": round(wall, 2),
             "planned_s": None if planned_s is None else round(planned_s, 2), "planned": planned,
+            "first_batch_s": None if first_s is None else round(first_s, 2),
             "peak_rss_mb": round(peak_kb / 1024, 1)}
+
+
+def parse_trees(text: str) -> dict[str, Path]:
+    """'name=path,name=path' -> {name: path}; the default is this checkout alone."""
+    trees = {}
+    for item in filter(None, text.split(",")):
+        name, _, path = item.partition("=")
+        tree = Path(path or name).resolve()
+        if not (tree / "train" / "sft.py").is_file():
+            raise SystemExit(f"--trees: {tree} holds no train/sft.py")
+        trees[name if path else tree.name] = tree
+    return trees
+
+
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def print_summary(results: list[dict], names: list[str]) -> None:
+    """Per (processes, kind): median (min-max) seconds and peak per tree, and the paired ratio first / other."""
+    print("\n## seconds from launch to the first batch (planned at; the whole run), peak RSS MB: median (min-max)")
+    keys = sorted({(r["processes"], r["kind"]) for r in results}, key=lambda k: (k[0], k[1] != "cold"))
+    for processes, kind in keys:
+        cells = []
+        for name in names:
+            runs = [r for r in results if (r["processes"], r["kind"], r["tree"]) == (processes, kind, name)]
+            planned = [r["planned_s"] for r in runs if r["planned_s"] is not None]
+            cells.append(f"{name}: {spread([r['first_batch_s'] for r in runs])} s (planned at "
+                         f"{spread(planned) if planned else '-'}; {spread([r['wall_s'] for r in runs])}), "
+                         f"{spread([r['peak_rss_mb'] for r in runs], '.0f')} MB")
+        line = f"{processes} process(es), {kind}: " + "; ".join(cells)
+        if len(names) == 2:
+            pairs = [(a["first_batch_s"], b["first_batch_s"]) for a in results for b in results
+                     if a["tree"] == names[0] and b["tree"] == names[1] and a["repeat"] == b["repeat"]
+                     and (a["processes"], a["kind"]) == (b["processes"], b["kind"]) == (processes, kind)]
+            line += f"; first batch {names[0]}/{names[1]} paired {spread([a / b for a, b in pairs], '.2f')}x"
+        print(line)
 
 
 def machine_line() -> str:
@@ -167,6 +221,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the generated data between invocations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--trees", default=f"this={REPO}",
+                        help="name=path,name=path: compare checkouts (e.g. before=/tmp/base,after=.), interleaved")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="data-startup-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -177,16 +234,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"machine: {machine_line()}")
     print(f"data: {args.rows} rows referencing {args.images} PNGs (200-1400 px), {rows_file.stat().st_size / 1e6:.0f} MB "
           f"jsonl, generated in {time.perf_counter() - started:.0f} s under {workdir}")
+    trees = parse_trees(args.trees)
+    print(f"trees: {', '.join(f'{name} = {path}' for name, path in trees.items())}; order alternates per repeat")
     results = []
-    tag = f"r{args.rows}"
-    for processes in [int(p) for p in args.processes.split(",")]:
-        for kind in args.runs.split(","):
-            result = run_once(workdir, rows_file, processes, kind, tag, port=29500 + os.getpid() % 500)
-            results.append(result)
-            planned = "-" if result["planned_s"] is None else f"{result['planned_s']:.1f} s"
-            peak = f"{result['peak_rss_mb']:.0f} MB"
-            print(f"{args.rows} rows, {processes} process(es), {kind}: {result['wall_s']:.1f} s to the end of step 1, "
-                  f"planned ({result['planned']} samples) at {planned}, peak RSS {peak}", flush=True)
+    for repeat in range(args.repeats):
+        order = list(trees.items()) if repeat % 2 == 0 else list(reversed(trees.items()))
+        for processes in [int(p) for p in args.processes.split(",")]:
+            for name, tree in order:  # interleaved: each tree's cold (then warm) run back to back with the other's
+                for kind in args.runs.split(","):
+                    result = run_once(workdir, rows_file, processes, kind, f"r{args.rows}-{name}",
+                                      port=29500 + os.getpid() % 500, tree=tree)
+                    result.update(tree=name, repeat=repeat)
+                    results.append(result)
+                    planned = "-" if result["planned_s"] is None else f"{result['planned_s']:.1f} s"
+                    first = "-" if result["first_batch_s"] is None else f"{result['first_batch_s']:.1f} s"
+                    print(f"repeat {repeat + 1}, {name}, {processes} process(es), {kind}: first batch at {first}, "
+                          f"planned ({result['planned']} samples) at {planned}, {result['wall_s']:.1f} s to the end of "
+                          f"the run, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    print_summary(results, list(trees))
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": args.rows, "images": args.images, "results": results}, indent=1))
     return results

@@ -313,12 +313,15 @@ def plan_stage(recipe, processor, stage: str, skips: SkipCounter, *, main_first:
                  "planning every run", ", ".join(source_name(s) for s in sources))
     first_skip = len(skips.records)
     samples = read_samples(sources, recipe.data, seed=recipe.seed, skips=skips)
+    read_s = time.perf_counter() - started
+    workers = cores_per_rank(ranks.world)
     planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir, progress=ranks.rank == 0,
-                   main_first=main_first, ranks=ranks, workers=cores_per_rank(ranks.world))
+                   main_first=main_first, ranks=ranks, workers=workers)
     del samples
     table = PlanTable.from_planned(planned)
-    log.info("planned %d %s samples in %.1f s over %d rank(s) (%.0f bytes per planned row)", len(table), stage,
-             time.perf_counter() - started, ranks.world, table.bytes_per_row())
+    log.info("planned %d %s samples in %.1f s (rows read and adapted in %.1f s on each rank; lengths and decoding "
+             "shared over %d rank(s) x %d process(es)); %.0f bytes per planned row", len(table), stage,
+             time.perf_counter() - started, read_s, ranks.world, workers, table.bytes_per_row())
     if path is not None and ranks.rank == 0:
         plan_cache.save_plan(path, table, skips.records[first_skip:], fields, plan_cache.image_paths(planned))
     return table
