@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data import plan_cache
 from data.collate import DPOCollator, PackedSFTCollator, RenderedDataset, SFTCollator
 from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
+from data.plan_build import build_table
 from data.plan_table import PlanTable
 from data.ranks import Ranks, cores_per_rank
 from data.sample import DataError, Origin
@@ -92,10 +93,20 @@ def plan(samples: list, processor, data: DataSection, skips: SkipCounter, *, cac
     planned = plan_lengths(samples, processor, max_length=data.max_length, on_overlong=data.on_overlong,
                            max_image_pixels=data.max_image_pixels, on_bad_sample=data.on_bad_sample, skips=skips,
                            ranks=ranks, workers=workers, progress=progress)
+    planned = decoded(planned, data, skips, cache_dir=cache_dir, progress=progress, main_first=main_first, ranks=ranks)
+    if not planned:
+        raise ValueError("no sample is left after length planning: every row was dropped or skipped\n" + skips.summary())
+    return planned
+
+
+def decoded(planned, data: DataSection, skips: SkipCounter, *, cache_dir: Path | None, progress: bool,
+            main_first: Callable, ranks: Ranks):
+    """`planned` less the samples with an image that does not decode (data/validate.py): shared out over the ranks
+    when there are several, else decoded by rank 0 first (`main_first`) so that the others read its cache."""
     if planned and ranks.world > 1:
-        planned = validate_images(planned, on_bad_sample=data.on_bad_sample, skips=skips,
-                                  max_pixels=data.max_image_pixels, cache_dir=cache_dir, progress=progress, ranks=ranks)
-    elif planned:
+        return validate_images(planned, on_bad_sample=data.on_bad_sample, skips=skips, max_pixels=data.max_image_pixels,
+                               cache_dir=cache_dir, progress=progress, ranks=ranks)
+    if planned:
         failure = None
         with main_first():  # raise only after leaving it: rank 0 must reach the barrier the other ranks wait at
             try:
@@ -105,8 +116,6 @@ def plan(samples: list, processor, data: DataSection, skips: SkipCounter, *, cac
                 failure = error
         if failure is not None:
             raise failure
-    if not planned:
-        raise ValueError("no sample is left after length planning: every row was dropped or skipped\n" + skips.summary())
     return planned
 
 
@@ -312,18 +321,31 @@ def plan_stage(recipe, processor, stage: str, skips: SkipCounter, *, main_first:
         log.info("plan cache: not used for %s (a source that is not a local file or folder, or is streamed); "
                  "planning every run", ", ".join(source_name(s) for s in sources))
     first_skip = len(skips.records)
-    samples = read_samples(sources, recipe.data, seed=recipe.seed, skips=skips)
-    read_s = time.perf_counter() - started
     workers = cores_per_rank(ranks.world)
-    planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir, progress=ranks.rank == 0,
-                   main_first=main_first, ranks=ranks, workers=workers)
-    del samples
-    table = PlanTable.from_planned(planned)
-    log.info("planned %d %s samples in %.1f s (rows read and adapted in %.1f s on each rank; lengths and decoding "
-             "shared over %d rank(s) x %d process(es)); %.0f bytes per planned row", len(table), stage,
-             time.perf_counter() - started, read_s, ranks.world, workers, table.bytes_per_row())
+    built = (build_table(sources[0], processor, recipe.data, skips, ranks=ranks, workers=workers,
+                         progress=ranks.rank == 0) if len(sources) == 1 else None)
+    if built is not None:  # one local source: read, adapted and planned in row ranges over the ranks and cores
+        table, images = built
+        read_s = None
+        kept = decoded(table, recipe.data, skips, cache_dir=cache_dir, progress=ranks.rank == 0,
+                       main_first=main_first, ranks=ranks) if len(table) else table
+        table = kept if isinstance(kept, PlanTable) else PlanTable.from_planned(kept)
+        if not len(table):
+            raise ValueError("no sample is left after length planning: every row was dropped or skipped\n"
+                             + skips.summary())
+    else:  # several sources (mixed by a seeded draw over all their samples) or a streamed one
+        samples = read_samples(sources, recipe.data, seed=recipe.seed, skips=skips)
+        read_s = time.perf_counter() - started
+        planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir, progress=ranks.rank == 0,
+                       main_first=main_first, ranks=ranks, workers=workers)
+        del samples
+        table, images = PlanTable.from_planned(planned), plan_cache.image_paths(planned)
+    read = "" if read_s is None else f"rows read and adapted in {read_s:.1f} s on each rank; "
+    log.info("planned %d %s samples in %.1f s (%slengths and decoding shared over %d rank(s) x %d process(es)); "
+             "%.0f bytes per planned row", len(table), stage, time.perf_counter() - started, read, ranks.world,
+             workers, table.bytes_per_row())
     if path is not None and ranks.rank == 0:
-        plan_cache.save_plan(path, table, skips.records[first_skip:], fields, plan_cache.image_paths(planned))
+        plan_cache.save_plan(path, table, skips.records[first_skip:], fields, images)
     return table
 
 

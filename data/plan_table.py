@@ -116,24 +116,35 @@ class PlanTable(Sequence[PlannedSample]):
 
     @classmethod
     def from_planned(cls, planned: Sequence[PlannedSample]) -> PlanTable:
+        return cls._build((plan.sample.origin.dataset, plan.sample.origin.row, plan.num_tokens,
+                           plan.image_token_counts, plan.image_sizes, plan.rejected_image_token_counts,
+                           plan.rejected_image_sizes, plan.shared_tokens, encode_sample(plan.sample))
+                          for plan in planned)
+
+    @classmethod
+    def from_numbers(cls, dataset: str, rows: Sequence[tuple]) -> PlanTable:
+        """From (row, numbers, record) of one dataset: numbers as data.length plans them (num_tokens, image token
+        counts, image sizes, rejected counts, rejected sizes, shared tokens), record from `encode_sample`."""
+        return cls._build((dataset, row, *numbers, record) for row, numbers, record in rows)
+
+    @classmethod
+    def _build(cls, items) -> PlanTable:
         datasets: dict[str, int] = {}
         index, rows, tokens, shared, has_rejected = [], [], [], [], []
         counts, sizes, rejected_counts, rejected_sizes, per_image, per_rejected = [], [], [], [], [], []
         records, record_lengths = [], []
-        for plan in planned:
-            origin = plan.sample.origin
-            index.append(datasets.setdefault(origin.dataset, len(datasets)))
-            rows.append(origin.row)
-            tokens.append(plan.num_tokens)
-            shared.append(-1 if plan.shared_tokens is None else plan.shared_tokens)
-            counts.extend(plan.image_token_counts)
-            sizes.extend(plan.image_sizes)
-            per_image.append(len(plan.image_token_counts))
-            has_rejected.append(plan.rejected_image_token_counts is not None)
-            rejected_counts.extend(plan.rejected_image_token_counts or ())
-            rejected_sizes.extend(plan.rejected_image_sizes or ())
-            per_rejected.append(len(plan.rejected_image_token_counts or ()))
-            record = encode_sample(plan.sample)
+        for dataset, row, num_tokens, image_counts, image_sizes, rej_counts, rej_sizes, shared_tokens, record in items:
+            index.append(datasets.setdefault(dataset, len(datasets)))
+            rows.append(row)
+            tokens.append(num_tokens)
+            shared.append(-1 if shared_tokens is None else shared_tokens)
+            counts.extend(image_counts)
+            sizes.extend(image_sizes)
+            per_image.append(len(image_counts))
+            has_rejected.append(rej_counts is not None)
+            rejected_counts.extend(rej_counts or ())
+            rejected_sizes.extend(rej_sizes or ())
+            per_rejected.append(len(rej_counts or ()))
             records.append(record)
             record_lengths.append(len(record))
         arrays = {

@@ -145,6 +145,29 @@ def load_rows(source: Source) -> datasets.IterableDataset:
     return dataset if source.limit is None else dataset.take(source.limit)
 
 
+def indexed_rows(source: Source) -> datasets.Dataset | None:
+    """The source's rows as a map-style dataset (random access, so that row ranges can be read by several
+    processes), `limit` applied; None for a source that only streams. `rows_in_range` reads a range of it exactly as
+    `load_rows` reads the whole (image columns left encoded)."""
+    if source.streaming:
+        return None
+    dataset = _load_dataset(source)
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    return dataset if source.limit is None else dataset.select(range(min(source.limit, len(dataset))))
+
+
+def rows_in_range(dataset: datasets.Dataset, start: int, stop: int) -> datasets.IterableDataset:
+    rows = dataset.select(range(start, stop)).to_iterable_dataset()
+    return rows if rows.features is None else rows.cast(_with_undecoded_images(rows.features))
+
+
+def adapt_row(adapter: Adapter, row: dict, source: Source, index: int, image_root: Path | None) -> Sample:
+    """Row `index` of `source` as a canonical sample (what `iter_samples` yields for it); a bad row raises."""
+    origin = Origin(dataset=source_name(source), row=index)
+    return adapter(apply_columns(row, dict(source.columns or {}), origin=origin), origin=origin, image_root=image_root)
+
+
 class SkipCounter:
     """Rows skipped under `on_bad_sample: skip`, counted per dataset and reason. A row is counted once even when its
     source is read again (a mixture re-reads a source to fill its quota)."""

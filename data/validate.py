@@ -112,7 +112,8 @@ def _decode_all(items: Sequence[tuple[str, tuple[Origin, str, ImageRef]]], max_p
 def validate_images(planned: Sequence[PlannedSample], *, on_bad_sample: str, skips: SkipCounter,
                     max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: Path | None = None, progress: bool = True,
                     workers: int | None = None, ranks: Ranks | None = None) -> list[PlannedSample]:
-    """The planned samples whose every image decodes, in order (see the module docstring). `ranks`: the processes
+    """The planned samples whose every image decodes, in order (see the module docstring): a list, or `planned`
+    itself when it is not a list and every image decoded (a PlanTable is not rebuilt). `ranks`: the processes
     of one job, each calling this with the same planned samples: each decodes its share of the images, the verdicts
     are gathered, every rank returns the same samples, and rank 0 alone appends to the cache."""
     ranks = ranks or Ranks()
@@ -155,7 +156,7 @@ def validate_images(planned: Sequence[PlannedSample], *, on_bad_sample: str, ski
                 len(todo), time.perf_counter() - started, ranks.world,
                 sum(1 for keys in keys_of for _, k in keys if k in known), cache_file or "no cache", len(failures))
     if not failures:
-        return list(planned)
+        return list(planned) if isinstance(planned, list) else planned  # a PlanTable stays one
     kept = []
     for plan, keys in zip(planned, keys_of, strict=True):
         bad = next(((field, failures[key]) for field, key in keys if key in failures), None)

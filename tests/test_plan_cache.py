@@ -31,7 +31,7 @@ DEMO = REPO / "recipes" / "demo.yaml"
 
 def write_source(folder: Path, rows: int = 24) -> Path:
     """A trl_messages jsonl of `rows` rows over 3 PNGs, one text-only row in four, one broken image file, one
-    over-long row (for data.max_length=160)."""
+    over-long row (for data.max_length=160), one row the adapter refuses."""
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     for k, size in enumerate(((40, 30), (64, 64), (30, 90))):
@@ -47,6 +47,8 @@ def write_source(folder: Path, rows: int = 24) -> Path:
         else:
             row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Q{i}?"}]},
                                 {"role": "assistant", "content": answer}], "images": [image]}
+        if i == 10:
+            row = {"messages": [{"role": "assistant", "content": "no question"}], "images": []}  # the adapter refuses it
         lines.append(json.dumps(row))
     path = folder / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -97,11 +99,11 @@ def test_the_cached_plan_equals_the_computed_plan(tiny_processor, tmp_path, capl
     recipe, cache = recipe_for(source), tmp_path / "cache"
     computed, computed_skips = planned_of(recipe, tiny_processor, cache)
     [written] = (cache / PLANS_DIR).glob("sft-*.npz")
-    assert computed_skips.total == 2  # the broken image and the over-long row
+    assert computed_skips.total == 3  # the refused row, the broken image and the over-long row
     with caplog.at_level(logging.INFO, logger="data.loaders"):
         cached, cached_skips = planned_of(recipe, tiny_processor, cache)
     assert "read from" in caplog.text
-    assert list(cached) == list(computed) and len(cached) == 24 - 2
+    assert list(cached) == list(computed) and len(cached) == 24 - 3
     assert cached_skips.counts() == computed_skips.counts() and cached_skips.records == computed_skips.records
     assert data_fingerprint(cached) == data_fingerprint(list(computed))
     assert list((cache / PLANS_DIR).glob("sft-*.npz")) == [written]
@@ -146,6 +148,41 @@ def test_a_corrupt_cache_is_recomputed_with_a_warning(tiny_processor, tmp_path, 
     assert "cannot be used" in caplog.text and list(again) == list(computed)
     assert written.stat().st_size > 0 and planned_of(recipe, tiny_processor, cache)[0].data_fingerprint() == \
         computed.data_fingerprint()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_planning_by_row_ranges_equals_reading_then_planning(tiny_processor, tmp_path, monkeypatch, workers):
+    """The one-source path (data/plan_build.py, rows read and planned in ranges, here in 1 or 2 processes) gives
+    what reading every sample and planning them gives: samples, order, skips, and the first error."""
+    from data import length as length_module
+    from data.loaders import plan, read_samples
+    from data.ranks import cores_per_rank
+
+    monkeypatch.setattr(length_module, "MIN_ROWS_PER_WORKER", 2)
+    monkeypatch.setattr("data.plan_build.MIN_ROWS_PER_WORKER", 2)
+    monkeypatch.setattr("data.loaders.cores_per_rank", lambda world: workers)
+    assert cores_per_rank(1) >= 1
+    source = write_source(tmp_path / "data", rows=40)
+    for on_bad_sample in ("skip", "error"):
+        recipe = recipe_for(source, f"data.on_bad_sample={on_bad_sample}")
+        [concrete] = recipe.data.train
+        outcomes = []
+        for way in ("ranges", "samples"):
+            skips = SkipCounter()
+            try:
+                if way == "ranges":
+                    planned = list(plan_stage(recipe, tiny_processor, "sft", skips, cache_dir=None))
+                else:
+                    samples = read_samples([concrete], recipe.data, seed=recipe.seed, skips=skips)
+                    planned = plan(samples, tiny_processor, recipe.data, skips, progress=False)
+                outcomes.append((planned, skips.records))
+            except ValueError as error:
+                outcomes.append((type(error).__name__, str(error)))
+        assert outcomes[0] == outcomes[1]
+        if on_bad_sample == "skip":
+            assert len(outcomes[0][0]) == 40 - 3 and len(outcomes[0][1]) == 3
+        else:
+            assert "row 10" in outcomes[0][1]  # every row is adapted before any is planned: the refused row comes first
 
 
 def many_samples(tmp_path: Path, count: int) -> list[SFTSample]:
