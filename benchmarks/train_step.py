@@ -102,8 +102,24 @@ def small_config(name: str, attn: str):
     return config
 
 
+def tiny_size_config(name: str):
+    """The real layout and vocabulary, the real CLIP crop geometry (336 px, patch 14: the same image tokens), tiny
+    widths: what `benchmarks/gpu_check.py --smoke` runs on a CPU in seconds."""
+    hidden, heads = 64, 4
+    config = full_size_config(name, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=heads, num_key_value_heads=heads,
+                              rope_scaling={"type": "su", "short_factor": [1.0] * (hidden // heads // 2),
+                                            "long_factor": [1.0] * (hidden // heads // 2)})
+    config.img_processor = {**config.img_processor, "image_dim_out": 64, "vision_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2}}
+    return config
+
+
 def make_config(size: str, name: str, attn: str):
-    config = full_size_config(name) if size == "full" else small_config(name, attn)
+    if size == "tiny":
+        config = tiny_size_config(name)
+    else:
+        config = full_size_config(name) if size == "full" else small_config(name, attn)
     config._attn_implementation = attn
     return config
 
@@ -139,7 +155,8 @@ def make_sample(processor, index: int, images: int, text_tokens: int, answer_tok
     ids += rng.integers(3, vocab, text_tokens - 1).tolist()
     labels = [-100] * (len(ids) - answer_tokens) + ids[-answer_tokens:]
     return {"input_ids": ids, "labels": labels, "pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"],
-            "answer": rng.integers(3, vocab, answer_tokens).tolist()}
+            "answer": rng.integers(3, vocab, answer_tokens).tolist(),
+            "num_img_tokens": tuple(int(n) for n in out["num_img_tokens"])}
 
 
 def sft_batch(rows: list[dict], packing: bool, pad: int = 32000) -> dict:
@@ -186,6 +203,28 @@ def dpo_batch(rows: list[dict], pad: int = 32000) -> dict:
             "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
             "image_sizes": torch.cat([r["image_sizes"] for r in rows]), "sequence_images": per_row + per_row,
             "_rows": [width] * len(seqs)}
+
+
+def shared_dpo_batch(rows: list[dict], pad: int = 32000) -> dict:
+    """The DPOCollator batch of the same pairs as `dpo_batch` (chosen: the row's answer; rejected: its `answer`),
+    with the prefix-sharing layout (`shared_*` keys: prompt + chosen + rejected in one row) that DPOLoss runs under
+    sdpa and eager attention."""
+    from data.collate import DPOCollator
+    from data.render import RenderedPair
+
+    items = []
+    for r in rows:
+        prompt = r["input_ids"][: len(r["input_ids"]) - len(r["answer"])]
+        chosen = r["input_ids"][len(prompt):]
+        pair = RenderedPair(prompt_ids=prompt, chosen_ids=chosen, chosen_labels=chosen, rejected_prompt_ids=prompt,
+                            rejected_ids=r["answer"], rejected_labels=r["answer"],
+                            image_token_counts=r["num_img_tokens"], rejected_image_token_counts=r["num_img_tokens"],
+                            has_rejected_images=False)
+        items.append({"pair": pair, "pixel_values": r["pixel_values"], "image_sizes": r["image_sizes"],
+                      "rejected_pixel_values": None, "rejected_image_sizes": None})
+    batch = DPOCollator(pad_token_id=pad, share_prompt=True)(items)
+    batch["_rows"] = [int(batch["input_ids"].shape[1])] * (2 * len(rows))  # the FLOP model counts the 2B-row layout
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
@@ -274,7 +313,11 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def run_variant(args, stage: str, attn: str, gc_on: bool, packing: bool, micro: int, liger: bool, peak) -> dict:
+def run_variant(args, stage: str, attn: str, gc_on: bool, packing: bool, micro: int, liger: bool, peak, *,
+                share_prompt: bool = False, quantization: str = "none") -> dict:
+    """`share_prompt` (DPO): the prefix-sharing batch (`shared_dpo_batch`); `quantization` ('nf4', 'fp4', 'int8'):
+    the decoder linears quantised as a QLoRA recipe does (models.quantization.apply_quantization)."""
+    from models.quantization import apply_quantization
     from train.device import apply_liger
     from train.losses import DPOLoss, sft_loss_sum
     from train.trainable import configure_trainable, upcast_trainable_
@@ -285,7 +328,9 @@ def run_variant(args, stage: str, attn: str, gc_on: bool, packing: bool, micro: 
     model = build_model(config, args.device, torch.bfloat16, seed=args.seed)
     build_s = time.perf_counter() - started
     section = ModelSection(name_or_path="tiny", language="lora", vision="frozen", projector="full",
-                           gradient_checkpointing=gc_on, attn_implementation=attn)
+                           gradient_checkpointing=gc_on, attn_implementation=attn, quantization=quantization,
+                           dtype="bfloat16")
+    model = apply_quantization(model, section)
     model = configure_trainable(model, section, LoraSection(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0),
                                 seed=args.seed)
     upcast_trainable_(model)
@@ -294,7 +339,8 @@ def run_variant(args, stage: str, attn: str, gc_on: bool, packing: bool, micro: 
     processor = Phi3VImageProcessor(num_crops=args.num_crops)
     samples = [make_sample(processor, i, args.images, args.text_tokens, args.answer_tokens, args.seed)
                for i in range(micro)]
-    batch = sft_batch(samples, packing) if stage == "sft" else dpo_batch(samples)
+    batch = (sft_batch(samples, packing) if stage == "sft" else shared_dpo_batch(samples) if share_prompt
+             else dpo_batch(samples))
     counts = batch_counts(batch)
     flops = step_flops(config, counts, stage)
     loss_fn = sft_loss_sum if stage == "sft" else DPOLoss(
@@ -338,7 +384,8 @@ def parse_list(text: str, kind=str) -> list:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["full", "small"], default="full")
+    parser.add_argument("--size", choices=["full", "small", "tiny"], default="full",
+                        help="small: full widths, 2 decoder and 3 CLIP layers; tiny: tiny widths (tiny_size_config)")
     parser.add_argument("--model", choices=["phi3v", "phi35v"], default="phi3v")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)

@@ -23,6 +23,7 @@ raw bytes. A path is resolved against the source's image root and must stay insi
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -119,25 +120,38 @@ def confined_image_path(value: str | os.PathLike, *, image_root: Path | None, or
         raise _error(origin, field, "no image root",
                      f"image {str(value)!r} is a path but the source has no image_root; set the source's image_root "
                      "to the folder that holds its images")
-    root, why = resolved(Path(image_root))
+    root, root_problem, target, target_problem, problem = resolved_under(str(image_root), str(value))
     if root is None:
-        raise _error(origin, field, "unreadable image path", f"the source's image_root {str(image_root)!r} {why}. "
-                     "Fix: point image_root at the folder that holds the images")
-    target, why = resolved(root / value)
+        raise _error(origin, field, "unreadable image path", f"the source's image_root {str(image_root)!r} "
+                     f"{root_problem}. Fix: point image_root at the folder that holds the images")
     if target is None:
-        raise _error(origin, field, "unreadable image path", f"{str(value)!r} (under {root}) {why}. Fix: correct the "
-                     "path in this row, or drop the row")
+        raise _error(origin, field, "unreadable image path", f"{str(value)!r} (under {root}) {target_problem}. Fix: "
+                     "correct the path in this row, or drop the row")
     if not target.is_relative_to(root):
         raise _error(origin, field, "image path escapes image_root",
                      f"{str(value)!r} resolves to {target}, outside {root}; keep the images under the image_root "
                      "or point image_root at a folder that contains them")
-    why = path_problem(target)
-    if why in ("does not exist", "is a symbolic link to nothing"):
-        raise _error(origin, field, "image file not found", f"{str(value)!r} resolves to {target}, which {why}")
-    if why is not None:
-        raise _error(origin, field, "unreadable image path", f"{str(value)!r} resolves to {target}, which {why}. "
+    if problem in ("does not exist", "is a symbolic link to nothing"):
+        raise _error(origin, field, "image file not found", f"{str(value)!r} resolves to {target}, which {problem}")
+    if problem is not None:
+        raise _error(origin, field, "unreadable image path", f"{str(value)!r} resolves to {target}, which {problem}. "
                      "Fix: make it a readable image file, or drop the row")
     return target
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def resolved_under(image_root: str, value: str):
+    """(root, why the root cannot be resolved, the resolved path, why it cannot be, why it is no readable file)
+    (data/paths.py phrases; None where fine): resolving walks every component with lstat, and datasets re-use their
+    images across many rows; memoised while one source is read (data.sources clears it before each read, so a file
+    that appears or vanishes between runs is seen)."""
+    root, root_problem = resolved(Path(image_root))
+    if root is None:
+        return None, root_problem, None, None, None
+    target, target_problem = resolved(root / value)
+    if target is None or not target.is_relative_to(root):
+        return root, None, target, target_problem, None
+    return root, None, target, None, path_problem(target)
 
 
 def resolve_image(value: Any, *, image_root: Path | None, origin: Origin, field: str) -> ImageRef:

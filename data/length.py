@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import multiprocessing as mp
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from torch.utils.data import Sampler
+from tqdm.auto import tqdm
 
 from data.images import DEFAULT_MAX_PIXELS, image_size
+from data.ranks import Ranks
 from data.render import render_preference, sft_length
 from data.sample import DataError, ImageRef, Origin, PreferenceSample, SFTSample
 from data.sources import SkipCounter
@@ -63,26 +66,37 @@ class _ImagePlan:
 
 
 def _image_plan(
-    refs: Sequence[ImageRef], processor: Phi3VProcessor, origin: Origin, field: str, max_pixels: int
+    refs: Sequence[ImageRef], processor: Phi3VProcessor, origin: Origin, field: str, max_pixels: int,
+    sizes: dict | None = None,
 ) -> _ImagePlan:
-    sizes, counts = [], []
+    """`sizes` memoises the header sizes of image files within one planning pass (a dataset re-uses its images:
+    a header is read once per file, not once per row); only sizes that were read successfully are remembered, so a
+    bad file raises again for every row that uses it, naming that row."""
+    result_sizes, counts = [], []
     for k, ref in enumerate(refs):
-        try:
-            width, height = image_size(ref, origin, f"{field}[{k}]", max_pixels)
-        except DataError as error:
-            # data.images states the problem in prose (with the path); skips are counted by the phrase before ':'.
-            raise DataError(origin, error.field, f"bad image: {error.problem}") from error
+        key = (ref.path, max_pixels) if sizes is not None and ref.path is not None else None
+        size = sizes.get(key) if key is not None else None
+        if size is None:
+            try:
+                size = image_size(ref, origin, f"{field}[{k}]", max_pixels)
+            except DataError as error:
+                # data.images states the problem in prose (with the path); skips are counted by the phrase before ':'.
+                raise DataError(origin, error.field, f"bad image: {error.problem}") from error
+            if key is not None:
+                sizes[key] = size
+        width, height = size
         try:
             counts.append(processor.num_image_tokens(width, height))
         except ValueError as error:  # too elongated for the HD transform
             raise DataError(origin, f"{field}[{k}]", f"unusable image size: {error}") from error
-        sizes.append((width, height))
-    return _ImagePlan(sizes=tuple(sizes), token_counts=tuple(counts))
+        result_sizes.append((width, height))
+    return _ImagePlan(sizes=tuple(result_sizes), token_counts=tuple(counts))
 
 
-def plan_sample(sample: Sample, processor: Phi3VProcessor, *, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> PlannedSample:
-    """One sample's token length and image plan; a bad row raises its `DataError`."""
-    images = _image_plan(sample.images, processor, sample.origin, "images", max_image_pixels)
+def plan_sample(sample: Sample, processor: Phi3VProcessor, *, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                sizes: dict | None = None) -> PlannedSample:
+    """One sample's token length and image plan; a bad row raises its `DataError`. `sizes`: see `_image_plan`."""
+    images = _image_plan(sample.images, processor, sample.origin, "images", max_image_pixels, sizes)
     if isinstance(sample, SFTSample):
         num_tokens = sft_length(sample, processor, images.token_counts)
         return PlannedSample(sample=sample, num_tokens=num_tokens, image_token_counts=images.token_counts,
@@ -91,7 +105,8 @@ def plan_sample(sample: Sample, processor: Phi3VProcessor, *, max_image_pixels: 
         pair = render_preference(sample, processor, images.token_counts)
         return PlannedSample(sample=sample, num_tokens=pair.num_tokens, image_token_counts=images.token_counts,
                              image_sizes=images.sizes, shared_tokens=pair.shared_tokens)
-    rejected = _image_plan(sample.rejected_images, processor, sample.origin, "rejected_images", max_image_pixels)
+    rejected = _image_plan(sample.rejected_images, processor, sample.origin, "rejected_images", max_image_pixels,
+                           sizes)
     pair = render_preference(sample, processor, images.token_counts, rejected.token_counts)
     return PlannedSample(
         sample=sample, num_tokens=pair.num_tokens, image_token_counts=images.token_counts, image_sizes=images.sizes,
@@ -122,21 +137,116 @@ def _check_policies(max_length: int, on_overlong: str, on_bad_sample: str) -> No
 
 
 def plan_lengths(
-    samples: Iterable[Sample], processor: Phi3VProcessor, *, max_length: int, on_overlong: OnOverlong = "drop",
+    samples: Sequence[Sample], processor: Phi3VProcessor, *, max_length: int, on_overlong: OnOverlong = "drop",
     max_image_pixels: int = DEFAULT_MAX_PIXELS, on_bad_sample: OnBadSample = "error", skips: SkipCounter,
+    ranks: Ranks | None = None, workers: int = 1, progress: bool = False,
 ) -> list[PlannedSample]:
     """Every usable sample with its token length, in input order. Dropped and skipped rows are recorded in `skips`
-    (per dataset and reason; the first of each kind is logged as a warning) and summarised in the log at the end."""
+    (per dataset and reason; the first of each kind is logged as a warning) and summarised in the log at the end.
+
+    Sharing the work (the result is the same, sample for sample, skip for skip, as one process planning alone):
+    `ranks` (data.ranks.Ranks, several processes of one job, every one calling this with the same samples): each
+    rank plans a contiguous block of the samples and the numbers are gathered, so every rank ends with the whole
+    plan; `workers` > 1: this process plans its block in that many forked processes (length planning is
+    tokenisation and header reads, Python-bound). `progress`: a bar with an ETA."""
     _check_policies(max_length, on_overlong, on_bad_sample)
-    planned, num_skipped_before = [], skips.total
-    for sample in samples:
+    samples = samples if isinstance(samples, Sequence) else list(samples)
+    ranks = ranks or Ranks()
+    if ranks.world == 1 and workers <= 1:  # one process: plan in order, stop at the first bad row under 'error'
+        numbers = _NumbersOf(samples, processor, max_image_pixels, stop_at_error=on_bad_sample == "error")
+        results = numbers.run(range(len(samples)), progress)
+    else:
+        block = ranks.block(len(samples))
+
+        def work() -> list[_Numbers]:
+            return _plan_block(samples, processor, max_image_pixels, block, workers, progress)
+
+        results = [result for part in ranks.gather_results(work) for result in part]
+    return _assemble(samples, results, max_length=max_length, on_overlong=on_overlong, on_bad_sample=on_bad_sample,
+                     skips=skips)
+
+
+# A plan without its sample (what crosses process boundaries): (num_tokens, image_token_counts, image_sizes,
+# rejected_image_token_counts, rejected_image_sizes, shared_tokens), or (None, field, problem) for a bad row.
+_Numbers = tuple
+
+
+class _NumbersOf:
+    def __init__(self, samples: Sequence[Sample], processor: Phi3VProcessor, max_pixels: int,
+                 stop_at_error: bool = False):
+        self.samples, self.processor, self.max_pixels = samples, processor, max_pixels
+        self.stop_at_error = stop_at_error
+        self.sizes: dict = {}
+
+    def one(self, i: int) -> _Numbers:
         try:
-            plan = plan_sample(sample, processor, max_image_pixels=max_image_pixels)
+            plan = plan_sample(self.samples[i], self.processor, max_image_pixels=self.max_pixels, sizes=self.sizes)
         except DataError as error:
+            return (None, error.field, error.problem)
+        return (plan.num_tokens, plan.image_token_counts, plan.image_sizes, plan.rejected_image_token_counts,
+                plan.rejected_image_sizes, plan.shared_tokens)
+
+    def run(self, indices: range, progress: bool = False) -> list[_Numbers]:
+        results = []
+        with tqdm(total=len(indices), desc="planning lengths", unit="row", disable=not progress, leave=False,
+                  mininterval=2.0) as bar:
+            for i in indices:
+                results.append(self.one(i))
+                bar.update(1)
+                if self.stop_at_error and results[-1][0] is None:
+                    break  # the assembly raises it; later rows need not be planned
+        return results
+
+
+_FORKED: _NumbersOf | None = None  # what forked planning workers read (inherited, never pickled)
+
+
+def _plan_range(bounds: tuple[int, int]) -> list[_Numbers]:
+    return _FORKED.run(range(*bounds))
+
+
+def _plan_block(samples: Sequence[Sample], processor: Phi3VProcessor, max_pixels: int, block: range, workers: int,
+                progress: bool) -> list[_Numbers]:
+    """This rank's block planned in `workers` forked processes (in order), or here when small or single."""
+    global _FORKED
+    numbers = _NumbersOf(samples, processor, max_pixels)
+    if workers <= 1 or len(block) < MIN_ROWS_PER_WORKER * 2 or "fork" not in mp.get_all_start_methods():
+        return numbers.run(block, progress)
+    chunk = max(MIN_ROWS_PER_WORKER // 4, -(-len(block) // (workers * 8)))
+    bounds = [(start, min(start + chunk, block.stop)) for start in range(block.start, block.stop, chunk)]
+    _FORKED = numbers
+    try:
+        results: list[_Numbers] = []
+        with mp.get_context("fork").Pool(workers) as pool, tqdm(
+                total=len(block), desc=f"planning lengths ({workers} processes)", unit="row", disable=not progress,
+                leave=False, mininterval=2.0) as bar:
+            for part in pool.imap(_plan_range, bounds):
+                results.extend(part)
+                bar.update(len(part))
+        return results
+    finally:
+        _FORKED = None
+
+
+MIN_ROWS_PER_WORKER = 2000
+"""Below this many rows per worker process, forking costs more than it saves."""
+
+
+def _assemble(samples: Sequence[Sample], results: Sequence[_Numbers], *, max_length: int, on_overlong: str,
+              on_bad_sample: str, skips: SkipCounter) -> list[PlannedSample]:
+    """PlannedSamples in input order from the numbers; bad and over-long rows raise or are counted, in input order."""
+    planned, num_skipped_before = [], skips.total
+    for sample, result in zip(samples, results):
+        if result[0] is None:
+            error = DataError(sample.origin, result[1], result[2])
             if on_bad_sample == "error":
-                raise
+                raise error
             skips.record(error)
             continue
+        num_tokens, counts, sizes, rejected_counts, rejected_sizes, shared = result
+        plan = PlannedSample(sample=sample, num_tokens=num_tokens, image_token_counts=counts, image_sizes=sizes,
+                             rejected_image_token_counts=rejected_counts, rejected_image_sizes=rejected_sizes,
+                             shared_tokens=shared)
         if plan.num_tokens > max_length:
             error = overlong_error(plan, max_length)
             if on_overlong == "error":

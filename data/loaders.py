@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data import plan_cache
 from data.collate import DPOCollator, PackedSFTCollator, RenderedDataset, SFTCollator
 from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
 from data.multipage import write_multipage
+from data.plan_build import build_table
+from data.plan_table import PlanTable
+from data.ranks import Ranks, cores_per_rank
 from data.sample import DataError, Origin
 from data.sources import SkipCounter, iter_samples, mix, source_name
 from data.synthetic import DEMO_COUNTS, write_synthetic
@@ -68,11 +73,20 @@ def load_samples(sources: tuple[Source, ...], stage: str, data: DataSection, *, 
                  main_first: Callable = contextlib.nullcontext) -> list:
     """Every sample of the stage's sources. Several sources are mixed by weight into as many samples as they hold
     together (`data.sources.mix`: a weight above a source's share upsamples it); each sample keeps its origin."""
+    return read_samples(concrete_sources(sources, stage, main_first), data, seed=seed, skips=skips)
+
+
+def concrete_sources(sources: tuple[Source, ...], stage: str, main_first: Callable = contextlib.nullcontext) -> list:
+    """The stage's sources, a `synthetic` one written (by rank 0 first) and replaced by its jsonl file."""
     chosen = stage_sources(sources, stage)
     if not chosen:
         raise ValueError(f"the {stage} stage found no source of a format it reads in the recipe's data section")
     with main_first():  # rank 0 writes the synthetic data, the others wait and then read it
-        concrete_sources = [concrete(s, stage) for s in chosen]
+        return [concrete(s, stage) for s in chosen]
+
+
+def read_samples(concrete_sources: list[Source], data: DataSection, *, seed: int, skips: SkipCounter) -> list:
+    """Every sample of these (concrete) sources, mixed by weight when there are several (see load_samples)."""
     per_source = [list(iter_samples(s, on_bad_sample=data.on_bad_sample, skip_counter=skips)) for s in concrete_sources]
     if len(per_source) == 1:
         return per_source[0]
@@ -81,12 +95,30 @@ def load_samples(sources: tuple[Source, ...], stage: str, data: DataSection, *, 
 
 
 def plan(samples: list, processor, data: DataSection, skips: SkipCounter, *, cache_dir: Path | None = None,
-         progress: bool = True, main_first: Callable = contextlib.nullcontext) -> list[PlannedSample]:
+         progress: bool = True, main_first: Callable = contextlib.nullcontext, ranks: Ranks | None = None,
+         workers: int = 1) -> list[PlannedSample]:
     """Token lengths from image headers (data/length.py), then every image decoded once (data/validate.py), so
     that a corrupt file stops the run (or is skipped and counted) before step 1. `cache_dir` remembers the files
-    that decoded; `main_first` lets rank 0 decode (and fill the cache) before the other ranks read it."""
+    that decoded; `main_first` lets rank 0 decode (and fill the cache) before the other ranks read it. `ranks`
+    (every rank calling this with the same samples): planning and decoding are shared out over the ranks instead,
+    each rank planning a block of the rows (in `workers` processes) and decoding a share of the images."""
+    ranks = ranks or Ranks()
     planned = plan_lengths(samples, processor, max_length=data.max_length, on_overlong=data.on_overlong,
-                           max_image_pixels=data.max_image_pixels, on_bad_sample=data.on_bad_sample, skips=skips)
+                           max_image_pixels=data.max_image_pixels, on_bad_sample=data.on_bad_sample, skips=skips,
+                           ranks=ranks, workers=workers, progress=progress)
+    planned = decoded(planned, data, skips, cache_dir=cache_dir, progress=progress, main_first=main_first, ranks=ranks)
+    if not planned:
+        raise ValueError("no sample is left after length planning: every row was dropped or skipped\n" + skips.summary())
+    return planned
+
+
+def decoded(planned, data: DataSection, skips: SkipCounter, *, cache_dir: Path | None, progress: bool,
+            main_first: Callable, ranks: Ranks):
+    """`planned` less the samples with an image that does not decode (data/validate.py): shared out over the ranks
+    when there are several, else decoded by rank 0 first (`main_first`) so that the others read its cache."""
+    if planned and ranks.world > 1:
+        return validate_images(planned, on_bad_sample=data.on_bad_sample, skips=skips, max_pixels=data.max_image_pixels,
+                               cache_dir=cache_dir, progress=progress, ranks=ranks)
     if planned:
         failure = None
         with main_first():  # raise only after leaving it: rank 0 must reach the barrier the other ranks wait at
@@ -97,9 +129,15 @@ def plan(samples: list, processor, data: DataSection, skips: SkipCounter, *, cac
                 failure = error
         if failure is not None:
             raise failure
-    if not planned:
-        raise ValueError("no sample is left after length planning: every row was dropped or skipped\n" + skips.summary())
     return planned
+
+
+def token_lengths(planned, *, shared: bool = False) -> list[int]:
+    """Each planned sample's token length (`shared`: a pair's prefix-sharing row where it has one), read from a
+    PlanTable's arrays without rebuilding the samples."""
+    if isinstance(planned, PlanTable):
+        return planned.lengths(shared=shared).tolist()
+    return [(p.shared_tokens or p.num_tokens) if shared else p.num_tokens for p in planned]
 
 
 class ShuffledBatchSampler(Sampler[list[int]]):
@@ -248,9 +286,8 @@ def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *
     dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
                               max_image_pixels=data.max_image_pixels)
     pad_id = processor.tokenizer.pad_token_id
-    lengths = [p.num_tokens for p in planned]
-    if stage == "dpo" and share_prompt:  # group by the shared row's length: what the LM computes per pair
-        lengths = [p.shared_tokens or p.num_tokens for p in planned]
+    # DPO with shared prompts groups by the shared row's length: what the LM computes per pair.
+    lengths = token_lengths(planned, shared=stage == "dpo" and share_prompt)
     if stage == "dpo":
         collate = DPOCollator(pad_token_id=pad_id, share_prompt=share_prompt)
     elif data.packing:
@@ -274,15 +311,64 @@ def loader_factory(planned: list[PlannedSample], processor, data: DataSection, *
     return make, len(sampler)
 
 
+def plan_stage(recipe, processor, stage: str, skips: SkipCounter, *, main_first: Callable = contextlib.nullcontext,
+               cache_dir: Path | None = None) -> PlanTable:
+    """The stage's planned training samples (a PlanTable), from the plan cache under `cache_dir` when it holds this
+    plan (data/plan_cache.py), else computed once: every rank of the job reads the rows, the length planning and
+    the decoding before training are shared out over the ranks (and over this rank's share of the cores), and rank
+    0 writes the cache. The same samples, in the same order, with the same rows left out, either way."""
+    ranks = Ranks.current()
+    sources = concrete_sources(recipe.data.train, stage, main_first)
+    fields = (plan_cache.key_fields(sources, stage, recipe.data, processor, seed=recipe.seed)
+              if cache_dir is not None else None)
+    key = plan_cache.plan_key(fields) if fields is not None else None
+    path = plan_cache.plan_path(cache_dir, stage, key) if key is not None else None
+    started = time.perf_counter()
+    cached = plan_cache.load_plan(path, key) if path is not None else None
+    if ranks.all_true(cached is not None):
+        cached.replay_skips(skips)
+        log.info("plan cache: %d planned %s samples read from %s in %.1f s (%.0f bytes per planned row)",
+                 len(cached.table), stage, path, time.perf_counter() - started, cached.table.bytes_per_row())
+        return cached.table
+    if fields is None and cache_dir is not None:
+        log.info("plan cache: not used for %s (a source that is not a local file or folder, or is streamed); "
+                 "planning every run", ", ".join(source_name(s) for s in sources))
+    first_skip = len(skips.records)
+    workers = cores_per_rank(ranks.world)
+    built = (build_table(sources[0], processor, recipe.data, skips, ranks=ranks, workers=workers,
+                         progress=ranks.rank == 0) if len(sources) == 1 else None)
+    if built is not None:  # one local source: read, adapted and planned in row ranges over the ranks and cores
+        table, images = built
+        read_s = None
+        kept = decoded(table, recipe.data, skips, cache_dir=cache_dir, progress=ranks.rank == 0,
+                       main_first=main_first, ranks=ranks) if len(table) else table
+        table = kept if isinstance(kept, PlanTable) else PlanTable.from_planned(kept)
+        if not len(table):
+            raise ValueError("no sample is left after length planning: every row was dropped or skipped\n"
+                             + skips.summary())
+    else:  # several sources (mixed by a seeded draw over all their samples) or a streamed one
+        samples = read_samples(sources, recipe.data, seed=recipe.seed, skips=skips)
+        read_s = time.perf_counter() - started
+        planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir, progress=ranks.rank == 0,
+                       main_first=main_first, ranks=ranks, workers=workers)
+        del samples
+        table, images = PlanTable.from_planned(planned), plan_cache.image_paths(planned)
+    read = "" if read_s is None else f"rows read and adapted in {read_s:.1f} s on each rank; "
+    log.info("planned %d %s samples in %.1f s (%slengths and decoding shared over %d rank(s) x %d process(es)); "
+             "%.0f bytes per planned row", len(table), stage, time.perf_counter() - started, read, ranks.world,
+             workers, table.bytes_per_row())
+    if path is not None and ranks.rank == 0:
+        plan_cache.save_plan(path, table, skips.records[first_skip:], fields, images)
+    return table
+
+
 def stage_loaders(recipe, processor, stage: str, skips: SkipCounter, *, num_replicas: int = 1, rank: int = 0,
                   main_first: Callable = contextlib.nullcontext, cache_dir: Path | None = None):
     """(planned samples, epoch -> DataLoader, micro-batches per rank per epoch) of the recipe's training data for
     `stage` ('sft' or 'dpo'), sharded over `num_replicas` ranks; `main_first` lets rank 0 write shared files first;
     `cache_dir` remembers the images that decoded (recipe.run_dir.cache_dir). Too few samples for one optimizer
     step is an error naming the sources and the batch geometry."""
-    samples = load_samples(recipe.data.train, stage, recipe.data, seed=recipe.seed, skips=skips, main_first=main_first)
-    planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir, progress=rank == 0,
-                   main_first=main_first)
+    planned = plan_stage(recipe, processor, stage, skips, main_first=main_first, cache_dir=cache_dir)
     make_loader, batches_per_epoch = loader_factory(
         planned, processor, recipe.data, stage=stage, micro_batch_size=recipe.train.micro_batch_size,
         seed=recipe.seed, num_replicas=num_replicas, rank=rank, skips=skips,

@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 
 import datasets
 
-from data.adapters import Adapter, adapter_for, apply_columns, skip_reason
+from data.adapters import Adapter, adapter_for, apply_columns, resolved_under, skip_reason
 from data.paths import path_problem, resolved
 from data.sample import DataError, Origin, PreferenceSample, SFTSample
 from recipe.schema import Source
@@ -167,6 +167,29 @@ def load_rows(source: Source) -> datasets.IterableDataset:
     return dataset if source.limit is None else dataset.take(source.limit)
 
 
+def indexed_rows(source: Source) -> datasets.Dataset | None:
+    """The source's rows as a map-style dataset (random access, so that row ranges can be read by several
+    processes), `limit` applied; None for a source that only streams. `rows_in_range` reads a range of it exactly as
+    `load_rows` reads the whole (image columns left encoded)."""
+    if source.streaming:
+        return None
+    dataset = _load_dataset(source)
+    if not isinstance(dataset, datasets.Dataset):
+        return None
+    return dataset if source.limit is None else dataset.select(range(min(source.limit, len(dataset))))
+
+
+def rows_in_range(dataset: datasets.Dataset, start: int, stop: int) -> datasets.IterableDataset:
+    rows = dataset.select(range(start, stop)).to_iterable_dataset()
+    return rows if rows.features is None else rows.cast(_with_undecoded_images(rows.features))
+
+
+def adapt_row(adapter: Adapter, row: dict, source: Source, index: int, image_root: Path | None) -> Sample:
+    """Row `index` of `source` as a canonical sample (what `iter_samples` yields for it); a bad row raises."""
+    origin = Origin(dataset=source_name(source), row=index)
+    return adapter(apply_columns(row, dict(source.columns or {}), origin=origin), origin=origin, image_root=image_root)
+
+
 class SkipCounter:
     """Rows skipped under `on_bad_sample: skip`, counted per dataset and reason. A row is counted once even when its
     source is read again (a mixture re-reads a source to fill its quota)."""
@@ -174,11 +197,14 @@ class SkipCounter:
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._skipped: set[Origin] = set()
+        self.records: list[tuple[str, int, str, str]] = []
+        """(dataset, row, field, problem) of each row counted, in order (the plan cache stores a stage's)."""
 
     def record(self, error: DataError) -> None:
         if error.origin in self._skipped:
             return
         self._skipped.add(error.origin)
+        self.records.append((error.origin.dataset, error.origin.row, error.field, error.problem))
         key = (error.origin.dataset, skip_reason(error))
         self._counts[key] += 1
         # The first skip of each kind is a warning with its full message; the rest go to debug, not to flood the log.
@@ -227,6 +253,7 @@ def iter_samples(source: Source, *, on_bad_sample: OnBadSample = "error",
 def _adapted(source: Source, adapter: Adapter, *, on_bad_sample: OnBadSample,
              skip_counter: SkipCounter | None) -> Iterator[Sample]:
     name, image_root, columns = source_name(source), image_root_of(source), dict(source.columns or {})
+    resolved_under.cache_clear()  # image paths are resolved afresh for each read of a source
     first_error: DataError | None = None
     num_rows = num_samples = 0
     for num_rows, row in enumerate(load_rows(source), start=1):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from data.images import DEFAULT_MAX_PIXELS, load_rgb
 from data.length import PlannedSample
+from data.ranks import Ranks, cores_per_rank
 from data.sample import DataError, ImageRef, Origin
 from data.sources import SkipCounter
 
@@ -83,20 +83,56 @@ def _append_cache(path: Path | None, keys: Sequence[str]) -> None:
         logger.warning("image decode cache %s not written: %s", path, error)
 
 
+def _decode_all(items: Sequence[tuple[str, tuple[Origin, str, ImageRef]]], max_pixels: int, progress: bool,
+                workers: int | None, ranks: Ranks) -> list[tuple[str, DataError]]:
+    """(key, error) of each image in `items` that does not decode, in a thread pool (Pillow releases the GIL)."""
+    if not items:
+        return []
+
+    def decode(item: tuple[str, tuple[Origin, str, ImageRef]]) -> tuple[str, DataError | None]:
+        key, (origin, field, ref) = item
+        try:
+            load_rgb(ref, origin, field, max_pixels)
+        except DataError as error:
+            return key, error
+        return key, None
+
+    workers = workers or max(1, min(MAX_WORKERS, cores_per_rank(ranks.world)))
+    desc = "decoding images" if ranks.world == 1 else f"decoding images (rank {ranks.rank}'s share, {ranks.world} ranks)"
+    failures = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+            total=len(items), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for key, error in pool.map(decode, items):
+            if error is not None:
+                failures.append((key, error))
+            bar.update(1)
+    return failures
+
+
 def validate_images(planned: Sequence[PlannedSample], *, on_bad_sample: str, skips: SkipCounter,
                     max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: Path | None = None, progress: bool = True,
-                    workers: int | None = None) -> list[PlannedSample]:
-    """The planned samples whose every image decodes, in order (see the module docstring)."""
+                    workers: int | None = None, ranks: Ranks | None = None) -> list[PlannedSample]:
+    """The planned samples whose every image decodes, in order (see the module docstring): a list, or `planned`
+    itself when it is not a list and every image decoded (a PlanTable is not rebuilt). `ranks`: the processes
+    of one job, each calling this with the same planned samples: each decodes its share of the images, the verdicts
+    are gathered, every rank returns the same samples, and rank 0 alone appends to the cache."""
+    ranks = ranks or Ranks()
     cache_file = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
     known = _read_cache(cache_file)
     # One decode per distinct image: key -> (first origin, field, ref) that uses it.
     todo: dict[str, tuple[Origin, str, ImageRef]] = {}
     keys_of: list[list[tuple[str, str]]] = []  # per sample: (field, key)
     uncached = 0
+    path_keys: dict = {}  # a file used by many rows is stat'ed once
     for plan in planned:
         keys = []
         for field, ref in image_fields(plan):
-            key = fingerprint(ref)
+            if ref.path is not None and ref.path in path_keys:
+                key = path_keys[ref.path]
+            else:
+                key = fingerprint(ref)
+                if ref.path is not None and key is not None:
+                    path_keys[ref.path] = key
             if key is None:  # cannot be stat'ed: decode it to get its DataError
                 key = f"unstat:{uncached}"
                 uncached += 1
@@ -105,29 +141,22 @@ def validate_images(planned: Sequence[PlannedSample], *, on_bad_sample: str, ski
                 todo[key] = (plan.sample.origin, field, ref)
         keys_of.append(keys)
     started = time.perf_counter()
-    failures: dict[str, DataError] = {}
-    if todo:
-        def decode(item: tuple[str, tuple[Origin, str, ImageRef]]) -> tuple[str, DataError | None]:
-            key, (origin, field, ref) = item
-            try:
-                load_rgb(ref, origin, field, max_pixels)
-            except DataError as error:
-                return key, error
-            return key, None
+    items = list(todo.items())
+    share = ranks.block(len(items))
 
-        workers = workers or max(1, min(MAX_WORKERS, os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-                total=len(todo), desc="decoding images", unit="img", disable=not progress, leave=False) as bar:
-            for key, error in pool.map(decode, todo.items()):
-                if error is not None:
-                    failures[key] = error
-                bar.update(1)
-        _append_cache(cache_file, [key for key in todo if key not in failures and not key.startswith("unstat:")])
-    logger.info("decoded %d images in %.1f s before training (%d known good from %s), %d bad", len(todo),
-                time.perf_counter() - started, sum(1 for keys in keys_of for _, k in keys if k in known),
-                cache_file or "no cache", len(failures))
+    def decode_share() -> list[tuple[str, str, int, str, str]]:
+        return [(key, error.origin.dataset, error.origin.row, error.field, error.problem)
+                for key, error in _decode_all(items[share.start:share.stop], max_pixels, progress, workers, ranks)]
+
+    failures = {key: DataError(Origin(dataset=dataset, row=row), field, problem)
+                for part in ranks.gather_results(decode_share) for key, dataset, row, field, problem in part}
+    if items and ranks.rank == 0:
+        _append_cache(cache_file, [key for key, _ in items if key not in failures and not key.startswith("unstat:")])
+    logger.info("decoded %d images in %.1f s before training over %d rank(s) (%d known good from %s), %d bad",
+                len(todo), time.perf_counter() - started, ranks.world,
+                sum(1 for keys in keys_of for _, k in keys if k in known), cache_file or "no cache", len(failures))
     if not failures:
-        return list(planned)
+        return list(planned) if isinstance(planned, list) else planned  # a PlanTable stays one
     kept = []
     for plan, keys in zip(planned, keys_of, strict=True):
         bad = next(((field, failures[key]) for field, key in keys if key in failures), None)

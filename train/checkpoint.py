@@ -56,6 +56,7 @@ import torch
 from accelerate import DistributedType
 from safetensors.torch import load_file, save_file
 
+from data.plan_table import PlanTable, fingerprint_line
 from recipe import Recipe, recipe_to_dict
 from recipe.manifest import ManifestError
 from recipe.run_dir import (
@@ -109,10 +110,13 @@ def shaping_values(recipe: Recipe, stage: str, world_size: int) -> dict:
 
 
 def data_fingerprint(planned) -> str:
-    """sha256 over the planned samples' origins, token counts and image token counts, in order."""
+    """sha256 over the planned samples' origins, token counts and image token counts, in order (a PlanTable
+    computes the same digest from its arrays, or has it from the plan cache)."""
+    if isinstance(planned, PlanTable):
+        return planned.data_fingerprint()
     digest = hashlib.sha256()
     for plan in planned:
-        digest.update(f"{plan.sample.origin}|{plan.num_tokens}|{plan.image_token_counts}\n".encode())
+        digest.update(fingerprint_line(plan.sample.origin, plan.num_tokens, plan.image_token_counts))
     return digest.hexdigest()
 
 
