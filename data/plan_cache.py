@@ -51,6 +51,7 @@ import numpy as np
 
 from data.plan_table import PlanTable
 from data.sample import DataError, Origin
+from recipe.run_dir import CACHE  # caches written inside a dataset folder are not the dataset
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def source_fingerprint(source) -> list | None:
     path = path.resolve()
     if path.is_file():
         return [_file_stat(path)]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and CACHE not in p.relative_to(path).parts)
     return [_file_stat(p) for p in files]
 
 

@@ -20,7 +20,7 @@ from models.phi3v.tiny import build_tiny_tokenizer, tiny_config
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the repository root: every test module imports this one
 HUB_DIR = Path(os.environ.get("PHI3V_HUB_DIR", REPO.parent / "shared" / "phi3v" / "hub"))
 PHI3V_HUB = HUB_DIR / "Phi-3-vision-128k-instruct"
 PHI35V_HUB = HUB_DIR / "Phi-3.5-vision-instruct"
@@ -48,6 +48,17 @@ def deterministic_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.05
             if name.endswith(("norm.weight", "layernorm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight")):
                 values += 1.0
             param.copy_(values.to(param.dtype))
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """The demo's synthetic dataset (data/synthetic.py, the demo's counts), written once per test session; tests
+    read it and write nothing into it."""
+    from data.synthetic import DEMO_COUNTS, write_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(root, seed=0, **DEMO_COUNTS)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,8 @@ from recipe import load_recipe
 from recipe.errors import message_of, redact_message, run_main
 from recipe.parse import resolved_yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 DEMO = str(REPO / "recipes" / "demo.yaml")
 
 ENTRIES = {  # entry -> (prog, module, function): what each `__main__` runs

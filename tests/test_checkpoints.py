@@ -11,8 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from recipe import RecipeError, load_recipe
 from recipe.run_dir import write_folder_manifest
 from train import callbacks, checkpoint, sft
@@ -20,13 +18,6 @@ from train.checkpoint import Checkpointer, ResumeRefused, check_resume, recover_
 from train.loop import Diverged, Interrupted
 
 from .train_helpers import DEMO, adapter, assert_same_adapter, run_stage, small_overrides
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 class Payload:

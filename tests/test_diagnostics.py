@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,9 +17,8 @@ from data.synthetic import write_synthetic
 from recipe.run_dir import diagnostics_file, rank_log_file
 from train import diagnostics
 
+from .conftest import REPO
 from .train_helpers import DEMO, run_stage, small_overrides
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()

@@ -6,18 +6,9 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from recipe.run_dir import write_weights_manifest
 
 from .train_helpers import adapter, assert_same_adapter, history, run_stage, small_overrides
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 def test_precomputed_reference_trains_like_the_live_one_and_is_reused(synthetic, tmp_path):

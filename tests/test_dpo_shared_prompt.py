@@ -41,7 +41,8 @@ ATOL_LOGPS = 1e-5
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
     write_synthetic(root, seed=0, n_train=8, n_eval=4, n_pref_train=24, n_pref_eval=4)
-    recipe = load_recipe(DEMO, [f"data.train.0.path={root}", f"data.eval.0.path={root}", f"output_dir={root}/run"])
+    recipe = load_recipe(DEMO, [f"data.train.0.path={root}", f"data.eval.0.path={root}", f"output_dir={root}/run",
+                                "dpo.sft_weight=0.0"])  # the sigmoid loss alone: log 2 at step 0
     _, processor = common.build_tiny(recipe.model, seed=0)
     skips = SkipCounter()
     samples = load_samples(recipe.data.train, "dpo", recipe.data, seed=0, skips=skips,

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,6 +16,7 @@ from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
 from recipe.run_dir import checkpoints_dir, diagnostics_file, rank_log_file
 
+from .conftest import REPO
 from .train_helpers import (
     DEMO,
     adapter,
@@ -27,7 +27,6 @@ from .train_helpers import (
     wait_for_file,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 INHERITED = ("SLURM_", "NPROC", "NNODES", "NODE_RANK", "MASTER_")
 
 

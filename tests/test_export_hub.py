@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,9 +41,8 @@ from train import export
 from train.model_loading import save_trained
 from train.trainable import configure_trainable
 
-from .conftest import PHI3V_HUB, PHI35V_HUB, needs_hub
+from .conftest import PHI3V_HUB, PHI35V_HUB, REPO, needs_hub
 
-REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["What does the chart show?", "A bar chart of sales by year.", "How many circles are there?", "Three."]
 NUM_CROPS = 2
 

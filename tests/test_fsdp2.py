@@ -15,8 +15,6 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from recipe.run_dir import checkpoints_dir, diagnostics_file
 from train.validation import filler_batches
 
@@ -37,13 +35,6 @@ from .train_helpers import (
 TIMEOUT = 420  # a hung collective fails the test instead of the session
 SFT = dict(micro_batch_size=2, max_steps=8, checkpoint_every=2)  # 1 process: grad_accum 4; 2 processes: 2
 EVAL = ["stages=[sft,eval]", "eval.limit=8", "eval.when=[base,sft]"]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 def pair(stage: str, synthetic, tmp_path_factory, name: str, extra: list[str] = (), **settings):

@@ -8,8 +8,6 @@ import json
 
 import pytest
 
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from recipe import load_recipe
 from train import export, grpo, sft
 
@@ -18,13 +16,6 @@ from .train_helpers import DEMO, REPO, adapter, assert_same_adapter, history, la
 DEMO_GRPO = REPO / "recipes" / "demo_grpo.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 def test_grpo_raises_the_held_out_exact_match_over_sft(synthetic, tmp_path):

@@ -10,8 +10,6 @@ from accelerate import Accelerator
 
 from data.loaders import load_samples, plan
 from data.sources import SkipCounter
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from eval.curves import curves_section
 from recipe import load_recipe
 from recipe.run_dir import start_file
@@ -26,13 +24,6 @@ from .train_helpers import REPO, adapter, assert_same_adapter, history
 
 DEMO_GRPO = REPO / "recipes" / "demo_grpo.yaml"
 G = 4
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,8 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
 
 
 def launch(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 LAYERS = ("models", "recipe", "data", "eval", "train")  # each may import only itself and those before it
 ENTRY_POINTS = {"train.sft", "train.dpo", "train.export", "train.dry_run", "train.launch_plan", "eval.__main__",
                 "data.inspect"}

@@ -13,14 +13,14 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from recipe import load_recipe
 from train import memory
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 CHARTQA = REPO / "recipes" / "chartqa.yaml"
 FULL = ["model.language=full", "model.vision=full", "model.projector=full", "export.adapter=false"]
 DECODER_LAYER = 9216 * 3072 + 3072 * 3072 + 16384 * 3072 + 3072 * 8192 + 2 * 3072

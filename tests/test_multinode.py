@@ -15,12 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
-
+from .conftest import REPO
 from .train_helpers import DEMO, adapter, assert_same_adapter, history, small_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "recipes" / "slurm" / "train.sbatch"
 INHERITED = ("SLURM_", "NPROC", "NNODES", "NODE_RANK", "MASTER_")
 # Both layouts run 2 ranks over gloo with the same all-reduce: the results agree to float rounding, in practice
@@ -72,13 +69,6 @@ def assert_same_run(a: Path, b: Path) -> None:
         for key in ("loss", "grad_norm", "units", "samples"):
             assert x[key] == pytest.approx(y[key], rel=RTOL, abs=1e-9), (key, x, y)
     assert_same_adapter(adapter(a, "sft"), adapter(b, "sft"), rel=RTOL)
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 def overrides(run_dir: Path, synthetic: Path) -> list[str]:

@@ -25,7 +25,8 @@ from recipe import load_recipe
 from tests.conftest import drawn_image
 from train.checkpoint import data_fingerprint
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 DEMO = REPO / "recipes" / "demo.yaml"
 
 

@@ -15,8 +15,6 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from eval.__main__ import ModelPlan, load_planned
 from eval.hook import evaluate_stage
 from models.phi3v import Phi3VForCausalLM
@@ -47,13 +45,6 @@ from .train_helpers import (
 )
 
 SFT_STEPS = 120  # ~50 s on 2 shared cores with the two evals: the 4-bit tiny model answers 10-20% of 64 questions
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +311,7 @@ def test_a_quantized_dpo_step_zero_is_log_2_on_a_batch(synthetic):
     from train.losses import DPOLoss
     from train.trainable import dpo_parts
 
-    recipe = demo_recipe(f"data.train.0.path={synthetic}", "model.quantization=nf4")
+    recipe = demo_recipe(f"data.train.0.path={synthetic}", "model.quantization=nf4", "dpo.sft_weight=0.0")
     model, processor = build_tiny(recipe.model, seed=0)
     samples = load_samples(recipe.data.train, "dpo", recipe.data, seed=0, skips=SkipCounter(),
                            main_first=Accelerator(cpu=True).main_process_first)

@@ -17,8 +17,6 @@ import subprocess
 import pytest
 
 from data.multipage import write_multipage
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from recipe.run_dir import checkpoints_dir, diagnostics_file
 
 from .train_helpers import (
@@ -38,13 +36,6 @@ from .train_helpers import (
 pytestmark = pytest.mark.slow  # every test launches 2 processes
 
 SP2 = ["train.sequence_parallel=2", "train.collective_timeout_s=120"]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 import pytest
 
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from train.callbacks import Preempted
 
 from .train_helpers import (
@@ -15,13 +13,6 @@ from .train_helpers import (
     run_stage,
     small_overrides,
 )
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])

@@ -20,7 +20,8 @@ from recipe import Source, load_recipe
 from recipe.run_dir import summary_file
 from train import sft
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 DEMO = REPO / "recipes" / "demo.yaml"
 
 

@@ -20,8 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
-from data.synthetic import write_synthetic
 from eval.report import predictions_path
 from recipe.run_dir import checkpoints_dir, eval_dir, merged_dir
 
@@ -43,13 +41,6 @@ pytestmark = pytest.mark.slow  # every test launches 2 processes
 
 STEPS = dict(max_steps=4, checkpoint_every=2)
 SCORED = ["stages=[sft,eval]", "eval.when=[sft]", "eval.limit=8", "eval.batch_size=4"]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, seed=0, **SYNTHETIC_COUNTS)
-    return root
 
 
 def one_process(run: Path, synthetic: Path, stage: str, *extra: str, **train) -> Path:

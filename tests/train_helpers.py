@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from recipe import load_recipe
 from train import dpo, sft
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 DEMO = REPO / "recipes" / "demo.yaml"
 
 
@@ -25,8 +26,9 @@ def small_overrides(run_dir: Path, synthetic: Path, stage: str, **train) -> list
     """The demo recipe cut down to a few fp32 steps on 64 rows, every step logged and no eval or export."""
     settings = {"max_steps": 3, "micro_batch_size": 4, "grad_accum": 2, "log_every": 1, "checkpoint_every": 100,
                 **train}
+    # dpo.sft_weight=0: DPO's sigmoid loss alone (the demo adds RPO's NLL term), so a fresh adapter starts at log 2.
     overrides = [f"output_dir={run_dir}", f"data.train.0.path={synthetic}", f"data.eval.0.path={synthetic}",
-                 "data.train.0.limit=64", f"stages=[{stage}]", "dpo.max_steps=null"]
+                 "data.train.0.limit=64", f"stages=[{stage}]", "dpo.max_steps=null", "dpo.sft_weight=0.0"]
     return overrides + [f"train.{key}={value}" for key, value in settings.items()]
 
 
