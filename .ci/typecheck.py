@@ -24,7 +24,9 @@ ERROR = re.compile(r"^(?P<file>[^:]+\.py):\d+: error:")
 
 
 def counts() -> collections.Counter:
-    result = subprocess.run([sys.executable, "-m", "mypy", *PACKAGES], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", *PACKAGES], cwd=ROOT, capture_output=True, text=True
+    )
     if result.returncode not in (0, 1):  # 2: mypy itself failed
         sys.exit(f"mypy failed:\n{result.stdout}\n{result.stderr}")
     found = collections.Counter()
@@ -52,8 +54,10 @@ def main(argv: list[str]) -> int:
         print("fix them (python -m mypy " + " ".join(PACKAGES) + " lists each), or keep the new code typed")
         return 1
     better = sum(allowed.values()) - sum(found.values())
-    print(f"type check: {sum(found.values())} errors, within the baseline"
-          + (f" ({better} fewer: run python .ci/typecheck.py --update)" if better > 0 else ""))
+    print(
+        f"type check: {sum(found.values())} errors, within the baseline"
+        + (f" ({better} fewer: run python .ci/typecheck.py --update)" if better > 0 else "")
+    )
     return 0
 
 

@@ -83,7 +83,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's packages, also when another checkout is installed in editable mode
+sys.path.insert(
+    0, str(REPO)
+)  # this checkout's packages, also when another checkout is installed in editable mode
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -92,8 +94,13 @@ RECIPE = REPO / "recipes" / "demo.yaml"
 SIDES = ("ours", "trl", "ours-2b")
 LABELS = {"ours": "ours", "trl": "TRL", "ours-2b": "ours 2B-row"}
 SEED = 0  # the synthetic data's seed, as data.loaders.concrete writes the demo's
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+}
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -186,8 +193,13 @@ class StepMeter:
 
     def end(self) -> dict:
         self._saving.__exit__(None, None, None)
-        return {"clip_calls": self.clip_calls, "clip_images": self.clip_images, "clip_seconds": self.clip_seconds,
-                "lm_tokens": self.lm_tokens, "saved_mb": sum(self.saved_bytes.values()) / 2**20}
+        return {
+            "clip_calls": self.clip_calls,
+            "clip_images": self.clip_images,
+            "clip_seconds": self.clip_seconds,
+            "lm_tokens": self.lm_tokens,
+            "saved_mb": sum(self.saved_bytes.values()) / 2**20,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ shared setup
@@ -205,7 +217,9 @@ def prepare_workdir(workdir: Path, num_pairs: int) -> None:
     from train.model_loading import build_tiny
 
     # Only the training preference pairs are read.
-    write_synthetic(workdir / "synthetic", seed=SEED, n_train=0, n_eval=0, n_pref_train=num_pairs, n_pref_eval=0)
+    write_synthetic(
+        workdir / "synthetic", seed=SEED, n_train=0, n_eval=0, n_pref_train=num_pairs, n_pref_eval=0
+    )
     recipe = load_demo_recipe()
     model, processor = build_tiny(recipe.model, recipe.seed)
     model.save_pretrained(workdir / "base")
@@ -215,8 +229,12 @@ def prepare_workdir(workdir: Path, num_pairs: int) -> None:
 def load_base(workdir: Path, recipe):
     import models
 
-    return models.load(str(workdir / "base"), dtype=recipe.model.dtype,
-                       attn_implementation=recipe.model.attn_implementation, num_crops=recipe.model.num_crops)
+    return models.load(
+        str(workdir / "base"),
+        dtype=recipe.model.dtype,
+        attn_implementation=recipe.model.attn_implementation,
+        num_crops=recipe.model.num_crops,
+    )
 
 
 def lora_config(model, recipe):
@@ -226,9 +244,15 @@ def lora_config(model, recipe):
     from train.trainable import dpo_parts, lora_target_regex
 
     lora = recipe.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.use_rslora,
-                      use_dora=lora.use_dora, target_modules=lora_target_regex(model, dpo_parts(recipe.model), lora),
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        target_modules=lora_target_regex(model, dpo_parts(recipe.model), lora),
+        task_type="CAUSAL_LM",
+    )
 
 
 def dpo_lr(recipe) -> float:
@@ -252,22 +276,35 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prom
 
     recipe = load_demo_recipe()
     total = warmup + steps
-    source = Source(format="trl_preference", path=str(workdir / "synthetic" / "pref_train.jsonl"),
-                    image_root=str(workdir / "synthetic"), limit=total * batch_size)
+    source = Source(
+        format="trl_preference",
+        path=str(workdir / "synthetic" / "pref_train.jsonl"),
+        image_root=str(workdir / "synthetic"),
+        limit=total * batch_size,
+    )
     data = replace(recipe.data, train=(source,), num_workers=0)
-    accelerator = device.make_accelerator(recipe, workdir / "ours_run", grad_accum=1)  # seeds like train.dpo.main
+    accelerator = device.make_accelerator(
+        recipe, workdir / "ours_run", grad_accum=1
+    )  # seeds like train.dpo.main
     model, processor = load_base(workdir, recipe)
     meter = StepMeter(model)
     skips = SkipCounter()
-    samples = load_samples(data.train, "dpo", data, seed=recipe.seed, skips=skips,
-                           main_first=accelerator.main_process_first)
+    samples = load_samples(
+        data.train, "dpo", data, seed=recipe.seed, skips=skips, main_first=accelerator.main_process_first
+    )
     planned = plan(samples, processor, data, skips)
     if len(planned) != total * batch_size:
-        raise RuntimeError(f"ours: {len(planned)} pairs planned, {total * batch_size} needed:\n{skips.summary()}")
+        raise RuntimeError(
+            f"ours: {len(planned)} pairs planned, {total * batch_size} needed:\n{skips.summary()}"
+        )
     # File order in batches of batch_size, as TRL's sequential sampler gives them.
-    loader = DataLoader(RenderedDataset(planned, processor), batch_size=batch_size, shuffle=False, num_workers=0,
-                        collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id,
-                                               share_prompt=share_prompt))
+    loader = DataLoader(
+        RenderedDataset(planned, processor),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id, share_prompt=share_prompt),
+    )
 
     parts = dpo_parts(recipe.model)
     set_seed(recipe.seed)  # as DPOTrainer does right before it adds the adapter: the same LoRA initialisation
@@ -275,24 +312,50 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prom
     fingerprint = trainable_fingerprint(model)
     upcast_trainable_(model)
     train_section = replace(recipe.train, scheduler="constant", warmup_steps=0)
-    optimizer = optim.make_optimizer(parameter_groups(model, train_section), train_section,
-                                     lr_scale=dpo_lr(recipe) / recipe.train.lr)
+    optimizer = optim.make_optimizer(
+        parameter_groups(model, train_section), train_section, lr_scale=dpo_lr(recipe) / recipe.train.lr
+    )
     scheduler = optim.make_scheduler(optimizer, train_section, total)
     model, optimizer = device.prepare(accelerator, model, optimizer, batch_size)
     loss_fn = DPOLoss(recipe, accelerator, share_features=parts.vision != "lora")
-    return time_our_steps(accelerator, model, optimizer, scheduler, loader, loss_fn, count_pairs, total=total,
-                          max_grad_norm=recipe.train.max_grad_norm, meter=meter, fingerprint=fingerprint)
+    return time_our_steps(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        loss_fn,
+        count_pairs,
+        total=total,
+        max_grad_norm=recipe.train.max_grad_norm,
+        meter=meter,
+        fingerprint=fingerprint,
+    )
 
 
-def time_our_steps(accelerator, model, optimizer, scheduler, loader, loss_fn, count, *, total: int,
-                   max_grad_norm: float | None, meter, fingerprint, extra=None) -> dict:
+def time_our_steps(
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    loader,
+    loss_fn,
+    count,
+    *,
+    total: int,
+    max_grad_norm: float | None,
+    meter,
+    fingerprint,
+    extra=None,
+) -> dict:
     """Our side's timed loop, shared with sft_vs_trl.py: `total` optimizer steps of one micro-batch each through the
     loop's own `train_step`, the data fetch timed apart; `extra(record)` adds per-step fields."""
     from train import device
     from train.loop import LoopConfig, train_step
 
-    config = LoopConfig(total_steps=total, grad_accum=1, max_grad_norm=max_grad_norm, log_every=1,
-                        checkpoint_every=total)
+    config = LoopConfig(
+        total_steps=total, grad_accum=1, max_grad_norm=max_grad_norm, log_every=1, checkpoint_every=total
+    )
 
     def loss_on_device(model_, batch):
         return loss_fn(model_, device.to_device(batch, accelerator.device))
@@ -307,10 +370,21 @@ def time_our_steps(accelerator, model, optimizer, scheduler, loader, loss_fn, co
         started = time.perf_counter()
         record = train_step(accelerator, model, optimizer, scheduler, [batch], loss_on_device, count, config)
         ended = time.perf_counter()
-        records.append({"seconds": ended - started, "data_seconds": started - fetched, "loss": record["loss"],
-                        **(extra(record) if extra else {}), **meter.end()})
-    return {"steps": records, "train_growth_mb": memory.growth_mb(), "peak_reset": memory.reset_ok,
-            "initial_trainable": fingerprint}
+        records.append(
+            {
+                "seconds": ended - started,
+                "data_seconds": started - fetched,
+                "loss": record["loss"],
+                **(extra(record) if extra else {}),
+                **meter.end(),
+            }
+        )
+    return {
+        "steps": records,
+        "train_growth_mb": memory.growth_mb(),
+        "peak_reset": memory.reset_ok,
+        "initial_trainable": fingerprint,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -404,9 +478,13 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     total = warmup + steps
     model, processor = load_base(workdir, recipe)
     recorder = TrlStepRecorder(StepMeter(model))
-    trainer = DPOTrainer(model=model, args=trl_config(workdir, recipe, total, batch_size),
-                         train_dataset=trl_dataset(workdir, total * batch_size), processing_class=processor,
-                         peft_config=lora_config(model, recipe))
+    trainer = DPOTrainer(
+        model=model,
+        args=trl_config(workdir, recipe, total, batch_size),
+        train_dataset=trl_dataset(workdir, total * batch_size),
+        processing_class=processor,
+        peft_config=lora_config(model, recipe),
+    )
     recorder.time_fetches(trainer)
     trainer.add_callback(recorder)
     trainer.train()
@@ -420,8 +498,12 @@ def trl_result(recorder: TrlStepRecorder, losses: list[float]) -> dict:
     """The TRL side's result: its recorded steps, each with its loss."""
     for record, loss in zip(recorder.records, losses):
         record["loss"] = loss
-    return {"steps": recorder.records, "train_growth_mb": recorder.memory.growth_mb(),
-            "peak_reset": recorder.memory.reset_ok, "initial_trainable": recorder.fingerprint}
+    return {
+        "steps": recorder.records,
+        "train_growth_mb": recorder.memory.growth_mb(),
+        "peak_reset": recorder.memory.reset_ok,
+        "initial_trainable": recorder.fingerprint,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ one side
@@ -469,23 +551,49 @@ def summarise(result: dict, warmup: int, batch_size: int) -> SideSummary:
     def mean(key: str) -> float:
         return sum(step[key] for step in timed) / len(timed)
 
-    return SideSummary(pairs_per_s=batch_size * len(timed) / seconds, seconds_per_step=seconds / len(timed),
-                       data_ms_per_step=1000 * mean("data_seconds"), clip_calls=mean("clip_calls"),
-                       clip_images=mean("clip_images"), clip_ms=1000 * mean("clip_seconds"),
-                       lm_tokens=mean("lm_tokens"), saved_mb=mean("saved_mb"),
-                       peak_mb=result["lifetime_peak_mb"], train_growth_mb=result["train_growth_mb"],
-                       first_loss=result["steps"][0]["loss"], last_loss=result["steps"][-1]["loss"])
+    return SideSummary(
+        pairs_per_s=batch_size * len(timed) / seconds,
+        seconds_per_step=seconds / len(timed),
+        data_ms_per_step=1000 * mean("data_seconds"),
+        clip_calls=mean("clip_calls"),
+        clip_images=mean("clip_images"),
+        clip_ms=1000 * mean("clip_seconds"),
+        lm_tokens=mean("lm_tokens"),
+        saved_mb=mean("saved_mb"),
+        peak_mb=result["lifetime_peak_mb"],
+        train_growth_mb=result["train_growth_mb"],
+        first_loss=result["steps"][0]["loss"],
+        last_loss=result["steps"][-1]["loss"],
+    )
 
 
-def spawn_side(side: str, workdir: Path, args: argparse.Namespace,
-               script: Path = Path(__file__)) -> tuple[dict | None, str]:
+def spawn_side(
+    side: str, workdir: Path, args: argparse.Namespace, script: Path = Path(__file__)
+) -> tuple[dict | None, str]:
     """(result, '') or (None, the tail of the failed subprocess's output) of `script --side side` (this benchmark,
     or another built like it)."""
-    command = [sys.executable, str(script.resolve()), "--side", side, "--workdir", str(workdir),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads)]
-    env = {**os.environ, **OFFLINE_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    command = [
+        sys.executable,
+        str(script.resolve()),
+        "--side",
+        side,
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+    ]
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return None, (done.stdout + done.stderr)[-4000:]
@@ -495,7 +603,9 @@ def spawn_side(side: str, workdir: Path, args: argparse.Namespace,
 def versions() -> str:
     # From the installed metadata: importing trl here would only slow the parent down.
     packages = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
-    return f"python {platform.python_version()}, " + ", ".join(f"{name} {metadata.version(name)}" for name in packages)
+    return f"python {platform.python_version()}, " + ", ".join(
+        f"{name} {metadata.version(name)}" for name in packages
+    )
 
 
 def print_machine(title: str, args: argparse.Namespace) -> None:
@@ -507,8 +617,10 @@ def print_machine(title: str, args: argparse.Namespace) -> None:
     threads = args.threads or f"torch's default ({torch.get_num_threads()})"
     print(f"# {title}, {now:%Y-%m-%d %H:%M} UTC")
     print(f"command: {shlex.join([sys.executable, *sys.argv])}  (cwd {Path.cwd()})")
-    print(f"machine: {platform.platform()}, {platform.machine()}, {cpus} CPUs ({usable} usable); torch threads "
-          f"per side: {threads}")
+    print(
+        f"machine: {platform.platform()}, {platform.machine()}, {cpus} CPUs ({usable} usable); torch threads "
+        f"per side: {threads}"
+    )
     print(f"versions: {versions()}")
     print("load average at start (1/5/15 min): " + "/".join(f"{x:.2f}" for x in os.getloadavg()))
 
@@ -518,38 +630,57 @@ def print_header(args: argparse.Namespace, recipe) -> None:
 
     lora = recipe.lora
     print_machine("DPO steps, ours vs TRL DPOTrainer", args)
-    print(f"model: tiny Phi-3-V {TINY_MODEL}, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
-          f"{recipe.model.num_crops}; LoRA r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on the LM's "
-          f"{', '.join(lora.target_modules)}; tower and projector frozen")
-    print(f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} pairs, the first "
-          f"{(args.warmup + args.steps) * args.batch_size} synthetic pairs in file order; "
-          f"{'+'.join(loss.type for loss in recipe.dpo.losses)} loss, beta {recipe.dpo.beta}, AdamW lr "
-          f"{dpo_lr(recipe):g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
-          f"alternating (ours first), each in a fresh subprocess; medians per side and paired ratios")
+    print(
+        f"model: tiny Phi-3-V {TINY_MODEL}, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
+        f"{recipe.model.num_crops}; LoRA r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on the LM's "
+        f"{', '.join(lora.target_modules)}; tower and projector frozen"
+    )
+    print(
+        f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} pairs, the first "
+        f"{(args.warmup + args.steps) * args.batch_size} synthetic pairs in file order; "
+        f"{'+'.join(loss.type for loss in recipe.dpo.losses)} loss, beta {recipe.dpo.beta}, AdamW lr "
+        f"{dpo_lr(recipe):g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
+        f"alternating (ours first), each in a fresh subprocess; medians per side and paired ratios"
+    )
 
 
-COLUMNS = (("pairs/s", "pairs_per_s", "{:.1f}"), ("s/step", "seconds_per_step", "{:.3f}"),
-           ("data ms/step", "data_ms_per_step", "{:.0f}"), ("CLIP calls/step", "clip_calls", "{:.1f}"),
-           ("CLIP images/step", "clip_images", "{:.0f}"), ("CLIP ms/step", "clip_ms", "{:.1f}"),
-           ("LM tokens/step", "lm_tokens", "{:.0f}"),
-           ("saved MB/step", "saved_mb", "{:.1f}"), ("peak RSS MB", "peak_mb", "{:.0f}"),
-           ("train +MB", "train_growth_mb", "{:.0f}"))
+COLUMNS = (
+    ("pairs/s", "pairs_per_s", "{:.1f}"),
+    ("s/step", "seconds_per_step", "{:.3f}"),
+    ("data ms/step", "data_ms_per_step", "{:.0f}"),
+    ("CLIP calls/step", "clip_calls", "{:.1f}"),
+    ("CLIP images/step", "clip_images", "{:.0f}"),
+    ("CLIP ms/step", "clip_ms", "{:.1f}"),
+    ("LM tokens/step", "lm_tokens", "{:.0f}"),
+    ("saved MB/step", "saved_mb", "{:.1f}"),
+    ("peak RSS MB", "peak_mb", "{:.0f}"),
+    ("train +MB", "train_growth_mb", "{:.0f}"),
+)
 
 
 def print_table(summaries: dict[str, SideSummary | None]) -> None:
     widths = [max(len(title), 8) for title, _, _ in COLUMNS]
-    print(f"{'side':<9}" + " ".join(f"{title:>{w}}" for (title, _, _), w in zip(COLUMNS, widths)) + "  loss first/last")
+    print(
+        f"{'side':<9}"
+        + " ".join(f"{title:>{w}}" for (title, _, _), w in zip(COLUMNS, widths))
+        + "  loss first/last"
+    )
     for side, summary in summaries.items():
         if summary is None:
             print(f"{side:<9} failed (its output is below)")
             continue
         cells = [fmt.format(getattr(summary, key)) for _, key, fmt in COLUMNS]
-        print(f"{side:<9}" + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths))
-              + f"  {summary.first_loss:.4f}/{summary.last_loss:.4f}")
+        print(
+            f"{side:<9}"
+            + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths))
+            + f"  {summary.first_loss:.4f}/{summary.last_loss:.4f}"
+        )
     ours, theirs = summaries.get("ours"), summaries.get("TRL")
     if ours and theirs:
-        ratios = [getattr(ours, key) / getattr(theirs, key) if getattr(theirs, key) else float("nan")
-                  for _, key, _ in COLUMNS]
+        ratios = [
+            getattr(ours, key) / getattr(theirs, key) if getattr(theirs, key) else float("nan")
+            for _, key, _ in COLUMNS
+        ]
         print(f"{'ours/TRL':<9}" + " ".join(f"{r:>{w - 1}.2f}x" for r, w in zip(ratios, widths)))
 
 
@@ -558,23 +689,30 @@ def print_fingerprints(fingerprints: dict[str, set[str]]) -> None:
     if len(seen) == 1:
         print(f"initial trainable weights: identical in every run of both sides ({seen.pop()})")
     else:
-        print("initial trainable weights DIFFER: " + "; ".join(f"{label}: {sorted(values)}"
-                                                              for label, values in fingerprints.items()))
+        print(
+            "initial trainable weights DIFFER: "
+            + "; ".join(f"{label}: {sorted(values)}" for label, values in fingerprints.items())
+        )
 
 
 def paired_ratios(ours: list[float], theirs: list[float], unit: str, names: str = "ours/TRL") -> str:
     """The ratio of each pair of runs (run i of one side against run i of the other, run back to back), as median
     and min-max, with each side's median: a burst of load from other programs hits one pair, not one side."""
     ratios = [a / b for a, b in zip(ours, theirs)]
-    return (f"{names} {unit}: paired median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max "
-            f"{max(ratios):.2f}x) over {len(ratios)} pairs [" + ", ".join(f"{r:.2f}" for r in ratios) + "]; "
-            f"medians {statistics.median(ours):.1f} vs {statistics.median(theirs):.1f} {unit}")
+    return (
+        f"{names} {unit}: paired median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max "
+        f"{max(ratios):.2f}x) over {len(ratios)} pairs [" + ", ".join(f"{r:.2f}" for r in ratios) + "]; "
+        f"medians {statistics.median(ours):.1f} vs {statistics.median(theirs):.1f} {unit}"
+    )
 
 
 def median_summary(summaries: list[SideSummary]) -> SideSummary:
     """Each column's median over a side's runs (losses: the first run's; they are equal across runs)."""
-    fields = {key: statistics.median(getattr(s, key) for s in summaries) for key in SideSummary.__dataclass_fields__
-              if key not in ("first_loss", "last_loss")}
+    fields = {
+        key: statistics.median(getattr(s, key) for s in summaries)
+        for key in SideSummary.__dataclass_fields__
+        if key not in ("first_loss", "last_loss")
+    }
     return SideSummary(**fields, first_loss=summaries[0].first_loss, last_loss=summaries[0].last_loss)
 
 
@@ -605,52 +743,90 @@ def run_both(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 result, failure = spawn_side(side, workdir, args)
                 if result is None:
-                    print(f"run {repeat + 1} {label}: failed after {time.perf_counter() - started:.0f} s; the tail "
-                          f"of its output:\n{failure}")
+                    print(
+                        f"run {repeat + 1} {label}: failed after {time.perf_counter() - started:.0f} s; the tail "
+                        f"of its output:\n{failure}"
+                    )
                     sys.exit(1)
                 runs[label].append(summarise(result, args.warmup, args.batch_size))
                 losses[label].append([step["loss"] for step in result["steps"]])
                 fingerprints[label].add(result["initial_trainable"])
-                print(f"run {repeat + 1} {label}: {runs[label][-1].pairs_per_s:.1f} pairs/s, subprocess "
-                      f"{time.perf_counter() - started:.0f} s; memory high-water mark reset: {result['peak_reset']}; "
-                      f"load average now {os.getloadavg()[0]:.2f}")
+                print(
+                    f"run {repeat + 1} {label}: {runs[label][-1].pairs_per_s:.1f} pairs/s, subprocess "
+                    f"{time.perf_counter() - started:.0f} s; memory high-water mark reset: {result['peak_reset']}; "
+                    f"load average now {os.getloadavg()[0]:.2f}"
+                )
     print_fingerprints(fingerprints)
     for label, side_losses in losses.items():  # every run of a side computes the same losses
         for other in side_losses[1:]:
             check_same_losses(other, side_losses[0], 1e-6, f"{label}, two runs")
     if args.with_2b:
-        worst = check_same_losses(losses["ours"][0], losses["ours 2B-row"][0], args.loss_rtol,
-                                  "ours (shared prompt) vs ours 2B-row")
-        print(f"losses, shared prompt vs 2B-row layout: equal at every step (largest relative gap {worst:.1e}, "
-              f"allowed {args.loss_rtol:.0e})")
+        worst = check_same_losses(
+            losses["ours"][0], losses["ours 2B-row"][0], args.loss_rtol, "ours (shared prompt) vs ours 2B-row"
+        )
+        print(
+            f"losses, shared prompt vs 2B-row layout: equal at every step (largest relative gap {worst:.1e}, "
+            f"allowed {args.loss_rtol:.0e})"
+        )
     print("medians over the runs of each side:")
-    print_table({label: median_summary(summaries) for label, summaries in runs.items() if label != "ours 2B-row"})
-    print(paired_ratios([s.pairs_per_s for s in runs["ours"]], [s.pairs_per_s for s in runs["TRL"]], "pairs/s"))
+    print_table(
+        {label: median_summary(summaries) for label, summaries in runs.items() if label != "ours 2B-row"}
+    )
+    print(
+        paired_ratios([s.pairs_per_s for s in runs["ours"]], [s.pairs_per_s for s in runs["TRL"]], "pairs/s")
+    )
     if args.with_2b:
-        print(paired_ratios([s.pairs_per_s for s in runs["ours"]], [s.pairs_per_s for s in runs["ours 2B-row"]],
-                            "pairs/s", names="ours/ours 2B-row"))
-        print(paired_ratios([s.pairs_per_s for s in runs["ours 2B-row"]], [s.pairs_per_s for s in runs["TRL"]],
-                            "pairs/s", names="ours 2B-row/TRL"))
+        print(
+            paired_ratios(
+                [s.pairs_per_s for s in runs["ours"]],
+                [s.pairs_per_s for s in runs["ours 2B-row"]],
+                "pairs/s",
+                names="ours/ours 2B-row",
+            )
+        )
+        print(
+            paired_ratios(
+                [s.pairs_per_s for s in runs["ours 2B-row"]],
+                [s.pairs_per_s for s in runs["TRL"]],
+                "pairs/s",
+                names="ours 2B-row/TRL",
+            )
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not timed")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (the demo's 16)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternating; paired medians")
-    parser.add_argument("--with-2b", action="store_true",
-                        help="also run ours on the 2B-row layout (no prompt sharing) and assert equal losses")
-    parser.add_argument("--loss-rtol", type=float, default=1e-4,
-                        help="largest relative loss gap allowed between the shared-prompt and 2B-row runs")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per side (1: see the module docstring; 0: torch's default)")
+    parser.add_argument(
+        "--with-2b",
+        action="store_true",
+        help="also run ours on the 2B-row layout (no prompt sharing) and assert equal losses",
+    )
+    parser.add_argument(
+        "--loss-rtol",
+        type=float,
+        default=1e-4,
+        help="largest relative loss gap allowed between the shared-prompt and 2B-row runs",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per side (1: see the module docstring; 0: torch's default)",
+    )
     parser.add_argument("--side", choices=SIDES, help="run one side in this process (needs --workdir)")
     parser.add_argument("--workdir", type=Path, help="a folder the parent prepared (with --side)")
     args = parser.parse_args()
     if min(args.steps, args.batch_size, args.repeats) < 1 or min(args.warmup, args.threads) < 0:
-        parser.error(f"need --steps, --batch-size, --repeats >= 1 and --warmup, --threads >= 0; got {args.steps}, "
-                     f"{args.batch_size}, {args.repeats}, {args.warmup}, {args.threads}")
+        parser.error(
+            f"need --steps, --batch-size, --repeats >= 1 and --warmup, --threads >= 0; got {args.steps}, "
+            f"{args.batch_size}, {args.repeats}, {args.warmup}, {args.threads}"
+        )
     if args.side:
         if args.workdir is None:
             parser.error("--side needs --workdir (a folder prepared by the parent run)")

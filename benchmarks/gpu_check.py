@@ -76,10 +76,22 @@ def has(module: str) -> bool:
 
 def settings(smoke: bool, device: str, out: Path, budget: float) -> Namespace:
     """The train_step arguments of every piece: full size on the device, or the smoke run's tiny CPU size."""
-    return Namespace(size="tiny" if smoke else "full", model="phi3v", device=device, seed=0, lora_r=64, images=1,
-                     num_crops=1 if smoke else 16, text_tokens=64 if smoke else 256,
-                     answer_tokens=16 if smoke else 32, warmup=0 if smoke else 2, steps=1 if smoke else 5,
-                     smoke=smoke, out=out, budget=budget)
+    return Namespace(
+        size="tiny" if smoke else "full",
+        model="phi3v",
+        device=device,
+        seed=0,
+        lora_r=64,
+        images=1,
+        num_crops=1 if smoke else 16,
+        text_tokens=64 if smoke else 256,
+        answer_tokens=16 if smoke else 32,
+        warmup=0 if smoke else 2,
+        steps=1 if smoke else 5,
+        smoke=smoke,
+        out=out,
+        budget=budget,
+    )
 
 
 def free(device: str) -> None:
@@ -89,8 +101,23 @@ def free(device: str) -> None:
 
 
 def variant_row(result: dict) -> dict:
-    keep = ("stage", "attn", "gc", "micro", "liger", "seq", "tokens", "s_step", "samples_s", "tokens_s", "tflops",
-            "mfu", "peak_gb", "memory_kind", "loss")
+    keep = (
+        "stage",
+        "attn",
+        "gc",
+        "micro",
+        "liger",
+        "seq",
+        "tokens",
+        "s_step",
+        "samples_s",
+        "tokens_s",
+        "tflops",
+        "mfu",
+        "peak_gb",
+        "memory_kind",
+        "loss",
+    )
     return {key: result[key] for key in keep}
 
 
@@ -99,17 +126,29 @@ def variant_row(result: dict) -> dict:
 
 def piece_sft(args: Namespace, peak: float | None) -> dict:
     attns = ["sdpa"] + (["flash_attention_2"] if has("flash_attn") and args.device == "cuda" else [])
-    rows = [variant_row(train_step.run_variant(args, "sft", attn, True, False, micro, False, peak))
-            for attn in attns for micro in (1, 4)]
+    rows = [
+        variant_row(train_step.run_variant(args, "sft", attn, True, False, micro, False, peak))
+        for attn in attns
+        for micro in (1, 4)
+    ]
     best = max((r["mfu"] for r in rows if r["mfu"] is not None), default=None)
-    return {"rows": rows, "best_mfu": best, "goal_mfu": MFU_GOAL,
-            "flash_attn": "flash_attention_2" in attns or "not importable (sdpa only)"}
+    return {
+        "rows": rows,
+        "best_mfu": best,
+        "goal_mfu": MFU_GOAL,
+        "flash_attn": "flash_attention_2" in attns or "not importable (sdpa only)",
+    }
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"], use_cache=False)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            image_sizes=batch["image_sizes"],
+            use_cache=False,
+        )
     return out.logits.float()
 
 
@@ -130,17 +169,26 @@ def compare(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) ->
     """Differences at the masked (real) positions: max / mean absolute, relative to the reference's std, top-1."""
     a, b = reference[mask.bool()], other[mask.bool()]
     diff = (a - b).abs()
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "reference_std": float(a.std()),
-            "max_rel_to_std": float(diff.max() / a.std()), "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-            "positions": int(mask.sum())}
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "reference_std": float(a.std()),
+        "max_rel_to_std": float(diff.max() / a.std()),
+        "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        "positions": int(mask.sum()),
+    }
 
 
 def _two_row_batch(args: Namespace, model_config) -> dict:
     from models.phi3v import Phi3VImageProcessor
 
     processor = Phi3VImageProcessor(num_crops=args.num_crops)
-    rows = [train_step.make_sample(processor, i, args.images, args.text_tokens + 40 * i, args.answer_tokens, args.seed)
-            for i in range(2)]
+    rows = [
+        train_step.make_sample(
+            processor, i, args.images, args.text_tokens + 40 * i, args.answer_tokens, args.seed
+        )
+        for i in range(2)
+    ]
     batch = train_step.sft_batch(rows, packing=False)
     return train_step.to_device({k: v for k, v in batch.items() if k != "_rows"}, args.device)
 
@@ -159,15 +207,21 @@ def piece_attention(args: Namespace, peak: float | None) -> dict:
 
 
 def piece_dpo(args: Namespace, peak: float | None) -> dict:
-    rows = [variant_row(train_step.run_variant(args, "dpo", "sdpa", True, False, micro, False, peak,
-                                               share_prompt=True)) for micro in (1, 4)]
+    rows = [
+        variant_row(
+            train_step.run_variant(args, "dpo", "sdpa", True, False, micro, False, peak, share_prompt=True)
+        )
+        for micro in (1, 4)
+    ]
     return {"rows": rows, "layout": "shared prompt (prompt + chosen + rejected in one row), sdpa block mask"}
 
 
 def piece_qlora(args: Namespace, peak: float | None) -> dict:
     if not has("bitsandbytes"):
         return {"skipped": "bitsandbytes is not installed"}
-    row = variant_row(train_step.run_variant(args, "sft", "sdpa", True, False, 1, False, peak, quantization="nf4"))
+    row = variant_row(
+        train_step.run_variant(args, "sft", "sdpa", True, False, 1, False, peak, quantization="nf4")
+    )
     return {"rows": [row], "quantization": "nf4 + double quant, bf16 compute"}
 
 
@@ -187,8 +241,10 @@ def piece_long(args: Namespace, peak: float | None) -> dict:
 def piece_liger(args: Namespace, peak: float | None) -> dict:
     if not (has("liger_kernel") and args.device == "cuda"):
         return {"skipped": "liger-kernel is not importable or no CUDA device (it runs Triton kernels)"}
-    rows = [variant_row(train_step.run_variant(args, "sft", "sdpa", True, False, 4, liger, peak))
-            for liger in (False, True)]
+    rows = [
+        variant_row(train_step.run_variant(args, "sft", "sdpa", True, False, 4, liger, peak))
+        for liger in (False, True)
+    ]
     return {"rows": rows, "speedup": rows[0]["s_step"] / rows[1]["s_step"]}
 
 
@@ -199,13 +255,23 @@ def piece_precision(args: Namespace, peak: float | None) -> dict:
     fp32 = _logits(model, batch)
     model.to(torch.bfloat16)
     bf16 = _logits(model, batch)
-    result = {"compared": "bf16 weights vs the same weights in fp32", **compare(fp32, bf16, batch["attention_mask"])}
+    result = {
+        "compared": "bf16 weights vs the same weights in fp32",
+        **compare(fp32, bf16, batch["attention_mask"]),
+    }
     del model, fp32, bf16
     return result
 
 
-RUNNERS = {"sft": piece_sft, "attention": piece_attention, "dpo": piece_dpo, "qlora": piece_qlora,
-           "long": piece_long, "precision": piece_precision, "liger": piece_liger}
+RUNNERS = {
+    "sft": piece_sft,
+    "attention": piece_attention,
+    "dpo": piece_dpo,
+    "qlora": piece_qlora,
+    "long": piece_long,
+    "precision": piece_precision,
+    "liger": piece_liger,
+}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -218,9 +284,14 @@ def machine(device: str) -> dict:
             versions[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - absent or broken: say so
             versions[name] = None
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "load_average": os.getloadavg(), "versions": versions}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "load_average": os.getloadavg(),
+        "versions": versions,
+    }
 
 
 def fmt(value, spec: str = ".3g") -> str:
@@ -228,25 +299,38 @@ def fmt(value, spec: str = ".3g") -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU check, {report['started']}", "", f"command: `{report['command']}`  ",
-             f"machine: {report['machine']['device']}, {report['machine']['platform']}; versions "
-             f"{report['machine']['versions']}  ", f"size: {report['size']}; peak {fmt(report['peak_tflops'])} TFLOP/s "
-             f"({report['peak_source']}); total {report['seconds']:.0f} s", "",
-             "| piece | attn | micro | seq | s/step | samples/s | tokens/s | MFU | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check, {report['started']}",
+        "",
+        f"command: `{report['command']}`  ",
+        f"machine: {report['machine']['device']}, {report['machine']['platform']}; versions "
+        f"{report['machine']['versions']}  ",
+        f"size: {report['size']}; peak {fmt(report['peak_tflops'])} TFLOP/s "
+        f"({report['peak_source']}); total {report['seconds']:.0f} s",
+        "",
+        "| piece | attn | micro | seq | s/step | samples/s | tokens/s | MFU | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, piece in report["pieces"].items():
         for row in piece.get("rows", []):
             mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
             label = name + (" +liger" if row["liger"] else "")
-            lines.append(f"| {label} | {row['attn']} | {row['micro']} | {row['seq']} | {row['s_step']:.3f} | "
-                         f"{row['samples_s']:.3g} | {row['tokens_s']:.4g} | {mfu} | {row['peak_gb']:.2f} |")
+            lines.append(
+                f"| {label} | {row['attn']} | {row['micro']} | {row['seq']} | {row['s_step']:.3f} | "
+                f"{row['samples_s']:.3g} | {row['tokens_s']:.4g} | {mfu} | {row['peak_gb']:.2f} |"
+            )
     lines += ["", "| piece | result |", "|---|---|"]
     for name, piece in report["pieces"].items():
         if "error" in piece or "skipped" in piece:
-            lines.append(f"| {name} | {'FAILED: ' + piece['error'] if 'error' in piece else 'skipped: ' + piece['skipped']} |")
+            lines.append(
+                f"| {name} | {'FAILED: ' + piece['error'] if 'error' in piece else 'skipped: ' + piece['skipped']} |"
+            )
         elif "max_abs" in piece:
-            lines.append(f"| {name} | {piece['compared']}: max abs {piece['max_abs']:.3g}, mean abs "
-                         f"{piece['mean_abs']:.3g} (logit std {piece['reference_std']:.3g}), top-1 agreement "
-                         f"{100 * piece['top1_agree']:.2f}% over {piece['positions']} positions |")
+            lines.append(
+                f"| {name} | {piece['compared']}: max abs {piece['max_abs']:.3g}, mean abs "
+                f"{piece['mean_abs']:.3g} (logit std {piece['reference_std']:.3g}), top-1 agreement "
+                f"{100 * piece['top1_agree']:.2f}% over {piece['positions']} positions |"
+            )
     sft = report["pieces"].get("sft", {})
     if "best_mfu" in sft:
         best = "-" if sft["best_mfu"] is None else f"{100 * sft['best_mfu']:.1f}%"
@@ -255,10 +339,16 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny size on the CPU: checks that the check runs")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny size on the CPU: checks that the check runs"
+    )
     parser.add_argument("--only", default=",".join(PIECES), help=f"comma list of pieces: {', '.join(PIECES)}")
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds; a piece is not started after it")
+    parser.add_argument(
+        "--budget", type=float, default=480.0, help="seconds; a piece is not started after it"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--peak-tflops", type=float, default=None)
     options = parser.parse_args(argv)
@@ -273,22 +363,31 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     peak, peak_source = train_step.detect_peak(device, options.peak_tflops)
     started = time.perf_counter()
-    report = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "machine": machine(device), "size": "tiny (smoke, CPU)" if options.smoke else "full (4.1B, bf16)",
-              "peak_tflops": peak, "peak_source": peak_source, "pieces": {}}
+    report = {
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(device),
+        "size": "tiny (smoke, CPU)" if options.smoke else "full (4.1B, bf16)",
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "pieces": {},
+    }
     chosen = [p for p in PIECES if p in options.only.split(",")]  # liger last: its patches are never undone
     for name in chosen:
         elapsed = time.perf_counter() - started
         if elapsed > options.budget:
-            report["pieces"][name] = {"skipped": f"time budget of {options.budget:.0f} s spent ({elapsed:.0f} s)"}
+            report["pieces"][name] = {
+                "skipped": f"time budget of {options.budget:.0f} s spent ({elapsed:.0f} s)"
+            }
             continue
         piece_started = time.perf_counter()
         try:
             result = RUNNERS[name](args, peak)
         except Exception as error:  # noqa: BLE001 - one piece's failure must not stop the others
-            result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}",
-                      "traceback": traceback.format_exc(limit=6)}
+            result = {
+                "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}",
+                "traceback": traceback.format_exc(limit=6),
+            }
         result["seconds"] = round(time.perf_counter() - piece_started, 1)
         report["pieces"][name] = result
         status = result.get("error") or result.get("skipped") or "ok"

@@ -85,13 +85,26 @@ def prepare_workdir(workdir: Path) -> None:
 
 
 def our_overrides(workdir: Path, args) -> list[str]:
-    return [f"output_dir={workdir / 'ours_run'}", "overwrite_output_dir=true",
-            "stages=[grpo]", "data.train.0.format=trl_messages", f"data.train.0.path={workdir / 'prompts.jsonl'}",
-            f"data.train.0.image_root={workdir / 'synthetic'}", f"train.micro_batch_size={args.batch_size}",
-            "train.grad_accum=1", "train.log_every=1", "train.checkpoint_every=100000", "train.scheduler=constant",
-            "train.warmup_ratio=0.0", f"grpo.max_steps={args.warmup + args.steps}",
-            f"grpo.num_generations={args.generations}", f"grpo.max_new_tokens={args.max_new_tokens}",
-            "grpo.temperature=1.0", "grpo.loss_type=dapo", "grpo.rewards=[{type: exact_match}]"]
+    return [
+        f"output_dir={workdir / 'ours_run'}",
+        "overwrite_output_dir=true",
+        "stages=[grpo]",
+        "data.train.0.format=trl_messages",
+        f"data.train.0.path={workdir / 'prompts.jsonl'}",
+        f"data.train.0.image_root={workdir / 'synthetic'}",
+        f"train.micro_batch_size={args.batch_size}",
+        "train.grad_accum=1",
+        "train.log_every=1",
+        "train.checkpoint_every=100000",
+        "train.scheduler=constant",
+        "train.warmup_ratio=0.0",
+        f"grpo.max_steps={args.warmup + args.steps}",
+        f"grpo.num_generations={args.generations}",
+        f"grpo.max_new_tokens={args.max_new_tokens}",
+        "grpo.temperature=1.0",
+        "grpo.loss_type=dapo",
+        "grpo.rewards=[{type: exact_match}]",
+    ]
 
 
 def run_ours(workdir: Path, args) -> dict:
@@ -101,11 +114,14 @@ def run_ours(workdir: Path, args) -> dict:
     counts = count_vision_calls()
     run = grpo.main(load_recipe(RECIPE, our_overrides(workdir, args)), RECIPE)
     history = json.loads((run / "grpo" / "summary.json").read_text())["history"]
-    timed = history[args.warmup:]
+    timed = history[args.warmup :]
     completions = args.batch_size * args.generations
-    return {"seconds_per_step": [completions / h["samples_per_s"] for h in timed],
-            "completion_tokens": [h["supervised_tokens"] for h in timed],
-            "vision_calls": counts["calls"] / len(history), "vision_images": counts["images"] / len(history)}
+    return {
+        "seconds_per_step": [completions / h["samples_per_s"] for h in timed],
+        "completion_tokens": [h["supervised_tokens"] for h in timed],
+        "vision_calls": counts["calls"] / len(history),
+        "vision_images": counts["images"] / len(history),
+    }
 
 
 def trl_processor(processor):
@@ -124,20 +140,40 @@ def trl_processor(processor):
             if not crop_to_patches:
                 return self.inner(images, **kwargs)
             flat = [image for group in images for image in (group if isinstance(group, list) else [group])]
-            grids = [crop_grid(im.width, im.height, self.inner.num_crops, self.inner.crop_size) for im in flat]
+            grids = [
+                crop_grid(im.width, im.height, self.inner.num_crops, self.inner.crop_size) for im in flat
+            ]
             return {"num_patches": torch.tensor([rows * cols for rows, cols in grids])}
 
     class TrlProcessor(Phi3VProcessor):
-        def apply_chat_template(self, conversation, add_generation_prompt=False, tokenize=False, return_dict=False,
-                                chat_template=None, tools=None, **kwargs):
+        def apply_chat_template(
+            self,
+            conversation,
+            add_generation_prompt=False,
+            tokenize=False,
+            return_dict=False,
+            chat_template=None,
+            tools=None,
+            **kwargs,
+        ):
             single = bool(conversation) and isinstance(conversation[0], dict)
             conversations = [conversation] if single else conversation
-            texts = [Phi3VProcessor.apply_chat_template(self, c, add_generation_prompt=add_generation_prompt)
-                     for c in conversations]
+            texts = [
+                Phi3VProcessor.apply_chat_template(self, c, add_generation_prompt=add_generation_prompt)
+                for c in conversations
+            ]
             if not tokenize:
                 return texts[0] if single else texts
-            images = [[part["image"] for message in c if isinstance(message["content"], list)
-                       for part in message["content"] if part["type"] == "image"] for c in conversations]
+            images = [
+                [
+                    part["image"]
+                    for message in c
+                    if isinstance(message["content"], list)
+                    for part in message["content"]
+                    if part["type"] == "image"
+                ]
+                for c in conversations
+            ]
             out = self(text=texts, images=images, padding_side="left", do_normalize=False)
             ids = [row[mask.bool()].tolist() for row, mask in zip(out["input_ids"], out["attention_mask"])]
             fields = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
@@ -160,44 +196,85 @@ def run_trl(workdir: Path, args) -> dict:
 
     recipe = load_recipe(RECIPE)
     counts = count_vision_calls()
-    model, processor = models.load(str(workdir / "base"), dtype="float32", attn_implementation="sdpa",
-                                   num_crops=recipe.model.num_crops)
+    model, processor = models.load(
+        str(workdir / "base"), dtype="float32", attn_implementation="sdpa", num_crops=recipe.model.num_crops
+    )
     rows = []
     for line in (workdir / "prompts.jsonl").read_text().splitlines():
         row = json.loads(line)
         prompt, answer = row["messages"]
-        rows.append({"prompt": [prompt], "answer": answer["content"][0]["text"],
-                     "images": [str(workdir / "synthetic" / path) for path in row["images"]]})
+        rows.append(
+            {
+                "prompt": [prompt],
+                "answer": answer["content"][0]["text"],
+                "images": [str(workdir / "synthetic" / path) for path in row["images"]],
+            }
+        )
     dataset = Dataset.from_list(rows).cast_column("images", List(Image()))
 
     def exact(completions, answer, **kwargs):
-        return [exact_match(c[0]["content"] if isinstance(c, list) else c, [a]) for c, a in zip(completions, answer)]
+        return [
+            exact_match(c[0]["content"] if isinstance(c, list) else c, [a])
+            for c, a in zip(completions, answer)
+        ]
 
-    config = GRPOConfig(output_dir=str(workdir / "trl_run"), per_device_train_batch_size=args.batch_size * args.generations,
-                        num_generations=args.generations, max_completion_length=args.max_new_tokens,
-                        max_steps=args.warmup + args.steps, learning_rate=recipe.grpo.lr, lr_scheduler_type="constant",
-                        max_grad_norm=recipe.train.max_grad_norm, temperature=1.0, loss_type="dapo", beta=0.0,
-                        use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no",
-                        logging_steps=1, seed=0)
-    lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                      target_modules=list(recipe.lora.target_modules))
-    trainer = GRPOTrainer(model=model, reward_funcs=[exact], args=config, train_dataset=dataset,
-                          processing_class=trl_processor(processor), peft_config=lora)
+    config = GRPOConfig(
+        output_dir=str(workdir / "trl_run"),
+        per_device_train_batch_size=args.batch_size * args.generations,
+        num_generations=args.generations,
+        max_completion_length=args.max_new_tokens,
+        max_steps=args.warmup + args.steps,
+        learning_rate=recipe.grpo.lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=recipe.train.max_grad_norm,
+        temperature=1.0,
+        loss_type="dapo",
+        beta=0.0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+    )
+    lora = LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=list(recipe.lora.target_modules),
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[exact],
+        args=config,
+        train_dataset=dataset,
+        processing_class=trl_processor(processor),
+        peft_config=lora,
+    )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "step_time" in entry]
-    timed = logged[args.warmup:]
+    timed = logged[args.warmup :]
     steps = len(logged)
-    return {"seconds_per_step": [float(h["step_time"]) for h in timed],
-            "completion_tokens": [float(h["completions/mean_length"]) * args.batch_size * args.generations
-                                  for h in timed],
-            "vision_calls": counts["calls"] / steps, "vision_images": counts["images"] / steps}
+    return {
+        "seconds_per_step": [float(h["step_time"]) for h in timed],
+        "completion_tokens": [
+            float(h["completions/mean_length"]) * args.batch_size * args.generations for h in timed
+        ],
+        "vision_calls": counts["calls"] / steps,
+        "vision_images": counts["images"] / steps,
+    }
 
 
 def summarise(result: dict, args) -> dict:
     seconds = statistics.median(result["seconds_per_step"])
-    return {"completions_per_s": args.batch_size * args.generations / seconds, "seconds_per_step": seconds,
-            "tokens_per_step": statistics.median(result["completion_tokens"]),
-            "vision_calls": result["vision_calls"], "vision_images": result["vision_images"]}
+    return {
+        "completions_per_s": args.batch_size * args.generations / seconds,
+        "seconds_per_step": seconds,
+        "tokens_per_step": statistics.median(result["completion_tokens"]),
+        "vision_calls": result["vision_calls"],
+        "vision_images": result["vision_images"],
+    }
 
 
 def main() -> None:
@@ -219,15 +296,18 @@ def main() -> None:
         write_result(args.workdir, args.side, result)
         return
     print_machine("GRPO steps, ours vs TRL GRPOTrainer", args)
-    print(f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} prompts x {args.generations} "
-          f"completions (at most {args.max_new_tokens} tokens, temperature 1.0), dapo loss, beta 0; {args.repeats} "
-          "run(s) per side, alternating (ours first), each in a fresh subprocess")
+    print(
+        f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} prompts x {args.generations} "
+        f"completions (at most {args.max_new_tokens} tokens, temperature 1.0), dapo loss, beta 0; {args.repeats} "
+        "run(s) per side, alternating (ours first), each in a fresh subprocess"
+    )
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory(prefix="grpo-vs-trl-") as tmp:
         workdir = Path(tmp)
         prepare_workdir(workdir)
-        (workdir / "args.json").write_text(json.dumps({"generations": args.generations,
-                                                       "max_new_tokens": args.max_new_tokens}))
+        (workdir / "args.json").write_text(
+            json.dumps({"generations": args.generations, "max_new_tokens": args.max_new_tokens})
+        )
         for _ in range(args.repeats):
             for side in SIDES:
                 result, failure = spawn_side(side, workdir, args, script=Path(__file__))
@@ -237,9 +317,16 @@ def main() -> None:
     columns = ("completions_per_s", "seconds_per_step", "tokens_per_step", "vision_calls", "vision_images")
     print("side  " + "  ".join(f"{c:>18}" for c in columns))
     for side in SIDES:
-        print(f"{side:5} " + "  ".join(f"{statistics.median(r[c] for r in runs[side]):18.2f}" for c in columns))
-    print(paired_ratios([r["completions_per_s"] for r in runs["ours"]],
-                        [r["completions_per_s"] for r in runs["trl"]], "completions/s"))
+        print(
+            f"{side:5} " + "  ".join(f"{statistics.median(r[c] for r in runs[side]):18.2f}" for c in columns)
+        )
+    print(
+        paired_ratios(
+            [r["completions_per_s"] for r in runs["ours"]],
+            [r["completions_per_s"] for r in runs["trl"]],
+            "completions/s",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,23 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # (width, height) of a realistic mix: phone photos, screenshots, charts, scanned pages, thumbnails, banners.
-SIZE_MIX = [(4032, 3024), (3024, 4032), (1920, 1080), (1280, 720), (2560, 1440), (800, 600), (640, 480),
-            (1700, 2200), (2480, 3508), (850, 1100), (336, 336), (224, 224), (1200, 300), (300, 1200), (96, 64)]
+SIZE_MIX = [
+    (4032, 3024),
+    (3024, 4032),
+    (1920, 1080),
+    (1280, 720),
+    (2560, 1440),
+    (800, 600),
+    (640, 480),
+    (1700, 2200),
+    (2480, 3508),
+    (850, 1100),
+    (336, 336),
+    (224, 224),
+    (1200, 300),
+    (300, 1200),
+    (96, 64),
+]
 CROP = 336
 WARMUP = 3
 CHECKED = 3  # images whose pixels both sides dump in the first repeat
@@ -76,6 +91,7 @@ def time_calls(fn, images) -> float:
 
 
 # --- the two sides, each run in its own process ---------------------------------------------------------------
+
 
 def worker_official(folder: Path, num_crops: int, official: Path, dump: Path | None) -> dict:
     sys.path.insert(0, str(official))
@@ -135,8 +151,9 @@ def _crops(processor, image) -> int:
 
 def run_worker(python: str, args: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run([python, str(Path(__file__).resolve()), *args], capture_output=True, text=True, env=env,
-                          cwd=REPO)
+    done = subprocess.run(
+        [python, str(Path(__file__).resolve()), *args], capture_output=True, text=True, env=env, cwd=REPO
+    )
     if done.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -147,12 +164,16 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="fresh processes per side and num_crops")
     parser.add_argument("--num-crops", type=int, nargs="+", default=[16, 4])
-    parser.add_argument("--official", type=Path, help="folder holding the official image_processing_phi3_v.py")
+    parser.add_argument(
+        "--official", type=Path, help="folder holding the official image_processing_phi3_v.py"
+    )
     parser.add_argument("--official-python", default=None, help="interpreter of the official stack")
     parser.add_argument("--worker", choices=["ours", "official"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -163,8 +184,11 @@ def main() -> None:
 
     if args.worker:
         nc = args.num_crops[0]
-        out = (worker_official(args.dir, nc, args.official, args.dump) if args.worker == "official"
-               else worker_ours(args.dir, nc, args.dump, args.order))
+        out = (
+            worker_official(args.dir, nc, args.official, args.dump)
+            if args.worker == "official"
+            else worker_ours(args.dir, nc, args.dump, args.order)
+        )
         out["torch"] = torch.__version__
         print(json.dumps(out))
         return
@@ -173,49 +197,83 @@ def main() -> None:
         if not (args.official / "image_processing_phi3_v.py").is_file():
             raise SystemExit(f"--official {args.official}: no image_processing_phi3_v.py there")
         if not args.official_python:
-            raise SystemExit("--official needs --official-python: an interpreter with torch 2.3.0, torchvision "
-                             "0.18.0, transformers 4.40.2, numpy<2 (see the docstring)")
+            raise SystemExit(
+                "--official needs --official-python: an interpreter with torch 2.3.0, torchvision "
+                "0.18.0, transformers 4.40.2, numpy<2 (see the docstring)"
+            )
     print(f"# processor throughput, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}/"
-          f"{os.getloadavg()[1]:.2f}/{os.getloadavg()[2]:.2f}; ours: python {platform.python_version()}, "
-          f"torch {torch.__version__}; one torch thread per process")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}/"
+        f"{os.getloadavg()[1]:.2f}/{os.getloadavg()[2]:.2f}; ours: python {platform.python_version()}, "
+        f"torch {torch.__version__}; one torch thread per process"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         arrays = make_arrays(args.images, args.seed)
         for i, array in enumerate(arrays):
             np.save(folder / f"image-{i:03d}.npy", array)
-        print(f"{len(arrays)} images ({sum(a.shape[0] * a.shape[1] for a in arrays) / len(arrays) / 1e6:.1f} MP "
-              f"mean), sizes from SIZE_MIX, random pixels, seed {args.seed}; {args.repeats} repeat(s)")
+        print(
+            f"{len(arrays)} images ({sum(a.shape[0] * a.shape[1] for a in arrays) / len(arrays) / 1e6:.1f} MP "
+            f"mean), sizes from SIZE_MIX, random pixels, seed {args.seed}; {args.repeats} repeat(s)"
+        )
         if args.official is not None:
-            version = subprocess.run([args.official_python, "-c", "import torch, torchvision, transformers, numpy, "
-                                      "PIL; print(torch.__version__, torchvision.__version__, transformers.__version__,"
-                                      " numpy.__version__, PIL.__version__)"], capture_output=True, text=True)
-            print(f"official: {args.official / 'image_processing_phi3_v.py'} in {args.official_python} "
-                  f"(torch, torchvision, transformers, numpy, pillow: {version.stdout.strip()})")
+            version = subprocess.run(
+                [
+                    args.official_python,
+                    "-c",
+                    "import torch, torchvision, transformers, numpy, "
+                    "PIL; print(torch.__version__, torchvision.__version__, transformers.__version__,"
+                    " numpy.__version__, PIL.__version__)",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            print(
+                f"official: {args.official / 'image_processing_phi3_v.py'} in {args.official_python} "
+                f"(torch, torchvision, transformers, numpy, pillow: {version.stdout.strip()})"
+            )
         for nc in args.num_crops:
             runs = []
             for r in range(args.repeats):
                 dump = folder / f"dump-{nc}" if r == 0 and args.official is not None else None
                 if dump:
                     dump.mkdir()
-                common = ["--dir", str(folder), "--num-crops", str(nc), *(["--dump", str(dump)] if dump else [])]
+                common = [
+                    "--dir",
+                    str(folder),
+                    "--num-crops",
+                    str(nc),
+                    *(["--dump", str(dump)] if dump else []),
+                ]
                 sides = ["ours", "official"] if args.official is not None else ["ours"]
                 if r % 2:
                     sides.reverse()
                 run = {}
                 for side in sides:
                     if side == "ours":
-                        run.update(run_worker(sys.executable, ["--worker", "ours", "--order", str(r), *common]))
+                        run.update(
+                            run_worker(sys.executable, ["--worker", "ours", "--order", str(r), *common])
+                        )
                     else:
-                        run.update(run_worker(args.official_python, ["--worker", "official", "--official",
-                                                                      str(args.official), *common]))
+                        run.update(
+                            run_worker(
+                                args.official_python,
+                                ["--worker", "official", "--official", str(args.official), *common],
+                            )
+                        )
                 runs.append(run)
-                print(f"  num_crops {nc} repeat {r + 1}: " + ", ".join(
-                    f"{k} {v:.1f}" for k, v in run.items() if isinstance(v, float)) + " images/s", flush=True)
+                print(
+                    f"  num_crops {nc} repeat {r + 1}: "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in run.items() if isinstance(v, float))
+                    + " images/s",
+                    flush=True,
+                )
             report(nc, runs, folder / f"dump-{nc}" if args.official is not None else None)
     if args.official is None:
-        print("comparison with the official processor: NOT RUN (pass --official PATH --official-python PYTHON)")
+        print(
+            "comparison with the official processor: NOT RUN (pass --official PATH --official-python PYTHON)"
+        )
 
 
 def report(nc: int, runs: list[dict], dump: Path | None) -> None:
@@ -225,20 +283,26 @@ def report(nc: int, runs: list[dict], dump: Path | None) -> None:
     ours_mb = statistics.mean(crops) * crop_bytes / 1e6
     print(f"\n## num_crops {nc}: images/s, median (min-max) over {len(runs)} fresh process(es) per side")
     print(f"{'comparison':<52} {'official':>18} {'ours':>18} {'ours/official (paired)':>24}")
-    rows = [("1. same CPU work: float32 + global view on the CPU", "same_work"),
-            ("2. as used in training: uint8, global view on device", "uint8"),
-            ("3. ours float32, no global view (default output)", "float32")]
+    rows = [
+        ("1. same CPU work: float32 + global view on the CPU", "same_work"),
+        ("2. as used in training: uint8, global view on device", "uint8"),
+        ("3. ours float32, no global view (default output)", "float32"),
+    ]
     for label, key in rows:
         ours = [r[key] for r in runs]
         if "official" in runs[0]:
             official = [r["official"] for r in runs]
             ratios = [r[key] / r["official"] for r in runs]
-            print(f"{label:<52} {spread(official, '{:.1f}'):>18} {spread(ours, '{:.1f}'):>18} "
-                  f"{spread(ratios) + 'x':>24}")
+            print(
+                f"{label:<52} {spread(official, '{:.1f}'):>18} {spread(ours, '{:.1f}'):>18} "
+                f"{spread(ratios) + 'x':>24}"
+            )
         else:
             print(f"{label:<52} {'not run':>18} {spread(ours, '{:.1f}'):>18} {'not run':>24}")
-    print(f"4. bytes per image: official {nc + 1} float32 crops = {official_mb:.2f} MB; ours uint8 real crops "
-          f"({statistics.mean(crops):.2f} per image) = {ours_mb:.2f} MB; {official_mb / ours_mb:.1f}x fewer")
+    print(
+        f"4. bytes per image: official {nc + 1} float32 crops = {official_mb:.2f} MB; ours uint8 real crops "
+        f"({statistics.mean(crops):.2f} per image) = {ours_mb:.2f} MB; {official_mb / ours_mb:.1f}x fewer"
+    )
     if dump is not None and dump.is_dir():
         diffs = []
         for i in range(CHECKED):
@@ -247,8 +311,10 @@ def report(nc: int, runs: list[dict], dump: Path | None) -> None:
                 print(f"   pixels of image {i}: shapes differ, official {a.shape} vs ours {b.shape}")
                 continue
             diffs.append((float(np.abs(a[1:] - b[1:]).max()), float(np.abs(a[:1] - b[:1]).max())))
-        print(f"   same pixels? first {CHECKED} images, max |official - ours|: crops "
-              f"{max(d[0] for d in diffs):.3g}, global view {max(d[1] for d in diffs):.3g}")
+        print(
+            f"   same pixels? first {CHECKED} images, max |official - ours|: crops "
+            f"{max(d[0] for d in diffs):.3g}, global view {max(d[1] for d in diffs):.3g}"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,11 @@ MODES = {
     "qlora": ["model.quantization=nf4", "model.double_quant=true", "train.optimizer=adamw"],
     "qlora_8bit": ["model.quantization=nf4", "model.double_quant=true", "train.optimizer=adamw_8bit"],
 }
-HUB_CONFIG = Path(os.environ.get("PHI3V_HUB_DIR", REPO.parent / "shared" / "phi3v" / "hub")) / \
-    "Phi-3-vision-128k-instruct" / "config.json"
+HUB_CONFIG = (
+    Path(os.environ.get("PHI3V_HUB_DIR", REPO.parent / "shared" / "phi3v" / "hub"))
+    / "Phi-3-vision-128k-instruct"
+    / "config.json"
+)
 GB = 1e9
 
 
@@ -69,8 +72,12 @@ def status_kb(key: str) -> int:
 
 
 def optimizer_bytes(optimizer) -> int:
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-               if isinstance(v, torch.Tensor))
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 def run_mode(mode: str, workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
@@ -83,8 +90,13 @@ def run_mode(mode: str, workdir: Path, steps: int, warmup: int, batch_size: int)
     from train.model_loading import load_model
     from train.trainable import configure_trainable, parameter_groups, upcast_trainable_
 
-    overrides = [f"output_dir={workdir / 'run'}", f"data.train.0.path={workdir / 'synthetic'}",
-                 f"data.eval.0.path={workdir / 'synthetic'}", f"train.micro_batch_size={batch_size}", *MODES[mode]]
+    overrides = [
+        f"output_dir={workdir / 'run'}",
+        f"data.train.0.path={workdir / 'synthetic'}",
+        f"data.eval.0.path={workdir / 'synthetic'}",
+        f"train.micro_batch_size={batch_size}",
+        *MODES[mode],
+    ]
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides)
 
     class OneProcess:  # what load_model asks of an accelerator
@@ -96,17 +108,34 @@ def run_mode(mode: str, workdir: Path, steps: int, warmup: int, batch_size: int)
 
             return contextlib.nullcontext()
 
-    model, processor, _ = load_model(recipe.model, workdir / "run", seed=recipe.seed, accelerator=OneProcess())
-    samples = load_samples(recipe.data.train, "sft", recipe.data, seed=0, skips=SkipCounter(),
-                           main_first=OneProcess.main_process_first)
+    model, processor, _ = load_model(
+        recipe.model, workdir / "run", seed=recipe.seed, accelerator=OneProcess()
+    )
+    samples = load_samples(
+        recipe.data.train,
+        "sft",
+        recipe.data,
+        seed=0,
+        skips=SkipCounter(),
+        main_first=OneProcess.main_process_first,
+    )
     planned = plan(samples, processor, recipe.data, SkipCounter())
-    make_loader, _ = loader_factory(planned, processor, recipe.data, stage="sft", micro_batch_size=batch_size,
-                                    seed=0, num_replicas=1, rank=0)
+    make_loader, _ = loader_factory(
+        planned,
+        processor,
+        recipe.data,
+        stage="sft",
+        micro_batch_size=batch_size,
+        seed=0,
+        num_replicas=1,
+        rank=0,
+    )
     loader = iter(make_loader(0))
     batches = [next(loader) for _ in range(warmup + steps)]
     weights = weight_bytes(model)
-    linear_bytes = weights["quantized"] or sum(m.weight.numel() * m.weight.element_size()
-                                               for _, m in language_linears(model))
+    linear_bytes = weights["quantized"] or sum(
+        m.weight.numel() * m.weight.element_size() for _, m in language_linears(model)
+    )
     model = configure_trainable(model, recipe.model, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)
     model.train()
@@ -125,11 +154,19 @@ def run_mode(mode: str, workdir: Path, steps: int, warmup: int, batch_size: int)
         if index >= warmup:
             times.append(time.perf_counter() - started)
         losses.append(float(loss))
-    return {"mode": mode, "step_s": statistics.median(times), "peak_rss_mb": status_kb("VmHWM") / 1024,
-            "setup_peak_rss_mb": setup_peak_kb / 1024,
-            "weights": {"linears": linear_bytes, "other": weights["total"] - linear_bytes},
-            "optimizer_state_bytes": optimizer_bytes(optimizer), "trained_params": sum(p.numel() for p in trained),
-            "first_loss": losses[0], "last_loss": losses[-1], "steps": steps, "batch_size": batch_size}
+    return {
+        "mode": mode,
+        "step_s": statistics.median(times),
+        "peak_rss_mb": status_kb("VmHWM") / 1024,
+        "setup_peak_rss_mb": setup_peak_kb / 1024,
+        "weights": {"linears": linear_bytes, "other": weights["total"] - linear_bytes},
+        "optimizer_state_bytes": optimizer_bytes(optimizer),
+        "trained_params": sum(p.numel() for p in trained),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "steps": steps,
+        "batch_size": batch_size,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ full size
@@ -155,8 +192,13 @@ def full_size_config():
     if HUB_CONFIG.is_file():
         return Phi3VConfig.from_pretrained(str(HUB_CONFIG.parent)), str(HUB_CONFIG)
     # docs/phi3v.md: Phi-3-mini's decoder (32 layers, 3072 wide, MLP 8192, vocab 32064) + CLIP ViT-L/14 at 336.
-    return Phi3VConfig(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                       num_attention_heads=32), "docs/phi3v.md facts (no hub config.json found)"
+    return Phi3VConfig(
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+    ), "docs/phi3v.md facts (no hub config.json found)"
 
 
 def full_size_table(lora_r: int = 64) -> tuple[list[tuple[str, float, float, float]], dict, str]:
@@ -178,12 +220,21 @@ def full_size_table(lora_r: int = 64) -> tuple[list[tuple[str, float, float, flo
         ("int8", sum(int8_bytes(m.out_features, m.in_features) for _, m in linears)),
     ):
         rows.append((label, size / GB, other / GB, (size + other) / GB))
-    lora = sum(lora_r * (m.in_features + m.out_features) for name, m in linears
-               if name.rsplit(".", 1)[-1] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    lora = sum(
+        lora_r * (m.in_features + m.out_features)
+        for name, m in linears
+        if name.rsplit(".", 1)[-1] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    )
     projector = sum(p.numel() for n, p in model.named_parameters() if "img_projection" in n)
-    counts = {"total": total_params, "language_linears": linear_params,
-              "vision_and_projector": sum(p.numel() for n, p in model.named_parameters() if "vision_embed_tokens" in n),
-              "lora_r64": lora, "projector": projector}
+    counts = {
+        "total": total_params,
+        "language_linears": linear_params,
+        "vision_and_projector": sum(
+            p.numel() for n, p in model.named_parameters() if "vision_embed_tokens" in n
+        ),
+        "lora_r64": lora,
+        "projector": projector,
+    }
     return rows, counts, source
 
 
@@ -210,8 +261,10 @@ def print_full_size(lora_r: int = 64) -> None:
     check_formula_on_tiny()
     rows, counts, source = full_size_table(lora_r)
     print(f"full size: Phi3VForCausalLM on the meta device from {source}")
-    print(f"parameters: {counts['total'] / 1e9:.3f} B; language linears {counts['language_linears'] / 1e9:.3f} B; "
-          f"CLIP + projector {counts['vision_and_projector'] / 1e9:.3f} B; embeddings, lm_head, norms the rest")
+    print(
+        f"parameters: {counts['total'] / 1e9:.3f} B; language linears {counts['language_linears'] / 1e9:.3f} B; "
+        f"CLIP + projector {counts['vision_and_projector'] / 1e9:.3f} B; embeddings, lm_head, norms the rest"
+    )
     print(f"{'weights':<26}{'LM linears GB':>14}{'rest (bf16) GB':>16}{'total GB':>10}")
     for label, linear, other, total in rows:
         print(f"{label:<26}{linear:>14.2f}{other:>16.2f}{total:>10.2f}")
@@ -219,20 +272,40 @@ def print_full_size(lora_r: int = 64) -> None:
     fp32 = trained * 4
     adam = trained * 8
     adam8 = trained * 2 + 2 * 4 * -(-trained // 256)
-    print(f"training state, LoRA r={lora_r} ({counts['lora_r64'] / 1e6:.1f} M) + projector in full "
-          f"({counts['projector'] / 1e6:.1f} M): fp32 params {fp32 / GB:.2f} GB + grads {fp32 / GB:.2f} GB + "
-          f"AdamW {adam / GB:.2f} GB | 8-bit AdamW {adam8 / GB:.2f} GB")
+    print(
+        f"training state, LoRA r={lora_r} ({counts['lora_r64'] / 1e6:.1f} M) + projector in full "
+        f"({counts['projector'] / 1e6:.1f} M): fp32 params {fp32 / GB:.2f} GB + grads {fp32 / GB:.2f} GB + "
+        f"AdamW {adam / GB:.2f} GB | 8-bit AdamW {adam8 / GB:.2f} GB"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the parent
 
 
 def spawn(mode: str, workdir: Path, args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--mode", mode, "--workdir", str(workdir),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--mode",
+        mode,
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{(done.stdout + done.stderr)[-4000:]}")
@@ -249,13 +322,17 @@ def header(args) -> None:
     print(f"# qlora memory benchmark, {now:%Y-%m-%d %H:%M} UTC")
     print(f"command: {' '.join([sys.executable, *sys.argv])}  (cwd {os.getcwd()})")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs ({usable} usable); "
-          f"python {platform.python_version()}, " + ", ".join(f"{p} {metadata.version(p)}" for p in packages))
+    print(
+        f"machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs ({usable} usable); "
+        f"python {platform.python_version()}, " + ", ".join(f"{p} {metadata.version(p)}" for p in packages)
+    )
     print(f"load average at start (1/5/15 min): {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -277,24 +354,35 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory(prefix="qlora-bench-") as tmp:
             workdir = Path(tmp)
             write_synthetic(workdir / "synthetic", seed=0, **DEMO_COUNTS)
-            spawn("lora", workdir, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0}))  # builds base/
+            spawn(
+                "lora", workdir, argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
+            )  # builds base/
             runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
             for round_ in range(args.rounds):
                 for mode in MODES:
                     runs[mode].append(spawn(mode, workdir, args))
-                print(f"round {round_ + 1}: " + ", ".join(f"{m} {runs[m][-1]['step_s'] * 1000:.0f} ms/step"
-                                                          for m in MODES), flush=True)
-        print(f"\ntiny model (recipes/demo.yaml), SFT micro-batch {args.batch_size}, {args.warmup} warm-up + "
-              f"{args.steps} timed steps, {args.threads} thread(s), {args.rounds} rounds; median (min-max) over rounds")
-        print(f"{'mode':<12}{'ms/step':>20}{'peak RSS MB':>22}{'LM linears KB':>15}{'other KB':>10}"
-              f"{'optim state KB':>16}{'loss first->last':>20}")
+                print(
+                    f"round {round_ + 1}: "
+                    + ", ".join(f"{m} {runs[m][-1]['step_s'] * 1000:.0f} ms/step" for m in MODES),
+                    flush=True,
+                )
+        print(
+            f"\ntiny model (recipes/demo.yaml), SFT micro-batch {args.batch_size}, {args.warmup} warm-up + "
+            f"{args.steps} timed steps, {args.threads} thread(s), {args.rounds} rounds; median (min-max) over rounds"
+        )
+        print(
+            f"{'mode':<12}{'ms/step':>20}{'peak RSS MB':>22}{'LM linears KB':>15}{'other KB':>10}"
+            f"{'optim state KB':>16}{'loss first->last':>20}"
+        )
         for mode, results in runs.items():
             r = results[0]
-            print(f"{mode:<12}{spread([x['step_s'] * 1000 for x in results], '.0f'):>20}"
-                  f"{spread([x['peak_rss_mb'] for x in results], '.0f'):>22}"
-                  f"{r['weights']['linears'] / 1024:>15.0f}"
-                  f"{r['weights']['other'] / 1024:>10.0f}{r['optimizer_state_bytes'] / 1024:>16.0f}"
-                  f"{r['first_loss']:>12.3f}->{r['last_loss']:.3f}")
+            print(
+                f"{mode:<12}{spread([x['step_s'] * 1000 for x in results], '.0f'):>20}"
+                f"{spread([x['peak_rss_mb'] for x in results], '.0f'):>22}"
+                f"{r['weights']['linears'] / 1024:>15.0f}"
+                f"{r['weights']['other'] / 1024:>10.0f}{r['optimizer_state_bytes'] / 1024:>16.0f}"
+                f"{r['first_loss']:>12.3f}->{r['last_loss']:.3f}"
+            )
         print("paired, per round, against lora in the same round: median (min-max) of the ratio")
         for mode in [m for m in MODES if m != "lora"]:
             step = [x["step_s"] / y["step_s"] for x, y in zip(runs[mode], runs["lora"])]

@@ -59,6 +59,7 @@ class Timer:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[key] += time.perf_counter() - start
+
         return timed
 
 
@@ -82,9 +83,12 @@ def build(tokens: int, images: int):
         ids[0, start + 1 : start + 1 + per_image] = config.image_token_id
     labels = torch.full_like(ids, IGNORE)
     labels[0, -64:] = ids[0, -64:]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "pixel_values": torch.randint(0, 255, (4 * images, 3, crop, crop), dtype=torch.uint8),
-             "image_sizes": torch.tensor([[2 * crop, 2 * crop]] * images)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randint(0, 255, (4 * images, 3, crop, crop), dtype=torch.uint8),
+        "image_sizes": torch.tensor([[2 * crop, 2 * crop]] * images),
+    }
     return model, batch, labels
 
 
@@ -126,8 +130,13 @@ def worker(rank: int, world: int, port: int, tokens: int, images: int, out: str)
     start = time.perf_counter()
     step(model, batch, labels, sp)
     seconds = time.perf_counter() - start
-    result = {"rank": rank, "seconds": seconds, **{f"{k}_s": v for k, v in timer.seconds.items()},
-              "peak_rss_mib": rss_mib(), "step_rss_growth_mib": rss_mib() - before}
+    result = {
+        "rank": rank,
+        "seconds": seconds,
+        **{f"{k}_s": v for k, v in timer.seconds.items()},
+        "peak_rss_mib": rss_mib(),
+        "step_rss_growth_mib": rss_mib() - before,
+    }
     Path(out).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
     if world > 1:
         dist.destroy_process_group()
@@ -146,7 +155,9 @@ def run(tokens: int, group: int, images: int, folder: Path, index: int) -> list[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks/sequence_parallel.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/sequence_parallel.py", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--images", type=int, default=8)
@@ -163,24 +174,50 @@ def main(argv: list[str] | None = None) -> None:
                 runs.setdefault((tokens, group), []).append(run(tokens, group, args.images, folder, index))
     rows = []
     for (tokens, group), repeats in runs.items():
-        def med(key: str, repeats=repeats) -> float:  # the slowest rank of each run, then the median over runs
+
+        def med(
+            key: str, repeats=repeats
+        ) -> float:  # the slowest rank of each run, then the median over runs
             return statistics.median(max(rank[key] for rank in ranks) for ranks in repeats)
 
-        rows.append({"tokens": tokens, "group": group, "step_s": med("seconds"), "communication_s": med("communication_s"),
-                     "tower_s": med("tower_s"), "step_rss_growth_mib": med("step_rss_growth_mib"),
-                     "peak_rss_mib": med("peak_rss_mib"),
-                     "step_s_range": [min(max(r["seconds"] for r in ranks) for ranks in repeats),
-                                      max(max(r["seconds"] for r in ranks) for ranks in repeats)]})
-    print(f"{'tokens':>8} {'N':>3} {'step s':>8} {'range':>15} {'comm s':>8} {'comm %':>7} {'tower s/rank':>13} "
-          f"{'step RSS MiB':>13} {'peak RSS MiB':>13}")
+        rows.append(
+            {
+                "tokens": tokens,
+                "group": group,
+                "step_s": med("seconds"),
+                "communication_s": med("communication_s"),
+                "tower_s": med("tower_s"),
+                "step_rss_growth_mib": med("step_rss_growth_mib"),
+                "peak_rss_mib": med("peak_rss_mib"),
+                "step_s_range": [
+                    min(max(r["seconds"] for r in ranks) for ranks in repeats),
+                    max(max(r["seconds"] for r in ranks) for ranks in repeats),
+                ],
+            }
+        )
+    print(
+        f"{'tokens':>8} {'N':>3} {'step s':>8} {'range':>15} {'comm s':>8} {'comm %':>7} {'tower s/rank':>13} "
+        f"{'step RSS MiB':>13} {'peak RSS MiB':>13}"
+    )
     for row in rows:
         low, high = row["step_s_range"]
-        print(f"{row['tokens']:>8} {row['group']:>3} {row['step_s']:>8.2f} {f'{low:.2f}-{high:.2f}':>15} "
-              f"{row['communication_s']:>8.2f} {100 * row['communication_s'] / row['step_s']:>6.1f}% "
-              f"{row['tower_s']:>13.3f} {row['step_rss_growth_mib']:>13.0f} {row['peak_rss_mib']:>13.0f}")
+        print(
+            f"{row['tokens']:>8} {row['group']:>3} {row['step_s']:>8.2f} {f'{low:.2f}-{high:.2f}':>15} "
+            f"{row['communication_s']:>8.2f} {100 * row['communication_s'] / row['step_s']:>6.1f}% "
+            f"{row['tower_s']:>13.3f} {row['step_rss_growth_mib']:>13.0f} {row['peak_rss_mib']:>13.0f}"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "torch": torch.__version__,
-                                        "command": " ".join(sys.argv), "rows": rows}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "machine": f"{os.cpu_count()} CPUs",
+                    "torch": torch.__version__,
+                    "command": " ".join(sys.argv),
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's packages, also when another checkout is installed in editable mode
+sys.path.insert(
+    0, str(REPO)
+)  # this checkout's packages, also when another checkout is installed in editable mode
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
@@ -75,7 +77,9 @@ def prepare_workdir(workdir: Path, num_samples: int) -> None:
     from data.synthetic import write_synthetic
     from train.model_loading import build_tiny
 
-    write_synthetic(workdir / "synthetic", seed=SEED, n_train=num_samples, n_eval=0, n_pref_train=0, n_pref_eval=0)
+    write_synthetic(
+        workdir / "synthetic", seed=SEED, n_train=num_samples, n_eval=0, n_pref_train=0, n_pref_eval=0
+    )
     recipe = load_demo_recipe()
     model, processor = build_tiny(recipe.model, recipe.seed)
     model.save_pretrained(workdir / "base")
@@ -89,11 +93,17 @@ def rendered_rows(workdir: Path, recipe, processor, num_samples: int):
     from data.sources import SkipCounter
     from recipe import Source
 
-    source = Source(format="trl_messages", path=str(workdir / "synthetic" / "sft_train.jsonl"),
-                    image_root=str(workdir / "synthetic"), limit=num_samples)
+    source = Source(
+        format="trl_messages",
+        path=str(workdir / "synthetic" / "sft_train.jsonl"),
+        image_root=str(workdir / "synthetic"),
+        limit=num_samples,
+    )
     data = replace(recipe.data, train=(source,), num_workers=0)
     skips = SkipCounter()
-    planned = plan(load_samples(data.train, "sft", data, seed=recipe.seed, skips=skips), processor, data, skips)
+    planned = plan(
+        load_samples(data.train, "sft", data, seed=recipe.seed, skips=skips), processor, data, skips
+    )
     if len(planned) != num_samples:
         raise RuntimeError(f"{len(planned)} samples planned, {num_samples} needed:\n{skips.summary()}")
     return RenderedDataset(planned, processor, assistant_turns=data.assistant_turns)
@@ -129,20 +139,37 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     accelerator = device.make_accelerator(recipe, workdir / "ours_run", grad_accum=1)
     model, processor = load_base(workdir, recipe)
     meter = StepMeter(model)
-    loader = DataLoader(rendered_rows(workdir, recipe, processor, total * batch_size), batch_size=batch_size,
-                        shuffle=False, num_workers=0,
-                        collate_fn=SFTCollator(pad_token_id=processor.tokenizer.pad_token_id))
+    loader = DataLoader(
+        rendered_rows(workdir, recipe, processor, total * batch_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        collate_fn=SFTCollator(pad_token_id=processor.tokenizer.pad_token_id),
+    )
     set_seed(recipe.seed)  # as the Trainer does before it adds the adapter: the same LoRA initialisation
-    model = configure_trainable(model, dpo_parts(recipe.model), recipe.lora)  # LM LoRA only (see the docstring)
+    model = configure_trainable(
+        model, dpo_parts(recipe.model), recipe.lora
+    )  # LM LoRA only (see the docstring)
     fingerprint = trainable_fingerprint(model)
     upcast_trainable_(model)
     train_section = replace(recipe.train, scheduler="constant", warmup_steps=0)
     optimizer = optim.make_optimizer(parameter_groups(model, train_section), train_section)
     scheduler = optim.make_scheduler(optimizer, train_section, total)
     model, optimizer = device.prepare(accelerator, model, optimizer, batch_size)
-    return time_our_steps(accelerator, model, optimizer, scheduler, loader, sft_loss_sum, supervised_tokens,
-                          total=total, max_grad_norm=recipe.train.max_grad_norm, meter=meter, fingerprint=fingerprint,
-                          extra=lambda record: {"tokens": record["units"]})
+    return time_our_steps(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        loader,
+        sft_loss_sum,
+        supervised_tokens,
+        total=total,
+        max_grad_norm=recipe.train.max_grad_norm,
+        meter=meter,
+        fingerprint=fingerprint,
+        extra=lambda record: {"tokens": record["units"]},
+    )
 
 
 def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
@@ -150,13 +177,32 @@ def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
 
     train = recipe.train
     return SFTConfig(
-        output_dir=str(workdir / "trl_run"), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-        max_steps=steps, learning_rate=train.lr, lr_scheduler_type="constant", weight_decay=train.weight_decay,
-        adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1], adam_epsilon=train.adam_eps,
-        max_grad_norm=train.max_grad_norm or 0.0, max_length=None, gradient_checkpointing=False, bf16=False,
-        fp16=False, use_cpu=True, train_sampling_strategy="sequential", dataloader_num_workers=0,
-        dataloader_pin_memory=False, seed=recipe.seed, report_to=[], logging_steps=1, save_strategy="no",
-        disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        output_dir=str(workdir / "trl_run"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=train.lr,
+        lr_scheduler_type="constant",
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_betas[0],
+        adam_beta2=train.adam_betas[1],
+        adam_epsilon=train.adam_eps,
+        max_grad_norm=train.max_grad_norm or 0.0,
+        max_length=None,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=recipe.seed,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
     )
 
 
@@ -168,11 +214,16 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     total = warmup + steps
     model, processor = load_base(workdir, recipe)
     recorder = TrlStepRecorder(StepMeter(model))
-    trainer = SFTTrainer(model=model, args=trl_config(workdir, recipe, total, batch_size),
-                         train_dataset=Dataset.from_dict({"index": list(range(total * batch_size))}),
-                         data_collator=TrlCollator(rendered_rows(workdir, recipe, processor, total * batch_size),
-                                                   processor.tokenizer.pad_token_id), processing_class=processor,
-                         peft_config=lora_config(model, recipe))
+    trainer = SFTTrainer(
+        model=model,
+        args=trl_config(workdir, recipe, total, batch_size),
+        train_dataset=Dataset.from_dict({"index": list(range(total * batch_size))}),
+        data_collator=TrlCollator(
+            rendered_rows(workdir, recipe, processor, total * batch_size), processor.tokenizer.pad_token_id
+        ),
+        processing_class=processor,
+        peft_config=lora_config(model, recipe),
+    )
     losses: list[float] = []
     compute_loss = trainer.compute_loss
 
@@ -206,17 +257,31 @@ def summarise(result: dict, warmup: int, batch_size: int) -> dict:
     def mean(key: str) -> float:
         return sum(step[key] for step in timed) / len(timed)
 
-    return {"samples_per_s": batch_size * len(timed) / seconds, "seconds_per_step": seconds / len(timed),
-            "data_ms": 1000 * mean("data_seconds"), "clip_calls": mean("clip_calls"), "clip_ms": 1000 * mean("clip_seconds"),
-            "lm_tokens": mean("lm_tokens"), "saved_mb": mean("saved_mb"), "peak_mb": result["lifetime_peak_mb"],
-            "train_growth_mb": result["train_growth_mb"], "losses": [step["loss"] for step in result["steps"]]}
+    return {
+        "samples_per_s": batch_size * len(timed) / seconds,
+        "seconds_per_step": seconds / len(timed),
+        "data_ms": 1000 * mean("data_seconds"),
+        "clip_calls": mean("clip_calls"),
+        "clip_ms": 1000 * mean("clip_seconds"),
+        "lm_tokens": mean("lm_tokens"),
+        "saved_mb": mean("saved_mb"),
+        "peak_mb": result["lifetime_peak_mb"],
+        "train_growth_mb": result["train_growth_mb"],
+        "losses": [step["loss"] for step in result["steps"]],
+    }
 
 
-COLUMNS = (("samples/s", "samples_per_s", "{:.1f}"), ("s/step", "seconds_per_step", "{:.3f}"),
-           ("data ms/step", "data_ms", "{:.0f}"), ("CLIP calls/step", "clip_calls", "{:.2f}"),
-           ("CLIP ms/step", "clip_ms", "{:.1f}"), ("LM tokens/step", "lm_tokens", "{:.0f}"),
-           ("saved MB/step", "saved_mb", "{:.1f}"), ("peak RSS MB", "peak_mb", "{:.0f}"),
-           ("train +MB", "train_growth_mb", "{:.0f}"))
+COLUMNS = (
+    ("samples/s", "samples_per_s", "{:.1f}"),
+    ("s/step", "seconds_per_step", "{:.3f}"),
+    ("data ms/step", "data_ms", "{:.0f}"),
+    ("CLIP calls/step", "clip_calls", "{:.2f}"),
+    ("CLIP ms/step", "clip_ms", "{:.1f}"),
+    ("LM tokens/step", "lm_tokens", "{:.0f}"),
+    ("saved MB/step", "saved_mb", "{:.1f}"),
+    ("peak RSS MB", "peak_mb", "{:.0f}"),
+    ("train +MB", "train_growth_mb", "{:.0f}"),
+)
 
 
 def print_table(runs: dict[str, list[dict]]) -> None:
@@ -229,8 +294,10 @@ def print_table(runs: dict[str, list[dict]]) -> None:
         medians[side] = {key: statistics.median(s[key] for s in summaries) for _, key, _ in COLUMNS}
         cells = [fmt.format(medians[side][key]) for _, key, fmt in COLUMNS]
         print(f"{side:<9}" + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
-    ratios = [medians["ours"][key] / medians["TRL"][key] if medians["TRL"][key] else float("nan")
-              for _, key, _ in COLUMNS]
+    ratios = [
+        medians["ours"][key] / medians["TRL"][key] if medians["TRL"][key] else float("nan")
+        for _, key, _ in COLUMNS
+    ]
     print(f"{'ours/TRL':<9}" + " ".join(f"{r:>{w - 1}.2f}x" for r, w in zip(ratios, widths)))
 
 
@@ -246,8 +313,10 @@ def check_losses(runs: dict[str, list[dict]], rtol: float) -> float:
                 gap = abs(a - b) / abs(b)
                 worst = max(worst, gap)
                 if gap > rtol:
-                    raise AssertionError(f"{side}, step {step}: loss {a!r} vs ours {b!r} (relative gap {gap:.1e} > "
-                                         f"{rtol:.0e}): the sides do not do the same work")
+                    raise AssertionError(
+                        f"{side}, step {step}: loss {a!r} vs ours {b!r} (relative gap {gap:.1e} > "
+                        f"{rtol:.0e}): the sides do not do the same work"
+                    )
     return worst
 
 
@@ -258,13 +327,17 @@ def run_both(args: argparse.Namespace) -> None:
     transformers.logging.disable_progress_bar()
     recipe = load_demo_recipe()
     print_machine("SFT steps, ours vs TRL SFTTrainer", args)
-    print(f"model: the demo's tiny Phi-3-V, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
-          f"{recipe.model.num_crops}; LoRA r {recipe.lora.r} on the LM's {', '.join(recipe.lora.target_modules)}; "
-          "tower and projector frozen")
-    print(f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} samples, the first "
-          f"{(args.warmup + args.steps) * args.batch_size} synthetic conversations in file order; AdamW lr "
-          f"{recipe.train.lr:g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
-          "alternating (ours first), each in a fresh subprocess")
+    print(
+        f"model: the demo's tiny Phi-3-V, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
+        f"{recipe.model.num_crops}; LoRA r {recipe.lora.r} on the LM's {', '.join(recipe.lora.target_modules)}; "
+        "tower and projector frozen"
+    )
+    print(
+        f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} samples, the first "
+        f"{(args.warmup + args.steps) * args.batch_size} synthetic conversations in file order; AdamW lr "
+        f"{recipe.train.lr:g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
+        "alternating (ours first), each in a fresh subprocess"
+    )
     labels = {"ours": "ours", "trl": "TRL"}
     runs: dict[str, list[dict]] = {label: [] for label in labels.values()}
     fingerprints: set[str] = set()
@@ -280,29 +353,44 @@ def run_both(args: argparse.Namespace) -> None:
                     sys.exit(1)
                 runs[label].append(summarise(result, args.warmup, args.batch_size))
                 fingerprints.add(result["initial_trainable"])
-                print(f"run {repeat + 1} {label}: {runs[label][-1]['samples_per_s']:.1f} samples/s, subprocess "
-                      f"{time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}")
+                print(
+                    f"run {repeat + 1} {label}: {runs[label][-1]['samples_per_s']:.1f} samples/s, subprocess "
+                    f"{time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}"
+                )
     if len(fingerprints) != 1:
         raise AssertionError(f"initial trainable weights differ between runs: {sorted(fingerprints)}")
     print(f"initial trainable weights: identical in every run of both sides ({fingerprints.pop()})")
     worst = check_losses(runs, args.loss_rtol)
     losses = runs["ours"][0]["losses"]
-    print(f"losses: equal at every step on both sides (largest relative gap {worst:.1e}, allowed {args.loss_rtol:.0e});"
-          f" first/last {losses[0]:.6f}/{losses[-1]:.6f}")
+    print(
+        f"losses: equal at every step on both sides (largest relative gap {worst:.1e}, allowed {args.loss_rtol:.0e});"
+        f" first/last {losses[0]:.6f}/{losses[-1]:.6f}"
+    )
     print_table(runs)
-    print(paired_ratios([s["samples_per_s"] for s in runs["ours"]], [s["samples_per_s"] for s in runs["TRL"]],
-                        "samples/s"))
+    print(
+        paired_ratios(
+            [s["samples_per_s"] for s in runs["ours"]], [s["samples_per_s"] for s in runs["TRL"]], "samples/s"
+        )
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not timed")
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step (the demo's 16)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="samples per optimizer step (the demo's 16)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternating; paired medians")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (0: torch's default)")
-    parser.add_argument("--loss-rtol", type=float, default=1e-4,
-                        help="largest relative gap allowed between the sides' losses at any step")
+    parser.add_argument(
+        "--loss-rtol",
+        type=float,
+        default=1e-4,
+        help="largest relative gap allowed between the sides' losses at any step",
+    )
     parser.add_argument("--side", choices=SIDES, help="run one side in this process (needs --workdir)")
     parser.add_argument("--workdir", type=Path, help="a folder the parent prepared (with --side)")
     args = parser.parse_args()

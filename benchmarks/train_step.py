@@ -83,6 +83,7 @@ PEAKS_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # bf16 dense tenso
 
 # ----------------------------------------------------------------------------------------------- model
 
+
 def build_model(config, device: str, dtype: torch.dtype, seed: int = 0) -> Phi3VForCausalLM:
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
@@ -106,12 +107,29 @@ def tiny_size_config(name: str):
     """The real layout and vocabulary, the real CLIP crop geometry (336 px, patch 14: the same image tokens), tiny
     widths: what `benchmarks/gpu_check.py --smoke` runs on a CPU in seconds."""
     hidden, heads = 64, 4
-    config = full_size_config(name, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                              num_attention_heads=heads, num_key_value_heads=heads,
-                              rope_scaling={"type": "su", "short_factor": [1.0] * (hidden // heads // 2),
-                                            "long_factor": [1.0] * (hidden // heads // 2)})
-    config.img_processor = {**config.img_processor, "image_dim_out": 64, "vision_config": {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2}}
+    config = full_size_config(
+        name,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        rope_scaling={
+            "type": "su",
+            "short_factor": [1.0] * (hidden // heads // 2),
+            "long_factor": [1.0] * (hidden // heads // 2),
+        },
+    )
+    config.img_processor = {
+        **config.img_processor,
+        "image_dim_out": 64,
+        "vision_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+        },
+    }
     return config
 
 
@@ -126,6 +144,7 @@ def make_config(size: str, name: str, attn: str):
 
 # ----------------------------------------------------------------------------------------------- data
 
+
 def chart(width: int, height: int, seed: int) -> Image.Image:
     """A bar chart of random bars, axes and labels-ish strokes: ChartQA-like content at a ChartQA-like size."""
     rng = np.random.default_rng(seed)
@@ -138,38 +157,64 @@ def chart(width: int, height: int, seed: int) -> Image.Image:
     for b in range(bars):
         top = int(bottom - rng.uniform(0.1, 0.8) * (bottom - height // 12))
         colour = tuple(int(c) for c in rng.integers(0, 230, 3))
-        draw.rectangle([left + b * step + step // 5, top, left + (b + 1) * step - step // 5, bottom], fill=colour)
+        draw.rectangle(
+            [left + b * step + step // 5, top, left + (b + 1) * step - step // 5, bottom], fill=colour
+        )
         draw.text((left + b * step + step // 4, bottom + 5), f"{b}", fill=(0, 0, 0))
     return image
 
 
-def make_sample(processor, index: int, images: int, text_tokens: int, answer_tokens: int, seed: int,
-                image_token: int = IMAGE_TOKEN, vocab: int = 32000) -> dict:
+def make_sample(
+    processor,
+    index: int,
+    images: int,
+    text_tokens: int,
+    answer_tokens: int,
+    seed: int,
+    image_token: int = IMAGE_TOKEN,
+    vocab: int = 32000,
+) -> dict:
     """One SFT row: [<s>, images' slots, text], the last `answer_tokens` supervised; uint8 crops and canvas sizes."""
     rng = np.random.default_rng(seed + index)
-    pictures = [chart(*CHART_SIZES[(index + i) % len(CHART_SIZES)], seed=seed + 100 * index + i) for i in range(images)]
+    pictures = [
+        chart(*CHART_SIZES[(index + i) % len(CHART_SIZES)], seed=seed + 100 * index + i)
+        for i in range(images)
+    ]
     out = processor(pictures, do_normalize=False)
     ids = [1]
     for count in out["num_img_tokens"]:
         ids += [image_token] * count
     ids += rng.integers(3, vocab, text_tokens - 1).tolist()
     labels = [-100] * (len(ids) - answer_tokens) + ids[-answer_tokens:]
-    return {"input_ids": ids, "labels": labels, "pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"],
-            "answer": rng.integers(3, vocab, answer_tokens).tolist(),
-            "num_img_tokens": tuple(int(n) for n in out["num_img_tokens"])}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": out["pixel_values"],
+        "image_sizes": out["image_sizes"],
+        "answer": rng.integers(3, vocab, answer_tokens).tolist(),
+        "num_img_tokens": tuple(int(n) for n in out["num_img_tokens"]),
+    }
 
 
 def sft_batch(rows: list[dict], packing: bool, pad: int = 32000) -> dict:
-    images = {"pixel_values": torch.cat([r["pixel_values"] for r in rows]),
-              "image_sizes": torch.cat([r["image_sizes"] for r in rows])}
+    images = {
+        "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
+        "image_sizes": torch.cat([r["image_sizes"] for r in rows]),
+    }
     if packing:  # PackedSFTCollator's layout
         ids = [t for r in rows for t in r["input_ids"]]
         labels = [t for r in rows for t in [-100, *r["labels"][1:]]]
         positions = [p for r in rows for p in range(len(r["input_ids"]))]
         labels_t = torch.tensor([labels])
-        return {"input_ids": torch.tensor([ids]), "labels": labels_t, "position_ids": torch.tensor([positions]),
-                "num_supervised_tokens": supervised_token_count(labels_t), "use_cache": False, **images,
-                "_rows": [len(r["input_ids"]) for r in rows]}
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": labels_t,
+            "position_ids": torch.tensor([positions]),
+            "num_supervised_tokens": supervised_token_count(labels_t),
+            "use_cache": False,
+            **images,
+            "_rows": [len(r["input_ids"]) for r in rows],
+        }
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad)
     labels = torch.full((len(rows), width), -100)
@@ -177,8 +222,14 @@ def sft_batch(rows: list[dict], packing: bool, pad: int = 32000) -> dict:
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "num_supervised_tokens": supervised_token_count(labels), **images, "_rows": [width] * len(rows)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "num_supervised_tokens": supervised_token_count(labels),
+        **images,
+        "_rows": [width] * len(rows),
+    }
 
 
 def dpo_batch(rows: list[dict], pad: int = 32000) -> dict:
@@ -199,10 +250,15 @@ def dpo_batch(rows: list[dict], pad: int = 32000) -> dict:
     for r in rows:
         per_row.append(list(range(start, start + r["image_sizes"].shape[0])))
         start += r["image_sizes"].shape[0]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
-            "image_sizes": torch.cat([r["image_sizes"] for r in rows]), "sequence_images": per_row + per_row,
-            "_rows": [width] * len(seqs)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
+        "image_sizes": torch.cat([r["image_sizes"] for r in rows]),
+        "sequence_images": per_row + per_row,
+        "_rows": [width] * len(seqs),
+    }
 
 
 def shared_dpo_batch(rows: list[dict], pad: int = 32000) -> dict:
@@ -215,19 +271,36 @@ def shared_dpo_batch(rows: list[dict], pad: int = 32000) -> dict:
     items = []
     for r in rows:
         prompt = r["input_ids"][: len(r["input_ids"]) - len(r["answer"])]
-        chosen = r["input_ids"][len(prompt):]
-        pair = RenderedPair(prompt_ids=prompt, chosen_ids=chosen, chosen_labels=chosen, rejected_prompt_ids=prompt,
-                            rejected_ids=r["answer"], rejected_labels=r["answer"],
-                            image_token_counts=r["num_img_tokens"], rejected_image_token_counts=r["num_img_tokens"],
-                            has_rejected_images=False)
-        items.append({"pair": pair, "pixel_values": r["pixel_values"], "image_sizes": r["image_sizes"],
-                      "rejected_pixel_values": None, "rejected_image_sizes": None})
+        chosen = r["input_ids"][len(prompt) :]
+        pair = RenderedPair(
+            prompt_ids=prompt,
+            chosen_ids=chosen,
+            chosen_labels=chosen,
+            rejected_prompt_ids=prompt,
+            rejected_ids=r["answer"],
+            rejected_labels=r["answer"],
+            image_token_counts=r["num_img_tokens"],
+            rejected_image_token_counts=r["num_img_tokens"],
+            has_rejected_images=False,
+        )
+        items.append(
+            {
+                "pair": pair,
+                "pixel_values": r["pixel_values"],
+                "image_sizes": r["image_sizes"],
+                "rejected_pixel_values": None,
+                "rejected_image_sizes": None,
+            }
+        )
     batch = DPOCollator(pad_token_id=pad, share_prompt=True)(items)
-    batch["_rows"] = [int(batch["input_ids"].shape[1])] * (2 * len(rows))  # the FLOP model counts the 2B-row layout
+    batch["_rows"] = [int(batch["input_ids"].shape[1])] * (
+        2 * len(rows)
+    )  # the FLOP model counts the 2B-row layout
     return batch
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
+
 
 def vision_forward_flops(config, views: int) -> int:
     v = config.vision_config
@@ -263,7 +336,9 @@ def batch_counts(batch: dict, crop: int = 336, patch: int = 14) -> dict:
         "rows": batch["_rows"],
         "logits_rows": supervised,
         "views": sum(r * c + 1 for r, c in grids),
-        "merged": sum((r * c + 1) * g * g + 1 + (r + 1) * g for r, c in grids),  # projector rows = image tokens
+        "merged": sum(
+            (r * c + 1) * g * g + 1 + (r + 1) * g for r, c in grids
+        ),  # projector rows = image tokens
         "images": len(grids),
     }
 
@@ -280,6 +355,7 @@ def step_flops(config, counts: dict, stage: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- running
+
 
 @contextmanager
 def peak_memory(device: str):
@@ -313,8 +389,19 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def run_variant(args, stage: str, attn: str, gc_on: bool, packing: bool, micro: int, liger: bool, peak, *,
-                share_prompt: bool = False, quantization: str = "none") -> dict:
+def run_variant(
+    args,
+    stage: str,
+    attn: str,
+    gc_on: bool,
+    packing: bool,
+    micro: int,
+    liger: bool,
+    peak,
+    *,
+    share_prompt: bool = False,
+    quantization: str = "none",
+) -> dict:
     """`share_prompt` (DPO): the prefix-sharing batch (`shared_dpo_batch`); `quantization` ('nf4', 'fp4', 'int8'):
     the decoder linears quantised as a QLoRA recipe does (models.quantization.apply_quantization)."""
     from models.quantization import apply_quantization
@@ -327,25 +414,46 @@ def run_variant(args, stage: str, attn: str, gc_on: bool, packing: bool, micro: 
     started = time.perf_counter()
     model = build_model(config, args.device, torch.bfloat16, seed=args.seed)
     build_s = time.perf_counter() - started
-    section = ModelSection(name_or_path="tiny", language="lora", vision="frozen", projector="full",
-                           gradient_checkpointing=gc_on, attn_implementation=attn, quantization=quantization,
-                           dtype="bfloat16")
+    section = ModelSection(
+        name_or_path="tiny",
+        language="lora",
+        vision="frozen",
+        projector="full",
+        gradient_checkpointing=gc_on,
+        attn_implementation=attn,
+        quantization=quantization,
+        dtype="bfloat16",
+    )
     model = apply_quantization(model, section)
-    model = configure_trainable(model, section, LoraSection(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0),
-                                seed=args.seed)
+    model = configure_trainable(
+        model, section, LoraSection(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0), seed=args.seed
+    )
     upcast_trainable_(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=False)
     processor = Phi3VImageProcessor(num_crops=args.num_crops)
-    samples = [make_sample(processor, i, args.images, args.text_tokens, args.answer_tokens, args.seed)
-               for i in range(micro)]
-    batch = (sft_batch(samples, packing) if stage == "sft" else shared_dpo_batch(samples) if share_prompt
-             else dpo_batch(samples))
+    samples = [
+        make_sample(processor, i, args.images, args.text_tokens, args.answer_tokens, args.seed)
+        for i in range(micro)
+    ]
+    batch = (
+        sft_batch(samples, packing)
+        if stage == "sft"
+        else shared_dpo_batch(samples)
+        if share_prompt
+        else dpo_batch(samples)
+    )
     counts = batch_counts(batch)
     flops = step_flops(config, counts, stage)
-    loss_fn = sft_loss_sum if stage == "sft" else DPOLoss(
-        SimpleNamespace(dpo=DpoSection(), seed=args.seed), SimpleNamespace(unwrap_model=lambda m: m),
-        share_features=True)
+    loss_fn = (
+        sft_loss_sum
+        if stage == "sft"
+        else DPOLoss(
+            SimpleNamespace(dpo=DpoSection(), seed=args.seed),
+            SimpleNamespace(unwrap_model=lambda m: m),
+            share_features=True,
+        )
+    )
     device_batch = to_device({k: v for k, v in batch.items() if k != "_rows"}, args.device)
     autocast = torch.autocast(device_type=args.device, dtype=torch.bfloat16)
     times = []
@@ -366,11 +474,26 @@ def run_variant(args, stage: str, attn: str, gc_on: bool, packing: bool, micro: 
     seconds = float(np.median(times))
     achieved = flops["train"] / seconds / 1e12
     pairs_or_samples = micro
-    result = dict(stage=stage, attn=attn, gc=gc_on, packing=packing, micro=micro, liger=liger,
-                  seq=max(counts["rows"]), tokens=counts["tokens"], s_step=seconds,
-                  samples_s=pairs_or_samples / seconds, tokens_s=counts["tokens"] / seconds,
-                  tflops=achieved, mfu=(achieved / peak) if peak else None, peak_gb=memory["peak_gb"],
-                  memory_kind=memory["kind"], build_s=build_s, loss=float(loss.detach()), flops=flops["train"])
+    result = dict(
+        stage=stage,
+        attn=attn,
+        gc=gc_on,
+        packing=packing,
+        micro=micro,
+        liger=liger,
+        seq=max(counts["rows"]),
+        tokens=counts["tokens"],
+        s_step=seconds,
+        samples_s=pairs_or_samples / seconds,
+        tokens_s=counts["tokens"] / seconds,
+        tflops=achieved,
+        mfu=(achieved / peak) if peak else None,
+        peak_gb=memory["peak_gb"],
+        memory_kind=memory["kind"],
+        build_s=build_s,
+        loss=float(loss.detach()),
+        flops=flops["train"],
+    )
     del model, optimizer, device_batch, loss
     gc.collect()
     if args.device == "cuda":
@@ -383,26 +506,40 @@ def parse_list(text: str, kind=str) -> list:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["full", "small", "tiny"], default="full",
-                        help="small: full widths, 2 decoder and 3 CLIP layers; tiny: tiny widths (tiny_size_config)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--size",
+        choices=["full", "small", "tiny"],
+        default="full",
+        help="small: full widths, 2 decoder and 3 CLIP layers; tiny: tiny widths (tiny_size_config)",
+    )
     parser.add_argument("--model", choices=["phi3v", "phi35v"], default="phi3v")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 2 on CUDA, 0 on CPU")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first; default 2 on CUDA, 0 on CPU"
+    )
     parser.add_argument("--stages", default=None, help="default sft,dpo on CUDA, sft on CPU")
     parser.add_argument("--attn", default="sdpa", help="comma list: sdpa,flash_attention_2")
     parser.add_argument("--gc", default="1", help="gradient checkpointing, comma list of 1/0")
     parser.add_argument("--packing", default="0", help="comma list of 1/0 (SFT only)")
     parser.add_argument("--micro-batch", default="1", help="comma list of micro-batch sizes")
     parser.add_argument("--liger", default="0", help="comma list of 1/0 (CUDA + liger-kernel)")
-    parser.add_argument("--images", type=int, default=None, help="images per sample; default 1 (phi3v), 4 (phi35v)")
-    parser.add_argument("--num-crops", type=int, default=None, help="default 16 (phi3v), 4 (phi35v); 1 on CPU")
+    parser.add_argument(
+        "--images", type=int, default=None, help="images per sample; default 1 (phi3v), 4 (phi35v)"
+    )
+    parser.add_argument(
+        "--num-crops", type=int, default=None, help="default 16 (phi3v), 4 (phi35v); 1 on CPU"
+    )
     parser.add_argument("--text-tokens", type=int, default=None, help="default 256 on CUDA, 64 on CPU")
     parser.add_argument("--answer-tokens", type=int, default=None, help="default 32 on CUDA, 16 on CPU")
     parser.add_argument("--lora-r", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU; default: $OMP_NUM_THREADS")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads on CPU; default: $OMP_NUM_THREADS"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.images = args.images or (1 if args.model == "phi3v" else 4)
@@ -418,40 +555,63 @@ def main(argv: list[str] | None = None) -> list[dict]:
     versions = {m: __import__(m).__version__ for m in ("torch", "transformers", "peft")}
     print(f"# train_step, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, device "
-          f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; load average "
-          f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}; {versions}")
-    print(f"model: {args.model} {args.size}, LoRA r {args.lora_r} on the LM, tower frozen, projector full, bf16 "
-          f"weights + autocast; {args.images} image(s)/sample at num_crops {args.num_crops}, {args.text_tokens} text "
-          f"tokens ({args.answer_tokens} supervised); {args.warmup} warm-up + {args.steps} timed step(s), median; "
-          f"peak {peak or 'n/a'} TFLOP/s ({peak_source})")
-    header = (f"{'stage':<5} {'attn':<17} {'gc':>2} {'pack':>4} {'mb':>3} {'liger':>5} {'seq':>5} {'s/step':>8} "
-              f"{'samples/s':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} {'loss sum':>8}")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, device "
+        f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; load average "
+        f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}; {versions}"
+    )
+    print(
+        f"model: {args.model} {args.size}, LoRA r {args.lora_r} on the LM, tower frozen, projector full, bf16 "
+        f"weights + autocast; {args.images} image(s)/sample at num_crops {args.num_crops}, {args.text_tokens} text "
+        f"tokens ({args.answer_tokens} supervised); {args.warmup} warm-up + {args.steps} timed step(s), median; "
+        f"peak {peak or 'n/a'} TFLOP/s ({peak_source})"
+    )
+    header = (
+        f"{'stage':<5} {'attn':<17} {'gc':>2} {'pack':>4} {'mb':>3} {'liger':>5} {'seq':>5} {'s/step':>8} "
+        f"{'samples/s':>9} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} {'loss sum':>8}"
+    )
     print(header, flush=True)
     results = []
-    variants = list(itertools.product(
-        parse_list(args.stages), parse_list(args.attn), parse_list(args.gc, int), parse_list(args.packing, int),
-        parse_list(args.micro_batch, int), parse_list(args.liger, int)))
-    variants.sort(key=lambda v: v[5])  # liger's patches are class-level and never undone: its variants run last
+    variants = list(
+        itertools.product(
+            parse_list(args.stages),
+            parse_list(args.attn),
+            parse_list(args.gc, int),
+            parse_list(args.packing, int),
+            parse_list(args.micro_batch, int),
+            parse_list(args.liger, int),
+        )
+    )
+    variants.sort(
+        key=lambda v: v[5]
+    )  # liger's patches are class-level and never undone: its variants run last
     for stage, attn, gc_on, packing, micro, liger in variants:
         if stage == "dpo" and packing:
             continue  # no packed DPO layout
         try:
             r = run_variant(args, stage, attn, bool(gc_on), bool(packing), micro, bool(liger), peak)
         except (RuntimeError, ValueError) as error:  # an unavailable kernel, out of memory: report, go on
-            print(f"{stage:<5} {attn:<17} {gc_on:>2} {packing:>4} {micro:>3} {liger:>5}  failed: "
-                  f"{str(error).splitlines()[0][:150]}", flush=True)
+            print(
+                f"{stage:<5} {attn:<17} {gc_on:>2} {packing:>4} {micro:>3} {liger:>5}  failed: "
+                f"{str(error).splitlines()[0][:150]}",
+                flush=True,
+            )
             if args.device == "cuda":
                 torch.cuda.empty_cache()
             continue
         results.append(r)
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
-        print(f"{stage:<5} {attn:<17} {int(r['gc']):>2} {int(r['packing']):>4} {micro:>3} {int(r['liger']):>5} "
-              f"{r['seq']:>5} {r['s_step']:>8.3f} {r['samples_s']:>9.3g} {r['tokens_s']:>9.4g} {r['tflops']:>8.3g} "
-              f"{mfu:>6} {r['peak_gb']:>8.2f} {r['loss']:>8.4f}", flush=True)
+        print(
+            f"{stage:<5} {attn:<17} {int(r['gc']):>2} {int(r['packing']):>4} {micro:>3} {int(r['liger']):>5} "
+            f"{r['seq']:>5} {r['s_step']:>8.3f} {r['samples_s']:>9.3g} {r['tokens_s']:>9.4g} {r['tflops']:>8.3g} "
+            f"{mfu:>6} {r['peak_gb']:>8.2f} {r['loss']:>8.4f}",
+            flush=True,
+        )
     if results:
-        print(f"samples/s: SFT samples or DPO pairs; seq: longest row (a pack: its length); model build "
-              f"{results[0]['build_s']:.0f} s; memory: {results[0]['memory_kind']}")
+        print(
+            f"samples/s: SFT samples or DPO pairs; seq: longest row (a pack: its length); model build "
+            f"{results[0]['build_s']:.0f} s; memory: {results[0]['memory_kind']}"
+        )
     return results
 
 

@@ -67,7 +67,11 @@ class RenderedDataset(Dataset):
     """
 
     def __init__(
-        self, planned: Sequence[PlannedSample], processor: Phi3VProcessor, *, assistant_turns: AssistantTurns = "all",
+        self,
+        planned: Sequence[PlannedSample],
+        processor: Phi3VProcessor,
+        *,
+        assistant_turns: AssistantTurns = "all",
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.planned = planned
@@ -86,19 +90,36 @@ class RenderedDataset(Dataset):
 
     def _sft_row(self, plan: PlannedSample) -> dict[str, Any]:
         sample = plan.sample
-        rendered = render_sft(sample, self.processor, plan.image_token_counts, assistant_turns=self.assistant_turns)
+        rendered = render_sft(
+            sample, self.processor, plan.image_token_counts, assistant_turns=self.assistant_turns
+        )
         crops = self._crops(sample.images, plan.image_token_counts, sample.origin, "images")
-        return {"input_ids": rendered.input_ids, "labels": rendered.labels, **crops, "origin": str(sample.origin)}
+        return {
+            "input_ids": rendered.input_ids,
+            "labels": rendered.labels,
+            **crops,
+            "origin": str(sample.origin),
+        }
 
     def _preference_row(self, plan: PlannedSample) -> dict[str, Any]:
         sample = plan.sample
-        pair = render_preference(sample, self.processor, plan.image_token_counts, plan.rejected_image_token_counts)
-        row = {"pair": pair, **self._crops(sample.images, plan.image_token_counts, sample.origin, "images"),
-               "rejected_pixel_values": None, "rejected_image_sizes": None, "origin": str(sample.origin)}
+        pair = render_preference(
+            sample, self.processor, plan.image_token_counts, plan.rejected_image_token_counts
+        )
+        row = {
+            "pair": pair,
+            **self._crops(sample.images, plan.image_token_counts, sample.origin, "images"),
+            "rejected_pixel_values": None,
+            "rejected_image_sizes": None,
+            "origin": str(sample.origin),
+        }
         if sample.rejected_images is not None:
-            rejected = self._crops(sample.rejected_images, plan.rejected_image_token_counts, sample.origin,
-                                   "rejected_images")
-            row.update(rejected_pixel_values=rejected["pixel_values"], rejected_image_sizes=rejected["image_sizes"])
+            rejected = self._crops(
+                sample.rejected_images, plan.rejected_image_token_counts, sample.origin, "rejected_images"
+            )
+            row.update(
+                rejected_pixel_values=rejected["pixel_values"], rejected_image_sizes=rejected["image_sizes"]
+            )
         return row
 
     def _crops(
@@ -107,9 +128,13 @@ class RenderedDataset(Dataset):
         images = [load_rgb(ref, origin, f"{field}[{k}]", self.max_image_pixels) for k, ref in enumerate(refs)]
         out = self.processor.image_processor(images, do_normalize=False)
         if list(out["num_img_tokens"]) != list(planned_counts):
-            raise DataError(origin, field, f"image changed since planning: the decoded images take "
-                            f"{out['num_img_tokens']} image tokens, the headers gave {list(planned_counts)}. "
-                            "Fix: do not modify the dataset's files during a run")
+            raise DataError(
+                origin,
+                field,
+                f"image changed since planning: the decoded images take "
+                f"{out['num_img_tokens']} image tokens, the headers gave {list(planned_counts)}. "
+                "Fix: do not modify the dataset's files during a run",
+            )
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
 
 
@@ -119,8 +144,10 @@ class RenderedDataset(Dataset):
 def _check_pad_token_id(pad_token_id: int) -> int:
     # No `pad_token_id or eos_token_id` fallback: 0 is a valid pad id (<unk> in the Phi-3 vocabulary).
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
-        raise ValueError(f"pad_token_id must be a token id (int >= 0), got {pad_token_id!r}; pass "
-                         "processor.tokenizer.pad_token_id")
+        raise ValueError(
+            f"pad_token_id must be a token id (int >= 0), got {pad_token_id!r}; pass "
+            "processor.tokenizer.pad_token_id"
+        )
     return pad_token_id
 
 
@@ -136,15 +163,19 @@ def _check_rows(rows: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> Non
     for i, row in enumerate(rows):
         missing = [key for key in keys if key not in row]
         if missing:
-            raise ValueError(f"batch row {i} ({row.get('origin', 'no origin')}) lacks {missing}; rows come from "
-                             "RenderedDataset")
+            raise ValueError(
+                f"batch row {i} ({row.get('origin', 'no origin')}) lacks {missing}; rows come from "
+                "RenderedDataset"
+            )
 
 
 def _check_same_length(ids: Sequence[int], labels: Sequence[int], where: str) -> None:
     if not ids:
         raise ValueError(f"{where}: the row has no tokens")
     if len(ids) != len(labels):
-        raise ValueError(f"{where}: {len(ids)} input_ids but {len(labels)} labels; they must align token for token")
+        raise ValueError(
+            f"{where}: {len(ids)} input_ids but {len(labels)} labels; they must align token for token"
+        )
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: PaddingSide) -> torch.Tensor:
@@ -153,7 +184,7 @@ def pad_sequences(sequences: Sequence[Sequence[int]], value: int, side: PaddingS
     out = torch.full((len(sequences), longest), value, dtype=torch.long)
     for b, sequence in enumerate(sequences):
         start = 0 if side == "right" else longest - len(sequence)
-        out[b, start: start + len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
+        out[b, start : start + len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
     return out
 
 
@@ -167,8 +198,9 @@ def supervised_token_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def _image_rows(rows: Sequence[Mapping[str, Any]], pixel_key: str = "pixel_values",
-                sizes_key: str = "image_sizes") -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _image_rows(
+    rows: Sequence[Mapping[str, Any]], pixel_key: str = "pixel_values", sizes_key: str = "image_sizes"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(crops, sizes) of each row that has at least one image, in row order."""
     found = []
     for row in rows:
@@ -215,7 +247,9 @@ class SFTCollator:
             _check_same_length(row["input_ids"], row["labels"], f"batch row {i} ({row.get('origin', '')})")
         labels = pad_sequences([row["labels"] for row in rows], IGNORE_INDEX, self.padding_side)
         batch = {
-            "input_ids": pad_sequences([row["input_ids"] for row in rows], self.pad_token_id, self.padding_side),
+            "input_ids": pad_sequences(
+                [row["input_ids"] for row in rows], self.pad_token_id, self.padding_side
+            ),
             "attention_mask": attention_mask_for([len(row["input_ids"]) for row in rows], self.padding_side),
             "labels": labels,
             "num_supervised_tokens": supervised_token_count(labels),
@@ -259,9 +293,11 @@ class PackedSFTCollator:
         _check_rows(rows, ("input_ids", "labels"))
         lengths = [len(row["input_ids"]) for row in rows]
         if sum(lengths) > self.max_tokens:
-            raise ValueError(f"the batch holds {sum(lengths)} tokens ({len(rows)} rows), over the packing budget "
-                             f"max_tokens={self.max_tokens}; batch with data.loaders.PackedBatchSampler (what `data.packing: true` "
-                             "uses), which fills each pack up to the budget")
+            raise ValueError(
+                f"the batch holds {sum(lengths)} tokens ({len(rows)} rows), over the packing budget "
+                f"max_tokens={self.max_tokens}; batch with data.loaders.PackedBatchSampler (what `data.packing: true` "
+                "uses), which fills each pack up to the budget"
+            )
         ids, labels, positions = [], [], []
         for i, row in enumerate(rows):
             _check_same_length(row["input_ids"], row["labels"], f"batch row {i} ({row.get('origin', '')})")
@@ -379,12 +415,16 @@ def shared_layout(pairs: Sequence[RenderedPair], pad_token_id: int) -> dict[str,
     for b, pair in enumerate(pairs):
         p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
         if p == 0:
-            raise ValueError("a preference pair has an empty prompt: its first completion token has no prediction")
-        ids[b, : p + c + r] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids, dtype=torch.long)
+            raise ValueError(
+                "a preference pair has an empty prompt: its first completion token has no prediction"
+            )
+        ids[b, : p + c + r] = torch.tensor(
+            pair.prompt_ids + pair.chosen_ids + pair.rejected_ids, dtype=torch.long
+        )
         positions[b, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
         segments[b, :p] = SEGMENT_PROMPT
-        segments[b, p: p + c] = SEGMENT_CHOSEN
-        segments[b, p + c: p + c + r] = SEGMENT_REJECTED
+        segments[b, p : p + c] = SEGMENT_CHOSEN
+        segments[b, p + c : p + c + r] = SEGMENT_REJECTED
         for start, labels, sequence in ((p, pair.chosen_labels, b), (p + c, pair.rejected_labels, rows + b)):
             for k, label in enumerate(labels):
                 if label != IGNORE_INDEX:
@@ -398,9 +438,12 @@ def shared_layout(pairs: Sequence[RenderedPair], pad_token_id: int) -> dict[str,
         "shared_position_ids": positions,
         "shared_segments": segments,
         "shared_keep": keep,
-        "shared_token_index": torch.tensor([int(flat_index[b, t]) for b, t, _, _ in wanted], dtype=torch.long),
+        "shared_token_index": torch.tensor(
+            [int(flat_index[b, t]) for b, t, _, _ in wanted], dtype=torch.long
+        ),
         "shared_targets": torch.tensor([target for _, _, target, _ in wanted], dtype=torch.long),
         "shared_sequence": torch.tensor([sequence for _, _, _, sequence in wanted], dtype=torch.long),
-        "shared_counts": torch.bincount(torch.tensor([sequence for _, _, _, sequence in wanted], dtype=torch.long),
-                                        minlength=2 * rows),
+        "shared_counts": torch.bincount(
+            torch.tensor([sequence for _, _, _, sequence in wanted], dtype=torch.long), minlength=2 * rows
+        ),
     }

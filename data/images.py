@@ -51,7 +51,9 @@ _SIXTEEN_BIT_MAX = 65535
 _SIXTEEN_TO_EIGHT_BIT = 257
 
 
-def image_size(ref: ImageRef, origin: Origin, field: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def image_size(
+    ref: ImageRef, origin: Origin, field: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
     """(width, height) in pixels from the file header alone, without decoding pixels; for length planning."""
     _check_max_pixels_setting(max_pixels)
     with _opened(ref, origin, field) as image:
@@ -69,8 +71,11 @@ def load_rgb(ref: ImageRef, origin: Origin, field: str, max_pixels: int = DEFAUL
         converted = _converted_to_rgb(image)
     if converted is None:
         raise DataError(
-            origin, field, f"{ref.describe()} has pixel mode '{image.mode}', which Pillow cannot convert to RGB; "
-            "the row cannot be used. Fix: re-save the image as an RGB or grayscale PNG/JPEG.")
+            origin,
+            field,
+            f"{ref.describe()} has pixel mode '{image.mode}', which Pillow cannot convert to RGB; "
+            "the row cannot be used. Fix: re-save the image as an RGB or grayscale PNG/JPEG.",
+        )
     return converted
 
 
@@ -92,12 +97,19 @@ def _opened(ref: ImageRef, origin: Origin, field: str) -> Iterator[Image.Image]:
     except OSError as error:
         if error.errno is None:  # Pillow's own errors (no errno): an unreadable image, below
             raise _not_an_image(ref, origin, field, error) from error
-        raise DataError(origin, field, f"image file {ref.describe()} {os_error_problem(error)} (it changed while the "
-                        "run read it). Fix: keep the dataset's files in place during the run") from error
+        raise DataError(
+            origin,
+            field,
+            f"image file {ref.describe()} {os_error_problem(error)} (it changed while the "
+            "run read it). Fix: keep the dataset's files in place during the run",
+        ) from error
     except Image.DecompressionBombError as error:
         raise DataError(
-            origin, field, f"{ref.describe()} exceeds Pillow's own decompression-bomb limit "
-            f"(2 x PIL.Image.MAX_IMAGE_PIXELS): {error}. Fix: shrink the image.") from error
+            origin,
+            field,
+            f"{ref.describe()} exceeds Pillow's own decompression-bomb limit "
+            f"(2 x PIL.Image.MAX_IMAGE_PIXELS): {error}. Fix: shrink the image.",
+        ) from error
     except _DECODE_ERRORS as error:
         raise _not_an_image(ref, origin, field, error) from error
     with image:
@@ -106,15 +118,20 @@ def _opened(ref: ImageRef, origin: Origin, field: str) -> Iterator[Image.Image]:
 
 def _not_an_image(ref: ImageRef, origin: Origin, field: str, error: BaseException) -> DataError:
     return DataError(
-        origin, field, f"{ref.describe()} is not a readable image ({type(error).__name__}: {error}); "
-        "the header is missing or corrupt. Fix: re-encode the file as PNG or JPEG, or drop the row.")
+        origin,
+        field,
+        f"{ref.describe()} is not a readable image ({type(error).__name__}: {error}); "
+        "the header is missing or corrupt. Fix: re-encode the file as PNG or JPEG, or drop the row.",
+    )
 
 
 def _byte_source(ref: ImageRef, origin: Origin, field: str) -> BinaryIO | str:
     """What `Image.open` reads: the bytes, or the path once it is known to be a non-empty regular file."""
     if ref.data is not None:
         if not ref.data:
-            raise DataError(origin, field, "the image bytes are empty (0 bytes). Fix: drop the row or re-export it.")
+            raise DataError(
+                origin, field, "the image bytes are empty (0 bytes). Fix: drop the row or re-export it."
+            )
         return io.BytesIO(ref.data)
     invalid = text_problem(ref.path)
     if invalid is not None:
@@ -123,29 +140,43 @@ def _byte_source(ref: ImageRef, origin: Origin, field: str) -> BinaryIO | str:
         status = ref.path.stat()
     except FileNotFoundError as error:
         raise DataError(
-            origin, field, f"image file {ref.path} does not exist. Fix: check the dataset's image root "
-            "and the path in this row.") from error
+            origin,
+            field,
+            f"image file {ref.path} does not exist. Fix: check the dataset's image root "
+            "and the path in this row.",
+        ) from error
     except OSError as error:
-        raise DataError(origin, field, f"image file {ref.path} {os_error_problem(error)}. Fix: make it a readable "
-                        "file, or drop the row.") from error
+        raise DataError(
+            origin,
+            field,
+            f"image file {ref.path} {os_error_problem(error)}. Fix: make it a readable "
+            "file, or drop the row.",
+        ) from error
     # A directory, socket, FIFO or device is refused before opening: reading a FIFO would block forever.
     if not stat.S_ISREG(status.st_mode):
         why = path_problem(ref.path) or "is not a regular file"
         raise DataError(origin, field, f"image path {ref.path} {why}. Fix: point the row at a file.")
     if status.st_size == 0:
-        raise DataError(origin, field, f"image file {ref.path} is empty (0 bytes). Fix: re-download it or drop the row.")
+        raise DataError(
+            origin, field, f"image file {ref.path} is empty (0 bytes). Fix: re-download it or drop the row."
+        )
     return str(ref.path)
 
 
-def _check_pixel_count(size: tuple[int, int], ref: ImageRef, origin: Origin, field: str, max_pixels: int) -> None:
+def _check_pixel_count(
+    size: tuple[int, int], ref: ImageRef, origin: Origin, field: str, max_pixels: int
+) -> None:
     width, height = size
     if width < 1 or height < 1:
         raise DataError(origin, field, f"{ref.describe()} has an empty size {width}x{height} in its header")
     if width * height > max_pixels:
         raise DataError(
-            origin, field, f"{ref.describe()} is {width}x{height} = {width * height} pixels, over the "
+            origin,
+            field,
+            f"{ref.describe()} is {width}x{height} = {width * height} pixels, over the "
             f"decompression-bomb limit max_pixels={max_pixels}; it is not decoded. Fix: downscale the image, "
-            "or raise max_pixels if you trust the file.")
+            "or raise max_pixels if you trust the file.",
+        )
 
 
 def _decode(image: Image.Image, ref: ImageRef, origin: Origin, field: str) -> None:
@@ -154,9 +185,12 @@ def _decode(image: Image.Image, ref: ImageRef, origin: Origin, field: str) -> No
         image.load()
     except _DECODE_ERRORS as error:
         raise DataError(
-            origin, field, f"{ref.describe()} has a valid header but its pixel data cannot be decoded "
+            origin,
+            field,
+            f"{ref.describe()} has a valid header but its pixel data cannot be decoded "
             f"({type(error).__name__}: {error}); the file is truncated or corrupt. Fix: re-download or "
-            "re-encode it, or drop the row.") from error
+            "re-encode it, or drop the row.",
+        ) from error
 
 
 def _converted_to_rgb(image: Image.Image) -> Image.Image | None:

@@ -83,8 +83,12 @@ def image_label(k: int, num_tokens: int, size: tuple[int, int], processor: Phi3V
 
 
 def segments(
-    processor: Phi3VProcessor, input_ids: Sequence[int], labels: Sequence[int], image_token_counts: Sequence[int],
-    image_sizes: Sequence[tuple[int, int]], first_image: int = 0,
+    processor: Phi3VProcessor,
+    input_ids: Sequence[int],
+    labels: Sequence[int],
+    image_token_counts: Sequence[int],
+    image_sizes: Sequence[tuple[int, int]],
+    first_image: int = 0,
 ) -> tuple[Segment, ...]:
     """The ids as text segments: runs of unsupervised and supervised tokens, and one segment per image.
 
@@ -102,8 +106,11 @@ def segments(
             continue
         kind: SegmentKind = "prompt" if labels[position] == IGNORE_INDEX else "supervised"
         end = position
-        while (end < len(input_ids) and input_ids[end] != processor.image_token_id
-               and (labels[end] == IGNORE_INDEX) == (kind == "prompt")):
+        while (
+            end < len(input_ids)
+            and input_ids[end] != processor.image_token_id
+            and (labels[end] == IGNORE_INDEX) == (kind == "prompt")
+        ):
             end += 1
         out.append(Segment(text=tokens_to_text(tokens[position:end]), kind=kind))
         position = end
@@ -113,40 +120,68 @@ def segments(
 def _counts_line(ids: Sequence[int], labels: Sequence[int], processor: Phi3VProcessor) -> str:
     image_tokens = sum(token == processor.image_token_id for token in ids)
     supervised = sum(label != IGNORE_INDEX for label in labels)
-    return f"{len(ids)} tokens ({image_tokens} image, {len(ids) - image_tokens} text), {supervised} supervised"
+    return (
+        f"{len(ids)} tokens ({image_tokens} image, {len(ids) - image_tokens} text), {supervised} supervised"
+    )
 
 
 def inspect_sample(
-    plan: PlannedSample, processor: Phi3VProcessor, *, assistant_turns: AssistantTurns = "all",
+    plan: PlannedSample,
+    processor: Phi3VProcessor,
+    *,
+    assistant_turns: AssistantTurns = "all",
     max_length: int | None = None,
 ) -> InspectedSample:
     """One planned sample rendered for reading (the same `data.render` calls as training)."""
     sample = plan.sample
-    over = f", OVER max_length={max_length}" if max_length is not None and plan.num_tokens > max_length else ""
+    over = (
+        f", OVER max_length={max_length}" if max_length is not None and plan.num_tokens > max_length else ""
+    )
     if isinstance(sample, SFTSample):
         rendered = render_sft(sample, processor, plan.image_token_counts, assistant_turns=assistant_turns)
-        body = segments(processor, rendered.input_ids, rendered.labels, plan.image_token_counts, plan.image_sizes)
+        body = segments(
+            processor, rendered.input_ids, rendered.labels, plan.image_token_counts, plan.image_sizes
+        )
         title = f"{sample.origin}: {_counts_line(rendered.input_ids, rendered.labels, processor)}{over}"
-        return InspectedSample(origin=sample.origin, title=title, sections=(("conversation", body),),
-                               images=_fields("images", sample.images))
+        return InspectedSample(
+            origin=sample.origin,
+            title=title,
+            sections=(("conversation", body),),
+            images=_fields("images", sample.images),
+        )
     pair = render_preference(sample, processor, plan.image_token_counts, plan.rejected_image_token_counts)
     prompt_labels = [IGNORE_INDEX] * len(pair.prompt_ids)
     sections = [
-        ("prompt", segments(processor, pair.prompt_ids, prompt_labels, plan.image_token_counts, plan.image_sizes)),
+        (
+            "prompt",
+            segments(processor, pair.prompt_ids, prompt_labels, plan.image_token_counts, plan.image_sizes),
+        ),
         ("chosen", segments(processor, pair.chosen_ids, pair.chosen_labels, (), ())),
     ]
     images = _fields("images", sample.images)
     if sample.rejected_images is not None:
         rejected_labels = [IGNORE_INDEX] * len(pair.rejected_prompt_ids)
-        sections.append(("rejected prompt", segments(
-            processor, pair.rejected_prompt_ids, rejected_labels, plan.rejected_image_token_counts,
-            plan.rejected_image_sizes, first_image=len(images))))
+        sections.append(
+            (
+                "rejected prompt",
+                segments(
+                    processor,
+                    pair.rejected_prompt_ids,
+                    rejected_labels,
+                    plan.rejected_image_token_counts,
+                    plan.rejected_image_sizes,
+                    first_image=len(images),
+                ),
+            )
+        )
         images += _fields("rejected_images", sample.rejected_images)
     sections.append(("rejected", segments(processor, pair.rejected_ids, pair.rejected_labels, (), ())))
     chosen_ids, chosen_labels = pair.chosen_sequence()
     rejected_ids, rejected_labels = pair.rejected_sequence()
-    title = (f"{sample.origin}: chosen {_counts_line(chosen_ids, chosen_labels, processor)}; rejected "
-             f"{_counts_line(rejected_ids, rejected_labels, processor)}{over}")
+    title = (
+        f"{sample.origin}: chosen {_counts_line(chosen_ids, chosen_labels, processor)}; rejected "
+        f"{_counts_line(rejected_ids, rejected_labels, processor)}{over}"
+    )
     return InspectedSample(origin=sample.origin, title=title, sections=tuple(sections), images=images)
 
 
@@ -197,15 +232,22 @@ def format_html(samples: Sequence[InspectedSample], title: str) -> str:
     """A self-contained page: per sample its images (base64 PNG) beside its text; supervised spans highlighted."""
     body = []
     for inspected in samples:
-        images = "".join(_image_html(field, ref, inspected.origin, k)
-                         for k, (field, ref) in enumerate(inspected.images))
-        text = "".join(f"<h4>{html.escape(name)}</h4><pre>{_segments_html(parts)}</pre>"
-                       for name, parts in inspected.sections)
-        body.append(f"<h3>{html.escape(inspected.title)}</h3><section><div class='images'>{images}</div>"
-                    f"<div>{text}</div></section>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{HTML_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            "<p>Highlighted: supervised tokens. Blue: image slots.</p>" + "".join(body) + "</body></html>")
+        images = "".join(
+            _image_html(field, ref, inspected.origin, k) for k, (field, ref) in enumerate(inspected.images)
+        )
+        text = "".join(
+            f"<h4>{html.escape(name)}</h4><pre>{_segments_html(parts)}</pre>"
+            for name, parts in inspected.sections
+        )
+        body.append(
+            f"<h3>{html.escape(inspected.title)}</h3><section><div class='images'>{images}</div>"
+            f"<div>{text}</div></section>"
+        )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{HTML_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        "<p>Highlighted: supervised tokens. Blue: image slots.</p>" + "".join(body) + "</body></html>"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -243,7 +285,9 @@ def recipe_samples(recipe, n: int, skips) -> Iterator:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="the YAML recipe")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides, key=value (e.g. data.max_length=2048)")
+    parser.add_argument(
+        "overrides", nargs="*", help="recipe overrides, key=value (e.g. data.max_length=2048)"
+    )
     parser.add_argument("--n", type=int, default=3, help="samples to show per source and stage (default 3)")
     parser.add_argument("--html", type=Path, help="also write an HTML page with the images to this path")
     args = parser.parse_intermixed_args(argv)
@@ -257,8 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sample in recipe_samples(recipe, args.n, skips):
         try:
             plan = plan_sample(sample, processor, max_image_pixels=recipe.data.max_image_pixels)
-            inspected = inspect_sample(plan, processor, assistant_turns=recipe.data.assistant_turns,
-                                       max_length=recipe.data.max_length)
+            inspected = inspect_sample(
+                plan,
+                processor,
+                assistant_turns=recipe.data.assistant_turns,
+                max_length=recipe.data.max_length,
+            )
         except DataError as error:
             print(f"=== {sample.origin}: cannot be used: {error}\n")
             continue

@@ -66,7 +66,11 @@ class _ImagePlan:
 
 
 def _image_plan(
-    refs: Sequence[ImageRef], processor: Phi3VProcessor, origin: Origin, field: str, max_pixels: int,
+    refs: Sequence[ImageRef],
+    processor: Phi3VProcessor,
+    origin: Origin,
+    field: str,
+    max_pixels: int,
     sizes: dict | None = None,
 ) -> _ImagePlan:
     """`sizes` memoises the header sizes of image files within one planning pass (a dataset re-uses its images:
@@ -93,24 +97,43 @@ def _image_plan(
     return _ImagePlan(sizes=tuple(result_sizes), token_counts=tuple(counts))
 
 
-def plan_sample(sample: Sample, processor: Phi3VProcessor, *, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                sizes: dict | None = None) -> PlannedSample:
+def plan_sample(
+    sample: Sample,
+    processor: Phi3VProcessor,
+    *,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    sizes: dict | None = None,
+) -> PlannedSample:
     """One sample's token length and image plan; a bad row raises its `DataError`. `sizes`: see `_image_plan`."""
     images = _image_plan(sample.images, processor, sample.origin, "images", max_image_pixels, sizes)
     if isinstance(sample, SFTSample):
         num_tokens = sft_length(sample, processor, images.token_counts)
-        return PlannedSample(sample=sample, num_tokens=num_tokens, image_token_counts=images.token_counts,
-                             image_sizes=images.sizes)
+        return PlannedSample(
+            sample=sample,
+            num_tokens=num_tokens,
+            image_token_counts=images.token_counts,
+            image_sizes=images.sizes,
+        )
     if sample.rejected_images is None:
         pair = render_preference(sample, processor, images.token_counts)
-        return PlannedSample(sample=sample, num_tokens=pair.num_tokens, image_token_counts=images.token_counts,
-                             image_sizes=images.sizes, shared_tokens=pair.shared_tokens)
-    rejected = _image_plan(sample.rejected_images, processor, sample.origin, "rejected_images", max_image_pixels,
-                           sizes)
+        return PlannedSample(
+            sample=sample,
+            num_tokens=pair.num_tokens,
+            image_token_counts=images.token_counts,
+            image_sizes=images.sizes,
+            shared_tokens=pair.shared_tokens,
+        )
+    rejected = _image_plan(
+        sample.rejected_images, processor, sample.origin, "rejected_images", max_image_pixels, sizes
+    )
     pair = render_preference(sample, processor, images.token_counts, rejected.token_counts)
     return PlannedSample(
-        sample=sample, num_tokens=pair.num_tokens, image_token_counts=images.token_counts, image_sizes=images.sizes,
-        rejected_image_token_counts=rejected.token_counts, rejected_image_sizes=rejected.sizes,
+        sample=sample,
+        num_tokens=pair.num_tokens,
+        image_token_counts=images.token_counts,
+        image_sizes=images.sizes,
+        rejected_image_token_counts=rejected.token_counts,
+        rejected_image_sizes=rejected.sizes,
         shared_tokens=pair.shared_tokens,
     )
 
@@ -119,7 +142,8 @@ def overlong_error(planned: PlannedSample, max_length: int) -> DataError:
     image_tokens = sum(planned.image_token_counts)
     field = "turns" if isinstance(planned.sample, SFTSample) else "chosen/rejected"
     return DataError(
-        planned.sample.origin, field,
+        planned.sample.origin,
+        field,
         f"over-long: {planned.num_tokens} tokens ({image_tokens} of them image slots, "
         f"{len(planned.image_token_counts)} image(s)) exceed data.max_length={max_length}; samples are never cut "
         "(that could cut through an image). Fix: raise data.max_length, lower model.num_crops (fewer slots per "
@@ -137,9 +161,17 @@ def _check_policies(max_length: int, on_overlong: str, on_bad_sample: str) -> No
 
 
 def plan_lengths(
-    samples: Sequence[Sample], processor: Phi3VProcessor, *, max_length: int, on_overlong: OnOverlong = "drop",
-    max_image_pixels: int = DEFAULT_MAX_PIXELS, on_bad_sample: OnBadSample = "error", skips: SkipCounter,
-    ranks: Ranks | None = None, workers: int = 1, progress: bool = False,
+    samples: Sequence[Sample],
+    processor: Phi3VProcessor,
+    *,
+    max_length: int,
+    on_overlong: OnOverlong = "drop",
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    on_bad_sample: OnBadSample = "error",
+    skips: SkipCounter,
+    ranks: Ranks | None = None,
+    workers: int = 1,
+    progress: bool = False,
 ) -> list[PlannedSample]:
     """Every usable sample with its token length, in input order. Dropped and skipped rows are recorded in `skips`
     (per dataset and reason; the first of each kind is logged as a warning) and summarised in the log at the end.
@@ -152,7 +184,9 @@ def plan_lengths(
     _check_policies(max_length, on_overlong, on_bad_sample)
     samples = samples if isinstance(samples, Sequence) else list(samples)
     ranks = ranks or Ranks()
-    if ranks.world == 1 and workers <= 1:  # one process: plan in order, stop at the first bad row under 'error'
+    if (
+        ranks.world == 1 and workers <= 1
+    ):  # one process: plan in order, stop at the first bad row under 'error'
         numbers = _NumbersOf(samples, processor, max_image_pixels, stop_at_error=on_bad_sample == "error")
         results = numbers.run(range(len(samples)), progress)
     else:
@@ -162,8 +196,14 @@ def plan_lengths(
             return _plan_block(samples, processor, max_image_pixels, block, workers, progress)
 
         results = [result for part in ranks.gather_results(work) for result in part]
-    return _assemble(samples, results, max_length=max_length, on_overlong=on_overlong, on_bad_sample=on_bad_sample,
-                     skips=skips)
+    return _assemble(
+        samples,
+        results,
+        max_length=max_length,
+        on_overlong=on_overlong,
+        on_bad_sample=on_bad_sample,
+        skips=skips,
+    )
 
 
 # A plan without its sample (what crosses process boundaries): (num_tokens, image_token_counts, image_sizes,
@@ -172,24 +212,43 @@ _Numbers = tuple
 
 
 class _NumbersOf:
-    def __init__(self, samples: Sequence[Sample], processor: Phi3VProcessor, max_pixels: int,
-                 stop_at_error: bool = False):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        processor: Phi3VProcessor,
+        max_pixels: int,
+        stop_at_error: bool = False,
+    ):
         self.samples, self.processor, self.max_pixels = samples, processor, max_pixels
         self.stop_at_error = stop_at_error
         self.sizes: dict = {}
 
     def one(self, i: int) -> _Numbers:
         try:
-            plan = plan_sample(self.samples[i], self.processor, max_image_pixels=self.max_pixels, sizes=self.sizes)
+            plan = plan_sample(
+                self.samples[i], self.processor, max_image_pixels=self.max_pixels, sizes=self.sizes
+            )
         except DataError as error:
             return (None, error.field, error.problem)
-        return (plan.num_tokens, plan.image_token_counts, plan.image_sizes, plan.rejected_image_token_counts,
-                plan.rejected_image_sizes, plan.shared_tokens)
+        return (
+            plan.num_tokens,
+            plan.image_token_counts,
+            plan.image_sizes,
+            plan.rejected_image_token_counts,
+            plan.rejected_image_sizes,
+            plan.shared_tokens,
+        )
 
     def run(self, indices: range, progress: bool = False) -> list[_Numbers]:
         results = []
-        with tqdm(total=len(indices), desc="planning lengths", unit="row", disable=not progress, leave=False,
-                  mininterval=2.0) as bar:
+        with tqdm(
+            total=len(indices),
+            desc="planning lengths",
+            unit="row",
+            disable=not progress,
+            leave=False,
+            mininterval=2.0,
+        ) as bar:
             for i in indices:
                 results.append(self.one(i))
                 bar.update(1)
@@ -205,8 +264,14 @@ def _plan_range(bounds: tuple[int, int]) -> list[_Numbers]:
     return _FORKED.run(range(*bounds))
 
 
-def _plan_block(samples: Sequence[Sample], processor: Phi3VProcessor, max_pixels: int, block: range, workers: int,
-                progress: bool) -> list[_Numbers]:
+def _plan_block(
+    samples: Sequence[Sample],
+    processor: Phi3VProcessor,
+    max_pixels: int,
+    block: range,
+    workers: int,
+    progress: bool,
+) -> list[_Numbers]:
     """This rank's block planned in `workers` forked processes (in order), or here when small or single."""
     global _FORKED
     numbers = _NumbersOf(samples, processor, max_pixels)
@@ -217,9 +282,17 @@ def _plan_block(samples: Sequence[Sample], processor: Phi3VProcessor, max_pixels
     _FORKED = numbers
     try:
         results: list[_Numbers] = []
-        with mp.get_context("fork").Pool(workers) as pool, tqdm(
-                total=len(block), desc=f"planning lengths ({workers} processes)", unit="row", disable=not progress,
-                leave=False, mininterval=2.0) as bar:
+        with (
+            mp.get_context("fork").Pool(workers) as pool,
+            tqdm(
+                total=len(block),
+                desc=f"planning lengths ({workers} processes)",
+                unit="row",
+                disable=not progress,
+                leave=False,
+                mininterval=2.0,
+            ) as bar,
+        ):
             for part in pool.imap(_plan_range, bounds):
                 results.extend(part)
                 bar.update(len(part))
@@ -232,8 +305,15 @@ MIN_ROWS_PER_WORKER = 2000
 """Below this many rows per worker process, forking costs more than it saves."""
 
 
-def _assemble(samples: Sequence[Sample], results: Sequence[_Numbers], *, max_length: int, on_overlong: str,
-              on_bad_sample: str, skips: SkipCounter) -> list[PlannedSample]:
+def _assemble(
+    samples: Sequence[Sample],
+    results: Sequence[_Numbers],
+    *,
+    max_length: int,
+    on_overlong: str,
+    on_bad_sample: str,
+    skips: SkipCounter,
+) -> list[PlannedSample]:
     """PlannedSamples in input order from the numbers; bad and over-long rows raise or are counted, in input order."""
     planned, num_skipped_before = [], skips.total
     for sample, result in zip(samples, results):
@@ -244,9 +324,15 @@ def _assemble(samples: Sequence[Sample], results: Sequence[_Numbers], *, max_len
             skips.record(error)
             continue
         num_tokens, counts, sizes, rejected_counts, rejected_sizes, shared = result
-        plan = PlannedSample(sample=sample, num_tokens=num_tokens, image_token_counts=counts, image_sizes=sizes,
-                             rejected_image_token_counts=rejected_counts, rejected_image_sizes=rejected_sizes,
-                             shared_tokens=shared)
+        plan = PlannedSample(
+            sample=sample,
+            num_tokens=num_tokens,
+            image_token_counts=counts,
+            image_sizes=sizes,
+            rejected_image_token_counts=rejected_counts,
+            rejected_image_sizes=rejected_sizes,
+            shared_tokens=shared,
+        )
         if plan.num_tokens > max_length:
             error = overlong_error(plan, max_length)
             if on_overlong == "error":
@@ -255,7 +341,9 @@ def _assemble(samples: Sequence[Sample], results: Sequence[_Numbers], *, max_len
             continue
         planned.append(plan)
     if skips.total > num_skipped_before:
-        logger.info("length planning kept %d samples; rows left out so far:\n%s", len(planned), skips.summary())
+        logger.info(
+            "length planning kept %d samples; rows left out so far:\n%s", len(planned), skips.summary()
+        )
     return planned
 
 
@@ -286,12 +374,22 @@ class LengthGroupedSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int, mega_batch_mult: int = 50, *,
-        num_replicas: int = 1, rank: int = 0, drop_last: bool = False,
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        mega_batch_mult: int = 50,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
     ):
         self.lengths = _check_lengths(lengths)
-        for name, value in (("batch_size", batch_size), ("mega_batch_mult", mega_batch_mult),
-                            ("num_replicas", num_replicas)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("mega_batch_mult", mega_batch_mult),
+            ("num_replicas", num_replicas),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0 <= rank < num_replicas:
@@ -300,8 +398,10 @@ class LengthGroupedSampler(Sampler[list[int]]):
         self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
         self.epoch = 0
         if len(self) == 0:
-            raise ValueError(f"{len(self.lengths)} samples do not fill one step of batch_size {batch_size} x "
-                             f"{num_replicas} rank(s) with drop_last=True; use drop_last=False or fewer ranks")
+            raise ValueError(
+                f"{len(self.lengths)} samples do not fill one step of batch_size {batch_size} x "
+                f"{num_replicas} rank(s) with drop_last=True; use drop_last=False or fewer ranks"
+            )
 
     @property
     def step_size(self) -> int:
@@ -323,10 +423,12 @@ class LengthGroupedSampler(Sampler[list[int]]):
         steps = []
         for start in range(0, len(order), mega):
             # Python's sort is stable: equal lengths keep their shuffled order.
-            chunk = sorted(order[start: start + mega], key=lambda i: -self.lengths[i])
+            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
             for first in range(0, len(chunk), self.step_size):
-                step = chunk[first: first + self.step_size]
-                steps.append([step[r * self.batch_size: (r + 1) * self.batch_size] for r in range(self.num_replicas)])
+                step = chunk[first : first + self.step_size]
+                steps.append(
+                    [step[r * self.batch_size : (r + 1) * self.batch_size] for r in range(self.num_replicas)]
+                )
         steps = [steps[i] for i in rng.permutation(len(steps))]
         # Each step's first index is its longest sample (sorted above).
         longest = max(range(len(steps)), key=lambda s: self.lengths[steps[s][0][0]])

@@ -38,24 +38,47 @@ _QUESTION_PATTERN = re.compile(r"What colour is the shape on page \d+\?")
 MULTIPAGE_COUNTS = {"n_train": 64, "n_eval": 8, "n_pref_train": 32, "n_pref_eval": 8}
 
 
-def write_multipage(root: Path, *, pages: int = 150, seed: int = 0, n_train: int = MULTIPAGE_COUNTS["n_train"],
-                    n_eval: int = MULTIPAGE_COUNTS["n_eval"], n_pref_train: int = MULTIPAGE_COUNTS["n_pref_train"],
-                    n_pref_eval: int = MULTIPAGE_COUNTS["n_pref_eval"]) -> SyntheticPaths:
+def write_multipage(
+    root: Path,
+    *,
+    pages: int = 150,
+    seed: int = 0,
+    n_train: int = MULTIPAGE_COUNTS["n_train"],
+    n_eval: int = MULTIPAGE_COUNTS["n_eval"],
+    n_pref_train: int = MULTIPAGE_COUNTS["n_pref_train"],
+    n_pref_eval: int = MULTIPAGE_COUNTS["n_pref_eval"],
+) -> SyntheticPaths:
     """Write the dataset under `root` unless a complete one with the same arguments is there; built in a sibling
     temporary directory and moved into place, so a reader never sees half of it. A directory holding other files
     is refused rather than replaced."""
     if pages < 1:
         raise ValueError(f"a multi-page document needs at least one page, got pages={pages}")
-    manifest = {"generator": "data.synthetic", "variant": "multipage", "version": MULTIPAGE_VERSION, "seed": seed,
-                "pages": pages, "rows": {"sft_train": n_train, "sft_eval": n_eval, "pref_train": n_pref_train,
-                                         "pref_eval": n_pref_eval}}
+    manifest = {
+        "generator": "data.synthetic",
+        "variant": "multipage",
+        "version": MULTIPAGE_VERSION,
+        "seed": seed,
+        "pages": pages,
+        "rows": {
+            "sft_train": n_train,
+            "sft_eval": n_eval,
+            "pref_train": n_pref_train,
+            "pref_eval": n_pref_eval,
+        },
+    }
     root = Path(root).absolute()
     paths = SyntheticPaths.under(root)
     if _read(paths.manifest) == manifest:
         return paths
-    if root.is_dir() and any(root.iterdir()) and (_read(paths.manifest) or {}).get("generator") != "data.synthetic":
-        raise ValueError(f"multi-page dataset root {root} holds files that this generator did not write (no "
-                         "manifest.json of ours); refusing to replace them. Fix: pass an empty or new directory.")
+    if (
+        root.is_dir()
+        and any(root.iterdir())
+        and (_read(paths.manifest) or {}).get("generator") != "data.synthetic"
+    ):
+        raise ValueError(
+            f"multi-page dataset root {root} holds files that this generator did not write (no "
+            "manifest.json of ours); refusing to replace them. Fix: pass an empty or new directory."
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
@@ -117,8 +140,14 @@ def _row(rng: random.Random, pool: list[tuple[str, str]], pages: int, *, prefere
     images = [f"images/page-{index:02d}.png" for index in document]
     prompt = [{"role": "user", "content": content}]
     if not preference:
-        return {"messages": [*prompt, {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-                "images": images}
+        return {
+            "messages": [*prompt, {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            "images": images,
+        }
     wrong = rng.choice([colour for colour in COLOURS if colour != answer])
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}], "images": images}
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": wrong}]}],
+        "images": images,
+    }

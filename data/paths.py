@@ -18,10 +18,13 @@ import os
 import stat
 from pathlib import Path
 
-_KINDS = ((stat.S_ISDIR, "is a folder, not a regular file"), (stat.S_ISSOCK, "is a socket, not a regular file"),
-          (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file"),
-          (stat.S_ISCHR, "is a character device, not a regular file"),
-          (stat.S_ISBLK, "is a block device, not a regular file"))
+_KINDS = (
+    (stat.S_ISDIR, "is a folder, not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file"),
+    (stat.S_ISCHR, "is a character device, not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+)
 
 
 def os_error_problem(error: OSError) -> str:

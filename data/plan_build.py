@@ -58,9 +58,20 @@ class _Block:
             except DataError as error:
                 planned.append((row, (None, error.field, error.problem), b""))
             else:
-                planned.append((row, (plan.num_tokens, plan.image_token_counts, plan.image_sizes,
-                                      plan.rejected_image_token_counts, plan.rejected_image_sizes, plan.shared_tokens),
-                                encode_sample(sample)))
+                planned.append(
+                    (
+                        row,
+                        (
+                            plan.num_tokens,
+                            plan.image_token_counts,
+                            plan.image_sizes,
+                            plan.rejected_image_token_counts,
+                            plan.rejected_image_sizes,
+                            plan.shared_tokens,
+                        ),
+                        encode_sample(sample),
+                    )
+                )
             if bar is not None:
                 bar.update(1)
         return refused, planned, list(paths)
@@ -77,16 +88,26 @@ def _run_block(block_reader: _Block, block: range, workers: int, progress: bool)
     global _FORKED
     desc = "reading + planning rows"
     if workers <= 1 or len(block) < 2 * MIN_ROWS_PER_WORKER or "fork" not in mp.get_all_start_methods():
-        with tqdm(total=len(block), desc=desc, unit="row", disable=not progress, leave=False, mininterval=2.0) as bar:
+        with tqdm(
+            total=len(block), desc=desc, unit="row", disable=not progress, leave=False, mininterval=2.0
+        ) as bar:
             return block_reader.run(block.start, block.stop, bar)
     chunk = max(MIN_ROWS_PER_WORKER // 4, -(-len(block) // (workers * 8)))
     bounds = [(start, min(start + chunk, block.stop)) for start in range(block.start, block.stop, chunk)]
     refused, planned, paths = [], [], {}
     _FORKED = block_reader
     try:
-        with mp.get_context("fork").Pool(workers) as pool, tqdm(
-                total=len(block), desc=f"{desc} ({workers} processes)", unit="row", disable=not progress,
-                leave=False, mininterval=2.0) as bar:
+        with (
+            mp.get_context("fork").Pool(workers) as pool,
+            tqdm(
+                total=len(block),
+                desc=f"{desc} ({workers} processes)",
+                unit="row",
+                disable=not progress,
+                leave=False,
+                mininterval=2.0,
+            ) as bar,
+        ):
             for part_refused, part_planned, part_paths in pool.imap(_run_range, bounds):
                 refused += part_refused
                 planned += part_planned
@@ -97,8 +118,9 @@ def _run_block(block_reader: _Block, block: range, workers: int, progress: bool)
     return refused, planned, list(paths)
 
 
-def build_table(source, processor, data, skips: SkipCounter, *, ranks: Ranks, workers: int,
-                progress: bool) -> tuple[PlanTable, list[str]] | None:
+def build_table(
+    source, processor, data, skips: SkipCounter, *, ranks: Ranks, workers: int, progress: bool
+) -> tuple[PlanTable, list[str]] | None:
     """(the planned samples of `source` before decoding, the distinct image files they use), or None for a
     source this path does not read (see the module docstring)."""
     _check_policies(data.max_length, data.on_overlong, data.on_bad_sample)
@@ -117,8 +139,10 @@ def build_table(source, processor, data, skips: SkipCounter, *, ranks: Ranks, wo
     if errors and data.on_bad_sample == "error":
         raise errors[0]
     if errors and not planned:
-        raise ValueError(f"data source {name}: all {len(dataset)} rows are bad, the first: {errors[0]}; check the "
-                         "source's format and columns")
+        raise ValueError(
+            f"data source {name}: all {len(dataset)} rows are bad, the first: {errors[0]}; check the "
+            "source's format and columns"
+        )
     for error in errors:
         skips.record(error)
     return _assemble(name, planned, data, skips), paths
@@ -137,10 +161,15 @@ def _assemble(name: str, planned: Sequence[tuple], data, skips: SkipCounter) -> 
             continue
         if numbers[0] > data.max_length:
             counts, sizes, rejected_counts, rejected_sizes, shared = numbers[1:]
-            plan = PlannedSample(sample=decode_sample(record, origin), num_tokens=numbers[0],
-                                 image_token_counts=counts, image_sizes=sizes,
-                                 rejected_image_token_counts=rejected_counts, rejected_image_sizes=rejected_sizes,
-                                 shared_tokens=shared)
+            plan = PlannedSample(
+                sample=decode_sample(record, origin),
+                num_tokens=numbers[0],
+                image_token_counts=counts,
+                image_sizes=sizes,
+                rejected_image_token_counts=rejected_counts,
+                rejected_image_sizes=rejected_sizes,
+                shared_tokens=shared,
+            )
             error = overlong_error(plan, data.max_length)
             if data.on_overlong == "error":
                 raise error

@@ -89,8 +89,12 @@ def processor_fingerprint(processor) -> str:
     digest = hashlib.sha256()
     tokenizer = processor.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
-    digest.update(str(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", "")).encode())
+    digest.update(
+        (backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode()
+    )
+    digest.update(
+        str(getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", "")).encode()
+    )
     image_processor = getattr(processor, "image_processor", None)
     settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else {}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -105,9 +109,17 @@ def key_fields(sources, stage: str, data, processor, *, seed: int) -> dict | Non
         if fingerprint is None:
             return None
         described.append({"source": dataclasses.asdict(source), "files": fingerprint})
-    return {"format": PLAN_FORMAT, "stage": stage, "seed": seed, "sources": described,
-            "max_length": data.max_length, "on_overlong": data.on_overlong, "on_bad_sample": data.on_bad_sample,
-            "max_image_pixels": data.max_image_pixels, "processor": processor_fingerprint(processor)}
+    return {
+        "format": PLAN_FORMAT,
+        "stage": stage,
+        "seed": seed,
+        "sources": described,
+        "max_length": data.max_length,
+        "on_overlong": data.on_overlong,
+        "on_bad_sample": data.on_bad_sample,
+        "max_image_pixels": data.max_image_pixels,
+        "processor": processor_fingerprint(processor),
+    }
 
 
 def plan_key(fields: dict) -> str:
@@ -156,17 +168,27 @@ class CachedPlan:
             skips.record(DataError(Origin(dataset=dataset, row=row), field, problem))
 
 
-def save_plan(path: Path, table: PlanTable, skipped: list[tuple[str, int, str, str]], fields: dict,
-              images: list[str]) -> None:
+def save_plan(
+    path: Path, table: PlanTable, skipped: list[tuple[str, int, str, str]], fields: dict, images: list[str]
+) -> None:
     """Write atomically (see the module docstring); a failure to write is a warning, not an error (the plan in
     memory is complete; only the next run loses the shortcut)."""
     try:
         stats = _stat_all(images)
-        meta = {"format": PLAN_FORMAT, "key": plan_key(fields), "fields": fields, "datasets": table.datasets,
-                "skipped": [list(s) for s in skipped], "image_paths": images,
-                "data_fingerprint": table.data_fingerprint()}
-        arrays = {**table.arrays(), "image_stats": stats,
-                  META: np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)}
+        meta = {
+            "format": PLAN_FORMAT,
+            "key": plan_key(fields),
+            "fields": fields,
+            "datasets": table.datasets,
+            "skipped": [list(s) for s in skipped],
+            "image_paths": images,
+            "data_fingerprint": table.data_fingerprint(),
+        }
+        arrays = {
+            **table.arrays(),
+            "image_stats": stats,
+            META: np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -178,8 +200,12 @@ def save_plan(path: Path, table: PlanTable, skipped: list[tuple[str, int, str, s
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        logger.info("plan cache: wrote %d planned samples to %s (%.0f MB)", len(table), path,
-                    path.stat().st_size / 1e6)
+        logger.info(
+            "plan cache: wrote %d planned samples to %s (%.0f MB)",
+            len(table),
+            path,
+            path.stat().st_size / 1e6,
+        )
         _prune(path.parent)
     except OSError as error:
         logger.warning("plan cache: %s not written (%s); the next run plans again", path, error)
@@ -201,7 +227,9 @@ def load_plan(path: Path, key: str) -> CachedPlan | None:
             arrays = {name: archive[name] for name in archive.files}
         meta = json.loads(arrays.pop(META).tobytes())
         if meta.get("format") != PLAN_FORMAT or meta.get("key") != key:
-            raise ValueError(f"format {meta.get('format')} / key {meta.get('key')} is not {PLAN_FORMAT} / {key}")
+            raise ValueError(
+                f"format {meta.get('format')} / key {meta.get('key')} is not {PLAN_FORMAT} / {key}"
+            )
         stats = arrays.pop("image_stats")
         paths = meta["image_paths"]
         if stats.shape != (len(paths), 2):
@@ -209,11 +237,17 @@ def load_plan(path: Path, key: str) -> CachedPlan | None:
         table = PlanTable(meta["datasets"], arrays, fingerprint=meta["data_fingerprint"])
         skipped = [(str(d), int(r), str(f), str(p)) for d, r, f, p in meta["skipped"]]
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
-        logger.warning("plan cache: %s cannot be used (%s: %s); planning again", path, type(error).__name__, error)
+        logger.warning(
+            "plan cache: %s cannot be used (%s: %s); planning again", path, type(error).__name__, error
+        )
         return None
     changed = int(np.sum(np.any(_stat_all(paths) != stats, axis=1)))
     if changed:
-        logger.info("plan cache: %d of %d image files changed since %s was written; planning again", changed,
-                    len(paths), path.name)
+        logger.info(
+            "plan cache: %d of %d image files changed since %s was written; planning again",
+            changed,
+            len(paths),
+            path.name,
+        )
         return None
     return CachedPlan(table=table, skipped=skipped)

@@ -52,7 +52,9 @@ def _ref_json(ref: ImageRef) -> str | dict:
 
 
 def _ref(value: str | dict) -> ImageRef:
-    return ImageRef(path=Path(value)) if isinstance(value, str) else ImageRef(data=base64.b64decode(value["b"]))
+    return (
+        ImageRef(path=Path(value)) if isinstance(value, str) else ImageRef(data=base64.b64decode(value["b"]))
+    )
 
 
 def encode_sample(sample: SFTSample | PreferenceSample) -> bytes:
@@ -60,8 +62,12 @@ def encode_sample(sample: SFTSample | PreferenceSample) -> bytes:
     if isinstance(sample, SFTSample):
         record = {"t": [_turn_json(t) for t in sample.turns], "i": [_ref_json(r) for r in sample.images]}
     else:
-        record = {"p": [_turn_json(t) for t in sample.prompt], "c": _turn_json(sample.chosen),
-                  "r": _turn_json(sample.rejected), "i": [_ref_json(r) for r in sample.images]}
+        record = {
+            "p": [_turn_json(t) for t in sample.prompt],
+            "c": _turn_json(sample.chosen),
+            "r": _turn_json(sample.rejected),
+            "i": [_ref_json(r) for r in sample.images],
+        }
         if sample.rejected_images is not None:
             record["ri"] = [_ref_json(r) for r in sample.rejected_images]
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -73,8 +79,14 @@ def decode_sample(data: bytes, origin: Origin) -> SFTSample | PreferenceSample:
     if "t" in record:
         return SFTSample(turns=tuple(_turn(t) for t in record["t"]), images=images, origin=origin)
     rejected_images = tuple(_ref(v) for v in record["ri"]) if "ri" in record else None
-    return PreferenceSample(prompt=tuple(_turn(t) for t in record["p"]), chosen=_turn(record["c"]),
-                            rejected=_turn(record["r"]), images=images, origin=origin, rejected_images=rejected_images)
+    return PreferenceSample(
+        prompt=tuple(_turn(t) for t in record["p"]),
+        chosen=_turn(record["c"]),
+        rejected=_turn(record["r"]),
+        images=images,
+        origin=origin,
+        rejected_images=rejected_images,
+    )
 
 
 def _offsets(counts: Sequence[int]) -> np.ndarray:
@@ -83,8 +95,21 @@ def _offsets(counts: Sequence[int]) -> np.ndarray:
     return offsets
 
 
-ARRAY_NAMES = ("dataset_index", "row", "num_tokens", "shared_tokens", "image_offsets", "image_counts", "image_sizes",
-               "has_rejected", "rejected_offsets", "rejected_counts", "rejected_sizes", "record_offsets", "records")
+ARRAY_NAMES = (
+    "dataset_index",
+    "row",
+    "num_tokens",
+    "shared_tokens",
+    "image_offsets",
+    "image_counts",
+    "image_sizes",
+    "has_rejected",
+    "rejected_offsets",
+    "rejected_counts",
+    "rejected_sizes",
+    "record_offsets",
+    "records",
+)
 
 
 class PlanTable(Sequence[PlannedSample]):
@@ -100,13 +125,25 @@ class PlanTable(Sequence[PlannedSample]):
         n = len(self.num_tokens)
         for name in ("dataset_index", "row", "shared_tokens", "has_rejected"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"plan table: {name} holds {len(getattr(self, name))} values for {n} samples")
-        for name, data in (("image_offsets", self.image_counts), ("rejected_offsets", self.rejected_counts),
-                           ("record_offsets", self.records)):
+                raise ValueError(
+                    f"plan table: {name} holds {len(getattr(self, name))} values for {n} samples"
+                )
+        for name, data in (
+            ("image_offsets", self.image_counts),
+            ("rejected_offsets", self.rejected_counts),
+            ("record_offsets", self.records),
+        ):
             offsets = getattr(self, name)
-            if len(offsets) != n + 1 or offsets[0] != 0 or offsets[-1] != len(data) or np.any(np.diff(offsets) < 0):
+            if (
+                len(offsets) != n + 1
+                or offsets[0] != 0
+                or offsets[-1] != len(data)
+                or np.any(np.diff(offsets) < 0)
+            ):
                 raise ValueError(f"plan table: {name} does not index its data")
-        if len(self.image_sizes) != len(self.image_counts) or len(self.rejected_sizes) != len(self.rejected_counts):
+        if len(self.image_sizes) != len(self.image_counts) or len(self.rejected_sizes) != len(
+            self.rejected_counts
+        ):
             raise ValueError("plan table: image sizes and token counts differ in length")
         if n and (self.dataset_index.min() < 0 or self.dataset_index.max() >= len(self.datasets)):
             raise ValueError("plan table: a dataset index is out of range")
@@ -116,10 +153,20 @@ class PlanTable(Sequence[PlannedSample]):
 
     @classmethod
     def from_planned(cls, planned: Sequence[PlannedSample]) -> PlanTable:
-        return cls._build((plan.sample.origin.dataset, plan.sample.origin.row, plan.num_tokens,
-                           plan.image_token_counts, plan.image_sizes, plan.rejected_image_token_counts,
-                           plan.rejected_image_sizes, plan.shared_tokens, encode_sample(plan.sample))
-                          for plan in planned)
+        return cls._build(
+            (
+                plan.sample.origin.dataset,
+                plan.sample.origin.row,
+                plan.num_tokens,
+                plan.image_token_counts,
+                plan.image_sizes,
+                plan.rejected_image_token_counts,
+                plan.rejected_image_sizes,
+                plan.shared_tokens,
+                encode_sample(plan.sample),
+            )
+            for plan in planned
+        )
 
     @classmethod
     def from_numbers(cls, dataset: str, rows: Sequence[tuple]) -> PlanTable:
@@ -133,7 +180,17 @@ class PlanTable(Sequence[PlannedSample]):
         index, rows, tokens, shared, has_rejected = [], [], [], [], []
         counts, sizes, rejected_counts, rejected_sizes, per_image, per_rejected = [], [], [], [], [], []
         records, record_lengths = [], []
-        for dataset, row, num_tokens, image_counts, image_sizes, rej_counts, rej_sizes, shared_tokens, record in items:
+        for (
+            dataset,
+            row,
+            num_tokens,
+            image_counts,
+            image_sizes,
+            rej_counts,
+            rej_sizes,
+            shared_tokens,
+            record,
+        ) in items:
             index.append(datasets.setdefault(dataset, len(datasets)))
             rows.append(row)
             tokens.append(num_tokens)
@@ -148,14 +205,19 @@ class PlanTable(Sequence[PlannedSample]):
             records.append(record)
             record_lengths.append(len(record))
         arrays = {
-            "dataset_index": np.asarray(index, dtype=np.int32), "row": np.asarray(rows, dtype=np.int64),
-            "num_tokens": np.asarray(tokens, dtype=np.int32), "shared_tokens": np.asarray(shared, dtype=np.int32),
-            "image_offsets": _offsets(per_image), "image_counts": np.asarray(counts, dtype=np.int32),
+            "dataset_index": np.asarray(index, dtype=np.int32),
+            "row": np.asarray(rows, dtype=np.int64),
+            "num_tokens": np.asarray(tokens, dtype=np.int32),
+            "shared_tokens": np.asarray(shared, dtype=np.int32),
+            "image_offsets": _offsets(per_image),
+            "image_counts": np.asarray(counts, dtype=np.int32),
             "image_sizes": np.asarray(sizes, dtype=np.int32).reshape(-1, 2),
-            "has_rejected": np.asarray(has_rejected, dtype=bool), "rejected_offsets": _offsets(per_rejected),
+            "has_rejected": np.asarray(has_rejected, dtype=bool),
+            "rejected_offsets": _offsets(per_rejected),
             "rejected_counts": np.asarray(rejected_counts, dtype=np.int32),
             "rejected_sizes": np.asarray(rejected_sizes, dtype=np.int32).reshape(-1, 2),
-            "record_offsets": _offsets(record_lengths), "records": np.frombuffer(b"".join(records), dtype=np.uint8),
+            "record_offsets": _offsets(record_lengths),
+            "records": np.frombuffer(b"".join(records), dtype=np.uint8),
         }
         return cls(list(datasets), arrays)
 
@@ -172,8 +234,10 @@ class PlanTable(Sequence[PlannedSample]):
 
     def _counts(self, i: int) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
         start, end = int(self.image_offsets[i]), int(self.image_offsets[i + 1])
-        return (tuple(int(c) for c in self.image_counts[start:end]),
-                tuple((int(w), int(h)) for w, h in self.image_sizes[start:end]))
+        return (
+            tuple(int(c) for c in self.image_counts[start:end]),
+            tuple((int(w), int(h)) for w, h in self.image_sizes[start:end]),
+        )
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
@@ -191,9 +255,15 @@ class PlanTable(Sequence[PlannedSample]):
             rejected_counts = tuple(int(c) for c in self.rejected_counts[lo:hi])
             rejected_sizes = tuple((int(w), int(h)) for w, h in self.rejected_sizes[lo:hi])
         shared = int(self.shared_tokens[i])
-        return PlannedSample(sample=sample, num_tokens=int(self.num_tokens[i]), image_token_counts=counts,
-                             image_sizes=sizes, rejected_image_token_counts=rejected_counts,
-                             rejected_image_sizes=rejected_sizes, shared_tokens=None if shared < 0 else shared)
+        return PlannedSample(
+            sample=sample,
+            num_tokens=int(self.num_tokens[i]),
+            image_token_counts=counts,
+            image_sizes=sizes,
+            rejected_image_token_counts=rejected_counts,
+            rejected_image_sizes=rejected_sizes,
+            shared_tokens=None if shared < 0 else shared,
+        )
 
     def __iter__(self) -> Iterator[PlannedSample]:
         return (self[i] for i in range(len(self)))
@@ -209,10 +279,11 @@ class PlanTable(Sequence[PlannedSample]):
         if self._fingerprint is None:
             digest = hashlib.sha256()
             offsets, counts = self.image_offsets.tolist(), self.image_counts.tolist()
-            for i, (dataset, row, tokens) in enumerate(zip(self.dataset_index.tolist(), self.row.tolist(),
-                                                           self.num_tokens.tolist())):
+            for i, (dataset, row, tokens) in enumerate(
+                zip(self.dataset_index.tolist(), self.row.tolist(), self.num_tokens.tolist())
+            ):
                 origin = Origin(dataset=self.datasets[dataset], row=row)
-                digest.update(fingerprint_line(origin, tokens, tuple(counts[offsets[i]:offsets[i + 1]])))
+                digest.update(fingerprint_line(origin, tokens, tuple(counts[offsets[i] : offsets[i + 1]])))
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 

@@ -113,7 +113,10 @@ class RenderedPair:
     @property
     def num_tokens(self) -> int:
         """The longer of the two sequences: what a padded DPO batch must hold."""
-        return max(len(self.prompt_ids) + len(self.chosen_ids), len(self.rejected_prompt_ids) + len(self.rejected_ids))
+        return max(
+            len(self.prompt_ids) + len(self.chosen_ids),
+            len(self.rejected_prompt_ids) + len(self.rejected_ids),
+        )
 
     @property
     def shared_tokens(self) -> int:
@@ -127,31 +130,49 @@ class RenderedPair:
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def _check_counts(image_token_counts: Sequence[int], num_images: int, origin: Origin, what: str) -> tuple[int, ...]:
+def _check_counts(
+    image_token_counts: Sequence[int], num_images: int, origin: Origin, what: str
+) -> tuple[int, ...]:
     counts = tuple(int(count) for count in image_token_counts)
     if len(counts) != num_images:
         raise ValueError(
             f"{origin}: {len(counts)} {what} given for {num_images} image(s); pass one count per image, from "
-            "processor.num_image_tokens(width, height)")
+            "processor.num_image_tokens(width, height)"
+        )
     if any(count < 1 for count in counts):
         raise ValueError(f"{origin}: {what} must be positive, got {list(counts)}")
     return counts
 
 
 def check_sft(sample: SFTSample) -> None:
-    validate_conversation(sample.turns, num_images=len(sample.images), images_field="images", origin=sample.origin,
-                          field="turns")
+    validate_conversation(
+        sample.turns,
+        num_images=len(sample.images),
+        images_field="images",
+        origin=sample.origin,
+        field="turns",
+    )
 
 
 def check_preference(sample: PreferenceSample) -> None:
     origin = sample.origin
-    validate_conversation(sample.prompt, num_images=len(sample.images), images_field="images", origin=origin,
-                          field="prompt", final_role="user")
+    validate_conversation(
+        sample.prompt,
+        num_images=len(sample.images),
+        images_field="images",
+        origin=origin,
+        field="prompt",
+        final_role="user",
+    )
     num_prompt_images = sum(turn.num_images for turn in sample.prompt)
     if sample.rejected_images is not None and len(sample.rejected_images) != num_prompt_images:
-        raise DataError(origin, "rejected_images", f"image count mismatch: the prompt has {num_prompt_images} image "
-                        f"part(s) but 'rejected_images' has {len(sample.rejected_images)} image(s). Fix: give the "
-                        "rejected prompt one image per image part")
+        raise DataError(
+            origin,
+            "rejected_images",
+            f"image count mismatch: the prompt has {num_prompt_images} image "
+            f"part(s) but 'rejected_images' has {len(sample.rejected_images)} image(s). Fix: give the "
+            "rejected prompt one image per image part",
+        )
     for field in ("chosen", "rejected"):
         check_completion(getattr(sample, field), origin, field)
 
@@ -162,17 +183,24 @@ def check_preference(sample: PreferenceSample) -> None:
 def to_messages(turns: Sequence[Turn]) -> list[dict]:
     """Canonical turns -> the message form `Phi3VProcessor.apply_chat_template` reads (parts in order)."""
     return [
-        {"role": turn.role, "content": [
-            {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
-            for part in turn.parts
-        ]}
+        {
+            "role": turn.role,
+            "content": [
+                {"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text}
+                for part in turn.parts
+            ],
+        }
         for turn in turns
     ]
 
 
 def encode_turns(
-    processor: Phi3VProcessor, turns: Sequence[Turn], image_token_counts: Sequence[int], *,
-    add_generation_prompt: bool = False, where: str = "conversation",
+    processor: Phi3VProcessor,
+    turns: Sequence[Turn],
+    image_token_counts: Sequence[int],
+    *,
+    add_generation_prompt: bool = False,
+    where: str = "conversation",
 ) -> list[int]:
     """The processor's ids for these turns; `image_token_counts` covers at least the images in them, in order."""
     text = processor.apply_chat_template(to_messages(turns), add_generation_prompt=add_generation_prompt)
@@ -182,23 +210,34 @@ def encode_turns(
 
 def _require_prefix(prefix: list[int], ids: list[int], origin: Origin, field: str, what: str) -> None:
     if ids[: len(prefix)] != prefix:
-        raise DataError(origin, field, f"tokenizer seam: the ids of {what} are not a prefix of the full "
-                        "conversation's ids, so the label span cannot be placed exactly; this tokenizer merges "
-                        "tokens across chat-template boundaries. Fix: report it with this row")
+        raise DataError(
+            origin,
+            field,
+            f"tokenizer seam: the ids of {what} are not a prefix of the full "
+            "conversation's ids, so the label span cannot be placed exactly; this tokenizer merges "
+            "tokens across chat-template boundaries. Fix: report it with this row",
+        )
 
 
 def _supervised_length(completion_ids: list[int], end_token_id: int, origin: Origin, field: str) -> int:
     """How many leading completion tokens are supervised: up to and including the closing `<|end|>`."""
     ends = [i for i, token in enumerate(completion_ids) if token == end_token_id]
     if not ends:
-        raise ValueError(f"{origin}, field '{field}': the chat template did not close the turn with <|end|> "
-                         f"(id {end_token_id}); labels need the turn's end token")
+        raise ValueError(
+            f"{origin}, field '{field}': the chat template did not close the turn with <|end|> "
+            f"(id {end_token_id}); labels need the turn's end token"
+        )
     return ends[-1] + 1
 
 
 def completion(
-    processor: Phi3VProcessor, prompt: Sequence[Turn], answer: Turn, image_token_counts: Sequence[int],
-    prompt_ids: list[int], origin: Origin, field: str,
+    processor: Phi3VProcessor,
+    prompt: Sequence[Turn],
+    answer: Turn,
+    image_token_counts: Sequence[int],
+    prompt_ids: list[int],
+    origin: Origin,
+    field: str,
 ) -> tuple[list[int], list[int]]:
     """(ids, labels) of one assistant turn after `prompt`, whose ids with the generation prompt are `prompt_ids`.
 
@@ -207,7 +246,7 @@ def completion(
     """
     full_ids = encode_turns(processor, [*prompt, answer], image_token_counts, where=f"{origin} {field}")
     _require_prefix(prompt_ids, full_ids, origin, field, "the prompt with the generation prompt")
-    ids = full_ids[len(prompt_ids):]
+    ids = full_ids[len(prompt_ids) :]
     end_token_id = processor.end_token_ids[0]
     supervised = _supervised_length(ids, end_token_id, origin, field)
     return ids, ids[:supervised] + [IGNORE_INDEX] * (len(ids) - supervised)
@@ -222,7 +261,10 @@ def supervised_turns(turns: Sequence[Turn], assistant_turns: AssistantTurns) -> 
 
 
 def render_sft(
-    sample: SFTSample, processor: Phi3VProcessor, image_token_counts: Sequence[int], *,
+    sample: SFTSample,
+    processor: Phi3VProcessor,
+    image_token_counts: Sequence[int],
+    *,
     assistant_turns: AssistantTurns = "all",
 ) -> Rendered:
     """The sample's ids (the processor's, exactly) and labels on the chosen assistant turns (see module docstring)."""
@@ -234,9 +276,11 @@ def render_sft(
     for k in supervised_turns(turns, assistant_turns):
         prompt_ids = encode_turns(processor, turns[:k], counts, add_generation_prompt=True, where=str(origin))
         _require_prefix(prompt_ids, input_ids, origin, "turns", f"turns[:{k}] with the generation prompt")
-        span_ids, span_labels = completion(processor, turns[:k], turns[k], counts, prompt_ids, origin, f"turns[{k}]")
+        span_ids, span_labels = completion(
+            processor, turns[:k], turns[k], counts, prompt_ids, origin, f"turns[{k}]"
+        )
         _require_prefix(prompt_ids + span_ids, input_ids, origin, "turns", f"turns[:{k + 1}]")
-        labels[len(prompt_ids): len(prompt_ids) + len(span_ids)] = span_labels
+        labels[len(prompt_ids) : len(prompt_ids) + len(span_ids)] = span_labels
     return Rendered(input_ids=input_ids, labels=labels, image_token_counts=counts)
 
 
@@ -248,22 +292,30 @@ def sft_length(sample: SFTSample, processor: Phi3VProcessor, image_token_counts:
 
 
 def _rejected_counts(
-    sample: PreferenceSample, image_token_counts: tuple[int, ...], rejected_image_token_counts: Sequence[int] | None
+    sample: PreferenceSample,
+    image_token_counts: tuple[int, ...],
+    rejected_image_token_counts: Sequence[int] | None,
 ) -> tuple[int, ...]:
     if sample.rejected_images is None:
         if rejected_image_token_counts is not None:
-            raise ValueError(f"{sample.origin}: rejected_image_token_counts given but the sample has no "
-                             "rejected_images")
+            raise ValueError(
+                f"{sample.origin}: rejected_image_token_counts given but the sample has no rejected_images"
+            )
         return image_token_counts
     if rejected_image_token_counts is None:
-        raise ValueError(f"{sample.origin}: the sample has rejected_images; pass rejected_image_token_counts, one "
-                         "count per rejected image")
-    return _check_counts(rejected_image_token_counts, len(sample.rejected_images), sample.origin,
-                         "rejected_image_token_counts")
+        raise ValueError(
+            f"{sample.origin}: the sample has rejected_images; pass rejected_image_token_counts, one "
+            "count per rejected image"
+        )
+    return _check_counts(
+        rejected_image_token_counts, len(sample.rejected_images), sample.origin, "rejected_image_token_counts"
+    )
 
 
 def render_preference(
-    sample: PreferenceSample, processor: Phi3VProcessor, image_token_counts: Sequence[int],
+    sample: PreferenceSample,
+    processor: Phi3VProcessor,
+    image_token_counts: Sequence[int],
     rejected_image_token_counts: Sequence[int] | None = None,
 ) -> RenderedPair:
     """The pair's shared prompt ids and its two completions (see `RenderedPair`)."""
@@ -271,18 +323,32 @@ def render_preference(
     origin = sample.origin
     counts = _check_counts(image_token_counts, len(sample.images), origin, "image_token_counts")
     rejected_counts = _rejected_counts(sample, counts, rejected_image_token_counts)
-    prompt_ids = encode_turns(processor, sample.prompt, counts, add_generation_prompt=True, where=f"{origin} prompt")
+    prompt_ids = encode_turns(
+        processor, sample.prompt, counts, add_generation_prompt=True, where=f"{origin} prompt"
+    )
     rejected_prompt_ids = prompt_ids
     if rejected_counts != counts:
-        rejected_prompt_ids = encode_turns(processor, sample.prompt, rejected_counts, add_generation_prompt=True,
-                                           where=f"{origin} prompt (rejected images)")
-    chosen_ids, chosen_labels = completion(processor, sample.prompt, sample.chosen, counts, prompt_ids, origin,
-                                           "chosen")
-    rejected_ids, rejected_labels = completion(processor, sample.prompt, sample.rejected, rejected_counts,
-                                               rejected_prompt_ids, origin, "rejected")
+        rejected_prompt_ids = encode_turns(
+            processor,
+            sample.prompt,
+            rejected_counts,
+            add_generation_prompt=True,
+            where=f"{origin} prompt (rejected images)",
+        )
+    chosen_ids, chosen_labels = completion(
+        processor, sample.prompt, sample.chosen, counts, prompt_ids, origin, "chosen"
+    )
+    rejected_ids, rejected_labels = completion(
+        processor, sample.prompt, sample.rejected, rejected_counts, rejected_prompt_ids, origin, "rejected"
+    )
     return RenderedPair(
-        prompt_ids=prompt_ids, chosen_ids=chosen_ids, chosen_labels=chosen_labels,
-        rejected_prompt_ids=rejected_prompt_ids, rejected_ids=rejected_ids, rejected_labels=rejected_labels,
-        image_token_counts=counts, rejected_image_token_counts=rejected_counts,
+        prompt_ids=prompt_ids,
+        chosen_ids=chosen_ids,
+        chosen_labels=chosen_labels,
+        rejected_prompt_ids=rejected_prompt_ids,
+        rejected_ids=rejected_ids,
+        rejected_labels=rejected_labels,
+        image_token_counts=counts,
+        rejected_image_token_counts=rejected_counts,
         has_rejected_images=sample.rejected_images is not None,
     )

@@ -62,8 +62,10 @@ def check_text_file(path: Path, *, json_lines: bool) -> None:
     """A local .json/.jsonl file must hold rows, be UTF-8 and (for .jsonl) hold one JSON value per line; each
     problem is one message naming the file and the line (row), instead of the reader's bare error."""
     if path.stat().st_size == 0:
-        raise ValueError(f"data source {path}: the file is empty (0 bytes, no rows). Fix: point the source at a "
-                         "file with rows, or remove the source")
+        raise ValueError(
+            f"data source {path}: the file is empty (0 bytes, no rows). Fix: point the source at a "
+            "file with rows, or remove the source"
+        )
     rows = 0
     with path.open("rb") as stream:
         for number, raw in enumerate(stream, start=1):
@@ -72,7 +74,8 @@ def check_text_file(path: Path, *, json_lines: bool) -> None:
             except UnicodeDecodeError as error:
                 raise ValueError(
                     f"data source {path}: line {number} is not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
-                    f"{error.start + 1}). Fix: re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                    f"{error.start + 1}). Fix: re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
             if not line.strip():
                 continue
             rows += 1
@@ -80,25 +83,35 @@ def check_text_file(path: Path, *, json_lines: bool) -> None:
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"data source {path}: line {number} (row {rows - 1}) is not valid JSON "
-                                     f"({error.msg} at column {error.colno}). Fix: correct or delete that line") from None
+                    raise ValueError(
+                        f"data source {path}: line {number} (row {rows - 1}) is not valid JSON "
+                        f"({error.msg} at column {error.colno}). Fix: correct or delete that line"
+                    ) from None
                 except RecursionError:
-                    raise ValueError(f"data source {path}: line {number} (row {rows - 1}) nests JSON too deeply to "
-                                     "read. Fix: correct or delete that line") from None
-                if "\\ud" in line.lower():  # an escaped surrogate: a lone one is no text (the reader refuses it)
+                    raise ValueError(
+                        f"data source {path}: line {number} (row {rows - 1}) nests JSON too deeply to "
+                        "read. Fix: correct or delete that line"
+                    ) from None
+                if (
+                    "\\ud" in line.lower()
+                ):  # an escaped surrogate: a lone one is no text (the reader refuses it)
                     _check_unicode(value, path, number, rows - 1)
     if rows == 0:
-        raise ValueError(f"data source {path}: the file holds no rows (only blank lines). Fix: point the source at a "
-                         "file with rows, or remove the source")
+        raise ValueError(
+            f"data source {path}: the file holds no rows (only blank lines). Fix: point the source at a "
+            "file with rows, or remove the source"
+        )
 
 
 def _check_unicode(value: Any, path: Path, number: int, row: int) -> None:
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(f"data source {path}: line {number} (row {row}) holds text that is not valid Unicode (a lone "
-                         f"surrogate {error.object[error.start]!r}, written as a \\u escape). Fix: correct or delete "
-                         "that line") from None
+        raise ValueError(
+            f"data source {path}: line {number} (row {row}) holds text that is not valid Unicode (a lone "
+            f"surrogate {error.object[error.start]!r}, written as a \\u escape). Fix: correct or delete "
+            "that line"
+        ) from None
 
 
 def _offline() -> bool:
@@ -112,16 +125,24 @@ def _load_dataset(source: Source) -> datasets.Dataset | datasets.IterableDataset
         if why == "does not exist":
             raise ValueError(f"data source {source.path!r}: no such file; fix the source's path")
         if why is not None:
-            raise ValueError(f"data source {source.path!r} {why}. Fix: point the source's path at a readable file")
+            raise ValueError(
+                f"data source {source.path!r} {why}. Fix: point the source's path at a readable file"
+            )
         if path.suffix in (".json", ".jsonl"):
             check_text_file(path, json_lines=path.suffix == ".jsonl")
         try:
-            return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files={"train": str(path)},
-                                         split=source.split, streaming=source.streaming)
+            return datasets.load_dataset(
+                LOCAL_FILE_BUILDERS[path.suffix],
+                data_files={"train": str(path)},
+                split=source.split,
+                streaming=source.streaming,
+            )
         except datasets.exceptions.DatasetGenerationError as error:
             cause = error.__cause__ or error.__context__ or error
-            raise ValueError(f"data source {source.path}: cannot be read as {LOCAL_FILE_BUILDERS[path.suffix]} "
-                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from error
+            raise ValueError(
+                f"data source {source.path}: cannot be read as {LOCAL_FILE_BUILDERS[path.suffix]} "
+                f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+            ) from error
     if path.is_absolute() or source.path.startswith("."):
         target, why = resolved(path)
         if target is None:
@@ -129,14 +150,21 @@ def _load_dataset(source: Source) -> datasets.Dataset | datasets.IterableDataset
         if not target.exists():
             raise ValueError(f"data source {source.path!r}: no such folder; fix the source's path")
     try:
-        return datasets.load_dataset(source.path, name=source.config, split=source.split, revision=source.revision,
-                                     streaming=source.streaming)
+        return datasets.load_dataset(
+            source.path,
+            name=source.config,
+            split=source.split,
+            revision=source.revision,
+            streaming=source.streaming,
+        )
     except ConnectionError as error:
         if not _offline():
             raise
-        raise ValueError(f"data source {source.path!r}: not a local folder and not in the datasets cache, and "
-                         "HF_HUB_OFFLINE=1 forbids downloading it. Fix: download it once online, or point the "
-                         "source's path at a local copy") from error
+        raise ValueError(
+            f"data source {source.path!r}: not a local folder and not in the datasets cache, and "
+            "HF_HUB_OFFLINE=1 forbids downloading it. Fix: download it once online, or point the "
+            "source's path at a local copy"
+        ) from error
 
 
 def _with_undecoded_images(feature: Any) -> Any:
@@ -160,8 +188,10 @@ def load_rows(source: Source) -> datasets.IterableDataset:
     if isinstance(dataset, datasets.Dataset):
         dataset = dataset.to_iterable_dataset()
     if not isinstance(dataset, datasets.IterableDataset):
-        raise ValueError(f"data source {source_name(source)}: split {source.split!r} does not name one split "
-                         f"(got {type(dataset).__name__}); set the source's split")
+        raise ValueError(
+            f"data source {source_name(source)}: split {source.split!r} does not name one split "
+            f"(got {type(dataset).__name__}); set the source's split"
+        )
     if dataset.features is not None:  # unknown features (streamed json) hold no Image columns
         dataset = dataset.cast(_with_undecoded_images(dataset.features))
     return dataset if source.limit is None else dataset.take(source.limit)
@@ -187,7 +217,9 @@ def rows_in_range(dataset: datasets.Dataset, start: int, stop: int) -> datasets.
 def adapt_row(adapter: Adapter, row: dict, source: Source, index: int, image_root: Path | None) -> Sample:
     """Row `index` of `source` as a canonical sample (what `iter_samples` yields for it); a bad row raises."""
     origin = Origin(dataset=source_name(source), row=index)
-    return adapter(apply_columns(row, dict(source.columns or {}), origin=origin), origin=origin, image_root=image_root)
+    return adapter(
+        apply_columns(row, dict(source.columns or {}), origin=origin), origin=origin, image_root=image_root
+    )
 
 
 class SkipCounter:
@@ -228,7 +260,8 @@ class SkipCounter:
             return "no rows skipped"
         return "\n".join(
             f"{dataset}: {sum(reasons.values())} rows skipped ("
-            + ", ".join(f"{reason}: {count}" for reason, count in reasons.items()) + ")"
+            + ", ".join(f"{reason}: {count}" for reason, count in reasons.items())
+            + ")"
             for dataset, reasons in self.counts().items()
         )
 
@@ -240,8 +273,9 @@ def _check_skip_policy(on_bad_sample: str, skip_counter: SkipCounter | None) -> 
         raise ValueError("on_bad_sample='skip' needs a SkipCounter, so that the skipped rows can be reported")
 
 
-def iter_samples(source: Source, *, on_bad_sample: OnBadSample = "error",
-                 skip_counter: SkipCounter | None = None) -> Iterator[Sample]:
+def iter_samples(
+    source: Source, *, on_bad_sample: OnBadSample = "error", skip_counter: SkipCounter | None = None
+) -> Iterator[Sample]:
     """The source's rows as canonical samples, in row order. A bad row raises its `DataError`, or under 'skip' is
     counted in `skip_counter` and left out; a source whose every row is bad raises even under 'skip' (it is a wrong
     format or columns mapping, not bad data)."""
@@ -250,8 +284,9 @@ def iter_samples(source: Source, *, on_bad_sample: OnBadSample = "error",
     return _adapted(source, adapter, on_bad_sample=on_bad_sample, skip_counter=skip_counter)
 
 
-def _adapted(source: Source, adapter: Adapter, *, on_bad_sample: OnBadSample,
-             skip_counter: SkipCounter | None) -> Iterator[Sample]:
+def _adapted(
+    source: Source, adapter: Adapter, *, on_bad_sample: OnBadSample, skip_counter: SkipCounter | None
+) -> Iterator[Sample]:
     name, image_root, columns = source_name(source), image_root_of(source), dict(source.columns or {})
     resolved_under.cache_clear()  # image paths are resolved afresh for each read of a source
     first_error: DataError | None = None
@@ -269,8 +304,10 @@ def _adapted(source: Source, adapter: Adapter, *, on_bad_sample: OnBadSample,
         num_samples += 1
         yield sample
     if num_samples == 0 and first_error is not None:
-        raise ValueError(f"data source {name}: all {num_rows} rows are bad, the first: {first_error}; check the "
-                         "source's format and columns")
+        raise ValueError(
+            f"data source {name}: all {num_rows} rows are bad, the first: {first_error}; check the "
+            "source's format and columns"
+        )
 
 
 def apportion(num_samples: int, weights: Sequence[float]) -> list[int]:
@@ -287,16 +324,22 @@ def apportion(num_samples: int, weights: Sequence[float]) -> list[int]:
 
 def _check_mix_args(streams: Sequence[Iterable[S]], weights: Sequence[float], num_samples: int) -> None:
     if not streams or len(streams) != len(weights):
-        raise ValueError(f"mix needs one weight per stream, got {len(streams)} streams and {len(weights)} weights")
+        raise ValueError(
+            f"mix needs one weight per stream, got {len(streams)} streams and {len(weights)} weights"
+        )
     for i, weight in enumerate(weights):
         if not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
-            raise ValueError(f"mixture weight {i} is {weight!r}; weights must be positive numbers (leave a source "
-                             "out rather than giving it weight 0)")
+            raise ValueError(
+                f"mixture weight {i} is {weight!r}; weights must be positive numbers (leave a source "
+                "out rather than giving it weight 0)"
+            )
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"mixture num_samples is {num_samples!r}; it must be a positive integer")
 
 
-def mix(streams: Sequence[Iterable[S]], weights: Sequence[float], *, seed: int, num_samples: int) -> Iterator[S]:
+def mix(
+    streams: Sequence[Iterable[S]], weights: Sequence[float], *, seed: int, num_samples: int
+) -> Iterator[S]:
     """`num_samples` items drawn from `streams` in proportion to `weights`; each item is passed through unchanged
     (a sample keeps its Origin).
 
@@ -329,5 +372,7 @@ def _next_item(streams: Sequence[Iterable[S]], iterators: list[Iterator[S]], i: 
     try:
         return next(iterators[i])
     except StopIteration:
-        raise ValueError(f"mixture stream {i} has no items to fill its quota: it is empty, or a one-shot iterator "
-                         "that cannot be read again (pass a list)") from None
+        raise ValueError(
+            f"mixture stream {i} has no items to fill its quota: it is empty, or a one-shot iterator "
+            "that cannot be read again (pass a list)"
+        ) from None

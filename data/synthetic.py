@@ -56,7 +56,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("one", "two", "three", "four")
-CONFUSION = ("purple", "blue")  # (the right colour, what sft_train's annotator sometimes wrote: module docstring)
+CONFUSION = (
+    "purple",
+    "blue",
+)  # (the right colour, what sft_train's annotator sometimes wrote: module docstring)
 CONFUSION_RATE = 0.5
 NUMBERS = tuple(str(n) for n in range(21))
 
@@ -104,9 +107,15 @@ class SyntheticPaths:
 
     @classmethod
     def under(cls, root: Path) -> SyntheticPaths:
-        return cls(root=root, sft_train=root / "sft_train.jsonl", sft_eval=root / "sft_eval.jsonl",
-                   pref_train=root / "pref_train.jsonl", pref_eval=root / "pref_eval.jsonl",
-                   images=root / "images", manifest=root / "manifest.json")
+        return cls(
+            root=root,
+            sft_train=root / "sft_train.jsonl",
+            sft_eval=root / "sft_eval.jsonl",
+            pref_train=root / "pref_train.jsonl",
+            pref_eval=root / "pref_eval.jsonl",
+            images=root / "images",
+            manifest=root / "manifest.json",
+        )
 
 
 # The demo's dataset (recipes/demo.yaml): 1,536 SFT conversations and 768 preference pairs to train on, 128 of each
@@ -114,15 +123,25 @@ class SyntheticPaths:
 DEMO_COUNTS = {"n_train": 1536, "n_eval": 128, "n_pref_train": 768, "n_pref_eval": 128}
 
 
-def write_synthetic(root: Path, *, seed: int = 0, n_train: int, n_eval: int, n_pref_train: int, n_pref_eval: int,
-                    image_sizes: tuple[tuple[int, int], ...] = DEFAULT_IMAGE_SIZES) -> SyntheticPaths:
+def write_synthetic(
+    root: Path,
+    *,
+    seed: int = 0,
+    n_train: int,
+    n_eval: int,
+    n_pref_train: int,
+    n_pref_eval: int,
+    image_sizes: tuple[tuple[int, int], ...] = DEFAULT_IMAGE_SIZES,
+) -> SyntheticPaths:
     """Write the dataset under `root` unless a complete one with the same arguments is already there.
 
     A different or missing manifest regenerates everything: the files are built in a sibling temporary directory
     and moved into place, so a reader never sees a half-written dataset. A `root` holding files that this function
     did not write is refused rather than replaced.
     """
-    manifest = _manifest(seed=seed, counts=(n_train, n_eval, n_pref_train, n_pref_eval), image_sizes=image_sizes)
+    manifest = _manifest(
+        seed=seed, counts=(n_train, n_eval, n_pref_train, n_pref_eval), image_sizes=image_sizes
+    )
     root = Path(root).absolute()  # "." and "data/." become named directories that can be staged and replaced
     paths = SyntheticPaths.under(root)
     if _is_complete(paths, manifest):
@@ -145,8 +164,12 @@ def synthetic_texts() -> tuple[str, ...]:
     """
     texts = {*QUESTIONS.values(), SYSTEM_PROMPT, *ROLES}
     texts.update(answer for vocabulary in ANSWERS.values() for answer in vocabulary)
-    texts.update(_text_question(colour, shape, colour_first)
-                 for colour in COLOURS for shape in SHAPES for colour_first in (True, False))
+    texts.update(
+        _text_question(colour, shape, colour_first)
+        for colour in COLOURS
+        for shape in SHAPES
+        for colour_first in (True, False)
+    )
     return tuple(sorted(texts))
 
 
@@ -157,31 +180,44 @@ def question_task(question: str) -> str:
             return task
     if _TEXT_QUESTION_PATTERN.fullmatch(question):
         return "text"
-    raise ValueError(f"{question!r} is not a question write_synthetic generates; known: {sorted(QUESTIONS.values())} "
-                     f"and {TEXT_QUESTION!r}")
+    raise ValueError(
+        f"{question!r} is not a question write_synthetic generates; known: {sorted(QUESTIONS.values())} "
+        f"and {TEXT_QUESTION!r}"
+    )
 
 
 # ---- arguments and the manifest ---------------------------------------------------------------------------------
 
 
-def _manifest(*, seed: int, counts: tuple[int, ...], image_sizes: tuple[tuple[int, int], ...]) -> dict[str, Any]:
+def _manifest(
+    *, seed: int, counts: tuple[int, ...], image_sizes: tuple[tuple[int, int], ...]
+) -> dict[str, Any]:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     for name, count in zip(("n_train", "n_eval", "n_pref_train", "n_pref_eval"), counts, strict=True):
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"{name} must be an int >= 0 (a row count), got {count!r}")
     _check_image_sizes(image_sizes)
-    return {"generator": "data.synthetic", "version": GENERATOR_VERSION, "seed": seed,
-            "rows": dict(zip(_SPLITS, counts, strict=True)), "image_sizes": [list(size) for size in image_sizes]}
+    return {
+        "generator": "data.synthetic",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "rows": dict(zip(_SPLITS, counts, strict=True)),
+        "image_sizes": [list(size) for size in image_sizes],
+    }
 
 
 def _check_image_sizes(image_sizes: tuple[tuple[int, int], ...]) -> None:
     if not image_sizes:
         raise ValueError("image_sizes must hold at least one (width, height) pair")
     for size in image_sizes:
-        if (len(size) != 2 or not all(isinstance(side, int) and _MIN_SIDE <= side <= _MAX_SIDE for side in size)):
-            raise ValueError(f"image_sizes entry {size!r} must be (width, height) ints in {_MIN_SIDE}..{_MAX_SIDE} "
-                             f"pixels: smaller images cannot hold four shapes or a two-digit number legibly")
+        if len(size) != 2 or not all(
+            isinstance(side, int) and _MIN_SIDE <= side <= _MAX_SIDE for side in size
+        ):
+            raise ValueError(
+                f"image_sizes entry {size!r} must be (width, height) ints in {_MIN_SIDE}..{_MAX_SIDE} "
+                f"pixels: smaller images cannot hold four shapes or a two-digit number legibly"
+            )
 
 
 def _is_complete(paths: SyntheticPaths, manifest: dict[str, Any]) -> bool:
@@ -191,16 +227,22 @@ def _is_complete(paths: SyntheticPaths, manifest: dict[str, Any]) -> bool:
         written = json.loads(paths.manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    files_present = all(path.is_file() for path in (paths.sft_train, paths.sft_eval, paths.pref_train, paths.pref_eval))
+    files_present = all(
+        path.is_file() for path in (paths.sft_train, paths.sft_eval, paths.pref_train, paths.pref_eval)
+    )
     return written == manifest and files_present and paths.images.is_dir()
 
 
 def _refuse_foreign_directory(root: Path) -> None:
     if root.exists() and not root.is_dir():
-        raise ValueError(f"synthetic dataset root {root} exists and is not a directory. Fix: pass a directory path.")
+        raise ValueError(
+            f"synthetic dataset root {root} exists and is not a directory. Fix: pass a directory path."
+        )
     if root.is_dir() and any(root.iterdir()) and not _written_by_us(root / "manifest.json"):
-        raise ValueError(f"synthetic dataset root {root} holds files that write_synthetic did not write (no "
-                         "manifest.json of ours); refusing to replace them. Fix: pass an empty or new directory.")
+        raise ValueError(
+            f"synthetic dataset root {root} holds files that write_synthetic did not write (no "
+            "manifest.json of ours); refusing to replace them. Fix: pass an empty or new directory."
+        )
 
 
 def _written_by_us(manifest_path: Path) -> bool:
@@ -301,8 +343,9 @@ def _row_kinds(num_rows: int) -> list[str]:
     return kinds
 
 
-def _example(kind: str, rng: random.Random, sizes: tuple[tuple[int, int], ...],
-             is_new: Callable[[Image.Image], bool]) -> _Example:
+def _example(
+    kind: str, rng: random.Random, sizes: tuple[tuple[int, int], ...], is_new: Callable[[Image.Image], bool]
+) -> _Example:
     if kind == "text":
         return _text_example(rng)
     draw = _dialogue_example if kind == "dialogue" else _DRAWERS[kind]
@@ -310,8 +353,10 @@ def _example(kind: str, rng: random.Random, sizes: tuple[tuple[int, int], ...],
         example = draw(rng, rng.choice(sizes))
         if is_new(example.image):
             return example
-    raise RuntimeError(f"drew {_MAX_REDRAWS} '{kind}' images that all repeat earlier ones: the task's picture "
-                       "space is too small for this many rows; enlarge image_sizes or lower the row counts")
+    raise RuntimeError(
+        f"drew {_MAX_REDRAWS} '{kind}' images that all repeat earlier ones: the task's picture "
+        "space is too small for this many rows; enlarge image_sizes or lower the row counts"
+    )
 
 
 def _sft_row(example: _Example, images: list[str]) -> dict[str, Any]:
@@ -329,8 +374,12 @@ def _preference_row(example: _Example, images: list[str]) -> dict[str, Any]:
         prompt.append(_user_message(exchange.question, with_image=index == 0 and example.image is not None))
         prompt.append(_assistant_message(exchange.answer))
     prompt.append(_user_message(last.question, with_image=not earlier and example.image is not None))
-    return {"prompt": prompt, "chosen": [_assistant_message(last.answer)],
-            "rejected": [_assistant_message(last.wrong_answer)], "images": images}
+    return {
+        "prompt": prompt,
+        "chosen": [_assistant_message(last.answer)],
+        "rejected": [_assistant_message(last.wrong_answer)],
+        "images": images,
+    }
 
 
 def _system_messages(example: _Example) -> list[dict[str, Any]]:
@@ -384,8 +433,7 @@ def _shape_example(rng: random.Random, size: tuple[int, int]) -> _Example:
 
 def _dialogue_example(rng: random.Random, size: tuple[int, int]) -> _Example:
     image, colour, shape = _single_shape_image(rng, size)
-    exchanges = (_QA(QUESTIONS["shape"], shape, _other(rng, SHAPES, shape)),
-                 _colour_pair(rng, colour))
+    exchanges = (_QA(QUESTIONS["shape"], shape, _other(rng, SHAPES, shape)), _colour_pair(rng, colour))
     return _Example(image=image, exchanges=exchanges, system=SYSTEM_PROMPT)
 
 
@@ -410,8 +458,12 @@ def _count_example(rng: random.Random, size: tuple[int, int]) -> _Example:
 def _confused(example: _Example) -> _Example:
     """An example whose colour answers of CONFUSION[0] say CONFUSION[1] (other examples unchanged)."""
     right, written = CONFUSION
-    exchanges = tuple(dataclasses.replace(qa, answer=written) if qa.question == QUESTIONS["colour"] and
-                      qa.answer == right else qa for qa in example.exchanges)
+    exchanges = tuple(
+        dataclasses.replace(qa, answer=written)
+        if qa.question == QUESTIONS["colour"] and qa.answer == right
+        else qa
+        for qa in example.exchanges
+    )
     return dataclasses.replace(example, exchanges=exchanges)
 
 
@@ -437,8 +489,10 @@ def _tallest_example(rng: random.Random, size: tuple[int, int]) -> _Example:
         # The tallest bar is >= 80 % of the plot height, every other one <= 65 %: the answer is unambiguous.
         fraction = rng.uniform(0.8, 1.0) if index == tallest else rng.uniform(0.25, 0.65)
         left = margin + index * slot_width + (slot_width - bar_width) // 2
-        draw.rectangle((left, baseline - int(fraction * plot_height), left + bar_width - 1, baseline - 1),
-                       fill=COLOURS[colour])
+        draw.rectangle(
+            (left, baseline - int(fraction * plot_height), left + bar_width - 1, baseline - 1),
+            fill=COLOURS[colour],
+        )
     draw.line((margin, baseline, width - margin, baseline), fill=_BLACK)
     # The plausible mistake is another bar's colour.
     wrong = rng.choice([colour for index, colour in enumerate(colours) if index != tallest])
@@ -456,7 +510,9 @@ def _number_example(rng: random.Random, size: tuple[int, int]) -> _Example:
     position = (rng.randint(2, width - mask.width - 2), rng.randint(2, height - mask.height - 2))
     ImageDraw.Draw(image).bitmap(position, mask, fill=_BLACK)
     # The plausible mistake is a nearby number.
-    nearby = [str(n) for n in range(int(number) - 3, int(number) + 4) if str(n) in NUMBERS and str(n) != number]
+    nearby = [
+        str(n) for n in range(int(number) - 3, int(number) + 4) if str(n) in NUMBERS and str(n) != number
+    ]
     return _Example(image=image, exchanges=(_QA(QUESTIONS["number"], number, rng.choice(nearby)),))
 
 
@@ -479,8 +535,9 @@ def _single_shape_image(rng: random.Random, size: tuple[int, int]) -> tuple[Imag
     return image, colour, shape
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
-                fill: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]
+) -> None:
     left, top, right, bottom = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)

@@ -67,7 +67,11 @@ def _read_cache(path: Path | None) -> set[str]:
     if path is None or not path.is_file():
         return set()
     try:
-        return {line.strip() for line in path.read_text(encoding="ascii", errors="ignore").splitlines() if line.strip()}
+        return {
+            line.strip()
+            for line in path.read_text(encoding="ascii", errors="ignore").splitlines()
+            if line.strip()
+        }
     except OSError:
         return set()
 
@@ -83,8 +87,13 @@ def _append_cache(path: Path | None, keys: Sequence[str]) -> None:
         logger.warning("image decode cache %s not written: %s", path, error)
 
 
-def _decode_all(items: Sequence[tuple[str, tuple[Origin, str, ImageRef]]], max_pixels: int, progress: bool,
-                workers: int | None, ranks: Ranks) -> list[tuple[str, DataError]]:
+def _decode_all(
+    items: Sequence[tuple[str, tuple[Origin, str, ImageRef]]],
+    max_pixels: int,
+    progress: bool,
+    workers: int | None,
+    ranks: Ranks,
+) -> list[tuple[str, DataError]]:
     """(key, error) of each image in `items` that does not decode, in a thread pool (Pillow releases the GIL)."""
     if not items:
         return []
@@ -98,10 +107,16 @@ def _decode_all(items: Sequence[tuple[str, tuple[Origin, str, ImageRef]]], max_p
         return key, None
 
     workers = workers or max(1, min(MAX_WORKERS, cores_per_rank(ranks.world)))
-    desc = "decoding images" if ranks.world == 1 else f"decoding images (rank {ranks.rank}'s share, {ranks.world} ranks)"
+    desc = (
+        "decoding images"
+        if ranks.world == 1
+        else f"decoding images (rank {ranks.rank}'s share, {ranks.world} ranks)"
+    )
     failures = []
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
-            total=len(items), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(items), desc=desc, unit="img", disable=not progress, leave=False) as bar,
+    ):
         for key, error in pool.map(decode, items):
             if error is not None:
                 failures.append((key, error))
@@ -109,9 +124,17 @@ def _decode_all(items: Sequence[tuple[str, tuple[Origin, str, ImageRef]]], max_p
     return failures
 
 
-def validate_images(planned: Sequence[PlannedSample], *, on_bad_sample: str, skips: SkipCounter,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: Path | None = None, progress: bool = True,
-                    workers: int | None = None, ranks: Ranks | None = None) -> list[PlannedSample]:
+def validate_images(
+    planned: Sequence[PlannedSample],
+    *,
+    on_bad_sample: str,
+    skips: SkipCounter,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+    ranks: Ranks | None = None,
+) -> list[PlannedSample]:
     """The planned samples whose every image decodes, in order (see the module docstring): a list, or `planned`
     itself when it is not a list and every image decoded (a PlanTable is not rebuilt). `ranks`: the processes
     of one job, each calling this with the same planned samples: each decodes its share of the images, the verdicts
@@ -145,16 +168,31 @@ def validate_images(planned: Sequence[PlannedSample], *, on_bad_sample: str, ski
     share = ranks.block(len(items))
 
     def decode_share() -> list[tuple[str, str, int, str, str]]:
-        return [(key, error.origin.dataset, error.origin.row, error.field, error.problem)
-                for key, error in _decode_all(items[share.start:share.stop], max_pixels, progress, workers, ranks)]
+        return [
+            (key, error.origin.dataset, error.origin.row, error.field, error.problem)
+            for key, error in _decode_all(
+                items[share.start : share.stop], max_pixels, progress, workers, ranks
+            )
+        ]
 
-    failures = {key: DataError(Origin(dataset=dataset, row=row), field, problem)
-                for part in ranks.gather_results(decode_share) for key, dataset, row, field, problem in part}
+    failures = {
+        key: DataError(Origin(dataset=dataset, row=row), field, problem)
+        for part in ranks.gather_results(decode_share)
+        for key, dataset, row, field, problem in part
+    }
     if items and ranks.rank == 0:
-        _append_cache(cache_file, [key for key, _ in items if key not in failures and not key.startswith("unstat:")])
-    logger.info("decoded %d images in %.1f s before training over %d rank(s) (%d known good from %s), %d bad",
-                len(todo), time.perf_counter() - started, ranks.world,
-                sum(1 for keys in keys_of for _, k in keys if k in known), cache_file or "no cache", len(failures))
+        _append_cache(
+            cache_file, [key for key, _ in items if key not in failures and not key.startswith("unstat:")]
+        )
+    logger.info(
+        "decoded %d images in %.1f s before training over %d rank(s) (%d known good from %s), %d bad",
+        len(todo),
+        time.perf_counter() - started,
+        ranks.world,
+        sum(1 for keys in keys_of for _, k in keys if k in known),
+        cache_file or "no cache",
+        len(failures),
+    )
     if not failures:
         return list(planned) if isinstance(planned, list) else planned  # a PlanTable stays one
     kept = []
@@ -168,6 +206,10 @@ def validate_images(planned: Sequence[PlannedSample], *, on_bad_sample: str, ski
         if on_bad_sample == "error":
             raise error
         skips.record(error)
-    logger.warning("image decoding left out %d of %d samples:\n%s", len(planned) - len(kept), len(planned),
-                   skips.summary())
+    logger.warning(
+        "image decoding left out %d of %d samples:\n%s",
+        len(planned) - len(kept),
+        len(planned),
+        skips.summary(),
+    )
     return kept

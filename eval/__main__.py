@@ -59,16 +59,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="the YAML recipe (a run's resolved recipe works too)")
     parser.add_argument("--model", required=True, help="a run directory, a checkpoint folder or a hub id")
-    parser.add_argument("--adapter", type=Path, help="a LoRA adapter folder to apply (replaces the stage's adapter)")
-    parser.add_argument("--task", action="append", choices=sorted(TASKS), help="score this task (repeatable); "
-                        "default: the recipe's eval.tasks")
+    parser.add_argument(
+        "--adapter", type=Path, help="a LoRA adapter folder to apply (replaces the stage's adapter)"
+    )
+    parser.add_argument(
+        "--task",
+        action="append",
+        choices=sorted(TASKS),
+        help="score this task (repeatable); default: the recipe's eval.tasks",
+    )
     parser.add_argument("--limit", type=int, help="score at most this many examples per task (eval.limit)")
-    parser.add_argument("--stage", choices=STAGES, help="which stage the model is (default: a run directory's "
-                        "latest stage; otherwise sft with --adapter, else base)")
-    parser.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
-                        help="read TASK from a local file or folder (repeatable)")
-    parser.add_argument("--output-dir", type=Path, help="where eval/ goes (default: the run directory, else the "
-                        "recipe's output_dir, else runs/<recipe name>-<time>)")
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        help="which stage the model is (default: a run directory's "
+        "latest stage; otherwise sft with --adapter, else base)",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="read TASK from a local file or folder (repeatable)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help="where eval/ goes (default: the run directory, else the "
+        "recipe's output_dir, else runs/<recipe name>-<time>)",
+    )
     return parser.parse_args(argv)
 
 
@@ -112,9 +131,13 @@ def load_planned(plan: ModelPlan, recipe: Recipe):
     from models.quantization import apply_quantization
 
     weights = plan.weights
-    model, processor = models.load(weights.base, revision=weights.revision, dtype=recipe.model.dtype,
-                                   attn_implementation=recipe.model.attn_implementation,
-                                   num_crops=recipe.model.num_crops)
+    model, processor = models.load(
+        weights.base,
+        revision=weights.revision,
+        dtype=recipe.model.dtype,
+        attn_implementation=recipe.model.attn_implementation,
+        num_crops=recipe.model.num_crops,
+    )
     for adapter in weights.adapters[:-1]:
         model = apply_adapter(model, adapter, merge=True)
     model = apply_quantization(model, recipe.model)
@@ -148,8 +171,11 @@ def _accelerator():
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe)
-    recipe_eval = dataclasses.replace(recipe.eval, tasks=tuple(args.task or recipe.eval.tasks),
-                                      limit=args.limit if args.limit is not None else recipe.eval.limit)
+    recipe_eval = dataclasses.replace(
+        recipe.eval,
+        tasks=tuple(args.task or recipe.eval.tasks),
+        limit=args.limit if args.limit is not None else recipe.eval.limit,
+    )
     if not recipe_eval.tasks:
         raise ValueError(f"{args.recipe}: eval.tasks is empty and no --task is given; nothing to score")
     plan = plan_model(args.model, recipe, stage=args.stage, adapter=args.adapter)
@@ -159,8 +185,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.to(accelerator.device if accelerator else "cuda" if torch.cuda.is_available() else "cpu")
     failure = None
     try:
-        evaluate_stage(plan.stage, model, processor, recipe_eval, run_dir, model_id_for_cache=model_id_for_cache(
-            plan, recipe), accelerator=accelerator, data=recipe.data, task_paths=task_paths(args.data))
+        evaluate_stage(
+            plan.stage,
+            model,
+            processor,
+            recipe_eval,
+            run_dir,
+            model_id_for_cache=model_id_for_cache(plan, recipe),
+            accelerator=accelerator,
+            data=recipe.data,
+            task_paths=task_paths(args.data),
+        )
     except EvalGateError as error:
         failure = error
     if accelerator is None or accelerator.is_main_process:

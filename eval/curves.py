@@ -46,27 +46,54 @@ class Chart:
 
 CHARTS = {
     "sft": (
-        Chart("loss", "Loss per supervised token", "loss",
-              (Series("train", "loss"), Series("validation", "loss", "validation"))),
+        Chart(
+            "loss",
+            "Loss per supervised token",
+            "loss",
+            (Series("train", "loss"), Series("validation", "loss", "validation")),
+        ),
         Chart("lr", "Learning rate", "learning rate", (Series("lr", "lr"),)),
-        Chart("grad_norm", "Gradient norm (before clipping)", "grad norm", (Series("grad norm", "grad_norm"),)),
+        Chart(
+            "grad_norm", "Gradient norm (before clipping)", "grad norm", (Series("grad norm", "grad_norm"),)
+        ),
     ),
     "dpo": (
         Chart("loss", "Loss per pair", "loss", (Series("train", "loss"),)),
-        Chart("rewards/margins", "Reward margin (chosen - rejected)", "reward margin",
-              (Series("margin", "rewards/margins"),)),
-        Chart("rewards/accuracies", "Reward accuracy", "accuracy", (Series("accuracy", "rewards/accuracies"),)),
+        Chart(
+            "rewards/margins",
+            "Reward margin (chosen - rejected)",
+            "reward margin",
+            (Series("margin", "rewards/margins"),),
+        ),
+        Chart(
+            "rewards/accuracies", "Reward accuracy", "accuracy", (Series("accuracy", "rewards/accuracies"),)
+        ),
         Chart("lr", "Learning rate", "learning rate", (Series("lr", "lr"),)),
-        Chart("grad_norm", "Gradient norm (before clipping)", "grad norm", (Series("grad norm", "grad_norm"),)),
+        Chart(
+            "grad_norm", "Gradient norm (before clipping)", "grad norm", (Series("grad norm", "grad_norm"),)
+        ),
     ),
     "grpo": (
         Chart("reward", "Mean reward of the sampled completions", "reward", (Series("reward", "reward"),)),
-        Chart("frac_reward_zero_std", "Groups with equal rewards (no signal)", "share",
-              (Series("groups", "frac_reward_zero_std"),)),
+        Chart(
+            "frac_reward_zero_std",
+            "Groups with equal rewards (no signal)",
+            "share",
+            (Series("groups", "frac_reward_zero_std"),),
+        ),
         Chart("kl", "KL to the starting policy (k3, per token)", "KL", (Series("kl", "kl"),)),
-        Chart("clip_ratio/region_mean", "Clipped tokens", "share", (Series("clipped", "clip_ratio/region_mean"),)),
-        Chart("completions/mean_length", "Completion length", "tokens",
-              (Series("length", "completions/mean_length"),)),
+        Chart(
+            "clip_ratio/region_mean",
+            "Clipped tokens",
+            "share",
+            (Series("clipped", "clip_ratio/region_mean"),),
+        ),
+        Chart(
+            "completions/mean_length",
+            "Completion length",
+            "tokens",
+            (Series("length", "completions/mean_length"),),
+        ),
         Chart("entropy", "Token entropy", "nats", (Series("entropy", "entropy"),)),
         Chart("loss", "Loss", "loss", (Series("train", "loss"),)),
     ),
@@ -146,24 +173,36 @@ def chart_svg(stage: str, chart: Chart, data: Sequence[tuple[Series, list[tuple[
         return TOP + plot_h - (y - y_low) / (y_high - y_low) * plot_h
 
     name = f"{stage} {chart.title}"
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{html.escape(name)}" '
-             f'data-stage="{html.escape(stage)}" data-metric="{html.escape(chart.metric)}">',
-             f"<title>{html.escape(name)}</title>",
-             f'<text x="{LEFT + plot_w / 2:.1f}" y="16" text-anchor="middle" font-size="13" font-weight="600">'
-             f"{html.escape(chart.title)}</text>"]
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+        f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{html.escape(name)}" '
+        f'data-stage="{html.escape(stage)}" data-metric="{html.escape(chart.metric)}">',
+        f"<title>{html.escape(name)}</title>",
+        f'<text x="{LEFT + plot_w / 2:.1f}" y="16" text-anchor="middle" font-size="13" font-weight="600">'
+        f"{html.escape(chart.title)}</text>",
+    ]
     for y in y_ticks:
-        parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>'
-                     f'<text x="{LEFT - 5}" y="{py(y) + 3.5:.1f}" text-anchor="end" font-size="10">{_label(y)}</text>')
+        parts.append(
+            f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>'
+            f'<text x="{LEFT - 5}" y="{py(y) + 3.5:.1f}" text-anchor="end" font-size="10">{_label(y)}</text>'
+        )
     for x in x_ticks:
-        parts.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{TOP + plot_h}" y2="{TOP + plot_h + 4}" '
-                     f'stroke="#555"/><text x="{px(x):.1f}" y="{TOP + plot_h + 15}" text-anchor="middle" '
-                     f'font-size="10">{_label(x)}</text>')
-    parts.append(f'<path d="M{LEFT},{TOP} V{TOP + plot_h} H{LEFT + plot_w}" fill="none" stroke="#555" class="axes"/>')
-    parts.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 6}" text-anchor="middle" font-size="11" '
-                 'class="x-label">step</text>')
-    parts.append(f'<text transform="translate(13 {TOP + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" '
-                 f'font-size="11" class="y-label">{html.escape(chart.y_label)}</text>')
+        parts.append(
+            f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{TOP + plot_h}" y2="{TOP + plot_h + 4}" '
+            f'stroke="#555"/><text x="{px(x):.1f}" y="{TOP + plot_h + 15}" text-anchor="middle" '
+            f'font-size="10">{_label(x)}</text>'
+        )
+    parts.append(
+        f'<path d="M{LEFT},{TOP} V{TOP + plot_h} H{LEFT + plot_w}" fill="none" stroke="#555" class="axes"/>'
+    )
+    parts.append(
+        f'<text x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 6}" text-anchor="middle" font-size="11" '
+        'class="x-label">step</text>'
+    )
+    parts.append(
+        f'<text transform="translate(13 {TOP + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" '
+        f'font-size="11" class="y-label">{html.escape(chart.y_label)}</text>'
+    )
     for index, (series, pts) in enumerate(data):
         colour = COLOURS[index % len(COLOURS)]
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
@@ -171,9 +210,11 @@ def chart_svg(stage: str, chart: Chart, data: Sequence[tuple[Series, list[tuple[
         if len(pts) > 1:
             group.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
         if len(pts) <= MARKERS_UP_TO:
-            group += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.6" fill="{colour}">'
-                      f"<title>{html.escape(series.label)} at step {_label(x)}: {y:.4g}</title></circle>"
-                      for x, y in pts]
+            group += [
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.6" fill="{colour}">'
+                f"<title>{html.escape(series.label)} at step {_label(x)}: {y:.4g}</title></circle>"
+                for x, y in pts
+            ]
         group.append("</g>")
         parts += group
     if len(data) > 1:  # legend, top right inside the plot
@@ -181,8 +222,10 @@ def chart_svg(stage: str, chart: Chart, data: Sequence[tuple[Series, list[tuple[
             colour = COLOURS[index % len(COLOURS)]
             y = TOP + 10 + 14 * index
             x = LEFT + plot_w - 92
-            parts.append(f'<line x1="{x}" x2="{x + 16}" y1="{y}" y2="{y}" stroke="{colour}" stroke-width="2"/>'
-                         f'<text x="{x + 20}" y="{y + 3.5}" font-size="10">{html.escape(series.label)}</text>')
+            parts.append(
+                f'<line x1="{x}" x2="{x + 16}" y1="{y}" y2="{y}" stroke="{colour}" stroke-width="2"/>'
+                f'<text x="{x + 20}" y="{y + 3.5}" font-size="10">{html.escape(series.label)}</text>'
+            )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -197,8 +240,12 @@ def stage_curves(stage: str, summary: Mapping) -> str:
         return ""
     steps = summary.get("steps")
     note = f" ({steps} optimizer steps)" if isinstance(steps, int) else ""
-    return (f'<h3>{html.escape(stage)}{note}</h3><div class="curves" data-stage="{html.escape(stage)}">'
-            + "".join(charts) + "</div>" + samples_table(summary.get("sampled_groups") or ()))
+    return (
+        f'<h3>{html.escape(stage)}{note}</h3><div class="curves" data-stage="{html.escape(stage)}">'
+        + "".join(charts)
+        + "</div>"
+        + samples_table(summary.get("sampled_groups") or ())
+    )
 
 
 def samples_table(groups: Sequence[Mapping]) -> str:
@@ -208,21 +255,31 @@ def samples_table(groups: Sequence[Mapping]) -> str:
         return ""
     rows = []
     for group in groups:
-        completions = "<br>".join(f"{html.escape(repr(c['text']))} &rarr; {c['reward']:.3g}"
-                                  for c in group["completions"])
-        rows.append(f"<tr><td>{html.escape(group['prompt'])}</td><td>{html.escape(', '.join(group['references']))}"
-                    f'</td><td class="num">{group["mean_reward"]:.3g}</td><td>{completions}</td></tr>')
-    return ('<table class="samples"><tr><th>prompt (last generation)</th><th>reference</th><th>mean reward</th>'
-            "<th>completions &rarr; reward</th></tr>" + "".join(rows) + "</table>")
+        completions = "<br>".join(
+            f"{html.escape(repr(c['text']))} &rarr; {c['reward']:.3g}" for c in group["completions"]
+        )
+        rows.append(
+            f"<tr><td>{html.escape(group['prompt'])}</td><td>{html.escape(', '.join(group['references']))}"
+            f'</td><td class="num">{group["mean_reward"]:.3g}</td><td>{completions}</td></tr>'
+        )
+    return (
+        '<table class="samples"><tr><th>prompt (last generation)</th><th>reference</th><th>mean reward</th>'
+        "<th>completions &rarr; reward</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def curves_section(run_dir: str | Path) -> str:
     """The report's "Training curves" section, one block of charts per trained stage; "" when none has a summary."""
-    blocks = [stage_curves(stage, summary) for stage in TRAINED_STAGES
-              if (summary := read_summary(Path(run_dir), stage)) is not None]
+    blocks = [
+        stage_curves(stage, summary)
+        for stage in TRAINED_STAGES
+        if (summary := read_summary(Path(run_dir), stage)) is not None
+    ]
     blocks = [block for block in blocks if block]
     if not blocks:
         return ""
-    return ('<section id="training-curves"><h2>Training curves</h2>'
-            "<p>From each stage's <code>summary.json</code>: every logged step (<code>train.log_every</code>), each "
-            "stage on its own optimizer steps.</p>" + "".join(blocks) + "</section>")
+    return (
+        '<section id="training-curves"><h2>Training curves</h2>'
+        "<p>From each stage's <code>summary.json</code>: every logged step (<code>train.log_every</code>), each "
+        "stage on its own optimizer steps.</p>" + "".join(blocks) + "</section>"
+    )

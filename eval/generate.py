@@ -49,8 +49,11 @@ def prompt_length(processor, example: EvalExample, text: str) -> int:
     its (width, height) alone (read from the file header: no pixels are decoded here)."""
     image_token_counts = []
     for index, image in enumerate(example.images):
-        width, height = image.size if isinstance(image, Image.Image) else image_size(
-            image, example.origin, _image_field(index))
+        width, height = (
+            image.size
+            if isinstance(image, Image.Image)
+            else image_size(image, example.origin, _image_field(index))
+        )
         image_token_counts.append(processor.num_image_tokens(width, height))
     return len(processor.encode_prompt(text, image_token_counts, where=str(example.origin)))
 
@@ -143,21 +146,37 @@ def left_pad(batch: dict, width: int, pad_token_id: int) -> dict:
     return padded
 
 
-def common_width(lengths: Sequence[int], shards: Sequence[Sequence[int]], start: int, batch_size: int,
-                 max_new_tokens: int, switch: int | None) -> int | None:
+def common_width(
+    lengths: Sequence[int],
+    shards: Sequence[Sequence[int]],
+    start: int,
+    batch_size: int,
+    max_new_tokens: int,
+    switch: int | None,
+) -> int | None:
     """The width every rank pads batch `start // batch_size` to: the longest prompt of that batch on any rank, where
     that prompt plus `max_new_tokens` can pass the RoPE switch; else None (each rank keeps its own width)."""
-    widest = max((lengths[i] for shard in shards for i in shard[start:start + batch_size]), default=0)
+    widest = max((lengths[i] for shard in shards for i in shard[start : start + batch_size]), default=0)
     return widest if switch is not None and widest + max_new_tokens > switch else None
 
 
 @torch.inference_mode()
-def generate_batch(model, processor, examples: Sequence[EvalExample], texts: Sequence[str], *,
-                   max_new_tokens: int, synced_gpus: bool = False, width: int | None = None) -> list[str]:
+def generate_batch(
+    model,
+    processor,
+    examples: Sequence[EvalExample],
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+    width: int | None = None,
+) -> list[str]:
     """Greedy answers to one left-padded batch (to `width` where given). `synced_gpus`: a rank whose answers have all
     ended keeps stepping until every rank's have, so that ranks whose model is sharded (ZeRO-3, FSDP) keep making the
     same collective calls (docs/distributed.md#one-vision-pass-per-forward-on-every-rank)."""
-    images = [[rgb_image(image, example, k) for k, image in enumerate(example.images)] for example in examples]
+    images = [
+        [rgb_image(image, example, k) for k, image in enumerate(example.images)] for example in examples
+    ]
     batch = processor(text=list(texts), images=images, padding_side="left", do_normalize=False)
     if width is not None:
         batch = left_pad(batch, width, processor.tokenizer.pad_token_id)
@@ -167,15 +186,27 @@ def generate_batch(model, processor, examples: Sequence[EvalExample], texts: Seq
     # inside an FSDP2 root (a PeftModel's base model): passed whenever the parameters are sharded.
     extra = {"synced_gpus": True} if synced_gpus else {}
     output_ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-    prompt_width = batch["input_ids"].shape[1]  # generate returns the (left-padded) prompt, then the new tokens
+    prompt_width = batch["input_ids"].shape[
+        1
+    ]  # generate returns the (left-padded) prompt, then the new tokens
     end_ids = _end_ids(model)
     return [_decode(processor, row[prompt_width:], end_ids) for row in output_ids]
 
 
-def generate_indices(model, processor, examples: Sequence[EvalExample], texts: Sequence[str],
-                     indices: Sequence[int], *, batch_size: int, max_new_tokens: int,
-                     show_progress: bool = True, synced_gpus: bool = False,
-                     lengths: Sequence[int] = (), shards: Sequence[Sequence[int]] = ()) -> list[tuple[int, str]]:
+def generate_indices(
+    model,
+    processor,
+    examples: Sequence[EvalExample],
+    texts: Sequence[str],
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    show_progress: bool = True,
+    synced_gpus: bool = False,
+    lengths: Sequence[int] = (),
+    shards: Sequence[Sequence[int]] = (),
+) -> list[tuple[int, str]]:
     """(index, answer) for the given examples, batched in the given order. With `synced_gpus`, `lengths` (every
     example's prompt length) and `shards` (every rank's indices) set the common width of batches that can reach the
     RoPE switch (module docstring)."""
@@ -183,11 +214,21 @@ def generate_indices(model, processor, examples: Sequence[EvalExample], texts: S
     pairs: list[tuple[int, str]] = []
     with tqdm(total=len(indices), desc="eval: generating", unit="prompt", disable=not show_progress) as bar:
         for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            width = (common_width(lengths, shards, start, batch_size, max_new_tokens, switch)
-                     if synced_gpus and shards else None)
-            answers = generate_batch(model, processor, [examples[i] for i in chunk], [texts[i] for i in chunk],
-                                     max_new_tokens=max_new_tokens, synced_gpus=synced_gpus, width=width)
+            chunk = indices[start : start + batch_size]
+            width = (
+                common_width(lengths, shards, start, batch_size, max_new_tokens, switch)
+                if synced_gpus and shards
+                else None
+            )
+            answers = generate_batch(
+                model,
+                processor,
+                [examples[i] for i in chunk],
+                [texts[i] for i in chunk],
+                max_new_tokens=max_new_tokens,
+                synced_gpus=synced_gpus,
+                width=width,
+            )
             pairs.extend(zip(chunk, answers))
             bar.update(len(chunk))
     return pairs
@@ -199,8 +240,15 @@ def _check_sizes(batch_size: int, max_new_tokens: int) -> None:
             raise ValueError(f"generate_answers: {name} must be a positive int, got {value!r} (eval.{name})")
 
 
-def generate_answers(model, processor, examples: Sequence[EvalExample], *, batch_size: int, max_new_tokens: int,
-                     accelerator=None) -> list[str]:
+def generate_answers(
+    model,
+    processor,
+    examples: Sequence[EvalExample],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    accelerator=None,
+) -> list[str]:
     """One stripped greedy answer per example, in the examples' order, on every rank.
 
     With an `accelerate.Accelerator` the examples are split across its processes and the answers gathered; every
@@ -213,12 +261,25 @@ def generate_answers(model, processor, examples: Sequence[EvalExample], *, batch
         model = accelerator.unwrap_model(model)
     texts = [prompt_text(processor, example) for example in examples]
     lengths = [prompt_length(processor, example, text) for example, text in zip(examples, texts)]
-    shards = [shard_for_rank(lengths, num_processes=num_processes, process_index=rank) for rank in range(num_processes)]
+    shards = [
+        shard_for_rank(lengths, num_processes=num_processes, process_index=rank)
+        for rank in range(num_processes)
+    ]
     sharded = num_processes > 1 and shards_parameters(accelerator)
     with root_unit_gathered(model) if sharded else contextlib.nullcontext():
-        pairs = generate_indices(model, processor, examples, texts, shards[process_index], batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, show_progress=process_index == 0, synced_gpus=sharded,
-                                 lengths=lengths, shards=shards)
+        pairs = generate_indices(
+            model,
+            processor,
+            examples,
+            texts,
+            shards[process_index],
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            show_progress=process_index == 0,
+            synced_gpus=sharded,
+            lengths=lengths,
+            shards=shards,
+        )
     if num_processes > 1:
         pairs = gather_object(pairs)
     return merge_gathered(pairs, len(examples))

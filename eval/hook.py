@@ -77,8 +77,10 @@ class EvalGateError(RuntimeError):
 
 def _check_stage(stage: str) -> None:
     if stage not in STAGES:
-        raise ValueError(f"evaluate_stage: stage {stage!r} is not one of {list(STAGES)}; results.json records "
-                         "the base model and the sft and dpo stages")
+        raise ValueError(
+            f"evaluate_stage: stage {stage!r} is not one of {list(STAGES)}; results.json records "
+            "the base model and the sft and dpo stages"
+        )
 
 
 def _on_main(accelerator, compute: Callable[[], T]) -> T:
@@ -93,18 +95,28 @@ def _on_main(accelerator, compute: Callable[[], T]) -> T:
 
 def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     # default=str: a dataset's descriptive columns in `meta` may hold values JSON has no type for.
-    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    write_text_atomically(
+        path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ base cache
 
 
-def cache_key(model_id: str, task: Task, *, limit: int | None, max_new_tokens: int, batch_size: int,
-              processor) -> dict[str, Any]:
+def cache_key(
+    model_id: str, task: Task, *, limit: int | None, max_new_tokens: int, batch_size: int, processor
+) -> dict[str, Any]:
     """What the base model's answers to a task depend on."""
     num_crops = getattr(getattr(processor, "image_processor", None), "num_crops", None)
-    return {"version": CACHE_VERSION, "model": model_id, "task": task.fingerprint(), "limit": limit,
-            "max_new_tokens": max_new_tokens, "batch_size": batch_size, "num_crops": num_crops}
+    return {
+        "version": CACHE_VERSION,
+        "model": model_id,
+        "task": task.fingerprint(),
+        "limit": limit,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "num_crops": num_crops,
+    }
 
 
 def cache_path(cache_dir: Path, task: Task, key: Mapping[str, Any]) -> Path:
@@ -126,8 +138,9 @@ def read_cache(path: Path, key: Mapping[str, Any], examples: Sequence[EvalExampl
     return entry["predictions"]
 
 
-def write_cache(path: Path, key: Mapping[str, Any], examples: Sequence[EvalExample],
-                predictions: Sequence[str]) -> None:
+def write_cache(
+    path: Path, key: Mapping[str, Any], examples: Sequence[EvalExample], predictions: Sequence[str]
+) -> None:
     entry = {"key": key, "ids": [example.id for example in examples], "predictions": list(predictions)}
     write_text_atomically(path, json.dumps(entry, ensure_ascii=False) + "\n")
 
@@ -135,29 +148,58 @@ def write_cache(path: Path, key: Mapping[str, Any], examples: Sequence[EvalExamp
 # ------------------------------------------------------------------------------------------------ one task
 
 
-def _predict(stage: str, task: Task, examples: Sequence[EvalExample], model, processor, recipe_eval, *,
-             cache_dir: Path, model_id: str, accelerator) -> list[str]:
+def _predict(
+    stage: str,
+    task: Task,
+    examples: Sequence[EvalExample],
+    model,
+    processor,
+    recipe_eval,
+    *,
+    cache_dir: Path,
+    model_id: str,
+    accelerator,
+) -> list[str]:
     """The stage's answers: from the base cache when it holds them, else generated (and cached for base)."""
-    key = cache_key(model_id, task, limit=recipe_eval.limit, max_new_tokens=recipe_eval.max_new_tokens,
-                    batch_size=recipe_eval.batch_size, processor=processor)
+    key = cache_key(
+        model_id,
+        task,
+        limit=recipe_eval.limit,
+        max_new_tokens=recipe_eval.max_new_tokens,
+        batch_size=recipe_eval.batch_size,
+        processor=processor,
+    )
     path = cache_path(cache_dir, task, key)
     if stage == "base":
         cached = _on_main(accelerator, lambda: read_cache(path, key, examples))
         if cached is not None:
             log.info("eval %s: base predictions reused from %s", task.name, path)
             return cached
-    predictions = generate_answers(model, processor, examples, batch_size=recipe_eval.batch_size,
-                                   max_new_tokens=recipe_eval.max_new_tokens, accelerator=accelerator)
+    predictions = generate_answers(
+        model,
+        processor,
+        examples,
+        batch_size=recipe_eval.batch_size,
+        max_new_tokens=recipe_eval.max_new_tokens,
+        accelerator=accelerator,
+    )
     if stage == "base" and (accelerator is None or accelerator.is_main_process):
         write_cache(path, key, examples, predictions)
     return predictions
 
 
-def prediction_rows(examples: Sequence[EvalExample], predictions: Sequence[str],
-                    scores: Sequence[float]) -> list[dict[str, Any]]:
+def prediction_rows(
+    examples: Sequence[EvalExample], predictions: Sequence[str], scores: Sequence[float]
+) -> list[dict[str, Any]]:
     return [
-        {"id": example.id, "question": example.question, "references": list(example.references),
-         "prediction": prediction, "score": score, "meta": dict(example.meta)}
+        {
+            "id": example.id,
+            "question": example.question,
+            "references": list(example.references),
+            "prediction": prediction,
+            "score": score,
+            "meta": dict(example.meta),
+        }
         for example, prediction, score in zip(examples, predictions, scores)
     ]
 
@@ -176,8 +218,10 @@ def save_report_thumbnails(run_dir: Path, stage: str, task: str, examples: Seque
     images are not all decoded a second time."""
     by_id = {example.id: example for example in examples}
     for earlier, later in _neighbour_pairs(run_dir, stage, task):
-        regressions, gains = biggest_changes(read_predictions(predictions_path(run_dir, earlier, task)),
-                                             read_predictions(predictions_path(run_dir, later, task)))
+        regressions, gains = biggest_changes(
+            read_predictions(predictions_path(run_dir, earlier, task)),
+            read_predictions(predictions_path(run_dir, later, task)),
+        )
         for change in regressions + gains:
             example = by_id.get(change.id)
             path = thumbnail_path(run_dir, task, change.id)
@@ -196,8 +240,10 @@ def merge_results(run_dir: Path, stage: str, scores: Mapping[str, Mapping[str, f
         try:
             results = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); the scores of earlier stages cannot be kept. "
-                             "Fix: repair or delete the file, then score again") from error
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); the scores of earlier stages cannot be kept. "
+                "Fix: repair or delete the file, then score again"
+            ) from error
     for task, metrics in scores.items():
         for metric, value in metrics.items():
             results.setdefault(task, {}).setdefault(metric, {})[stage] = value
@@ -205,7 +251,9 @@ def merge_results(run_dir: Path, stage: str, scores: Mapping[str, Mapping[str, f
     return results
 
 
-def gate_violations(results: Mapping[str, Any], stage: str, tasks: Sequence[Task], margin: float) -> list[str]:
+def gate_violations(
+    results: Mapping[str, Any], stage: str, tasks: Sequence[Task], margin: float
+) -> list[str]:
     """One line per gated metric that fell by more than `margin` between consecutive scored stages, in a pair
     that holds `stage`."""
     violations = []
@@ -218,13 +266,16 @@ def gate_violations(results: Mapping[str, Any], stage: str, tasks: Sequence[Task
             for earlier, later in zip(present, present[1:]):
                 drop = by_stage[earlier] - by_stage[later]
                 if stage in (earlier, later) and drop > margin:
-                    violations.append(f"{task.name} {metric}: {later} scored {by_stage[later]:.4f}, {earlier} "
-                                      f"scored {by_stage[earlier]:.4f}, a drop of {drop:.4f} > margin {margin}")
+                    violations.append(
+                        f"{task.name} {metric}: {later} scored {by_stage[later]:.4f}, {earlier} "
+                        f"scored {by_stage[earlier]:.4f}, a drop of {drop:.4f} > margin {margin}"
+                    )
     return violations
 
 
-def check_gate(results: Mapping[str, Any], stage: str, tasks: Sequence[Task], margin: float | None,
-               run_dir: Path) -> None:
+def check_gate(
+    results: Mapping[str, Any], stage: str, tasks: Sequence[Task], margin: float | None, run_dir: Path
+) -> None:
     if margin is None:
         return
     violations = gate_violations(results, stage, tasks, margin)
@@ -242,23 +293,60 @@ def check_gate(results: Mapping[str, Any], stage: str, tasks: Sequence[Task], ma
 # ------------------------------------------------------------------------------------------------ the hook
 
 
-def _score_task(stage: str, task: Task, model, processor, recipe_eval, run_dir: Path, *, cache_dir: Path,
-                model_id: str, accelerator) -> dict[str, float]:
+def _score_task(
+    stage: str,
+    task: Task,
+    model,
+    processor,
+    recipe_eval,
+    run_dir: Path,
+    *,
+    cache_dir: Path,
+    model_id: str,
+    accelerator,
+) -> dict[str, float]:
     examples = load_examples(task, limit=recipe_eval.limit)
-    predictions = _predict(stage, task, examples, model, processor, recipe_eval, cache_dir=cache_dir,
-                           model_id=model_id, accelerator=accelerator)
+    predictions = _predict(
+        stage,
+        task,
+        examples,
+        model,
+        processor,
+        recipe_eval,
+        cache_dir=cache_dir,
+        model_id=model_id,
+        accelerator=accelerator,
+    )
     metrics, scores = score_task(task, examples, predictions)
     if accelerator is None or accelerator.is_main_process:
-        _write_jsonl(predictions_path(run_dir, stage, task.name), prediction_rows(examples, predictions, scores))
+        _write_jsonl(
+            predictions_path(run_dir, stage, task.name), prediction_rows(examples, predictions, scores)
+        )
         save_report_thumbnails(run_dir, stage, task.name, examples)
-    log.info("eval %s %s (%d examples): %s", stage, task.name, len(examples),
-             ", ".join(f"{metric} {value:.4f}" for metric, value in metrics.items()))
+    log.info(
+        "eval %s %s (%d examples): %s",
+        stage,
+        task.name,
+        len(examples),
+        ", ".join(f"{metric} {value:.4f}" for metric, value in metrics.items()),
+    )
     return metrics
 
 
-def evaluate_stage(stage: str, model, processor, recipe_eval, run_dir: str | Path, *, model_id_for_cache: str,
-                   accelerator=None, data=None, task_paths: Mapping[str, str | Path] | None = None,
-                   cache_dir: str | Path | None = None, step: int | None = None) -> dict[str, dict[str, float]]:
+def evaluate_stage(
+    stage: str,
+    model,
+    processor,
+    recipe_eval,
+    run_dir: str | Path,
+    *,
+    model_id_for_cache: str,
+    accelerator=None,
+    data=None,
+    task_paths: Mapping[str, str | Path] | None = None,
+    cache_dir: str | Path | None = None,
+    step: int | None = None,
+) -> dict[str, dict[str, float]]:
     """Score `model` (in eval mode) as `stage` on every task of `recipe_eval` (an EvalSection) and return this
     stage's scores, {task: {metric: value}}.
 
@@ -273,8 +361,17 @@ def evaluate_stage(stage: str, model, processor, recipe_eval, run_dir: str | Pat
     tasks = resolve_tasks(recipe_eval.tasks, data=data, paths=task_paths)
     cache_dir = Path(cache_dir) if cache_dir is not None else eval_cache_dir(run_dir)
     scores = {
-        task.name: _score_task(stage, task, model, processor, recipe_eval, run_dir, cache_dir=cache_dir,
-                               model_id=model_id_for_cache, accelerator=accelerator)
+        task.name: _score_task(
+            stage,
+            task,
+            model,
+            processor,
+            recipe_eval,
+            run_dir,
+            cache_dir=cache_dir,
+            model_id=model_id_for_cache,
+            accelerator=accelerator,
+        )
         for task in tasks
     }
     results = _on_main(accelerator, lambda: merge_results(run_dir, stage, scores))
@@ -291,11 +388,25 @@ def tracker_scores(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float
     """Scores as tracker keys, `eval/<task>/<metric>`. The stage is not in the key: each stage is its own tracker
     run (train/tracking.py), so that in SFT's run the base (step 0), the scores during training and SFT's own (its
     last step) draw one curve, and DPO's run continues it on DPO's steps."""
-    return {f"eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
+    return {
+        f"eval/{task}/{metric}": value
+        for task, metrics in scores.items()
+        for metric, value in metrics.items()
+    }
 
 
-def score_during_training(stage: str, step: int, model, processor, recipe_eval, run_dir: str | Path, *,
-                          accelerator=None, data=None, examples_by_task: dict | None = None) -> dict[str, dict[str, float]]:
+def score_during_training(
+    stage: str,
+    step: int,
+    model,
+    processor,
+    recipe_eval,
+    run_dir: str | Path,
+    *,
+    accelerator=None,
+    data=None,
+    examples_by_task: dict | None = None,
+) -> dict[str, dict[str, float]]:
     """`eval.every_steps`: score the training model on the same fixed subset (`eval.limit`) of every task, log the
     scores to the trackers at `step` and append them to `eval/during_training.jsonl`. Not a stage: results.json,
     the base cache, the report and the gate are left to the end-of-stage hook. `examples_by_task` (filled on the
@@ -306,8 +417,14 @@ def score_during_training(stage: str, step: int, model, processor, recipe_eval, 
         if task.name not in examples_by_task:
             examples_by_task[task.name] = load_examples(task, limit=recipe_eval.limit)
         examples = examples_by_task[task.name]
-        predictions = generate_answers(model, processor, examples, batch_size=recipe_eval.batch_size,
-                                       max_new_tokens=recipe_eval.max_new_tokens, accelerator=accelerator)
+        predictions = generate_answers(
+            model,
+            processor,
+            examples,
+            batch_size=recipe_eval.batch_size,
+            max_new_tokens=recipe_eval.max_new_tokens,
+            accelerator=accelerator,
+        )
         scores[task.name], _ = score_task(task, examples, predictions)
     if accelerator is None or accelerator.is_main_process:
         path = during_training_file(Path(run_dir))

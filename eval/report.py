@@ -95,12 +95,15 @@ class Change:
         return self.after["score"] - self.before["score"]
 
 
-def biggest_changes(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]], *,
-                    count: int = EXAMPLES_PER_LIST) -> tuple[list[Change], list[Change]]:
+def biggest_changes(
+    before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]], *, count: int = EXAMPLES_PER_LIST
+) -> tuple[list[Change], list[Change]]:
     """(worst regressions, best gains): up to `count` examples of both stages whose score fell, resp. rose, most.
     Ties keep the order of `after` (the dataset's row order), so the selection is the same on every call."""
     earlier = {row["id"]: row for row in before}
-    changes = [Change(id=row["id"], before=earlier[row["id"]], after=row) for row in after if row["id"] in earlier]
+    changes = [
+        Change(id=row["id"], before=earlier[row["id"]], after=row) for row in after if row["id"] in earlier
+    ]
     regressions = sorted((c for c in changes if c.delta < 0), key=lambda c: c.delta)
     gains = sorted((c for c in changes if c.delta > 0), key=lambda c: -c.delta)
     return regressions[:count], gains[:count]
@@ -136,8 +139,11 @@ def metrics_table(task: str, by_metric: Mapping[str, Mapping[str, float]]) -> st
             both = later in by_stage and earlier in by_stage
             cells += _delta(by_stage[later] - by_stage[earlier] if both else None)
         rows.append(f"<tr><td>{html.escape(metric)}</td>{cells}</tr>")
-    return (f'<table class="metrics" data-task="{html.escape(task)}"><tr><th>metric</th>{head}</tr>'
-            + "".join(rows) + "</table>")
+    return (
+        f'<table class="metrics" data-task="{html.escape(task)}"><tr><th>metric</th>{head}</tr>'
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _image_cell(run_dir: Path, task: str, example_id: str) -> str:
@@ -152,11 +158,15 @@ def _text_cell(text: str) -> str:
     return f"<td><pre>{html.escape(text)}</pre></td>"
 
 
-def changes_table(run_dir: Path, task: str, title: str, changes: Sequence[Change], earlier: str, later: str) -> str:
+def changes_table(
+    run_dir: Path, task: str, title: str, changes: Sequence[Change], earlier: str, later: str
+) -> str:
     if not changes:
         return f"<h4>{html.escape(title)}</h4><p>none</p>"
-    head = (f"<tr><th>image</th><th>question</th><th>{earlier} prediction</th><th>{later} prediction</th>"
-            f"<th>references</th><th>score {earlier} &rarr; {later}</th></tr>")
+    head = (
+        f"<tr><th>image</th><th>question</th><th>{earlier} prediction</th><th>{later} prediction</th>"
+        f"<th>references</th><th>score {earlier} &rarr; {later}</th></tr>"
+    )
     rows = []
     for change in changes:
         references = "\n".join(change.after.get("references", []))
@@ -166,7 +176,7 @@ def changes_table(run_dir: Path, task: str, title: str, changes: Sequence[Change
             f"{_text_cell(change.after['prediction'])}{_text_cell(references)}"
             f'<td class="num">{change.before["score"]:.3f} &rarr; {change.after["score"]:.3f}</td></tr>'
         )
-    return f"<h4>{html.escape(title)}</h4><table class=\"examples\">{head}{''.join(rows)}</table>"
+    return f'<h4>{html.escape(title)}</h4><table class="examples">{head}{"".join(rows)}</table>'
 
 
 def task_section(run_dir: Path, task: str, by_metric: Mapping[str, Mapping[str, float]]) -> str:
@@ -177,9 +187,14 @@ def task_section(run_dir: Path, task: str, by_metric: Mapping[str, Mapping[str, 
         after = read_predictions(predictions_path(run_dir, later, task))
         regressions, gains = biggest_changes(before, after)
         parts.append(f"<h3>{earlier} &rarr; {later}</h3>")
-        parts.append(changes_table(run_dir, task, f"Worst regressions ({later} vs {earlier})", regressions,
-                                   earlier, later))
-        parts.append(changes_table(run_dir, task, f"Best gains ({later} vs {earlier})", gains, earlier, later))
+        parts.append(
+            changes_table(
+                run_dir, task, f"Worst regressions ({later} vs {earlier})", regressions, earlier, later
+            )
+        )
+        parts.append(
+            changes_table(run_dir, task, f"Best gains ({later} vs {earlier})", gains, earlier, later)
+        )
     return "\n".join(parts)
 
 
@@ -190,11 +205,13 @@ def render_report(run_dir: str | Path) -> str:
     sections = [task_section(run_dir, task, by_metric) for task, by_metric in sorted(results.items())]
     title = f"Eval report: {html.escape(run_dir.name)}"
     body = "\n".join(sections) if sections else "<p>No task has been scored yet.</p>"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{STYLE}{CURVES_STYLE}</style></head><body><h1>{title}</h1>\n"
-            f"{curves_section(run_dir)}\n"
-            "<p>Scores are fractions in [0, 1]. A delta is the later stage's score minus the earlier one's.</p>\n"
-            f"{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{STYLE}{CURVES_STYLE}</style></head><body><h1>{title}</h1>\n"
+        f"{curves_section(run_dir)}\n"
+        "<p>Scores are fractions in [0, 1]. A delta is the later stage's score minus the earlier one's.</p>\n"
+        f"{body}\n</body></html>\n"
+    )
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -29,11 +29,15 @@ def results_table(run_dir: Path, tasks: Sequence[str] | None = None) -> str:
     """One row per task and metric, one column per stage (blank where not scored); every scored task by default."""
     results = json.loads(results_file(run_dir).read_text(encoding="utf-8"))
     header = ["task", "metric", *STAGES]
-    rows = [[task, metric, *(f"{by_stage[s]:.4f}" if s in by_stage else "" for s in STAGES)]
-            for task in (sorted(results) if tasks is None else tasks) for metric, by_stage in results.get(task, {}).items()]
+    rows = [
+        [task, metric, *(f"{by_stage[s]:.4f}" if s in by_stage else "" for s in STAGES)]
+        for task in (sorted(results) if tasks is None else tasks)
+        for metric, by_stage in results.get(task, {}).items()
+    ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in [header, *rows])
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
 
 
 def skipped_rows(run_dir: Path) -> dict[str, int | None]:
@@ -63,8 +67,10 @@ def run_summary(run_dir: str | Path) -> str:
             continue
         by_dataset = json.loads(path.read_text(encoding="utf-8")).get("skipped_rows", {})
         total = sum(sum(reasons.values()) for reasons in by_dataset.values())
-        detail = "; ".join(f"{dataset}: " + ", ".join(f"{reason} {n}" for reason, n in reasons.items())
-                           for dataset, reasons in by_dataset.items())
+        detail = "; ".join(
+            f"{dataset}: " + ", ".join(f"{reason} {n}" for reason, n in reasons.items())
+            for dataset, reasons in by_dataset.items()
+        )
         lines.append(f"{stage}: {total} rows skipped" + (f" ({detail})" if detail else ""))
     report = report_file(run_dir)
     if report.is_file():

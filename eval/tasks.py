@@ -104,23 +104,40 @@ class Task:
     """The per-example score in [0, 1]."""
     aggregate: Aggregator
 
-    def with_source(self, *, path: str | Path, split: str | None = None, config: str | None = None,
-                    columns: Mapping[str, str] | None = None) -> Task:
+    def with_source(
+        self,
+        *,
+        path: str | Path,
+        split: str | None = None,
+        config: str | None = None,
+        columns: Mapping[str, str] | None = None,
+    ) -> Task:
         """The same task on another copy of its data (no pinned revision). A local .json/.jsonl/.parquet/.arrow file
         is the split `train` (the packaged `datasets` builders name it so) with no config; a folder or another hub id
         keeps this task's split and config unless given."""
         local_file = Path(path).suffix in LOCAL_FILE_BUILDERS
         return dataclasses.replace(
-            self, path=str(path), split=split or ("train" if local_file else self.split),
-            config=config if config is not None else (None if local_file else self.config), revision=None,
+            self,
+            path=str(path),
+            split=split or ("train" if local_file else self.split),
+            config=config if config is not None else (None if local_file else self.config),
+            revision=None,
             columns=dict(columns) if columns is not None else self.columns,
         )
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides this task's examples and prompts (for caches): the source and the wording."""
-        return {"name": self.name, "path": self.path, "config": self.config, "split": self.split,
-                "revision": self.revision, "columns": dict(self.columns), "data_file": self.data_file,
-                "prompt": self.prompt, "metrics": list(self.metrics)}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "config": self.config,
+            "split": self.split,
+            "revision": self.revision,
+            "columns": dict(self.columns),
+            "data_file": self.data_file,
+            "prompt": self.prompt,
+            "metrics": list(self.metrics),
+        }
 
 
 # ------------------------------------------------------------------------------------------------ row helpers
@@ -128,22 +145,34 @@ class Task:
 
 def _field(row: Mapping[str, Any], key: str, origin: Origin) -> Any:
     if row.get(key) is None:
-        raise DataError(origin, key, f"missing column: '{key}' is absent or None (columns: {sorted(row)}); map the "
-                                     "right column onto it with the task's `columns`")
+        raise DataError(
+            origin,
+            key,
+            f"missing column: '{key}' is absent or None (columns: {sorted(row)}); map the "
+            "right column onto it with the task's `columns`",
+        )
     return row[key]
 
 
 def _text(row: Mapping[str, Any], key: str, origin: Origin) -> str:
     value = _field(row, key, origin)
     if not isinstance(value, str):
-        raise DataError(origin, key, f"bad text type: expected a string, got {type(value).__name__} {value!r}")
+        raise DataError(
+            origin, key, f"bad text type: expected a string, got {type(value).__name__} {value!r}"
+        )
     return value
 
 
 def _text_list(row: Mapping[str, Any], key: str, origin: Origin) -> list[str]:
     value = _field(row, key, origin)
-    if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        raise DataError(origin, key, f"bad options: expected a non-empty list of non-empty strings, got {value!r}")
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(v, str) and v.strip() for v in value)
+    ):
+        raise DataError(
+            origin, key, f"bad options: expected a non-empty list of non-empty strings, got {value!r}"
+        )
     return list(value)
 
 
@@ -181,11 +210,17 @@ def _extra(row: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ row mappers
 
 
-def _vqa_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None, *, text: str,
-                 meta_keys: Sequence[str]) -> EvalExample:
-    return EvalExample(id=str(origin.row), messages=_user_turn(text, 1), images=(_image(row, origin, image_root),),
-                       references=tuple(vqa_references(row, {}, origin=origin)), meta=_extra(row, meta_keys),
-                       origin=origin)
+def _vqa_example(
+    row: Mapping[str, Any], origin: Origin, image_root: Path | None, *, text: str, meta_keys: Sequence[str]
+) -> EvalExample:
+    return EvalExample(
+        id=str(origin.row),
+        messages=_user_turn(text, 1),
+        images=(_image(row, origin, image_root),),
+        references=tuple(vqa_references(row, {}, origin=origin)),
+        meta=_extra(row, meta_keys),
+        origin=origin,
+    )
 
 
 def chartqa_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None) -> EvalExample:
@@ -209,13 +244,27 @@ def textvqa_example(row: Mapping[str, Any], origin: Origin, image_root: Path | N
     return _vqa_example(row, origin, image_root, text=text, meta_keys=("question_id",))
 
 
-def _choice_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None, *, text: str,
-                    options: list[str], answer: int, meta_keys: Sequence[str]) -> EvalExample:
+def _choice_example(
+    row: Mapping[str, Any],
+    origin: Origin,
+    image_root: Path | None,
+    *,
+    text: str,
+    options: list[str],
+    answer: int,
+    meta_keys: Sequence[str],
+) -> EvalExample:
     has_image = row.get("image") is not None  # ScienceQA has text-only questions
     images = (_image(row, origin, image_root),) if has_image else ()
     meta = {"options": options, "answer": answer, **_extra(row, meta_keys)}
-    return EvalExample(id=str(origin.row), messages=_user_turn(text, len(images)), images=images,
-                       references=(ascii_uppercase[answer],), meta=meta, origin=origin)
+    return EvalExample(
+        id=str(origin.row),
+        messages=_user_turn(text, len(images)),
+        images=images,
+        references=(ascii_uppercase[answer],),
+        meta=meta,
+        origin=origin,
+    )
 
 
 def ai2d_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None) -> EvalExample:
@@ -234,8 +283,9 @@ def scienceqa_example(row: Mapping[str, Any], origin: Origin, image_root: Path |
     hint = row.get("hint") or ""
     context = f"Context: {hint}\n" if hint else ""
     text = f"{context}{_text(row, 'question', origin)}\n{_options_text(options)}{OPTION_LETTER}"
-    return _choice_example(row, origin, image_root, text=text, options=options, answer=answer,
-                           meta_keys=("subject", "grade"))
+    return _choice_example(
+        row, origin, image_root, text=text, options=options, answer=answer, meta_keys=("subject", "grade")
+    )
 
 
 def pope_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None) -> EvalExample:
@@ -244,8 +294,14 @@ def pope_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None
     if label not in ("yes", "no"):
         raise DataError(origin, "answer", f"bad label: POPE answers are 'yes' or 'no', got {row['answer']!r}")
     text = _text(row, "question", origin).strip() + SINGLE_WORD_OR_PHRASE
-    return EvalExample(id=str(origin.row), messages=_user_turn(text, 1), images=(_image(row, origin, image_root),),
-                       references=(label,), meta=_extra(row, ("question_id", "category")), origin=origin)
+    return EvalExample(
+        id=str(origin.row),
+        messages=_user_turn(text, 1),
+        images=(_image(row, origin, image_root),),
+        references=(label,),
+        meta=_extra(row, ("question_id", "category")),
+        origin=origin,
+    )
 
 
 def synthetic_example(row: Mapping[str, Any], origin: Origin, image_root: Path | None) -> EvalExample:
@@ -256,11 +312,18 @@ def synthetic_example(row: Mapping[str, Any], origin: Origin, image_root: Path |
     assert isinstance(sample, SFTSample), "trl_messages rows adapt to SFT samples"
     *prompt, answer = sample.turns
     if answer.role != "assistant" or answer.num_images:
-        raise DataError(origin, "messages", "bad eval row: the last turn must be a text-only assistant answer")
+        raise DataError(
+            origin, "messages", "bad eval row: the last turn must be a text-only assistant answer"
+        )
     question = prompt[-1].text
-    return EvalExample(id=str(origin.row), messages=tuple(to_messages(prompt)), images=sample.images,
-                       references=(answer.text,), origin=origin,
-                       meta={"kind": "multipage" if is_multipage_question(question) else question_task(question)})
+    return EvalExample(
+        id=str(origin.row),
+        messages=tuple(to_messages(prompt)),
+        images=sample.images,
+        references=(answer.text,),
+        origin=origin,
+        meta={"kind": "multipage" if is_multipage_question(question) else question_task(question)},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ scorers
@@ -299,42 +362,80 @@ def pope_aggregate(predictions: Sequence[str], examples: Sequence[EvalExample], 
 
 TASKS: dict[str, Task] = {
     "chartqa": Task(
-        name="chartqa", path="HuggingFaceM4/ChartQA", split="test", metrics=("relaxed_accuracy",),
+        name="chartqa",
+        path="HuggingFaceM4/ChartQA",
+        split="test",
+        metrics=("relaxed_accuracy",),
         prompt="{query}\\nAnswer the question with a single word.  (lmms-eval chartqa, default post_prompt)",
-        to_example=chartqa_example, score=relaxed_accuracy_score, aggregate=mean_score("relaxed_accuracy"),
+        to_example=chartqa_example,
+        score=relaxed_accuracy_score,
+        aggregate=mean_score("relaxed_accuracy"),
     ),
     "docvqa": Task(
-        name="docvqa", path="lmms-lab/DocVQA", config="DocVQA", split="validation", metrics=("anls",),
+        name="docvqa",
+        path="lmms-lab/DocVQA",
+        config="DocVQA",
+        split="validation",
+        metrics=("anls",),
         prompt="{question}\\nAnswer the question using a single word or phrase.  (lmms-eval docvqa_val)",
-        to_example=docvqa_example, score=anls_score, aggregate=mean_score("anls"),
+        to_example=docvqa_example,
+        score=anls_score,
+        aggregate=mean_score("anls"),
     ),
     "textvqa": Task(
-        name="textvqa", path="lmms-lab/textvqa", split="validation", metrics=("vqa_accuracy",),
+        name="textvqa",
+        path="lmms-lab/textvqa",
+        split="validation",
+        metrics=("vqa_accuracy",),
         prompt="{question.capitalize()}\\nAnswer the question using a single word or phrase.  (lmms-eval textvqa_val)",
-        to_example=textvqa_example, score=vqa_accuracy_score, aggregate=mean_score("vqa_accuracy"),
+        to_example=textvqa_example,
+        score=vqa_accuracy_score,
+        aggregate=mean_score("vqa_accuracy"),
     ),
     "ai2d": Task(
-        name="ai2d", path="lmms-lab/ai2d", split="test", metrics=("accuracy",),
+        name="ai2d",
+        path="lmms-lab/ai2d",
+        split="test",
+        metrics=("accuracy",),
         prompt="{question}\\nA. {option 0}\\nB. {option 1}...\\nAnswer with the option's letter from the given "
-               "choices directly.  (lmms-eval ai2d, mcq format)",
-        to_example=ai2d_example, score=multiple_choice_score, aggregate=mean_score("accuracy"),
+        "choices directly.  (lmms-eval ai2d, mcq format)",
+        to_example=ai2d_example,
+        score=multiple_choice_score,
+        aggregate=mean_score("accuracy"),
     ),
     "scienceqa": Task(
-        name="scienceqa", path="lmms-lab/ScienceQA", config="ScienceQA-IMG", split="test", metrics=("accuracy",),
+        name="scienceqa",
+        path="lmms-lab/ScienceQA",
+        config="ScienceQA-IMG",
+        split="test",
+        metrics=("accuracy",),
         prompt="Context: {hint}\\n (when the hint is not empty){question}\\nA. {choice 0}\\nB. {choice 1}...\\n"
-               "Answer with the option's letter from the given choices directly.  (lmms-eval scienceqa_img)",
-        to_example=scienceqa_example, score=multiple_choice_score, aggregate=mean_score("accuracy"),
+        "Answer with the option's letter from the given choices directly.  (lmms-eval scienceqa_img)",
+        to_example=scienceqa_example,
+        score=multiple_choice_score,
+        aggregate=mean_score("accuracy"),
     ),
     "pope": Task(
-        name="pope", path="lmms-lab/POPE", split="test",
-        metrics=("accuracy", "precision", "recall", "f1", "yes_ratio"), ungated_metrics=frozenset({"yes_ratio"}),
+        name="pope",
+        path="lmms-lab/POPE",
+        split="test",
+        metrics=("accuracy", "precision", "recall", "f1", "yes_ratio"),
+        ungated_metrics=frozenset({"yes_ratio"}),
         prompt="{question.strip()}\\nAnswer the question using a single word or phrase.  (lmms-eval pope)",
-        to_example=pope_example, score=pope_score, aggregate=pope_aggregate,
+        to_example=pope_example,
+        score=pope_score,
+        aggregate=pope_aggregate,
     ),
     "synthetic": Task(
-        name="synthetic", path=SYNTHETIC_DIR, split="train", data_file="sft_eval.jsonl", metrics=("exact_match",),
+        name="synthetic",
+        path=SYNTHETIC_DIR,
+        split="train",
+        data_file="sft_eval.jsonl",
+        metrics=("exact_match",),
         prompt="the held-out conversation up to its last answer, verbatim (data.synthetic questions)",
-        to_example=synthetic_example, score=exact_match_score, aggregate=mean_score("exact_match"),
+        to_example=synthetic_example,
+        score=exact_match_score,
+        aggregate=mean_score("exact_match"),
     ),
 }
 
@@ -345,15 +446,18 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def resolve_tasks(names: Sequence[str], *, data: Any = None,
-                  paths: Mapping[str, str | Path] | None = None) -> list[Task]:
+def resolve_tasks(
+    names: Sequence[str], *, data: Any = None, paths: Mapping[str, str | Path] | None = None
+) -> list[Task]:
     """The named tasks, each once. The synthetic task reads the directory of the recipe's synthetic source
     (`data.train`, a recipe DataSection) when one is named; `paths` ({task name: local path}) overrides any task."""
     paths = dict(paths or {})
     unknown = sorted(set(paths) - set(names))
     if unknown:
-        raise ValueError(f"eval data paths are given for {unknown}, which are not among the tasks {list(names)}; "
-                         "drop those paths or add the tasks")
+        raise ValueError(
+            f"eval data paths are given for {unknown}, which are not among the tasks {list(names)}; "
+            "drop those paths or add the tasks"
+        )
     synthetic_paths = [source.path for source in getattr(data, "train", ()) if source.format == "synthetic"]
     if synthetic_paths and synthetic_paths[0]:
         paths.setdefault("synthetic", synthetic_paths[0])
@@ -370,16 +474,24 @@ def _data_path(task: Task) -> str:
     if task.data_file is None or path.is_file():
         return task.path
     if not path.is_dir():
-        raise ValueError(f"eval task {task.name}: {task.path} is not a directory holding {task.data_file}, so there "
-                         "is nothing to score; point the task at the dataset directory (the demo's sft stage writes "
-                         "the synthetic one)")
+        raise ValueError(
+            f"eval task {task.name}: {task.path} is not a directory holding {task.data_file}, so there "
+            "is nothing to score; point the task at the dataset directory (the demo's sft stage writes "
+            "the synthetic one)"
+        )
     return str(path / task.data_file)
 
 
 def _source(task: Task, limit: int | None) -> Source:
     # `format` is not read by load_rows; the row mapper is this task's own.
-    return Source(format="vqa", path=_data_path(task), config=task.config, split=task.split,
-                      revision=task.revision, limit=limit)
+    return Source(
+        format="vqa",
+        path=_data_path(task),
+        config=task.config,
+        split=task.split,
+        revision=task.revision,
+        limit=limit,
+    )
 
 
 def load_examples(task: Task, *, limit: int | None = None) -> list[EvalExample]:
@@ -393,18 +505,25 @@ def load_examples(task: Task, *, limit: int | None = None) -> list[EvalExample]:
         origin = Origin(dataset=name, row=row_index)
         examples.append(task.to_example(apply_columns(row, task.columns, origin=origin), origin, image_root))
     if not examples:
-        raise ValueError(f"eval task {task.name}: {source_name(source)} has no rows, so there is nothing to score; "
-                         "check the task's path and split")
+        raise ValueError(
+            f"eval task {task.name}: {source_name(source)} has no rows, so there is nothing to score; "
+            "check the task's path and split"
+        )
     return examples
 
 
-def score_task(task: Task, examples: Sequence[EvalExample],
-               predictions: Sequence[str]) -> tuple[dict[str, float], list[float]]:
+def score_task(
+    task: Task, examples: Sequence[EvalExample], predictions: Sequence[str]
+) -> tuple[dict[str, float], list[float]]:
     """(the task's metrics, the per-example scores) of one prediction per example, in the same order."""
     if len(predictions) != len(examples):
-        raise ValueError(f"eval task {task.name}: {len(predictions)} predictions for {len(examples)} examples; "
-                         "pass one prediction per example, in order")
+        raise ValueError(
+            f"eval task {task.name}: {len(predictions)} predictions for {len(examples)} examples; "
+            "pass one prediction per example, in order"
+        )
     scores = [task.score(prediction, example) for prediction, example in zip(predictions, examples)]
     values = task.aggregate(predictions, examples, scores)
-    assert set(values) == set(task.metrics), f"{task.name} aggregates {sorted(values)}, declares {task.metrics}"
+    assert set(values) == set(task.metrics), (
+        f"{task.name} aggregates {sorted(values)}, declares {task.metrics}"
+    )
     return {metric: values[metric] for metric in task.metrics}, scores

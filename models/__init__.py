@@ -19,7 +19,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def _load_phi3v(folder: Path, *, dtype, attn_implementation, num_crops):
-    model = Phi3VForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
+    model = Phi3VForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, attn_implementation=attn_implementation
+    )
     return model, Phi3VProcessor.from_pretrained(folder, num_crops=num_crops)
 
 
@@ -43,7 +45,9 @@ def load(
         raise ValueError(f"{name_or_path}: no config.json in {folder}; is this a model checkpoint folder?")
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in LOADERS:
-        raise ValueError(f"{name_or_path}: model_type {model_type!r} is not supported; this project trains "
-                         f"{', '.join(sorted(LOADERS))} checkpoints (Phi-3-Vision, Phi-3.5-vision)")
+        raise ValueError(
+            f"{name_or_path}: model_type {model_type!r} is not supported; this project trains "
+            f"{', '.join(sorted(LOADERS))} checkpoints (Phi-3-Vision, Phi-3.5-vision)"
+        )
     loader = LOADERS[model_type]
     return loader(folder, dtype=DTYPES[dtype], attn_implementation=attn_implementation, num_crops=num_crops)

@@ -33,12 +33,34 @@ BASE_RECORD = "base_model.json"
 BASE_OVERRIDE_ENV = "PHI3V_BASE_MODEL"
 
 # peft 0.11.1: PeftConfigMixin, PeftConfig and LoraConfig fields (peft/config.py, peft/tuners/lora/config.py).
-PEFT_011_LORA_KEYS = frozenset({
-    "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
-    "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "modules_to_save",
-    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_config",
-    "megatron_core", "loftq_config", "use_dora", "layer_replication",
-})
+PEFT_011_LORA_KEYS = frozenset(
+    {
+        "peft_type",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "r",
+        "target_modules",
+        "lora_alpha",
+        "lora_dropout",
+        "fan_in_fan_out",
+        "bias",
+        "use_rslora",
+        "modules_to_save",
+        "init_lora_weights",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "megatron_config",
+        "megatron_core",
+        "loftq_config",
+        "use_dora",
+        "layer_replication",
+    }
+)
 
 
 def _lora_defaults() -> dict:
@@ -46,27 +68,45 @@ def _lora_defaults() -> dict:
 
     from peft import LoraConfig
 
-    return {f.name: f.default if f.default is not dataclasses.MISSING else
-            (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            for f in dataclasses.fields(LoraConfig)}
+    return {
+        f.name: f.default
+        if f.default is not dataclasses.MISSING
+        else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        for f in dataclasses.fields(LoraConfig)
+    }
 
 
 def portable_config(config: dict, *, target_modules: list[str], base_id: str) -> dict:
     """The adapter config peft >= 0.11.1 reads, meaning the same as `config`."""
     dropped = {k: v for k, v in config.items() if k not in PEFT_011_LORA_KEYS}
     defaults = _lora_defaults()
-    meaningful = {k: v for k, v in dropped.items()
-                  if k != "peft_version" and v not in (None, False, [], {}) and v != defaults.get(k)}
+    meaningful = {
+        k: v
+        for k, v in dropped.items()
+        if k != "peft_version" and v not in (None, False, [], {}) and v != defaults.get(k)
+    }
     if meaningful:
-        raise ValueError(f"the adapter uses options peft 0.11 does not know: {meaningful}; it cannot be made portable")
+        raise ValueError(
+            f"the adapter uses options peft 0.11 does not know: {meaningful}; it cannot be made portable"
+        )
     out = {k: v for k, v in config.items() if k in PEFT_011_LORA_KEYS}
-    out.update(target_modules=sorted(target_modules), base_model_name_or_path=base_id, modules_to_save=None,
-               revision=None)
+    out.update(
+        target_modules=sorted(target_modules),
+        base_model_name_or_path=base_id,
+        modules_to_save=None,
+        revision=None,
+    )
     return out
 
 
-def make_portable(folder: Path, *, base_id: str, local_base: str | None = None, revision: str | None = None,
-                  applies_after: list[str] | None = None) -> Path:
+def make_portable(
+    folder: Path,
+    *,
+    base_id: str,
+    local_base: str | None = None,
+    revision: str | None = None,
+    applies_after: list[str] | None = None,
+) -> Path:
     """Rewrite the adapter in `folder` (see the module docstring). Idempotent."""
     folder = Path(folder)
     config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -75,21 +115,40 @@ def make_portable(folder: Path, *, base_id: str, local_base: str | None = None, 
     for key, value in weights.items():
         if ".modules_to_save." in key or (config.get("modules_to_save") and "lora_" not in key):
             # base_model.model.<module>.modules_to_save.<rest> -> the hub key <module>.<rest>
-            full[key.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = value
+            full[
+                key.removeprefix("base_model.model.")
+                .replace(".modules_to_save.default.", ".")
+                .replace(".modules_to_save.", ".")
+            ] = value
         else:
             lora[key] = value
-    targets = sorted({key.removeprefix("base_model.model.").split(".lora_")[0] for key in lora if ".lora_" in key})
+    targets = sorted(
+        {key.removeprefix("base_model.model.").split(".lora_")[0] for key in lora if ".lora_" in key}
+    )
     if not targets:
         targets = list(config["target_modules"]) if isinstance(config["target_modules"], list) else []
     if full:
         existing = load_file(folder / FULL_WEIGHTS) if (folder / FULL_WEIGHTS).is_file() else {}
-        save_file({**existing, **{k: v.contiguous() for k, v in full.items()}}, folder / FULL_WEIGHTS, metadata={"format": "pt"})
-        save_file({k: v.contiguous() for k, v in lora.items()}, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(portable_config(config, target_modules=targets, base_id=base_id),
-                                                    indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    record = {"base_model_name_or_path": base_id, "revision": revision, "local_path": local_base,
-              "full_weights": FULL_WEIGHTS if (folder / FULL_WEIGHTS).is_file() else None,
-              "applies_after": list(applies_after or [])}
+        save_file(
+            {**existing, **{k: v.contiguous() for k, v in full.items()}},
+            folder / FULL_WEIGHTS,
+            metadata={"format": "pt"},
+        )
+        save_file(
+            {k: v.contiguous() for k, v in lora.items()}, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"}
+        )
+    (folder / ADAPTER_CONFIG).write_text(
+        json.dumps(portable_config(config, target_modules=targets, base_id=base_id), indent=2, sort_keys=True)
+        + "\n",
+        encoding="utf-8",
+    )
+    record = {
+        "base_model_name_or_path": base_id,
+        "revision": revision,
+        "local_path": local_base,
+        "full_weights": FULL_WEIGHTS if (folder / FULL_WEIGHTS).is_file() else None,
+        "applies_after": list(applies_after or []),
+    }
     (folder / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return folder
 

@@ -40,9 +40,13 @@ def bitsandbytes_config(quantization: str, *, double_quant: bool, compute_dtype:
 
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(SKIPPED_MODULES))
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
-                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                              llm_int8_skip_modules=list(SKIPPED_MODULES))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(SKIPPED_MODULES),
+    )
 
 
 def quantization_tag(model_section) -> str:
@@ -63,14 +67,18 @@ def apply_quantization(model: nn.Module, model_section) -> nn.Module:
     if model_section.quantization == "none":
         return model
     compute = getattr(torch, model_section.quant_compute_dtype or model_section.dtype)
-    quantize_language_model_(model, model_section.quantization, double_quant=model_section.double_quant,
-                             compute_dtype=compute)
+    quantize_language_model_(
+        model, model_section.quantization, double_quant=model_section.double_quant, compute_dtype=compute
+    )
     return model
 
 
 def language_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and LANGUAGE_LINEAR.match(name)]
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and LANGUAGE_LINEAR.match(name)
+    ]
 
 
 def _quantized_layer(linear: nn.Linear, quantization: str, double_quant: bool, compute_dtype: torch.dtype):
@@ -79,16 +87,33 @@ def _quantized_layer(linear: nn.Linear, quantization: str, double_quant: bool, c
     device = linear.weight.device
     weight = linear.weight.data
     if quantization == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
+        )
         layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
         layer._register_load_state_dict_pre_hook(_check_int8_state, with_module=True)
     else:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant,
-                                  quant_type=quantization, device="meta")
-        layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=double_quant,
-                                         quant_type=quantization, module=layer)
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=double_quant,
+            quant_type=quantization,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.cpu(),
+            requires_grad=False,
+            compress_statistics=double_quant,
+            quant_type=quantization,
+            module=layer,
+        )
         layer.support_avx512bf16_for_cpu = False  # no in-place repacking on CPU (module docstring)
         layer._register_load_state_dict_pre_hook(_check_quant_state, with_module=True)
     if linear.bias is not None:
@@ -96,8 +121,9 @@ def _quantized_layer(linear: nn.Linear, quantization: str, double_quant: bool, c
     return layer.to("cpu" if device.type == "meta" else device)  # quantisation happens in this move
 
 
-def _check_quant_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                       error_msgs):
+def _check_quant_state(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+):
     """Loading a 4-bit layer's state dict (a resumable checkpoint holds the whole model): its packed weight loads as
     a parameter; its quantisation constants (`weight.absmax`, `weight.quant_map`, ...) are not parameters, so
     torch would call them unexpected. They must equal this layer's own (the checkpoint was taken from the same
@@ -105,14 +131,19 @@ def _check_quant_state(module, state_dict, prefix, local_metadata, strict, missi
     state = getattr(module.weight, "quant_state", None)
     own = state.as_dict(packed=True) if state is not None else {}
     for key in [k for k in state_dict if k.startswith(prefix + "weight.")]:
-        value, mine = state_dict.pop(key), own.get(key[len(prefix + "weight."):])
-        if isinstance(value, torch.Tensor) and (not isinstance(mine, torch.Tensor) or not torch.equal(value, mine)):
-            error_msgs.append(f"{key}: the checkpoint's 4-bit quantisation constants differ from this model's "
-                              "(a different base, or quantisation settings)")
+        value, mine = state_dict.pop(key), own.get(key[len(prefix + "weight.") :])
+        if isinstance(value, torch.Tensor) and (
+            not isinstance(mine, torch.Tensor) or not torch.equal(value, mine)
+        ):
+            error_msgs.append(
+                f"{key}: the checkpoint's 4-bit quantisation constants differ from this model's "
+                "(a different base, or quantisation settings)"
+            )
 
 
-def _check_int8_state(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                      error_msgs):
+def _check_int8_state(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+):
     """Loading an int8 layer's state dict: bitsandbytes moves the row scales (`SCB`) from the weight to the layer's
     state at the first forward, after which its own loader refuses them ("non-quantized Linear8bitLt"). They must
     equal this layer's own; consume them here, and report any that differ."""
@@ -120,11 +151,18 @@ def _check_int8_state(module, state_dict, prefix, local_metadata, strict, missin
     state_dict.pop(prefix + "weight_format", None)
     mine = module.state.SCB if module.state.SCB is not None else getattr(module.weight, "SCB", None)
     if scale is not None and (mine is None or not torch.equal(scale.to(mine.device), mine)):
-        error_msgs.append(f"{prefix}SCB: the checkpoint's int8 row scales differ from this model's (a different base)")
+        error_msgs.append(
+            f"{prefix}SCB: the checkpoint's int8 row scales differ from this model's (a different base)"
+        )
 
 
-def quantize_language_model_(model: nn.Module, quantization: str, *, double_quant: bool = False,
-                             compute_dtype: torch.dtype = torch.bfloat16) -> int:
+def quantize_language_model_(
+    model: nn.Module,
+    quantization: str,
+    *,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> int:
     """Replace the decoder's `nn.Linear` layers by bitsandbytes NF4/FP4 (`Linear4bit`) or int8 (`Linear8bitLt`)
     layers holding the same weights, quantised; returns how many were replaced. Marks the model the way transformers'
     loader does (`is_loaded_in_4bit` / `is_loaded_in_8bit`), which is what PEFT reads to put its bitsandbytes LoRA
@@ -167,7 +205,9 @@ def dequantize_language_model_(model: nn.Module, dtype: torch.dtype = torch.floa
         if not is_quantized_layer(module):
             continue
         weight = dequantized_weight(module)
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
         linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.data.to(dtype), requires_grad=False)

@@ -39,8 +39,10 @@ def fewest_image_tokens(num_crops: int, crop_size: int, patch_size: int) -> int:
     image takes what its landscape mirror takes. A square is not the minimum: at 16 crops a square gets a 4 x 4 grid
     (2,509 tokens at 336/14), a 17:2 strip a 1 x 8 one (1,321 tokens)."""
     height = 1000
-    return min(num_image_tokens(width, height, num_crops, crop_size, patch_size)
-               for width in range(height, height * (num_crops + 2)))
+    return min(
+        num_image_tokens(width, height, num_crops, crop_size, patch_size)
+        for width in range(height, height * (num_crops + 2))
+    )
 
 
 def image_geometry(model: ModelSection) -> tuple[int, int] | None:
@@ -78,7 +80,6 @@ def attention_heads(model: ModelSection) -> int | None:
 def min_image_tokens(model: ModelSection) -> int | None:
     geometry = image_geometry(model)
     return fewest_image_tokens(model.num_crops, *geometry) if geometry else None
-
 
 
 def show(value: Any) -> str:
@@ -140,13 +141,18 @@ def _quantization_problems(model: ModelSection) -> list[str]:
         return []
     problems = []
     if model.language == "full":
-        what = (f"model.language is full, but bitsandbytes' {model.quantization} weights are frozen storage (no "
-                "gradient reaches them, an optimizer cannot update them)")
+        what = (
+            f"model.language is full, but bitsandbytes' {model.quantization} weights are frozen storage (no "
+            "gradient reaches them, an optimizer cannot update them)"
+        )
         fix = "set model.language: lora (QLoRA), or model.quantization: none for full fine-tuning"
         problems.append(issue("model.quantization", model.quantization, what, fix))
     # (model.dtype float32 with flash-attention is refused by its own rule.)
-    if (model.attn_implementation == "flash_attention_2" and model.quantization != "int8"
-            and model.quant_compute_dtype == "float32"):
+    if (
+        model.attn_implementation == "flash_attention_2"
+        and model.quantization != "int8"
+        and model.quant_compute_dtype == "float32"
+    ):
         what = "flash-attention runs only in 16 bits, but the 4-bit layers would compute in float32"
         fix = "set model.quant_compute_dtype: bfloat16, or model.attn_implementation: sdpa"
         problems.append(issue("model.quant_compute_dtype", model.quant_compute_dtype, what, fix))
@@ -214,11 +220,19 @@ def _train_problems(recipe: Recipe) -> list[str]:
         problems.append(issue("train.resume", True, what, "set overwrite_output_dir: false"))
     if train.precision == "fp32" and recipe.model.dtype != "float32":
         what = f"model.dtype is {recipe.model.dtype}, and fp32 training without autocast cannot mix it with fp32 trained parts"
-        problems.append(issue("train.precision", "fp32", what, "set model.dtype: float32, or train.precision: bf16"))
+        problems.append(
+            issue("train.precision", "fp32", what, "set model.dtype: float32, or train.precision: bf16")
+        )
     for index, key in enumerate(train.resume_allow_changes):  # keys a resume may change (train/checkpoint.py)
         if key not in RESUME_KEYS:
-            problems.append(issue(f"train.resume_allow_changes.{index}", key, "no such run-shaping key, so it would "
-                                  "allow nothing", f"list some of {', '.join(RESUME_KEYS)}"))
+            problems.append(
+                issue(
+                    f"train.resume_allow_changes.{index}",
+                    key,
+                    "no such run-shaping key, so it would allow nothing",
+                    f"list some of {', '.join(RESUME_KEYS)}",
+                )
+            )
     if train.resume and recipe.output_dir is None:
         what = "output_dir is null, so the run gets a fresh directory without checkpoints"
         problems.append(issue("train.resume", True, what, "set output_dir to the run directory to resume"))
@@ -233,19 +247,44 @@ def _sequence_parallel_problems(recipe: Recipe) -> list[str]:
         return problems
     path = "train.sequence_parallel"
     if recipe.model.attn_implementation not in ("sdpa", "flash_attention_2"):
-        problems.append(issue(path, size, f"Ulysses attention needs sdpa or flash_attention_2, and "
-                              f"model.attn_implementation is {recipe.model.attn_implementation!r}",
-                              "set model.attn_implementation: sdpa"))
+        problems.append(
+            issue(
+                path,
+                size,
+                f"Ulysses attention needs sdpa or flash_attention_2, and "
+                f"model.attn_implementation is {recipe.model.attn_implementation!r}",
+                "set model.attn_implementation: sdpa",
+            )
+        )
     heads = attention_heads(recipe.model)
     if heads is not None and heads % size:
-        problems.append(issue(path, size, f"the model has {heads} attention heads, which {size} ranks cannot share "
-                              "equally", f"use a divisor of {heads}"))
+        problems.append(
+            issue(
+                path,
+                size,
+                f"the model has {heads} attention heads, which {size} ranks cannot share equally",
+                f"use a divisor of {heads}",
+            )
+        )
     if size > recipe.data.max_length:
-        problems.append(issue(path, size, f"a group larger than data.max_length ({recipe.data.max_length}) leaves "
-                              "ranks without a token", "use a smaller group"))
+        problems.append(
+            issue(
+                path,
+                size,
+                f"a group larger than data.max_length ({recipe.data.max_length}) leaves "
+                "ranks without a token",
+                "use a smaller group",
+            )
+        )
     if "grpo" in recipe.stages:
-        problems.append(issue(path, size, "the grpo stage does not split sequences (its rollouts generate whole "
-                              "prompts on each rank)", "run grpo in its own launch with train.sequence_parallel=1"))
+        problems.append(
+            issue(
+                path,
+                size,
+                "the grpo stage does not split sequences (its rollouts generate whole prompts on each rank)",
+                "run grpo in its own launch with train.sequence_parallel=1",
+            )
+        )
     return problems
 
 
@@ -315,7 +354,9 @@ def _pattern_problem(path: str, pattern: str | None) -> list[str]:
     try:
         re.compile(pattern)
     except re.error as error:
-        return [issue(path, pattern, f"not a regular expression ({error})", "fix the pattern (Python re syntax)")]
+        return [
+            issue(path, pattern, f"not a regular expression ({error})", "fix the pattern (Python re syntax)")
+        ]
     return []
 
 
@@ -323,16 +364,32 @@ def _grpo_problems(recipe: Recipe) -> list[str]:
     grpo = recipe.grpo
     if "grpo" not in recipe.stages:
         return []
-    problems = _duplicates("grpo.rewards", tuple(r.function or r.type for r in grpo.rewards), "so it would count twice")
+    problems = _duplicates(
+        "grpo.rewards", tuple(r.function or r.type for r in grpo.rewards), "so it would count twice"
+    )
     if not grpo.rewards:
-        problems.append(issue("grpo.rewards", grpo.rewards, "GRPO would have no reward", "list e.g. {type: exact_match}"))
+        problems.append(
+            issue("grpo.rewards", grpo.rewards, "GRPO would have no reward", "list e.g. {type: exact_match}")
+        )
     for index, reward in enumerate(grpo.rewards):
         if reward.type == "format" and not reward.pattern:
-            problems.append(issue(f"grpo.rewards.{index}.pattern", None, "a format reward needs a pattern",
-                                  "set pattern, e.g. '^<think>.*</think>\\s*<answer>.*</answer>$'"))
+            problems.append(
+                issue(
+                    f"grpo.rewards.{index}.pattern",
+                    None,
+                    "a format reward needs a pattern",
+                    "set pattern, e.g. '^<think>.*</think>\\s*<answer>.*</answer>$'",
+                )
+            )
         if reward.type == "function" and (not reward.function or ":" not in reward.function):
-            problems.append(issue(f"grpo.rewards.{index}.function", reward.function, "a function reward needs the "
-                                  "import path of your function", "set function: my_module:my_reward"))
+            problems.append(
+                issue(
+                    f"grpo.rewards.{index}.function",
+                    reward.function,
+                    "a function reward needs the import path of your function",
+                    "set function: my_module:my_reward",
+                )
+            )
         problems += _pattern_problem(f"grpo.rewards.{index}.pattern", reward.pattern)
     problems += _pattern_problem("grpo.answer_pattern", grpo.answer_pattern)
     if grpo.top_p > 1:
@@ -341,10 +398,18 @@ def _grpo_problems(recipe: Recipe) -> list[str]:
         what = "the KL reference is the adapter-disabled model, and model.language: full trains no adapter"
         problems.append(issue("grpo.beta", grpo.beta, what, "set grpo.beta: 0.0, or model.language: lora"))
     if grpo.num_iterations > 1 and recipe.train.checkpoint_every % grpo.num_iterations:
-        what = (f"a checkpoint inside a generation's {grpo.num_iterations} passes would resume by sampling it again, "
-                "not exactly")
-        problems.append(issue("train.checkpoint_every", recipe.train.checkpoint_every, what,
-                              f"use a multiple of grpo.num_iterations ({grpo.num_iterations})"))
+        what = (
+            f"a checkpoint inside a generation's {grpo.num_iterations} passes would resume by sampling it again, "
+            "not exactly"
+        )
+        problems.append(
+            issue(
+                "train.checkpoint_every",
+                recipe.train.checkpoint_every,
+                what,
+                f"use a multiple of grpo.num_iterations ({grpo.num_iterations})",
+            )
+        )
     return problems
 
 
@@ -380,10 +445,14 @@ def recipe_warnings(recipe: Recipe, origins: dict[str, str]) -> list[str]:
         defaults = ModelSection()
         for key in ("double_quant", "quant_compute_dtype"):
             if getattr(model, key) != getattr(defaults, key):
-                found.append(f"model.{key} = {show(getattr(model, key))} is ignored: it applies to 4-bit weights, "
-                             f"and model.quantization is {model.quantization}")
+                found.append(
+                    f"model.{key} = {show(getattr(model, key))} is ignored: it applies to 4-bit weights, "
+                    f"and model.quantization is {model.quantization}"
+                )
     if recipe.export.merge_base == "quantized" and model.quantization == "none":
-        found.append("export.merge_base = quantized is ignored: model.quantization is none, the base is not quantised")
+        found.append(
+            "export.merge_base = quantized is ignored: model.quantization is none, the base is not quantised"
+        )
     if data.packing and data.group_by_length:
         found.append(
             "data.group_by_length is ignored: data.packing fills every sequence up to data.max_length"

@@ -46,8 +46,12 @@ def debug_requested(argv: Sequence[str] = ()) -> bool:
 
 def redact_message(text: str) -> str:
     """`text` with the value after every credential-named key, and the user:password of URLs, replaced."""
-    text = _KEY_VALUE.sub(lambda m: m.group("key") + m.group("sep") + REDACTED
-                          if SECRET_KEY.search(m.group("key")) else m.group(0), text)
+    text = _KEY_VALUE.sub(
+        lambda m: (
+            m.group("key") + m.group("sep") + REDACTED if SECRET_KEY.search(m.group("key")) else m.group(0)
+        ),
+        text,
+    )
     return URL_CREDENTIALS.sub(f"{REDACTED}@", text)
 
 
@@ -72,7 +76,9 @@ def message_of(error: BaseException) -> str:
         text = f"missing key {error}"
     else:
         text = str(error) or type(error).__name__
-    if type(error).__name__ == "RecipeError":  # redacted where each problem is written (recipe/checks.py `issue`)
+    if (
+        type(error).__name__ == "RecipeError"
+    ):  # redacted where each problem is written (recipe/checks.py `issue`)
         return text
     return redact_message(text)
 

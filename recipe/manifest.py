@@ -47,7 +47,9 @@ def _files(folder: Path, *, regular_only: bool = True) -> list[str]:
     links included, which are never followed), as sorted POSIX paths relative to it."""
     found = []
     for root, dirs, names in os.walk(folder):
-        names += [d for d in dirs if (Path(root) / d).is_symlink()]  # os.walk lists a link to a folder as a folder
+        names += [
+            d for d in dirs if (Path(root) / d).is_symlink()
+        ]  # os.walk lists a link to a folder as a folder
         for name in names:
             path = Path(root) / name
             if not regular_only or stat.S_ISREG(path.lstat().st_mode):
@@ -59,8 +61,11 @@ def build_manifest(folder: Path, exclude: Sequence[str] = (), suffixes: tuple[st
     """{"format": 1, "files": {relative path: {"size": bytes, "sha256": hex}}} of every file under `folder` whose
     name ends with one of `suffixes` (all files by default)."""
     folder = Path(folder)
-    files = {rel: {"size": (folder / rel).stat().st_size, "sha256": file_sha256(folder / rel)}
-             for rel in _files(folder) if rel not in exclude and rel.endswith(suffixes)}
+    files = {
+        rel: {"size": (folder / rel).stat().st_size, "sha256": file_sha256(folder / rel)}
+        for rel in _files(folder)
+        if rel not in exclude and rel.endswith(suffixes)
+    }
     return {"format": FORMAT, "files": files}
 
 
@@ -90,18 +95,30 @@ def read_manifest(manifest_path: Path) -> dict[str, dict]:
     try:
         record = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as error:
-        raise ManifestError(f"{manifest_path} is not valid JSON ({error}): it was cut short or changed") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("files"), dict):
-        raise ManifestError(f"{manifest_path} is not a manifest of format {FORMAT} (a mapping with 'format' and "
-                            "'files')")
+        raise ManifestError(
+            f"{manifest_path} is not valid JSON ({error}): it was cut short or changed"
+        ) from None
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != FORMAT
+        or not isinstance(record.get("files"), dict)
+    ):
+        raise ManifestError(
+            f"{manifest_path} is not a manifest of format {FORMAT} (a mapping with 'format' and 'files')"
+        )
     files = record["files"]
     for rel, entry in files.items():
         parts = PurePosixPath(rel).parts
         if not rel or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel or "\x00" in rel:
             raise ManifestError(f"{manifest_path} lists {rel!r}, which is not a path inside its folder")
         size, digest = (entry.get("size"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str) \
-                or not _SHA256.fullmatch(digest):
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, int)
+            or size < 0
+            or not isinstance(digest, str)
+            or not _SHA256.fullmatch(digest)
+        ):
             raise ManifestError(f"{manifest_path}: the entry of {rel!r} is not a size in bytes and a sha256")
     return files
 
@@ -123,8 +140,10 @@ def verify_manifest(folder: Path, manifest_path: Path, closed: Sequence[str] = (
         if not stat.S_ISREG(status.st_mode):
             raise ManifestError(f"{rel} in {folder} is no longer a regular file")
         if status.st_size != entry["size"]:
-            raise ManifestError(f"{rel} in {folder} is {status.st_size} bytes, not the {entry['size']} bytes it was "
-                                f"written with: it was {'cut short' if status.st_size < entry['size'] else 'changed'}")
+            raise ManifestError(
+                f"{rel} in {folder} is {status.st_size} bytes, not the {entry['size']} bytes it was "
+                f"written with: it was {'cut short' if status.st_size < entry['size'] else 'changed'}"
+            )
         try:
             digest = file_sha256(path)
         except OSError as error:
@@ -133,8 +152,14 @@ def verify_manifest(folder: Path, manifest_path: Path, closed: Sequence[str] = (
             raise ManifestError(f"{rel} in {folder} has changed since it was written (its sha256 differs)")
     for sub in closed:
         if (folder / sub).is_dir():
-            extra = [f"{sub}/{rel}" for rel in _files(folder / sub, regular_only=False) if f"{sub}/{rel}" not in files]
+            extra = [
+                f"{sub}/{rel}"
+                for rel in _files(folder / sub, regular_only=False)
+                if f"{sub}/{rel}" not in files
+            ]
             if extra:
-                raise ManifestError(f"{extra[0]} in {folder} is not a file this run wrote (its manifest does not list "
-                                    "it); files there are unpickled, so none is loaded")
+                raise ManifestError(
+                    f"{extra[0]} in {folder} is not a file this run wrote (its manifest does not list "
+                    "it); files there are unpickled, so none is loaded"
+                )
     return files

@@ -168,7 +168,9 @@ def _unknown_key(parent: str, key: object, value: Any, names: list[str]) -> str:
     else:
         hint = f" (valid keys{f' in {parent!r}' if parent else ''}: {', '.join(names)})."
     shown = REDACTED if SECRET_KEY.search(str(key)) else show(redact_secrets(value))
-    return f"unknown key '{_join(parent, key)}'{hint} Its value {shown} would be ignored: rename or delete it."
+    return (
+        f"unknown key '{_join(parent, key)}'{hint} Its value {shown} would be ignored: rename or delete it."
+    )
 
 
 def _number_string_fix(text: str) -> str | None:
@@ -362,8 +364,12 @@ def _repeated_overrides(overrides: Sequence[str]) -> list[str]:
         path, sep, _ = text.partition("=")
         if sep and path.strip():
             given.setdefault(path.strip(), []).append(text)
-    return [f"override {path} is given {len(texts)} times ({redact_message(', '.join(texts))}): the last one "
-            f"applies" for path, texts in given.items() if len(texts) > 1]
+    return [
+        f"override {path} is given {len(texts)} times ({redact_message(', '.join(texts))}): the last one "
+        f"applies"
+        for path, texts in given.items()
+        if len(texts) > 1
+    ]
 
 
 def parse_recipe(
@@ -431,14 +437,18 @@ def resolved_yaml(recipe: Recipe) -> str:
     header = "# Resolved recipe: every value this run used (secrets redacted); load_recipe reads it back.\n"
     header += "# Where each value came from:\n"
     header += "".join(f"#   {key}: {origin}\n" for key, origin in provenance(recipe).items())
-    return header + yaml.safe_dump(redact_secrets(recipe_to_dict(recipe)), sort_keys=False, allow_unicode=True)
+    return header + yaml.safe_dump(
+        redact_secrets(recipe_to_dict(recipe)), sort_keys=False, allow_unicode=True
+    )
 
 
 def recipe_help() -> str:
     """Every recipe key with its type, range, default and documentation, for `--help`."""
     lines = ["Recipe keys. Override any on the command line by its dotted path, e.g. train.lr=2.0e-4 or"]
-    lines += ["data.train.0.weight=2 (values are read as YAML). A key given twice on the command line takes its last",
-              "value (with a warning); a key given twice in one mapping of the YAML file is an error."]
+    lines += [
+        "data.train.0.weight=2 (values are read as YAML). A key given twice on the command line takes its last",
+        "value (with a warning); a key given twice in one mapping of the YAML file is an error.",
+    ]
     for path, f, tp in _schema_walk(Recipe):
         if dataclasses.is_dataclass(_without_none(tp)[0]):
             lines += ["", f"{path}: {f.metadata['doc']}"]

@@ -83,9 +83,26 @@ DURING_TRAINING = "during_training.jsonl"
 PREFERENCE_EVAL = "preference_eval.json"
 REFERENCE_LOGPS = "ref_logps"  # the shared cache's folder, and <stage>/ref_logps.json (the key's fields)
 STEP = "step-"  # a checkpoint folder: step-NNNNNNNN
-WEIGHT_FILES = (".safetensors",)  # what a weights folder's manifest covers (cards and configs are rewritten later)
-PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "deepspeed", "tokenizers", "safetensors",
-            "pillow", "numpy", "flash-attn", "liger-kernel", "wandb", "tensorboard")
+WEIGHT_FILES = (
+    ".safetensors",
+)  # what a weights folder's manifest covers (cards and configs are rewritten later)
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "deepspeed",
+    "tokenizers",
+    "safetensors",
+    "pillow",
+    "numpy",
+    "flash-attn",
+    "liger-kernel",
+    "wandb",
+    "tensorboard",
+)
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -232,7 +249,9 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and not is_checkpoint(path) and any((path / marker).exists() for marker in markers)
 
 
-def resolve_output_dir(recipe: Recipe, recipe_path: str | Path | None, *, now: datetime | None = None) -> Path:
+def resolve_output_dir(
+    recipe: Recipe, recipe_path: str | Path | None, *, now: datetime | None = None
+) -> Path:
     """recipe.output_dir, or runs/<recipe-name>-<YYYYmmdd-HHMMSS>/ relative to the working directory."""
     if recipe.output_dir is not None:
         return Path(recipe.output_dir)
@@ -298,7 +317,9 @@ def prepare_stage_dir(run_dir: Path, recipe: Recipe, *, stage: str, is_main: boo
             )
         _record_stage_start(Path(run_dir), stage)
         folder.mkdir(parents=True, exist_ok=True)
-        if not recipe.train.resume:  # a resume records the recipe once the checkpoint accepted it (train/trainer.py)
+        if (
+            not recipe.train.resume
+        ):  # a resume records the recipe once the checkpoint accepted it (train/trainer.py)
             record_run(run_dir, recipe)
     return folder
 
@@ -331,10 +352,15 @@ def _record_stage_start(run_dir: Path, stage: str) -> None:
     # A run directory that holds only the lock this stage took was made by this stage.
     existed = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} - {LOCK} != set()
     _STAGE_STARTS[(run_dir.resolve(), stage)] = _StageStart(
-        run_dir=run_dir, stage=stage, made_run_dir=not existed,
+        run_dir=run_dir,
+        stage=stage,
+        made_run_dir=not existed,
         entries_before=frozenset(p.name for p in run_dir.iterdir()) if existed else frozenset({LOCK}),
-        files_before={name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None
-                      for name in (RESOLVED_RECIPE, ENV_FILE)})
+        files_before={
+            name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None
+            for name in (RESOLVED_RECIPE, ENV_FILE)
+        },
+    )
 
 
 def mark_training_started(run_dir: Path, stage: str) -> None:
@@ -406,8 +432,12 @@ def environment(seed: int) -> dict:
 def git_commit() -> str | None:
     repo = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -457,8 +487,10 @@ def verify_weights(weights: Weights) -> Weights:
             try:
                 verify_folder(folder)
             except ManifestError as error:
-                raise ManifestError(f"refusing to load {folder}: {error}. Fix: restore the folder from a copy, or "
-                                    "train the stage again") from None
+                raise ManifestError(
+                    f"refusing to load {folder}: {error}. Fix: restore the folder from a copy, or "
+                    "train the stage again"
+                ) from None
     return weights
 
 
@@ -469,7 +501,8 @@ def base_weights(run_dir: Path, recipe: Recipe | None = None) -> Weights:
         raise FileNotFoundError(
             f"{run_dir} has no {BASE}/ checkpoint, and the recipe's model is 'tiny' (built with random weights when a "
             "run starts): the weights the run trained on are not available. Fix: pass the run directory that holds "
-            f"{BASE}/")
+            f"{BASE}/"
+        )
     return recipe_base(recipe, run_dir)
 
 
@@ -489,11 +522,15 @@ def stage_weights(run_dir: Path, stage: str, recipe: Recipe | None = None) -> We
     adapter, merged = adapter_dir(run_dir, stage), merged_dir(run_dir, stage)
     if is_adapter(adapter):
         start = base_weights(run_dir, recipe) if stage == "sft" else read_start(run_dir, stage)
-        return verify_weights(Weights(base=start.base, revision=start.revision, adapters=(*start.adapters, adapter)))
+        return verify_weights(
+            Weights(base=start.base, revision=start.revision, adapters=(*start.adapters, adapter))
+        )
     if is_checkpoint(merged):
         return verify_weights(Weights(base=str(merged)))
-    raise FileNotFoundError(f"{run_dir} has no {stage} model: neither {adapter} nor {merged} holds weights. Fix: run "
-                            f"the {stage} stage, or pick another stage")
+    raise FileNotFoundError(
+        f"{run_dir} has no {stage} model: neither {adapter} nor {merged} holds weights. Fix: run "
+        f"the {stage} stage, or pick another stage"
+    )
 
 
 def latest_stage(run_dir: Path) -> str:
@@ -508,7 +545,9 @@ def dpo_start(recipe: Recipe, run_dir: Path) -> Weights:
     """What DPO starts from: `dpo.from_sft` (an SFT run directory, an adapter folder or a checkpoint), else this run's
     SFT model when its stages include sft, else the base."""
     if recipe.dpo.from_sft is None:
-        return stage_weights(run_dir, "sft", recipe) if "sft" in recipe.stages else recipe_base(recipe, run_dir)
+        return (
+            stage_weights(run_dir, "sft", recipe) if "sft" in recipe.stages else recipe_base(recipe, run_dir)
+        )
     source = Path(recipe.dpo.from_sft)
     if is_run_dir(source):
         return stage_weights(source, "sft")
@@ -518,9 +557,11 @@ def dpo_start(recipe: Recipe, run_dir: Path) -> Weights:
         return verify_weights(Weights(base=base.base, revision=base.revision, adapters=(source,)))
     if is_checkpoint(source):
         return verify_weights(Weights(base=str(source)))
-    raise FileNotFoundError(f"dpo.from_sft = {str(source)!r} holds no SFT model (no {ADAPTER_CONFIG} or "
-                            f"{CHECKPOINT_CONFIG}, and no run directory): point it at the SFT run directory or its "
-                            "adapter")
+    raise FileNotFoundError(
+        f"dpo.from_sft = {str(source)!r} holds no SFT model (no {ADAPTER_CONFIG} or "
+        f"{CHECKPOINT_CONFIG}, and no run directory): point it at the SFT run directory or its "
+        "adapter"
+    )
 
 
 def weights_sha256(folder: Path) -> dict[str, str]:
@@ -546,8 +587,12 @@ def start_weights_sha256(start: Weights) -> list[dict[str, str]]:
 def write_start(run_dir: Path, start: Weights, stage: str = "dpo") -> Path:
     """<stage>/start.json (DPO, GRPO): the starting weights, with the hash of each of their weight files (to detect
     a changed starting model, its projector included)."""
-    record = {"base": start.base, "revision": start.revision, "adapters": [str(a) for a in start.adapters],
-              "weights_sha256": start_weights_sha256(start)}
+    record = {
+        "base": start.base,
+        "revision": start.revision,
+        "adapters": [str(a) for a in start.adapters],
+        "weights_sha256": start_weights_sha256(start),
+    }
     return write_json_atomically(start_file(run_dir, stage), record)
 
 
@@ -563,8 +608,12 @@ def grpo_start(recipe: Recipe, run_dir: Path) -> Weights:
 def read_start(run_dir: Path, stage: str = "dpo") -> Weights:
     path = start_file(run_dir, stage)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the {stage} stage records its starting point there when it "
-                                "starts")
+        raise FileNotFoundError(
+            f"{path} is missing: the {stage} stage records its starting point there when it starts"
+        )
     record = json.loads(path.read_text(encoding="utf-8"))
-    return Weights(base=record["base"], revision=record.get("revision"),
-                   adapters=tuple(Path(a) for a in record.get("adapters", ())))
+    return Weights(
+        base=record["base"],
+        revision=record.get("revision"),
+        adapters=tuple(Path(a) for a in record.get("adapters", ())),
+    )

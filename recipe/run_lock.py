@@ -96,7 +96,7 @@ def read_holder(path: Path) -> Holder | None:
 
 
 def describe(holder: Holder) -> str:
-    return (f"host {holder.host}, pid {holder.pid}, since {holder.started}, running {holder.command!r}")
+    return f"host {holder.host}, pid {holder.pid}, since {holder.started}, running {holder.command!r}"
 
 
 def stale_reason(path: Path, holder: Holder | None) -> str | None:
@@ -131,7 +131,9 @@ class RunLock:
         while not self._stop.wait(self.lease_s / 4):
             try:
                 self.renew()
-            except OSError as error:  # the run directory went away (a failed start removes it): nothing to renew
+            except (
+                OSError
+            ) as error:  # the run directory went away (a failed start removes it): nothing to renew
                 log.warning("run lock %s: the lease could not be renewed (%s)", self.path, error)
 
     def renew(self) -> bool:
@@ -184,9 +186,15 @@ def acquire(run_dir: Path, *, command: str, pid: int | None = None, lease_s: flo
         if current is not None and current.host == socket.gethostname() and current.pid == pid:
             lock = RunLock(path, current, owned=True, lease_s=lease_s)  # this process took it before
             break
-        holder = Holder(host=socket.gethostname(), pid=pid, pid_start=process_start(pid),
-                        started=_when(time.time()), command=command, token=uuid.uuid4().hex,
-                        lease_until=time.time() + lease_s)
+        holder = Holder(
+            host=socket.gethostname(),
+            pid=pid,
+            pid_start=process_start(pid),
+            started=_when(time.time()),
+            command=command,
+            token=uuid.uuid4().hex,
+            lease_until=time.time() + lease_s,
+        )
         try:
             _write(path, holder, exclusive=True)
         except FileExistsError:
@@ -198,19 +206,26 @@ def acquire(run_dir: Path, *, command: str, pid: int | None = None, lease_s: flo
         lock = RunLock(path, holder, owned=True, lease_s=lease_s)
         break
     else:
-        raise RunLocked(f"{path}: could not take the run directory's lock after 5 tries (other launches keep taking "
-                        "it). Fix: launch one run per output_dir")
+        raise RunLocked(
+            f"{path}: could not take the run directory's lock after 5 tries (other launches keep taking "
+            "it). Fix: launch one run per output_dir"
+        )
     _HELD[path.resolve()] = lock
     return lock
 
 
 def _refusal(path: Path, holder: Holder | None, lease_s: float) -> str:
     who = describe(holder) if holder is not None else "a process that is writing it now"
-    elsewhere = "" if holder is None or holder.host == socket.gethostname() else (
-        f"; if that process is gone, its lease runs out at {_when(holder.lease_until)}")
-    return (f"{path.parent} is in use by another run ({who}){elsewhere}: two runs writing one run directory would "
-            f"interleave its checkpoints, logs and weights. Fix: wait for it to end, choose another output_dir, or, if "
-            f"you know it is gone, remove {path}")
+    elsewhere = (
+        ""
+        if holder is None or holder.host == socket.gethostname()
+        else (f"; if that process is gone, its lease runs out at {_when(holder.lease_until)}")
+    )
+    return (
+        f"{path.parent} is in use by another run ({who}){elsewhere}: two runs writing one run directory would "
+        f"interleave its checkpoints, logs and weights. Fix: wait for it to end, choose another output_dir, or, if "
+        f"you know it is gone, remove {path}"
+    )
 
 
 def _break_stale(path: Path, seen: Holder | None, reason: str) -> None:
@@ -224,7 +239,9 @@ def _break_stale(path: Path, seen: Holder | None, reason: str) -> None:
     moved = read_holder(aside)
     if seen is not None and (moved is None or moved.token != seen.token):
         try:
-            os.link(aside, path)  # a fresh lock taken meanwhile: back into place, unless yet another one is there
+            os.link(
+                aside, path
+            )  # a fresh lock taken meanwhile: back into place, unless yet another one is there
         except FileExistsError:
             pass
     elif seen is not None:
@@ -248,8 +265,11 @@ atexit.register(release_all)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipe.run_lock", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m recipe.run_lock",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     take = sub.add_parser("acquire", help="take the lock for process PID; prints its token")
     take.add_argument("run_dir", type=Path)
@@ -261,7 +281,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.action == "acquire":
         lock = acquire(args.run_dir, command=args.command, pid=args.pid)
-        _HELD.pop(lock.path.resolve(), None)  # held for PID, not for this short-lived helper: not released on exit
+        _HELD.pop(
+            lock.path.resolve(), None
+        )  # held for PID, not for this short-lived helper: not released on exit
         lock._stop.set()
         print(lock.holder.token)
     else:

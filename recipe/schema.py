@@ -36,7 +36,9 @@ GrpoRewardType = Literal[
 STAGE_FORMATS = {
     "sft": frozenset({"trl_messages", "llava", "sharegpt", "vqa", "synthetic"}),
     "dpo": frozenset({"trl_preference", "rlaif_v", "synthetic"}),
-    "grpo": frozenset({"trl_messages", "llava", "sharegpt", "vqa", "synthetic"}),  # prompts + reference answers
+    "grpo": frozenset(
+        {"trl_messages", "llava", "sharegpt", "vqa", "synthetic"}
+    ),  # prompts + reference answers
 }
 # TRL's DPO losses whose formula has a label-smoothing term (conservative DPO, robust DPO).
 LABEL_SMOOTHING_LOSSES = frozenset({"sigmoid", "robust"})
@@ -100,7 +102,9 @@ class ModelSection:
     projector: Literal["frozen", "full"] = option("full", "How the image projector (2-layer MLP) is trained.")
     language: Literal["lora", "full"] = option("lora", "How the language model is trained.")
     gradient_checkpointing: bool = option(True, "Recompute activations: less memory, ~30% slower.")
-    liger: bool = option(False, "liger-kernel's Phi-3 RoPE, RMSNorm and SwiGLU kernels (CUDA + liger-kernel only).")
+    liger: bool = option(
+        False, "liger-kernel's Phi-3 RoPE, RMSNorm and SwiGLU kernels (CUDA + liger-kernel only)."
+    )
     quantization: Quantization = option(
         "none",
         "QLoRA: store the language model's linear layers in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes, "
@@ -109,7 +113,8 @@ class ModelSection:
         "more than it saves (docs/qlora.md).",
     )
     double_quant: bool = option(
-        True, "nf4/fp4: quantise the per-block scales too (QLoRA's double quantisation, ~0.4 bit per weight less)."
+        True,
+        "nf4/fp4: quantise the per-block scales too (QLoRA's double quantisation, ~0.4 bit per weight less).",
     )
     quant_compute_dtype: Dtype | None = option(
         None, "nf4/fp4: dtype the 4-bit weights are dequantised to for each matmul; null: model.dtype."
@@ -140,7 +145,9 @@ class Source:
         "Row format. SFT reads trl_messages, llava, sharegpt, vqa; DPO reads trl_preference, rlaif_v; synthetic "
         "(drawn in-process) feeds both.",
     )
-    path: str = option("", f"Hub dataset id, or a local file or directory (synthetic: default {SYNTHETIC_DIR}).")
+    path: str = option(
+        "", f"Hub dataset id, or a local file or directory (synthetic: default {SYNTHETIC_DIR})."
+    )
     config: str | None = option(None, "Hub dataset configuration name.")
     split: str = option("train", "Dataset split.")
     revision: str | None = option(None, "Hub dataset branch, tag or commit.")
@@ -162,7 +169,9 @@ class DataSection:
     on_bad_sample: Literal["error", "skip"] = option(
         "error", "Invalid row: raise naming it, or skip and count it."
     )
-    max_image_pixels: int = option(MAX_IMAGE_PIXELS, "Refuse larger images (PIL's decompression-bomb limit).", ge=1)
+    max_image_pixels: int = option(
+        MAX_IMAGE_PIXELS, "Refuse larger images (PIL's decompression-bomb limit).", ge=1
+    )
     assistant_turns: Literal["all", "last"] = option("all", "Which assistant turns are supervised.")
     num_workers: int = option(2, "DataLoader worker processes per rank.", ge=0)
     group_by_length: bool = option(False, "Batch samples of similar token counts together (less padding).")
@@ -205,35 +214,99 @@ class TrainSection:
         ge=1,
     )
     num_threads: int | None = option(
-        None, "Intra-op CPU threads per process; null: $OMP_NUM_THREADS if set, else torch's default with a GPU and "
-        "cores // local processes without (train/device.py set_threads).", ge=1)
+        None,
+        "Intra-op CPU threads per process; null: $OMP_NUM_THREADS if set, else torch's default with a GPU and "
+        "cores // local processes without (train/device.py set_threads).",
+        ge=1,
+    )
     resume_allow_changes: tuple[str, ...] = option(
-        (), "Run-shaping keys a resume may change (RESUME_KEYS, e.g. [train.lr]); recorded in the checkpoints.")
-    on_nonfinite: Literal["stop", "skip"] = option("stop", "Non-finite loss or gradient norm: stop, or skip the step.")
-    max_nonfinite_steps: int = option(10, "With on_nonfinite: skip, stop after this many skipped steps.", ge=0)
+        (),
+        "Run-shaping keys a resume may change (RESUME_KEYS, e.g. [train.lr]); recorded in the checkpoints.",
+    )
+    on_nonfinite: Literal["stop", "skip"] = option(
+        "stop", "Non-finite loss or gradient norm: stop, or skip the step."
+    )
+    max_nonfinite_steps: int = option(
+        10, "With on_nonfinite: skip, stop after this many skipped steps.", ge=0
+    )
     sequence_parallel: int = option(
-        1, "Ranks that share each sequence (Ulysses sequence parallelism, for long samples): a group of this many "
+        1,
+        "Ranks that share each sequence (Ulysses sequence parallelism, for long samples): a group of this many "
         "ranks holds one micro-batch, encodes 1/N of its crops each and runs the decoder on 1/N of its tokens; data "
         "parallelism runs over processes / N groups. Must divide the processes and the attention heads (32 on "
-        "Phi-3-V); needs sdpa or flash_attention_2 (docs/distributed.md#sequence-parallelism).", ge=1)
+        "Phi-3-V); needs sdpa or flash_attention_2 (docs/distributed.md#sequence-parallelism).",
+        ge=1,
+    )
 
 
 # The values that shape a training stage, recorded in each checkpoint and compared on resume (train/checkpoint.py);
 # `world_size` (processes) and `data` (the planned samples' fingerprint) are not recipe keys.
 RESUME_KEYS_COMMON = (
-    "seed", "model.name_or_path", "model.revision", "model.dtype", "model.num_crops", "model.vision",
-    "model.projector", "model.language", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
-    "lora.vision_target_modules", "lora.use_rslora", "lora.use_dora", "data.max_length", "data.packing",
-    "data.group_by_length", "data.assistant_turns", "train.micro_batch_size", "train.grad_accum", "train.lr",
-    "train.lr_vision", "train.lr_projector", "train.scheduler", "train.warmup_ratio", "train.warmup_steps",
-    "train.weight_decay", "train.adam_betas", "train.adam_eps", "train.max_grad_norm", "train.precision",
-    "train.max_steps", "train.epochs", "train.sequence_parallel", "world_size", "data",
+    "seed",
+    "model.name_or_path",
+    "model.revision",
+    "model.dtype",
+    "model.num_crops",
+    "model.vision",
+    "model.projector",
+    "model.language",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "lora.vision_target_modules",
+    "lora.use_rslora",
+    "lora.use_dora",
+    "data.max_length",
+    "data.packing",
+    "data.group_by_length",
+    "data.assistant_turns",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.lr",
+    "train.lr_vision",
+    "train.lr_projector",
+    "train.scheduler",
+    "train.warmup_ratio",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.adam_betas",
+    "train.adam_eps",
+    "train.max_grad_norm",
+    "train.precision",
+    "train.max_steps",
+    "train.epochs",
+    "train.sequence_parallel",
+    "world_size",
+    "data",
 )
-RESUME_KEYS_DPO = ("dpo.lr", "dpo.max_steps", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.sft_weight",
-                   "dpo.mdpo_weight")
-RESUME_KEYS_GRPO = ("grpo.lr", "grpo.max_steps", "grpo.rewards", "grpo.prompt_suffix", "grpo.answer_pattern", "grpo.num_generations",
-                    "grpo.temperature", "grpo.top_p", "grpo.max_new_tokens", "grpo.stop_strings", "grpo.loss_type",
-                    "grpo.epsilon", "grpo.epsilon_high", "grpo.beta", "grpo.scale_rewards", "grpo.num_iterations")
+RESUME_KEYS_DPO = (
+    "dpo.lr",
+    "dpo.max_steps",
+    "dpo.losses",
+    "dpo.beta",
+    "dpo.label_smoothing",
+    "dpo.sft_weight",
+    "dpo.mdpo_weight",
+)
+RESUME_KEYS_GRPO = (
+    "grpo.lr",
+    "grpo.max_steps",
+    "grpo.rewards",
+    "grpo.prompt_suffix",
+    "grpo.answer_pattern",
+    "grpo.num_generations",
+    "grpo.temperature",
+    "grpo.top_p",
+    "grpo.max_new_tokens",
+    "grpo.stop_strings",
+    "grpo.loss_type",
+    "grpo.epsilon",
+    "grpo.epsilon_high",
+    "grpo.beta",
+    "grpo.scale_rewards",
+    "grpo.num_iterations",
+)
 RESUME_KEYS = RESUME_KEYS_COMMON + RESUME_KEYS_DPO + RESUME_KEYS_GRPO
 
 
@@ -251,15 +324,19 @@ class DpoSection:
     sft_weight: float = option(0.0, "Weight of the NLL loss on the chosen completion (RPO); 0: off.", ge=0)
     mdpo_weight: float = option(0.0, "Weight of mDPO's image-conditional preference term; 0: off.", ge=0)
     lr: float | None = option(None, "Peak learning rate of the DPO stage; null: train.lr.", gt=0)
-    max_steps: int | None = option(None, "Optimizer steps of the DPO stage; null: train.max_steps / train.epochs.", ge=1)
+    max_steps: int | None = option(
+        None, "Optimizer steps of the DPO stage; null: train.max_steps / train.epochs.", ge=1
+    )
     precompute_ref_logps: bool = option(
-        True, "Compute the reference log-probs once before training (shared out over the ranks) and cache them, "
+        True,
+        "Compute the reference log-probs once before training (shared out over the ranks) and cache them, "
         "instead of a reference pass in every step; false: the live pass (e.g. when a run sees only a small part "
-        "of its data, as each planned pair is scored once up front)."
+        "of its data, as each planned pair is scored once up front).",
     )
     share_prompt: bool = option(
-        True, "One LM pass over each pair's prompt for both completions (prefix-sharing layout, same log-probs); "
-              "false: the 2B-row layout, each prompt computed twice."
+        True,
+        "One LM pass over each pair's prompt for both completions (prefix-sharing layout, same log-probs); "
+        "false: the 2B-row layout, each prompt computed twice.",
     )
     ref_batch_size: int = option(8, "Pairs per batch when precomputing reference log-probs.", ge=1)
     from_sft: str | None = option(None, "SFT run dir or adapter path to start from; null: the base model.")
@@ -272,41 +349,71 @@ class GrpoReward:
         "A task metric (exact_match, relaxed_accuracy, anls, vqa_accuracy, option_letter: the eval's own scorer, on "
         "the answer), format (1 when `pattern` matches the completion), length (-tokens / grpo.max_new_tokens), or "
         "function (`function`: module:function, called as f(completion: str, example: EvalExample) -> float | None; "
-        "docs/grpo.md).")
+        "docs/grpo.md).",
+    )
     weight: float = option(1.0, "Weight of this reward in the summed reward.", gt=0)
-    pattern: str | None = option(None, "format: the regular expression the completion must contain (re.search).")
+    pattern: str | None = option(
+        None, "format: the regular expression the completion must contain (re.search)."
+    )
     function: str | None = option(None, "function: the import path `module:function` of your reward.")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GrpoSection:
-    rewards: tuple[GrpoReward, ...] = option((GrpoReward(),), "Rewards, summed with their weights (train/grpo_rewards.py).")
+    rewards: tuple[GrpoReward, ...] = option(
+        (GrpoReward(),), "Rewards, summed with their weights (train/grpo_rewards.py)."
+    )
     prompt_suffix: str | None = option(
-        None, "Text appended to each prompt's last user turn, e.g. an instruction to reason briefly and then give "
-        "the answer in tags (what a format reward checks); null: the rows' prompts as they are.")
+        None,
+        "Text appended to each prompt's last user turn, e.g. an instruction to reason briefly and then give "
+        "the answer in tags (what a format reward checks); null: the rows' prompts as they are.",
+    )
     answer_pattern: str | None = option(
-        None, "Regular expression whose first group is the answer the metric rewards score (e.g. "
-        "'<answer>(.*?)</answer>'); no match scores 0; null: the whole completion.")
-    num_generations: int = option(8, "Completions sampled per prompt (the group advantages are computed in).", ge=2)
-    temperature: float = option(1.0, "Sampling temperature; the loss scores log-probs at it too (as TRL).", gt=0)
-    top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens reaching this mass (<= 1).", gt=0)
+        None,
+        "Regular expression whose first group is the answer the metric rewards score (e.g. "
+        "'<answer>(.*?)</answer>'); no match scores 0; null: the whole completion.",
+    )
+    num_generations: int = option(
+        8, "Completions sampled per prompt (the group advantages are computed in).", ge=2
+    )
+    temperature: float = option(
+        1.0, "Sampling temperature; the loss scores log-probs at it too (as TRL).", gt=0
+    )
+    top_p: float = option(
+        1.0, "Nucleus sampling: keep the most likely tokens reaching this mass (<= 1).", gt=0
+    )
     max_new_tokens: int = option(64, "Most tokens per completion (dr_grpo divides by it).", ge=1)
     stop_strings: tuple[str, ...] = option((), "A completion also ends at the token completing one of these.")
-    loss_type: GrpoLossType = option("dapo", "TRL's GRPO loss normalisation: grpo, bnpo, dr_grpo, dapo (TRL's default).")
-    epsilon: float = option(0.2, "Clip range below (and above, unless epsilon_high) the importance ratio 1.", gt=0, lt=1)
-    epsilon_high: float | None = option(None, "Upper clip range (DAPO's clip-higher, e.g. 0.28); null: epsilon.", gt=0)
-    beta: float = option(0.0, "Weight of the KL penalty to the starting policy (adapter disabled); 0: no "
-                              "reference pass (TRL's default).", ge=0)
+    loss_type: GrpoLossType = option(
+        "dapo", "TRL's GRPO loss normalisation: grpo, bnpo, dr_grpo, dapo (TRL's default)."
+    )
+    epsilon: float = option(
+        0.2, "Clip range below (and above, unless epsilon_high) the importance ratio 1.", gt=0, lt=1
+    )
+    epsilon_high: float | None = option(
+        None, "Upper clip range (DAPO's clip-higher, e.g. 0.28); null: epsilon.", gt=0
+    )
+    beta: float = option(
+        0.0,
+        "Weight of the KL penalty to the starting policy (adapter disabled); 0: no "
+        "reference pass (TRL's default).",
+        ge=0,
+    )
     scale_rewards: Literal["group", "batch", "none"] = option(
-        "group", "Divide advantages by the group's reward std, the step's (batch), or not (Dr. GRPO: none).")
-    num_iterations: int = option(1, "Optimizer steps per generation (importance ratios against the sampling policy).",
-                                 ge=1)
+        "group", "Divide advantages by the group's reward std, the step's (batch), or not (Dr. GRPO: none)."
+    )
+    num_iterations: int = option(
+        1, "Optimizer steps per generation (importance ratios against the sampling policy).", ge=1
+    )
     share_prompt: bool = option(
-        True, "One LM pass over each prompt for its G completions in the loss pass (prefix-sharing layout, same "
-              "log-probs; sdpa or eager attention); false: G rows, each computing the prompt.")
+        True,
+        "One LM pass over each prompt for its G completions in the loss pass (prefix-sharing layout, same "
+        "log-probs; sdpa or eager attention); false: G rows, each computing the prompt.",
+    )
     lr: float | None = option(None, "Peak learning rate of the GRPO stage; null: train.lr.", gt=0)
     max_steps: int | None = option(
-        None, "Optimizer steps of the GRPO stage; null: train.max_steps / train.epochs.", ge=1)
+        None, "Optimizer steps of the GRPO stage; null: train.max_steps / train.epochs.", ge=1
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -315,7 +422,9 @@ class EvalSection:
     limit: int | None = option(None, "Score at most this many examples per task; null: all.", ge=1)
     when: tuple[TrainedStage, ...] = option((), "Models to score; empty: base and every trained stage.")
     every_steps: int | None = option(
-        None, "Also score (and compute SFT's validation loss) every this many training steps; null: never.", ge=1
+        None,
+        "Also score (and compute SFT's validation loss) every this many training steps; null: never.",
+        ge=1,
     )
     max_new_tokens: int = option(128, "Most generated tokens per answer.", ge=1)
     batch_size: int = option(8, "Prompts generated per batch per device.", ge=1)
@@ -330,12 +439,16 @@ class ExportSection:
     merged: bool = option(False, "Save merged weights in the original hub layout.")
     merged_dtype: Dtype = option("bfloat16", "Dtype of the merged weights.")
     hub_id: str | None = option(
-        None, "Hub repository (ORG/NAME) the export uploads the merged folder and adapter to, with their model "
-        "cards; null: no upload. The token is read from the environment (HF_TOKEN).")
+        None,
+        "Hub repository (ORG/NAME) the export uploads the merged folder and adapter to, with their model "
+        "cards; null: no upload. The token is read from the environment (HF_TOKEN).",
+    )
     private: bool = option(True, "Create the hub repository as private.")
     base_model_id: str | None = option(
-        None, "Hub id of the base model, written into the adapter config and cards when model.name_or_path is a "
-        "local folder; null: model.name_or_path when it is a hub id.")
+        None,
+        "Hub id of the base model, written into the adapter config and cards when model.name_or_path is a "
+        "local folder; null: model.name_or_path when it is a hub id.",
+    )
     merge_base: Literal["original", "quantized"] = option(
         "original",
         "With model.quantization: merge the adapters into the original base weights (loaded unquantised in "

@@ -28,8 +28,10 @@ class DuplicateKeys(yaml.YAMLError):
 
 
 def duplicate_message(path: str, first: int, second: int) -> str:
-    return (f"key '{path}' is given twice in one mapping (line {first} and line {second}); YAML would keep line "
-            f"{second}'s value and drop line {first}'s without a word. Fix: delete one of them")
+    return (
+        f"key '{path}' is given twice in one mapping (line {first} and line {second}); YAML would keep line "
+        f"{second}'s value and drop line {first}'s without a word. Fix: delete one of them"
+    )
 
 
 class StrictSafeLoader(yaml.SafeLoader):

@@ -26,15 +26,32 @@ PHI3V_HUB = HUB_DIR / "Phi-3-vision-128k-instruct"
 PHI35V_HUB = HUB_DIR / "Phi-3.5-vision-instruct"
 
 TINY_TEXTS = [
-    "What colour is the shape?", "How many shapes are there?", "Which bar is tallest?", "Describe the image.",
-    "red", "green", "blue", "yellow", "one", "two", "three", "four", "circle", "square", "triangle",
-    "You are a helpful assistant.", "The answer is", "Compare the two images.",
+    "What colour is the shape?",
+    "How many shapes are there?",
+    "Which bar is tallest?",
+    "Describe the image.",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "one",
+    "two",
+    "three",
+    "four",
+    "circle",
+    "square",
+    "triangle",
+    "You are a helpful assistant.",
+    "The answer is",
+    "Compare the two images.",
 ]
 
 
 def needs_hub(path: Path):
     """Skip (with the reason) where the real hub files are absent: a user's fresh clone has no ../shared."""
-    return pytest.mark.skipif(not path.is_dir(), reason=f"real hub files not found at {path} (set PHI3V_HUB_DIR)")
+    return pytest.mark.skipif(
+        not path.is_dir(), reason=f"real hub files not found at {path} (set PHI3V_HUB_DIR)"
+    )
 
 
 def deterministic_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
@@ -45,7 +62,15 @@ def deterministic_init_(model: torch.nn.Module, seed: int = 0, std: float = 0.05
             digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
             values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
-            if name.endswith(("norm.weight", "layernorm.weight", "layer_norm1.weight", "layer_norm2.weight", "layrnorm.weight")):
+            if name.endswith(
+                (
+                    "norm.weight",
+                    "layernorm.weight",
+                    "layer_norm1.weight",
+                    "layer_norm2.weight",
+                    "layrnorm.weight",
+                )
+            ):
                 values += 1.0
             param.copy_(values.to(param.dtype))
 

@@ -32,15 +32,20 @@ class Payload:
 
 def signal_at(step_to_signal: int, signum: int):
     """Replaces callbacks.stop_after: sends `signum` to this process after that step (and its checkpoint)."""
+
     def factory(step):
         def on_step(state, model) -> None:
             if state.step == step_to_signal:
                 os.kill(os.getpid(), signum)
+
         return on_step
+
     return factory
 
 
-def test_sigterm_stops_with_a_lean_pickle_free_checkpoint_that_resumes_exactly(synthetic, tmp_path, monkeypatch):
+def test_sigterm_stops_with_a_lean_pickle_free_checkpoint_that_resumes_exactly(
+    synthetic, tmp_path, monkeypatch
+):
     settings = dict(max_steps=4, checkpoint_every=100)
     straight = run_stage("sft", small_overrides(tmp_path / "straight", synthetic, "sft", **settings))
     run = tmp_path / "resumed"
@@ -101,14 +106,22 @@ def test_resume_refuses_changes_unless_allowed_and_never_rewrites_the_recipe_it_
 
     run_stage("sft", [*changed, "train.resume_allow_changes=[train.lr,train.max_steps]"])
     record = json.loads((run / "sft" / "checkpoints" / "step-00000003" / "run.json").read_text())
-    assert record["allowed_changes"] == [{"step": 2, "changes": {"train.lr": {"old": 0.002, "new": 0.001},
-                                                                 "train.max_steps": {"old": 2, "new": 3}}}]
+    assert record["allowed_changes"] == [
+        {
+            "step": 2,
+            "changes": {"train.lr": {"old": 0.002, "new": 0.001}, "train.max_steps": {"old": 2, "new": 3}},
+        }
+    ]
     assert "lr: 0.001" in (run / "recipe.resolved.yaml").read_text()
 
 
 def test_divergence_stops_naming_the_step_and_saves_no_adapter(synthetic, tmp_path, capsys):
     run = tmp_path / "run"
-    argv = [str(DEMO), *small_overrides(run, synthetic, "sft", max_steps=6, checkpoint_every=1), "train.lr=1.0e+8"]
+    argv = [
+        str(DEMO),
+        *small_overrides(run, synthetic, "sft", max_steps=6, checkpoint_every=1),
+        "train.lr=1.0e+8",
+    ]
     with pytest.raises(SystemExit) as exited:
         sft.cli(argv)
     assert exited.value.code == 3
@@ -121,13 +134,27 @@ def test_divergence_stops_naming_the_step_and_saves_no_adapter(synthetic, tmp_pa
     # skip: non-finite updates are dropped, until more than train.max_nonfinite_steps of them
     skipped = tmp_path / "skipped"
     with pytest.raises(Diverged, match=r"\(2 non-finite steps\)"):
-        run_stage("sft", [*small_overrides(skipped, synthetic, "sft", max_steps=8, lr="1.0e+8", on_nonfinite="skip",
-                                           max_nonfinite_steps=1)])
+        run_stage(
+            "sft",
+            [
+                *small_overrides(
+                    skipped,
+                    synthetic,
+                    "sft",
+                    max_steps=8,
+                    lr="1.0e+8",
+                    on_nonfinite="skip",
+                    max_nonfinite_steps=1,
+                )
+            ],
+        )
     assert not (skipped / "sft" / "adapter").exists()
 
 
 def test_resume_allow_changes_names_run_shaping_keys_only():
-    with pytest.raises(RecipeError, match=r"train.resume_allow_changes.0 = 'train.log_every': no such run-shaping"):
+    with pytest.raises(
+        RecipeError, match=r"train.resume_allow_changes.0 = 'train.log_every': no such run-shaping"
+    ):
         load_recipe(DEMO, ["train.resume_allow_changes=[train.log_every]"])
 
 
@@ -190,17 +217,35 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resumes(syn
     one = run_stage("sft", small_overrides(tmp_path / "one", synthetic, "sft", grad_accum=4, **settings))
     run = tmp_path / "two"
     overrides = small_overrides(run, synthetic, "sft", grad_accum=2, **settings)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--main_process_port", str(29600 + os.getpid() % 1000), "--multi_gpu",
-               str(REPO / "train" / "sft.py"), str(DEMO), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(29600 + os.getpid() % 1000),
+        "--multi_gpu",
+        str(REPO / "train" / "sft.py"),
+        str(DEMO),
+        *overrides,
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 400
         while not (run / "sft" / "checkpoints" / "step-00000002").exists():
             assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before step 2"
             time.sleep(0.05)
-        rank1 = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+        rank1 = [
+            p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1"
+        ]
         assert len(rank1) == 1
         rank1[0].send_signal(signal.SIGTERM)
         out, err = launcher.communicate(timeout=300)
@@ -208,7 +253,9 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resumes(syn
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode != 0
-    assert "stopped by SIGTERM after step" in err and f"train.resume=true output_dir={run}" in err, err[-3000:]
+    assert "stopped by SIGTERM after step" in err and f"train.resume=true output_dir={run}" in err, err[
+        -3000:
+    ]
     steps = [p.name for p in checkpoint.checkpoints(run / "sft" / "checkpoints")]
     assert len(steps) < 10 and not (run / "sft" / "adapter").exists(), steps
     launch_two_processes("sft", [*overrides, "train.resume=true"])
@@ -216,7 +263,8 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resumes(syn
 
 
 def test_resume_names_a_cut_short_and_a_missing_file_and_continues_from_the_newest_intact_checkpoint(
-        synthetic, tmp_path, caplog, capsys):
+    synthetic, tmp_path, caplog, capsys
+):
     run = tmp_path / "run"
     overrides = small_overrides(run, synthetic, "sft", max_steps=4, checkpoint_every=1, keep_checkpoints=3)
     run_stage("sft", overrides)
@@ -224,7 +272,12 @@ def test_resume_names_a_cut_short_and_a_missing_file_and_continues_from_the_newe
     folders = checkpoint.checkpoints(run / "sft" / "checkpoints")
     assert [p.name for p in folders] == ["step-00000002", "step-00000003", "step-00000004"]
     assert set(json.loads((folders[-1] / "manifest.json").read_text())["files"]) >= {
-        "trainable.safetensors", "optimizer.safetensors", "loop_state.json", "run.json", "rng-0.json"}
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "loop_state.json",
+        "run.json",
+        "rng-0.json",
+    }
     tensor = folders[2] / "trainable.safetensors"  # a disk that lied: the file cut short
     tensor.write_bytes(tensor.read_bytes()[: tensor.stat().st_size // 2])
     (folders[1] / "optimizer.safetensors").unlink()  # a copy that stopped
@@ -248,7 +301,9 @@ def test_resume_names_a_cut_short_and_a_missing_file_and_continues_from_the_newe
     assert "step-00000002: loop_state.json in" in err and "bytes it was written with" in err, err
 
 
-def test_a_file_planted_among_the_engines_pickles_fails_the_manifest_and_the_older_checkpoint_is_taken(tmp_path):
+def test_a_file_planted_among_the_engines_pickles_fails_the_manifest_and_the_older_checkpoint_is_taken(
+    tmp_path,
+):
     """deepspeed/ (DeepSpeed's and FSDP's torch.save files) is closed: a file its manifest does not list is refused
     before anything there is unpickled, and resume falls back to the checkpoint before."""
     for step in (2, 4):
@@ -258,9 +313,12 @@ def test_a_file_planted_among_the_engines_pickles_fails_the_manifest_and_the_old
         (folder / "loop_state.json").write_text(json.dumps({"step": step}))
         write_folder_manifest(folder)
     (tmp_path / "step-00000004" / "deepspeed" / "custom_checkpoint_0.pkl").write_bytes(
-        pickle.dumps(Payload(tmp_path / "pwned")))
+        pickle.dumps(Payload(tmp_path / "pwned"))
+    )
     assert checkpoint.intact_checkpoint(tmp_path) == tmp_path / "step-00000002"
     assert (tmp_path / ".failed-step-00000004").is_dir() and not (tmp_path / "pwned").exists()
     (tmp_path / "step-00000002" / "deepspeed" / "random_states_0.pkl").write_bytes(b"written by intruder")
-    with pytest.raises(ResumeRefused, match=r"step-00000002: deepspeed/random_states_0.pkl in .* sha256 differs"):
+    with pytest.raises(
+        ResumeRefused, match=r"step-00000002: deepspeed/random_states_0.pkl in .* sha256 differs"
+    ):
         checkpoint.intact_checkpoint(tmp_path)

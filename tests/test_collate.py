@@ -32,7 +32,9 @@ def text(role: str, value: str) -> Turn:
 
 def sft_sample(row: int, refs: tuple[ImageRef, ...], question: str, answer: str) -> SFTSample:
     user = Turn(role="user", parts=(*(ImagePart() for _ in refs), TextPart(question)))
-    return SFTSample(turns=(user, text("assistant", answer)), images=refs, origin=Origin(dataset="mix", row=row))
+    return SFTSample(
+        turns=(user, text("assistant", answer)), images=refs, origin=Origin(dataset="mix", row=row)
+    )
 
 
 @pytest.fixture()
@@ -41,8 +43,12 @@ def sft_rows(tiny_processor, tmp_path):
     samples = [
         sft_sample(0, (png(tmp_path, "a", (40, 30), 1),), "What colour is the shape?", "red"),
         sft_sample(1, (), "Which bar is tallest?", "The answer is blue"),
-        sft_sample(2, (png(tmp_path, "b", (30, 70), 2), png(tmp_path, "c", (64, 64), 3)),
-                   "Compare the two images.", "two"),
+        sft_sample(
+            2,
+            (png(tmp_path, "b", (30, 70), 2), png(tmp_path, "c", (64, 64), 3)),
+            "Compare the two images.",
+            "two",
+        ),
     ]
     planned = plan_lengths(samples, tiny_processor, max_length=4096, skips=SkipCounter())
     return [RenderedDataset(planned, tiny_processor)[i] for i in range(len(planned))], samples
@@ -51,22 +57,28 @@ def sft_rows(tiny_processor, tmp_path):
 def test_dataset_rows_hold_rendered_ids_and_uint8_crops_of_the_real_grid(tiny_processor, sft_rows):
     rows, samples = sft_rows
     for row, sample in zip(rows, samples):
-        counts = [tiny_processor.num_image_tokens(*load_rgb(r, sample.origin, "images").size) for r in sample.images]
+        counts = [
+            tiny_processor.num_image_tokens(*load_rgb(r, sample.origin, "images").size) for r in sample.images
+        ]
         rendered = render_sft(sample, tiny_processor, counts)
         assert (row["input_ids"], row["labels"]) == (rendered.input_ids, rendered.labels)
-        assert row["pixel_values"].dtype == torch.uint8 and row["image_sizes"].shape == (len(sample.images), 2)
+        assert row["pixel_values"].dtype == torch.uint8 and row["image_sizes"].shape == (
+            len(sample.images),
+            2,
+        )
         if sample.images:
             images = [load_rgb(r, sample.origin, "images") for r in sample.images]
             expected = tiny_processor.image_processor(images, do_normalize=False)
             assert torch.equal(row["pixel_values"], expected["pixel_values"])
-            grid_crops = sum(int(h * w) // 32 ** 2 for h, w in row["image_sizes"].tolist())
+            grid_crops = sum(int(h * w) // 32**2 for h, w in row["image_sizes"].tolist())
             assert row["pixel_values"].shape[0] == grid_crops  # no global crop, no padding crops
 
 
 def test_dataset_survives_pickling_for_spawned_workers(tiny_processor, sft_rows, tmp_path):
     sample = sft_sample(0, (png(tmp_path, "p", (40, 30)),), "What colour is the shape?", "red")
-    dataset = RenderedDataset(plan_lengths([sample], tiny_processor, max_length=4096, skips=SkipCounter()),
-                              tiny_processor)
+    dataset = RenderedDataset(
+        plan_lengths([sample], tiny_processor, max_length=4096, skips=SkipCounter()), tiny_processor
+    )
     assert pickle.loads(pickle.dumps(dataset))[0]["input_ids"] == dataset[0]["input_ids"]
 
 
@@ -105,7 +117,10 @@ def test_text_only_batch_has_no_image_keys(sft_rows):
     rows, _ = sft_rows
     batch = SFTCollator(pad_token_id=0)([rows[1], {"input_ids": [1, 5, 6], "labels": [IGNORE_INDEX, 5, 6]}])
     assert "pixel_values" not in batch and "image_sizes" not in batch
-    assert int(batch["num_supervised_tokens"]) == sum(label != IGNORE_INDEX for label in rows[1]["labels"][1:]) + 2
+    assert (
+        int(batch["num_supervised_tokens"])
+        == sum(label != IGNORE_INDEX for label in rows[1]["labels"][1:]) + 2
+    )
 
 
 def test_collators_refuse_a_missing_pad_id():
@@ -127,15 +142,17 @@ def test_packed_layout(sft_rows):
     before = copy.deepcopy(rows)
     lengths = [len(row["input_ids"]) for row in rows]
     batch = PackedSFTCollator(max_tokens=sum(lengths))(rows)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, sum(lengths))
+    assert (
+        batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, sum(lengths))
+    )
     assert "attention_mask" not in batch and batch["use_cache"] is False
     assert batch["cu_seqlens"].dtype == torch.int32
     assert batch["cu_seqlens"].tolist() == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
     for start, row in zip(batch["cu_seqlens"][:-1].tolist(), rows):
         n = len(row["input_ids"])
-        assert batch["position_ids"][0, start: start + n].tolist() == list(range(n))
+        assert batch["position_ids"][0, start : start + n].tolist() == list(range(n))
         assert batch["labels"][0, start] == IGNORE_INDEX
-        assert batch["labels"][0, start + 1: start + n].tolist() == row["labels"][1:]
+        assert batch["labels"][0, start + 1 : start + n].tolist() == row["labels"][1:]
     assert int(batch["num_supervised_tokens"]) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert batch["image_sizes"].shape == (3, 2)
     assert_rows_unchanged(rows, before)
@@ -153,19 +170,32 @@ def test_packed_logits_equal_each_sample_run_alone(tiny_model, sft_rows):
             alone = SFTCollator(pad_token_id=0)([row])
             inputs = {key: alone[key] for key in ("input_ids", "pixel_values", "image_sizes") if key in alone}
             expected = tiny_model(**inputs).logits[0]
-            assert torch.allclose(logits[start: start + len(row["input_ids"])], expected, atol=1e-5)
+            assert torch.allclose(logits[start : start + len(row["input_ids"])], expected, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ DPO
 
 
-def pair_row(tiny_processor, tmp_path: Path, row: int, sizes: list[tuple[int, int]],
-             rejected_size: tuple[int, int] | None = None) -> dict:
+def pair_row(
+    tiny_processor,
+    tmp_path: Path,
+    row: int,
+    sizes: list[tuple[int, int]],
+    rejected_size: tuple[int, int] | None = None,
+) -> dict:
     refs = tuple(png(tmp_path, f"p{row}_{k}", size, seed=10 * row + k) for k, size in enumerate(sizes))
-    prompt = (Turn(role="user", parts=(*(ImagePart() for _ in refs), TextPart("How many shapes are there?"))),)
+    prompt = (
+        Turn(role="user", parts=(*(ImagePart() for _ in refs), TextPart("How many shapes are there?"))),
+    )
     rejected_images = (png(tmp_path, f"r{row}", rejected_size, seed=99 + row),) if rejected_size else None
-    sample = PreferenceSample(prompt=prompt, chosen=text("assistant", "two"), rejected=text("assistant", "four"),
-                              images=refs, origin=Origin(dataset="pairs", row=row), rejected_images=rejected_images)
+    sample = PreferenceSample(
+        prompt=prompt,
+        chosen=text("assistant", "two"),
+        rejected=text("assistant", "four"),
+        images=refs,
+        origin=Origin(dataset="pairs", row=row),
+        rejected_images=rejected_images,
+    )
     planned = plan_lengths([sample], tiny_processor, max_length=4096, skips=SkipCounter())
     return RenderedDataset(planned, tiny_processor)[0]
 
@@ -173,23 +203,38 @@ def pair_row(tiny_processor, tmp_path: Path, row: int, sizes: list[tuple[int, in
 @pytest.fixture()
 def dpo_rows(tiny_processor, tmp_path):
     """A one-image pair, a text-only pair, a two-image pair, and an image-contrast pair."""
-    return [pair_row(tiny_processor, tmp_path, 0, [(40, 30)]), pair_row(tiny_processor, tmp_path, 1, []),
-            pair_row(tiny_processor, tmp_path, 2, [(30, 70), (64, 64)]),
-            pair_row(tiny_processor, tmp_path, 3, [(40, 30)], rejected_size=(30, 120))]
+    return [
+        pair_row(tiny_processor, tmp_path, 0, [(40, 30)]),
+        pair_row(tiny_processor, tmp_path, 1, []),
+        pair_row(tiny_processor, tmp_path, 2, [(30, 70), (64, 64)]),
+        pair_row(tiny_processor, tmp_path, 3, [(40, 30)], rejected_size=(30, 120)),
+    ]
 
 
 def test_dpo_batch_carries_each_image_once(dpo_rows):
     before = copy.deepcopy(dpo_rows)
     batch = DPOCollator(pad_token_id=0)(dpo_rows)
     num_pairs = len(dpo_rows)
-    assert batch["input_ids"].shape[0] == batch["labels"].shape[0] == batch["attention_mask"].shape[0] == 2 * num_pairs
+    assert (
+        batch["input_ids"].shape[0]
+        == batch["labels"].shape[0]
+        == batch["attention_mask"].shape[0]
+        == 2 * num_pairs
+    )
     for b, row in enumerate(dpo_rows):
-        for r, (ids, labels) in ((b, row["pair"].chosen_sequence()), (num_pairs + b, row["pair"].rejected_sequence())):
-            assert batch["input_ids"][r, :len(ids)].tolist() == ids
-            assert batch["labels"][r, :len(ids)].tolist() == labels
-            assert batch["labels"][r, len(ids):].eq(IGNORE_INDEX).all()
-    unique = [dpo_rows[0]["pixel_values"], dpo_rows[2]["pixel_values"], dpo_rows[3]["pixel_values"],
-              dpo_rows[3]["rejected_pixel_values"]]
+        for r, (ids, labels) in (
+            (b, row["pair"].chosen_sequence()),
+            (num_pairs + b, row["pair"].rejected_sequence()),
+        ):
+            assert batch["input_ids"][r, : len(ids)].tolist() == ids
+            assert batch["labels"][r, : len(ids)].tolist() == labels
+            assert batch["labels"][r, len(ids) :].eq(IGNORE_INDEX).all()
+    unique = [
+        dpo_rows[0]["pixel_values"],
+        dpo_rows[2]["pixel_values"],
+        dpo_rows[3]["pixel_values"],
+        dpo_rows[3]["rejected_pixel_values"],
+    ]
     assert torch.equal(batch["pixel_values"], torch.cat(unique))
     assert batch["image_sizes"].shape == (5, 2)
     assert batch["sequence_images"] == [[0], [], [1, 2], [3], [0], [], [1, 2], [4]]
@@ -204,8 +249,9 @@ def test_dpo_rows_see_their_images_through_sequence_images(tiny_model, tiny_proc
     with torch.no_grad():
         features = tiny_model.model.vision_embed_tokens.per_image(batch["pixel_values"], batch["image_sizes"])
         routed = [features[i] for images in batch["sequence_images"] for i in images]
-        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            image_features=routed).logits
+        logits = tiny_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_features=routed
+        ).logits
         num_pairs = len(dpo_rows)
         for r in range(2 * num_pairs):
             row = dpo_rows[r % num_pairs]
@@ -216,7 +262,7 @@ def test_dpo_rows_see_their_images_through_sequence_images(tiny_model, tiny_proc
             sizes = row["rejected_image_sizes"] if own else row["image_sizes"]
             inputs = {"pixel_values": pixels, "image_sizes": sizes} if sizes.shape[0] else {}
             alone = tiny_model(input_ids=torch.tensor([ids]), **inputs).logits[0]
-            assert torch.allclose(logits[r, :len(ids)], alone, atol=1e-5)
+            assert torch.allclose(logits[r, : len(ids)], alone, atol=1e-5)
 
 
 def test_dpo_image_contrast_rejected_prompt_has_its_own_slots(tiny_processor, dpo_rows):

@@ -53,7 +53,9 @@ def test_a_collective_timeout_becomes_an_error_naming_the_stack_files(stage_diag
     assert "train.collective_timeout_s=10 s" in message and "rank-0.txt, rank-1.txt" in message
     assert str(diagnostics_file(stage_diagnostics, 1)) in message
     assert "Timed out waiting" in diagnostics_file(stage_diagnostics, 1).read_text()
-    with pytest.raises(ValueError):  # any other error passes through unchanged (its traceback kept in the file)
+    with pytest.raises(
+        ValueError
+    ):  # any other error passes through unchanged (its traceback kept in the file)
         with diagnostics.step_guard():
             raise ValueError("a bad value")
 
@@ -110,11 +112,26 @@ def test_a_rank_hung_in_a_step_stops_the_run_with_both_ranks_stacks(tmp_path):
     entry = tmp_path / "sleepy_sft.py"
     entry.write_text(SLEEPER.format(repo=str(REPO)))
     run = tmp_path / "run"
-    overrides = small_overrides(run, synthetic, "sft", micro_batch_size=2, grad_accum=2,
-                                collective_timeout_s=10)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--multi_gpu", "--mixed_precision", "no", "--main_process_port", str(29500 + os.getpid() % 1000 + 7),
-               str(entry), str(DEMO), *overrides]
+    overrides = small_overrides(
+        run, synthetic, "sft", micro_batch_size=2, grad_accum=2, collective_timeout_s=10
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000 + 7),
+        str(entry),
+        str(DEMO),
+        *overrides,
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     started = time.monotonic()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)

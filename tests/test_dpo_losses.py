@@ -54,7 +54,9 @@ class _FusedHeadStandIn(torch.nn.Module):
 
     def forward(self, *, input_ids, attention_mask, labels, fused_lm_head, use_cache):
         zeros = torch.zeros_like(self.per_token_logps.detach())
-        return SimpleNamespace(log_probs=self.per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+        return SimpleNamespace(
+            log_probs=self.per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool()
+        )
 
 
 def trl_trainer(loss_types, loss_weights=None, *, beta, label_smoothing=0.0):
@@ -81,7 +83,9 @@ def random_batch(seed, batch=BATCH, dtype=torch.float64):
     prompt_len = torch.randint(2, 5, (2 * batch,), generator=gen)
     completion_len = torch.randint(1, SEQ_LEN - 4, (2 * batch,), generator=gen)
     positions = torch.arange(SEQ_LEN)
-    completion_mask = ((positions >= prompt_len[:, None]) & (positions < (prompt_len + completion_len)[:, None])).long()
+    completion_mask = (
+        (positions >= prompt_len[:, None]) & (positions < (prompt_len + completion_len)[:, None])
+    ).long()
     # Log-probs of whole completions spread over a few nats so that every loss sees both signs of its margins.
     per_token = -torch.rand(2 * batch, SEQ_LEN - 1, generator=gen, dtype=dtype) * 3
     per_token = (per_token * completion_mask[:, 1:]).requires_grad_()
@@ -123,7 +127,9 @@ def single_pair(batch, index):
 
 def trl_per_pair(batch, loss_type, **options):
     """TRL's loss for each pair alone (its loss is the mean over a batch, so a batch of one gives the pair's loss)."""
-    return torch.stack([trl_loss(single_pair(batch, index), [loss_type], **options)[0] for index in range(BATCH)])
+    return torch.stack(
+        [trl_loss(single_pair(batch, index), [loss_type], **options)[0] for index in range(BATCH)]
+    )
 
 
 def test_loss_names_match_the_recipe_schema():
@@ -188,13 +194,17 @@ def test_combined_loss_matches_trl_value_and_gradients(terms, sft_weight):
     torch.testing.assert_close(loss_B.mean(), trl_value, atol=ATOL, rtol=0)
     # Only completion positions carry log-probs that depend on the model (the fused head writes 0 elsewhere).
     completion_positions = batch.inputs["completion_mask"][:, 1:].bool()
-    torch.testing.assert_close(ours_grad[completion_positions], trl_grad[completion_positions], atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        ours_grad[completion_positions], trl_grad[completion_positions], atol=ATOL, rtol=0
+    )
     assert set(metrics) == {f"loss/{loss_type}" for loss_type in types}
 
 
 def test_combined_loss_is_the_weighted_sum_of_its_terms():
     args = ours(random_batch(seed=22))
-    loss_B, metrics = combined_loss([("robust", 0.25), ("sigmoid", 2.0)], *args.logps, beta=0.1, label_smoothing=0.2)
+    loss_B, metrics = combined_loss(
+        [("robust", 0.25), ("sigmoid", 2.0)], *args.logps, beta=0.1, label_smoothing=0.2
+    )
     robust_B = preference_loss("robust", *args.logps, beta=0.1, label_smoothing=0.2)
     sigmoid_B = preference_loss("sigmoid", *args.logps, beta=0.1, label_smoothing=0.2)
     torch.testing.assert_close(loss_B, 0.25 * robust_B + 2.0 * sigmoid_B)
@@ -213,15 +223,23 @@ def test_reward_metrics_match_trl():
     batch = random_batch(seed=31)
     _, trl_metrics = trl_loss(batch, ["sigmoid"], beta=0.3)
     metrics = reward_metrics(*ours(batch).logps, beta=0.3)
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                 "logps/chosen", "logps/rejected"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert metrics[name].item() == pytest.approx(trl_metrics[name], abs=ATOL), name
     assert 0 < metrics["rewards/accuracies"] < 1, "the fixture should have pairs ranked both ways"
 
 
 def test_kl_is_the_k2_estimate_over_both_completions():
     ref = torch.tensor([-10.0, -20.0])
-    metrics = reward_metrics(ref + torch.tensor([2.0, 0.0]), ref + torch.tensor([0.0, -2.0]), ref, ref, beta=0.1)
+    metrics = reward_metrics(
+        ref + torch.tensor([2.0, 0.0]), ref + torch.tensor([0.0, -2.0]), ref, ref, beta=0.1
+    )
     assert metrics["kl"].item() == pytest.approx((0.5 * 4 + 0.5 * 4) / 4)
 
 
@@ -244,8 +262,15 @@ def test_gradients_reach_the_policy_only(loss_type):
     counts = torch.tensor([3, 5, 7, 9])
     smoothing = 0.1 if loss_type in LABEL_SMOOTHING_LOSS_TYPES else 0.0
     losses_B = preference_loss(
-        loss_type, policy[0], policy[1], ref[0], ref[1], beta=0.1, label_smoothing=smoothing,
-        chosen_num_tokens=counts, rejected_num_tokens=counts.flip(0),
+        loss_type,
+        policy[0],
+        policy[1],
+        ref[0],
+        ref[1],
+        beta=0.1,
+        label_smoothing=smoothing,
+        chosen_num_tokens=counts,
+        rejected_num_tokens=counts.flip(0),
     )
     losses_B.sum().backward()
     assert ref.grad is None
@@ -256,8 +281,9 @@ def test_reference_free_is_a_zero_reference():
     args = ours(random_batch(seed=51))
     chosen, rejected = args.logps[:2]
     free_B = preference_loss("ipo", chosen, rejected, None, None, beta=0.1, **args.tokens)
-    zero_B = preference_loss("ipo", chosen, rejected, torch.zeros_like(chosen), torch.zeros_like(chosen),
-                             beta=0.1, **args.tokens)
+    zero_B = preference_loss(
+        "ipo", chosen, rejected, torch.zeros_like(chosen), torch.zeros_like(chosen), beta=0.1, **args.tokens
+    )
     torch.testing.assert_close(free_B, zero_B, atol=0, rtol=0)
     with pytest.raises(ValueError, match="exactly one of ref_chosen_logps"):
         preference_loss("sigmoid", chosen, rejected, None, rejected.detach(), beta=0.1)
@@ -269,7 +295,9 @@ def test_label_smoothing_is_refused_by_losses_without_it(loss_type):
     with pytest.raises(ValueError, match=f"loss '{loss_type}' has no label smoothing"):
         preference_loss(loss_type, *args.logps, beta=0.1, label_smoothing=0.1, **args.tokens)
     with pytest.raises(ValueError, match=f"loss '{loss_type}' has no label smoothing"):
-        combined_loss([("sigmoid", 1.0), (loss_type, 1.0)], *args.logps, beta=0.1, label_smoothing=0.1, **args.tokens)
+        combined_loss(
+            [("sigmoid", 1.0), (loss_type, 1.0)], *args.logps, beta=0.1, label_smoothing=0.1, **args.tokens
+        )
 
 
 @pytest.mark.parametrize(
@@ -282,7 +310,10 @@ def test_label_smoothing_is_refused_by_losses_without_it(loss_type):
         (lambda a: preference_loss("sigmoid", a.logps[0][:2], *a.logps[1:], beta=0.1), "same shape"),
         (lambda a: combined_loss([("sigmoid", 1.0), ("sigmoid", 0.5)], *a.logps, beta=0.1), "more than once"),
         (lambda a: combined_loss([("hinge", -1.0)], *a.logps, beta=0.1), "weight -1.0 of loss 'hinge'"),
-        (lambda a: combined_loss([("sigmoid", 1.0)], *a.logps, beta=0.1, sft_weight=1.0), "chosen_nll_per_pair is None"),
+        (
+            lambda a: combined_loss([("sigmoid", 1.0)], *a.logps, beta=0.1, sft_weight=1.0),
+            "chosen_nll_per_pair is None",
+        ),
         (lambda a: combined_loss([], *a.logps, beta=0.1), "nothing to train"),
     ],
 )

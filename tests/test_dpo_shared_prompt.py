@@ -41,15 +41,29 @@ ATOL_LOGPS = 1e-5
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
     write_synthetic(root, seed=0, n_train=8, n_eval=4, n_pref_train=24, n_pref_eval=4)
-    recipe = load_recipe(DEMO, [f"data.train.0.path={root}", f"data.eval.0.path={root}", f"output_dir={root}/run",
-                                "dpo.sft_weight=0.0"])  # the sigmoid loss alone: log 2 at step 0
+    recipe = load_recipe(
+        DEMO,
+        [
+            f"data.train.0.path={root}",
+            f"data.eval.0.path={root}",
+            f"output_dir={root}/run",
+            "dpo.sft_weight=0.0",
+        ],
+    )  # the sigmoid loss alone: log 2 at step 0
     _, processor = common.build_tiny(recipe.model, seed=0)
     skips = SkipCounter()
-    samples = load_samples(recipe.data.train, "dpo", recipe.data, seed=0, skips=skips,
-                           main_first=Accelerator(cpu=True).main_process_first)
+    samples = load_samples(
+        recipe.data.train,
+        "dpo",
+        recipe.data,
+        seed=0,
+        skips=skips,
+        main_first=Accelerator(cpu=True).main_process_first,
+    )
     planned = plan(samples, processor, recipe.data, skips)
-    make_loader, _ = loader_factory(planned, processor, recipe.data, stage="dpo", micro_batch_size=8, seed=0,
-                                    num_replicas=1, rank=0)
+    make_loader, _ = loader_factory(
+        planned, processor, recipe.data, stage="dpo", micro_batch_size=8, seed=0, num_replicas=1, rank=0
+    )
     batches = list(make_loader(0))
     return recipe, processor, planned, batches
 
@@ -114,14 +128,23 @@ def test_long_rope_switch_is_the_same_in_both_layouts(setup):
     with torch.no_grad():
         for batch in crossing:
             kwargs, _ = DPOLoss.image_kwargs_for(model, batch, share_features=True)
-            torch.testing.assert_close(shared_completion_logps(model, batch, kwargs)[0],
-                                       completion_logps(model, batch, kwargs)[0], atol=ATOL_LOGPS, rtol=0)
+            torch.testing.assert_close(
+                shared_completion_logps(model, batch, kwargs)[0],
+                completion_logps(model, batch, kwargs)[0],
+                atol=ATOL_LOGPS,
+                rtol=0,
+            )
 
 
 def test_block_mask_hides_the_chosen_completion_from_the_rejected_one():
     segments = torch.tensor([[0, 0, 1, 1, 2, 2, SEGMENT_PAD]])
     mask = prefix_sharing_mask(segments, "sdpa", torch.float32)[0, 0]
-    assert mask[4, :4].tolist() == [True, True, False, False]  # rejected sees the prompt, not the chosen tokens
+    assert mask[4, :4].tolist() == [
+        True,
+        True,
+        False,
+        False,
+    ]  # rejected sees the prompt, not the chosen tokens
     assert mask[3, :4].tolist() == [True, True, True, True]
     assert mask.any(dim=1).all()  # no empty row (padding sees the prompt)
     additive = prefix_sharing_mask(segments, "eager", torch.float32)[0, 0]
@@ -133,8 +156,16 @@ def test_image_contrast_pairs_and_flash_attention_fall_back_to_the_2b_rows(setup
     rows = [RenderedDataset(planned, processor)[i] for i in range(2)]
     contrast = replace(rows[0]["pair"], has_rejected_images=True)
     batch = DPOCollator(pad_token_id=processor.tokenizer.pad_token_id)(
-        [{**rows[0], "pair": contrast, "rejected_pixel_values": rows[0]["pixel_values"],
-          "rejected_image_sizes": rows[0]["image_sizes"]}, rows[1]])
+        [
+            {
+                **rows[0],
+                "pair": contrast,
+                "rejected_pixel_values": rows[0]["pixel_values"],
+                "rejected_image_sizes": rows[0]["image_sizes"],
+            },
+            rows[1],
+        ]
+    )
     assert "shared_input_ids" not in batch
     model = policy(recipe)
     assert shares_prompt(model, batches[0])
@@ -160,8 +191,11 @@ def test_pair_logps_dispatches_to_the_shared_layout(setup):
     recipe, _, _, batches = setup
     model = policy(recipe)
     calls = []
-    hook = model.get_base_model().model.layers[0].register_forward_pre_hook(
-        lambda _m, args: calls.append(args[0].shape[0]))
+    hook = (
+        model.get_base_model()
+        .model.layers[0]
+        .register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    )
     batch = batches[0]
     with torch.no_grad():
         pair_logps(model, batch, DPOLoss.image_kwargs_for(model, batch, share_features=True)[0])
@@ -173,8 +207,11 @@ def test_sft_logits_only_at_supervised_pairs(tiny_model, tiny_processor):
     """sft_loss_sum computes logits at the supervised (row, position) pairs only, and the same loss as the full
     cross-entropy."""
     labels = torch.tensor([[-100, -100, 5, 6, -100, -100], [-100, 7, -100, -100, 8, 9]])
-    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]), "labels": labels,
-             "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]),
+        "labels": labels,
+        "attention_mask": torch.ones(2, 6, dtype=torch.long),
+    }
     seen = []
     hook = tiny_model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
     loss, _ = sft_loss_sum(tiny_model, batch)
@@ -182,7 +219,9 @@ def test_sft_logits_only_at_supervised_pairs(tiny_model, tiny_processor):
     assert seen == [torch.Size([5, tiny_model.config.hidden_size])]  # 5 supervised tokens, not B x |union|
     with torch.no_grad():
         logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+    full = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum"
+    )
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
 
 
@@ -203,7 +242,9 @@ def test_dpo_runs_give_the_same_losses_with_and_without_prompt_sharing(tmp_path)
     histories = {}
     for share in (True, False):
         overrides = small_overrides(tmp_path / f"share_{share}", tmp_path / "synthetic", "dpo", max_steps=3)
-        histories[share] = history(run_stage("dpo", overrides + [f"dpo.share_prompt={str(share).lower()}"]), "dpo")
+        histories[share] = history(
+            run_stage("dpo", overrides + [f"dpo.share_prompt={str(share).lower()}"]), "dpo"
+        )
     on, off = histories[True], histories[False]
     assert [h["step"] for h in on] == [h["step"] for h in off] == [1, 2, 3]
     assert on[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -218,11 +259,15 @@ def test_length_grouping_sorts_pairs_by_their_shared_row(setup):
     recipe, processor, planned, _ = setup
     for index, plan_ in enumerate(planned):
         batch = DPOCollator(pad_token_id=processor.tokenizer.pad_token_id)(
-            [RenderedDataset(planned, processor)[index]])
-        assert plan_.shared_tokens == int((batch["shared_input_ids"] != processor.tokenizer.pad_token_id).sum())
+            [RenderedDataset(planned, processor)[index]]
+        )
+        assert plan_.shared_tokens == int(
+            (batch["shared_input_ids"] != processor.tokenizer.pad_token_id).sum()
+        )
     grouped = replace(recipe.data, group_by_length=True)
-    make_loader, _ = loader_factory(planned, processor, grouped, stage="dpo", micro_batch_size=4, seed=0,
-                                    num_replicas=1, rank=0)
+    make_loader, _ = loader_factory(
+        planned, processor, grouped, stage="dpo", micro_batch_size=4, seed=0, num_replicas=1, rank=0
+    )
     spans = []
     for batch in make_loader(0):
         lengths = sorted(planned[i].shared_tokens for i in batch["indices"].tolist())

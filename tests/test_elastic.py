@@ -35,17 +35,36 @@ def test_a_killed_rank_restarts_the_stage_which_resumes_and_ends_with_the_uninte
     synthetic = tmp_path / "synthetic"
     write_synthetic(synthetic, seed=0, **SYNTHETIC_COUNTS)
     settings = dict(max_steps=6, checkpoint_every=2, micro_batch_size=2)
-    straight = run_stage("sft", small_overrides(tmp_path / "straight", synthetic, "sft", grad_accum=4, **settings))
+    straight = run_stage(
+        "sft", small_overrides(tmp_path / "straight", synthetic, "sft", grad_accum=4, **settings)
+    )
 
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED)}
-    env.update(PYTHON=sys.executable, NPROC="2", MASTER_PORT=str(29500 + os.getpid() % 1000 + 11), OMP_NUM_THREADS="1",
-               WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    env.update(
+        PYTHON=sys.executable,
+        NPROC="2",
+        MASTER_PORT=str(29500 + os.getpid() % 1000 + 11),
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+    )
     log = tmp_path / "launch.log"
-    job = subprocess.Popen([str(REPO / "launch.sh"), "--max-restarts", "1", str(DEMO),
-                            *small_overrides(run, synthetic, "sft", grad_accum=2, **settings),
-                            "train.collective_timeout_s=120"],  # a hung start-up or step fails in minutes
-                           cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    job = subprocess.Popen(
+        [
+            str(REPO / "launch.sh"),
+            "--max-restarts",
+            "1",
+            str(DEMO),
+            *small_overrides(run, synthetic, "sft", grad_accum=2, **settings),
+            "train.collective_timeout_s=120",
+        ],  # a hung start-up or step fails in minutes
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for_file(job, checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json", log, 600)
         rank1 = int(re.search(r"# rank 1 of 2, pid (\d+)", diagnostics_file(run, 1).read_text()).group(1))
@@ -69,8 +88,17 @@ def test_a_killed_rank_restarts_the_stage_which_resumes_and_ends_with_the_uninte
 def test_max_restarts_reaches_the_launcher_with_resume_and_needs_several_processes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED)}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    args = [str(REPO / "launch.sh"), "--dry-run", "--max-restarts", "2", "recipes/demo.yaml", f"output_dir={tmp_path}"]
-    two = subprocess.run(args, cwd=REPO, env={**env, "NPROC": "2"}, capture_output=True, text=True, timeout=300)
+    args = [
+        str(REPO / "launch.sh"),
+        "--dry-run",
+        "--max-restarts",
+        "2",
+        "recipes/demo.yaml",
+        f"output_dir={tmp_path}",
+    ]
+    two = subprocess.run(
+        args, cwd=REPO, env={**env, "NPROC": "2"}, capture_output=True, text=True, timeout=300
+    )
     assert two.returncode == 0, two.stderr
     sft_command = next(line for line in two.stdout.splitlines() if "train/sft.py" in line)
     assert "--max_restarts 2" in sft_command and sft_command.rstrip().endswith("train.resume=true")

@@ -64,6 +64,7 @@ def count_generate_calls(model) -> list[int]:
 
 def fake_answers(monkeypatch, answer_for):
     """Replace generation in the hook: `answer_for(example)` answers each example."""
+
     def fake(model, processor, examples, **_):
         return [answer_for(example) for example in examples]
 
@@ -89,7 +90,10 @@ def test_batched_generation_equals_one_by_one(tiny_model, tiny_processor, exampl
 def test_answer_stops_at_end_token_and_is_stripped(tiny_model, tiny_processor, examples):
     tokenizer = tiny_processor.tokenizer
     answer_ids = tokenizer(" red ", add_special_tokens=False).input_ids
-    tail = [tokenizer.convert_tokens_to_ids("<|end|>"), *tokenizer("blue", add_special_tokens=False).input_ids]
+    tail = [
+        tokenizer.convert_tokens_to_ids("<|end|>"),
+        *tokenizer("blue", add_special_tokens=False).input_ids,
+    ]
 
     def scripted_generate(**inputs):
         new = torch.tensor([answer_ids + tail] * inputs["input_ids"].shape[0])
@@ -97,13 +101,19 @@ def test_answer_stops_at_end_token_and_is_stripped(tiny_model, tiny_processor, e
         return torch.cat([inputs["input_ids"], new], dim=1)
 
     tiny_model.generate = scripted_generate
-    assert generate_answers(tiny_model, tiny_processor, examples[:3], batch_size=2, max_new_tokens=8) == ["red"] * 3
+    assert (
+        generate_answers(tiny_model, tiny_processor, examples[:3], batch_size=2, max_new_tokens=8)
+        == ["red"] * 3
+    )
 
 
 def test_shards_cover_every_example_with_equal_batch_counts():
     lengths = [5, 1, 9, 3, 7]
     shards = [shard_for_rank(lengths, num_processes=2, process_index=rank) for rank in (0, 1)]
-    assert shards == [[2, 0, 1], [4, 3, 3]]  # longest first, dealt round-robin; rank 1 repeats its last prompt
+    assert shards == [
+        [2, 0, 1],
+        [4, 3, 3],
+    ]  # longest first, dealt round-robin; rank 1 repeats its last prompt
     assert sorted(set(shards[0]) | set(shards[1])) == [0, 1, 2, 3, 4]
     assert [shard_for_rank([4], num_processes=3, process_index=rank) for rank in range(3)] == [[0], [0], [0]]
     assert shard_for_rank([], num_processes=2, process_index=1) == []
@@ -132,7 +142,9 @@ def test_two_rank_generation_matches_one_process(tiny_model, tiny_processor, exa
         return pairs + [(i, a) for i, a in enumerate(expected) if i not in {j for j, _ in pairs}]
 
     monkeypatch.setattr(generate_module, "gather_object", gather_as_rank_one)
-    generate_answers(tiny_model, tiny_processor, examples, batch_size=2, max_new_tokens=4, accelerator=FakeRank(1))
+    generate_answers(
+        tiny_model, tiny_processor, examples, batch_size=2, max_new_tokens=4, accelerator=FakeRank(1)
+    )
     rank_zero_pairs = []
 
     def gather_as_rank_zero(pairs):
@@ -140,8 +152,9 @@ def test_two_rank_generation_matches_one_process(tiny_model, tiny_processor, exa
         return pairs + rank_one_pairs
 
     monkeypatch.setattr(generate_module, "gather_object", gather_as_rank_zero)
-    answers = generate_answers(tiny_model, tiny_processor, examples, batch_size=2, max_new_tokens=4,
-                               accelerator=FakeRank(0))
+    answers = generate_answers(
+        tiny_model, tiny_processor, examples, batch_size=2, max_new_tokens=4, accelerator=FakeRank(0)
+    )
     assert answers == expected
     assert calls == [2, 1, 2, 1]  # each rank answers 3 prompts (rank 1 repeats one) in 2 batches
     rank_zero, rank_one = {i for i, _ in rank_zero_pairs}, {i for i, _ in rank_one_pairs}
@@ -155,21 +168,40 @@ def test_two_rank_generation_matches_one_process(tiny_model, tiny_processor, exa
 def test_results_json_shape_merge_and_predictions(tiny_model, tiny_processor, synthetic_dir, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "eval").mkdir(parents=True)
-    (run_dir / "eval" / "results.json").write_text(json.dumps({"chartqa": {"relaxed_accuracy": {"base": 0.25}}}))
+    (run_dir / "eval" / "results.json").write_text(
+        json.dumps({"chartqa": {"relaxed_accuracy": {"base": 0.25}}})
+    )
     paths = {"synthetic": synthetic_dir}
-    scores = evaluate_stage("base", tiny_model, tiny_processor, eval_section(), run_dir, model_id_for_cache="tiny",
-                            task_paths=paths)
+    scores = evaluate_stage(
+        "base",
+        tiny_model,
+        tiny_processor,
+        eval_section(),
+        run_dir,
+        model_id_for_cache="tiny",
+        task_paths=paths,
+    )
     base = scores["synthetic"]["exact_match"]
     assert 0.0 <= base <= 1.0
-    rows = [json.loads(line) for line in (run_dir / "eval/predictions/base/synthetic.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "eval/predictions/base/synthetic.jsonl").read_text().splitlines()
+    ]
     assert [row["id"] for row in rows] == [str(i) for i in range(6)]
     assert set(rows[0]) == {"id", "question", "references", "prediction", "score", "meta"}
     assert rows[0]["question"] == "What colour is the shape?" and rows[0]["meta"] == {"kind": "colour"}
 
     with pytest.MonkeyPatch.context() as patch:
         fake_answers(patch, lambda example: example.references[0])
-        evaluate_stage("sft", tiny_model, tiny_processor, eval_section(), run_dir, model_id_for_cache="run/sft",
-                       task_paths=paths)
+        evaluate_stage(
+            "sft",
+            tiny_model,
+            tiny_processor,
+            eval_section(),
+            run_dir,
+            model_id_for_cache="run/sft",
+            task_paths=paths,
+        )
     assert read_json(run_dir / "eval/results.json") == {
         "chartqa": {"relaxed_accuracy": {"base": 0.25}},
         "synthetic": {"exact_match": {"base": base, "sft": 1.0}},
@@ -180,65 +212,138 @@ def test_results_json_shape_merge_and_predictions(tiny_model, tiny_processor, sy
 def test_base_score_is_cached_and_reused(tiny_model, tiny_processor, synthetic_dir, tmp_path):
     calls = count_generate_calls(tiny_model)
     paths = {"synthetic": synthetic_dir}
-    first = evaluate_stage("base", tiny_model, tiny_processor, eval_section(), tmp_path / "a",
-                           model_id_for_cache="tiny@main", task_paths=paths)
+    first = evaluate_stage(
+        "base",
+        tiny_model,
+        tiny_processor,
+        eval_section(),
+        tmp_path / "a",
+        model_id_for_cache="tiny@main",
+        task_paths=paths,
+    )
     assert len(calls) == 2  # 6 prompts in batches of 4
     [cache_file] = (tmp_path / "a/eval/cache").glob("base-synthetic-*.json")
-    second = evaluate_stage("base", tiny_model, tiny_processor, eval_section(), tmp_path / "a",
-                            model_id_for_cache="tiny@main", task_paths=paths)
+    second = evaluate_stage(
+        "base",
+        tiny_model,
+        tiny_processor,
+        eval_section(),
+        tmp_path / "a",
+        model_id_for_cache="tiny@main",
+        task_paths=paths,
+    )
     assert second == first and len(calls) == 2  # nothing generated again
 
     # Another run sharing the cache folder reuses it too; another limit or model id is another entry.
     shared = tmp_path / "a/eval/cache"
-    evaluate_stage("base", tiny_model, tiny_processor, eval_section(), tmp_path / "b", model_id_for_cache="tiny@main",
-                   task_paths=paths, cache_dir=shared)
+    evaluate_stage(
+        "base",
+        tiny_model,
+        tiny_processor,
+        eval_section(),
+        tmp_path / "b",
+        model_id_for_cache="tiny@main",
+        task_paths=paths,
+        cache_dir=shared,
+    )
     assert len(calls) == 2 and (tmp_path / "b/eval/predictions/base/synthetic.jsonl").is_file()
-    evaluate_stage("base", tiny_model, tiny_processor, eval_section(limit=3), tmp_path / "a",
-                   model_id_for_cache="tiny@main", task_paths=paths)
-    evaluate_stage("base", tiny_model, tiny_processor, eval_section(limit=3), tmp_path / "a",
-                   model_id_for_cache="other@main", task_paths=paths)
+    evaluate_stage(
+        "base",
+        tiny_model,
+        tiny_processor,
+        eval_section(limit=3),
+        tmp_path / "a",
+        model_id_for_cache="tiny@main",
+        task_paths=paths,
+    )
+    evaluate_stage(
+        "base",
+        tiny_model,
+        tiny_processor,
+        eval_section(limit=3),
+        tmp_path / "a",
+        model_id_for_cache="other@main",
+        task_paths=paths,
+    )
     assert len(calls) == 4 and len(list(shared.glob("base-synthetic-*.json"))) == 3
     assert read_json(cache_file)["ids"] == [str(i) for i in range(6)]
 
     # Trained stages are never cached.
-    evaluate_stage("sft", tiny_model, tiny_processor, eval_section(), tmp_path / "a", model_id_for_cache="tiny@main",
-                   task_paths=paths)
+    evaluate_stage(
+        "sft",
+        tiny_model,
+        tiny_processor,
+        eval_section(),
+        tmp_path / "a",
+        model_id_for_cache="tiny@main",
+        task_paths=paths,
+    )
     assert len(calls) == 6
 
 
-def test_gate_raises_naming_task_metric_scores_and_margin(tiny_model, tiny_processor, synthetic_dir, tmp_path,
-                                                          monkeypatch):
+def test_gate_raises_naming_task_metric_scores_and_margin(
+    tiny_model, tiny_processor, synthetic_dir, tmp_path, monkeypatch
+):
     paths = {"synthetic": synthetic_dir}
     fake_answers(monkeypatch, lambda example: example.references[0])
     gated = eval_section(gate_margin=0.1)
-    evaluate_stage("base", tiny_model, tiny_processor, gated, tmp_path, model_id_for_cache="m", task_paths=paths)
+    evaluate_stage(
+        "base", tiny_model, tiny_processor, gated, tmp_path, model_id_for_cache="m", task_paths=paths
+    )
     fake_answers(monkeypatch, lambda example: "nothing")
     with pytest.raises(EvalGateError) as raised:
-        evaluate_stage("sft", tiny_model, tiny_processor, gated, tmp_path, model_id_for_cache="m/sft",
-                       task_paths=paths)
+        evaluate_stage(
+            "sft", tiny_model, tiny_processor, gated, tmp_path, model_id_for_cache="m/sft", task_paths=paths
+        )
     message = str(raised.value)
-    assert "synthetic exact_match: sft scored 0.0000, base scored 1.0000, a drop of 1.0000 > margin 0.1" in message
+    assert (
+        "synthetic exact_match: sft scored 0.0000, base scored 1.0000, a drop of 1.0000 > margin 0.1"
+        in message
+    )
     assert "eval.gate_margin = 0.1" in message and "results.json" in message
     # Everything is written before the gate fails.
     assert read_json(tmp_path / "eval/results.json")["synthetic"]["exact_match"] == {"base": 1.0, "sft": 0.0}
     # Without a margin, or within it, nothing is raised; dpo is compared with sft, the stage before it.
-    evaluate_stage("sft", tiny_model, tiny_processor, eval_section(), tmp_path, model_id_for_cache="m/sft",
-                   task_paths=paths)
+    evaluate_stage(
+        "sft",
+        tiny_model,
+        tiny_processor,
+        eval_section(),
+        tmp_path,
+        model_id_for_cache="m/sft",
+        task_paths=paths,
+    )
     fake_answers(monkeypatch, lambda example: example.references[0] if example.id != "0" else "no")
-    evaluate_stage("dpo", tiny_model, tiny_processor, eval_section(gate_margin=0.0), tmp_path,
-                   model_id_for_cache="m/dpo", task_paths=paths)
+    evaluate_stage(
+        "dpo",
+        tiny_model,
+        tiny_processor,
+        eval_section(gate_margin=0.0),
+        tmp_path,
+        model_id_for_cache="m/dpo",
+        task_paths=paths,
+    )
 
 
 def test_gate_skips_directionless_metrics_and_missing_stages():
-    results = {"pope": {"accuracy": {"base": 0.80, "dpo": 0.85}, "yes_ratio": {"base": 0.5, "dpo": 0.2},
-                        "f1": {"base": 0.8, "sft": 0.5, "dpo": 0.9}}}
+    results = {
+        "pope": {
+            "accuracy": {"base": 0.80, "dpo": 0.85},
+            "yes_ratio": {"base": 0.5, "dpo": 0.2},
+            "f1": {"base": 0.8, "sft": 0.5, "dpo": 0.9},
+        }
+    }
     pope = TASKS["pope"]
-    assert gate_violations(results, "dpo", [pope], 0.05) == []  # sft -> dpo rose; base -> sft is not dpo's pair
+    assert (
+        gate_violations(results, "dpo", [pope], 0.05) == []
+    )  # sft -> dpo rose; base -> sft is not dpo's pair
     [line] = gate_violations(results, "sft", [pope], 0.05)
     assert line.startswith("pope f1: sft scored 0.5000, base scored 0.8000, a drop of 0.3000 > margin 0.05")
 
 
-def test_scores_go_to_the_accelerator_trackers(tiny_model, tiny_processor, synthetic_dir, tmp_path, monkeypatch):
+def test_scores_go_to_the_accelerator_trackers(
+    tiny_model, tiny_processor, synthetic_dir, tmp_path, monkeypatch
+):
     class RecordingAccelerator:
         num_processes, process_index, is_main_process = 1, 0, True
 
@@ -256,8 +361,17 @@ def test_scores_go_to_the_accelerator_trackers(tiny_model, tiny_processor, synth
 
     fake_answers(monkeypatch, lambda example: example.references[0])
     accelerator = RecordingAccelerator()
-    evaluate_stage("sft", tiny_model, tiny_processor, eval_section(), tmp_path, model_id_for_cache="m",
-                   accelerator=accelerator, task_paths={"synthetic": synthetic_dir}, step=7)
+    evaluate_stage(
+        "sft",
+        tiny_model,
+        tiny_processor,
+        eval_section(),
+        tmp_path,
+        model_id_for_cache="m",
+        accelerator=accelerator,
+        task_paths={"synthetic": synthetic_dir},
+        step=7,
+    )
     assert accelerator.logged == [({"eval/synthetic/exact_match": 1.0}, 7)] and accelerator.waits == 1
 
 
@@ -288,15 +402,28 @@ class PageParser(HTMLParser):
         (self.headers if self._in_header else self.texts).append(data)
 
 
-def test_report_shows_stage_columns_deltas_and_changed_examples(tiny_model, tiny_processor, synthetic_dir, tmp_path,
-                                                                monkeypatch):
+def test_report_shows_stage_columns_deltas_and_changed_examples(
+    tiny_model, tiny_processor, synthetic_dir, tmp_path, monkeypatch
+):
     paths = {"synthetic": synthetic_dir}
-    fake_answers(monkeypatch, lambda example: example.references[0] if int(example.id) < 3 else "<script>x</script>")
-    evaluate_stage("base", tiny_model, tiny_processor, eval_section(), tmp_path, model_id_for_cache="m",
-                   task_paths=paths)
-    fake_answers(monkeypatch, lambda example: example.references[0] if int(example.id) >= 2 else "wrong & <b>")
-    evaluate_stage("sft", tiny_model, tiny_processor, eval_section(), tmp_path, model_id_for_cache="m/sft",
-                   task_paths=paths)
+    fake_answers(
+        monkeypatch, lambda example: example.references[0] if int(example.id) < 3 else "<script>x</script>"
+    )
+    evaluate_stage(
+        "base", tiny_model, tiny_processor, eval_section(), tmp_path, model_id_for_cache="m", task_paths=paths
+    )
+    fake_answers(
+        monkeypatch, lambda example: example.references[0] if int(example.id) >= 2 else "wrong & <b>"
+    )
+    evaluate_stage(
+        "sft",
+        tiny_model,
+        tiny_processor,
+        eval_section(),
+        tmp_path,
+        model_id_for_cache="m/sft",
+        task_paths=paths,
+    )
 
     page = PageParser()
     page.feed((tmp_path / "eval/report.html").read_text())
@@ -343,7 +470,9 @@ def write_recipe(path: Path, synthetic_dir: Path) -> Path:
     return path
 
 
-def test_cli_scores_a_run_directory_stage_by_stage(tiny_model, tiny_processor, synthetic_dir, tmp_path, capsys):
+def test_cli_scores_a_run_directory_stage_by_stage(
+    tiny_model, tiny_processor, synthetic_dir, tmp_path, capsys
+):
     run_dir = tmp_path / "run"
     tiny_model.save_pretrained(run_dir / "base")
     tiny_processor.save_pretrained(run_dir / "base")
@@ -358,18 +487,34 @@ def test_cli_scores_a_run_directory_stage_by_stage(tiny_model, tiny_processor, s
     results = read_json(run_dir / "eval/results.json")
     assert set(results["synthetic"]["exact_match"]) == {"base", "sft"}
     table = out.strip().splitlines()[-2]
-    assert table.split()[:2] == ["synthetic", "exact_match"] and len(table.split()) == 4  # base and sft filled
+    assert (
+        table.split()[:2] == ["synthetic", "exact_match"] and len(table.split()) == 4
+    )  # base and sft filled
     assert len((run_dir / "eval/predictions/base/synthetic.jsonl").read_text().splitlines()) == 2
     assert list((run_dir / "eval/cache").glob("base-synthetic-*.json"))
 
 
-def test_cli_scores_a_checkpoint_folder_into_output_dir(tiny_model, tiny_processor, synthetic_dir, tmp_path, capsys):
+def test_cli_scores_a_checkpoint_folder_into_output_dir(
+    tiny_model, tiny_processor, synthetic_dir, tmp_path, capsys
+):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     tiny_processor.save_pretrained(tmp_path / "ckpt")
     recipe = write_recipe(tmp_path / "recipe.yaml", synthetic_dir)
     out_dir = tmp_path / "scores"
-    assert main([str(recipe), "--model", str(tmp_path / "ckpt"), "--output-dir", str(out_dir),
-                 "--data", f"synthetic={synthetic_dir}"]) == 0
+    assert (
+        main(
+            [
+                str(recipe),
+                "--model",
+                str(tmp_path / "ckpt"),
+                "--output-dir",
+                str(out_dir),
+                "--data",
+                f"synthetic={synthetic_dir}",
+            ]
+        )
+        == 0
+    )
     assert set(read_json(out_dir / "eval/results.json")["synthetic"]["exact_match"]) == {"base"}
     assert "report: " in capsys.readouterr().out
 
@@ -383,32 +528,43 @@ def touch(folder: Path, name: str) -> Path:
 def test_model_plans_for_run_directories(tmp_path):
     from recipe.run_dir import Weights, write_start
 
-    recipe = parse_recipe({"model": {"name_or_path": "org/base"}, "stages": ["eval"], "eval": {"tasks": ["chartqa"]}},
-                          source="test")
+    recipe = parse_recipe(
+        {"model": {"name_or_path": "org/base"}, "stages": ["eval"], "eval": {"tasks": ["chartqa"]}},
+        source="test",
+    )
     run = tmp_path / "run"
     sft_adapter = touch(run / "sft" / "adapter", "adapter_config.json")
     (sft_adapter / "adapter_model.safetensors").write_bytes(b"weights")
     (run / "recipe.resolved.yaml").write_text("")
     assert plan_model(str(run), recipe, stage=None, adapter=None) == ModelPlan(
-        weights=Weights(base="org/base", adapters=(sft_adapter,)), stage="sft", run_dir=run)
+        weights=Weights(base="org/base", adapters=(sft_adapter,)), stage="sft", run_dir=run
+    )
     write_start(run, Weights(base="org/base", adapters=(sft_adapter,)))
     dpo_adapter = touch(run / "dpo" / "adapter", "adapter_config.json")
-    assert plan_model(str(run), recipe, stage=None, adapter=None).weights.adapters == (sft_adapter, dpo_adapter)
+    assert plan_model(str(run), recipe, stage=None, adapter=None).weights.adapters == (
+        sft_adapter,
+        dpo_adapter,
+    )
     touch(run / "sft" / "merged", "config.json")  # an export: the adapter over the base stays the SFT model
     assert plan_model(str(run), recipe, stage="dpo", adapter=None) == ModelPlan(
-        weights=Weights(base="org/base", adapters=(sft_adapter, dpo_adapter)), stage="dpo", run_dir=run)
+        weights=Weights(base="org/base", adapters=(sft_adapter, dpo_adapter)), stage="dpo", run_dir=run
+    )
     assert plan_model(str(run), recipe, stage="base", adapter=None).weights.base == "org/base"
     other = touch(tmp_path / "other", "adapter_config.json")
     assert plan_model(str(run), recipe, stage="sft", adapter=other).weights.adapters == (other,)
     assert plan_model("org/base", recipe, stage=None, adapter=other) == ModelPlan(
-        weights=Weights(base="org/base", adapters=(other,)), stage="sft")
+        weights=Weights(base="org/base", adapters=(other,)), stage="sft"
+    )
 
     lone = tmp_path / "lone"
     touch(lone / "dpo" / "adapter", "adapter_config.json")
     external = touch(tmp_path / "sft_run" / "sft" / "adapter", "adapter_config.json")
     write_start(lone, Weights(base="org/base", adapters=()))
     (lone / "dpo" / "start.json").write_text(f'{{"base": "org/base", "adapters": ["{external}"]}}')
-    assert plan_model(str(lone), recipe, stage=None, adapter=None).weights.adapters == (external, lone / "dpo" / "adapter")
+    assert plan_model(str(lone), recipe, stage=None, adapter=None).weights.adapters == (
+        external,
+        lone / "dpo" / "adapter",
+    )
     with pytest.raises(FileNotFoundError, match="has no sft model: neither .*adapter nor .*merged"):
         plan_model(str(lone), recipe, stage="sft", adapter=None)
     with pytest.raises(ValueError, match="no adapter_config.json there"):
@@ -425,8 +581,15 @@ def test_dpo_eval_and_export_agree_on_a_runs_weights(tmp_path):
 
     from recipe.run_dir import dpo_start, stage_weights, write_start
 
-    recipe = parse_recipe({"model": {"name_or_path": "org/base", "revision": "v1"}, "stages": ["sft", "dpo"],
-                           "data": {"train": [{"format": "synthetic"}]}, "train": {"max_steps": 1}}, source="test")
+    recipe = parse_recipe(
+        {
+            "model": {"name_or_path": "org/base", "revision": "v1"},
+            "stages": ["sft", "dpo"],
+            "data": {"train": [{"format": "synthetic"}]},
+            "train": {"max_steps": 1},
+        },
+        source="test",
+    )
     run = tmp_path / "run"
     (run / "recipe.resolved.yaml").parent.mkdir(parents=True)
     (run / "recipe.resolved.yaml").write_text(yaml_dump(recipe))
@@ -465,4 +628,6 @@ def test_batches_that_can_reach_the_rope_switch_get_one_width_on_every_rank():
     assert common_width(lengths, shards, 0, 2, 24, None) is None  # a model without the switch
     batch = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.tensor([[1, 1]])}
     padded = left_pad(batch, 4, pad_token_id=0)
-    assert padded["input_ids"].tolist() == [[0, 0, 5, 6]] and padded["attention_mask"].tolist() == [[0, 0, 1, 1]]
+    assert padded["input_ids"].tolist() == [[0, 0, 5, 6]] and padded["attention_mask"].tolist() == [
+        [0, 0, 1, 1]
+    ]

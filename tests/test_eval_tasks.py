@@ -49,15 +49,28 @@ def user_text(example: EvalExample) -> str:
 def test_chartqa_prompt_references_and_relaxed_accuracy(tmp_path, tiny_processor):
     rows = [
         {"image": image_cell(0), "query": "How many bars are there?", "label": ["4"], "human_or_machine": 0},
-        {"image": image_cell(1), "query": "What is the peak value?", "label": ["12.5"], "human_or_machine": 1},
+        {
+            "image": image_cell(1),
+            "query": "What is the peak value?",
+            "label": ["12.5"],
+            "human_or_machine": 1,
+        },
     ]
     task = TASKS["chartqa"].with_source(path=write_parquet(tmp_path / "chartqa.parquet", rows))
     examples = load_examples(task)
     assert [e.id for e in examples] == ["0", "1"]
-    assert examples[0].messages == ({"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "How many bars are there?\nAnswer the question with a single word."}]},)
+    assert examples[0].messages == (
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "How many bars are there?\nAnswer the question with a single word."},
+            ],
+        },
+    )
     assert tiny_processor.apply_chat_template(list(examples[0].messages), add_generation_prompt=True) == (
-        "<|user|>\n<|image_1|>\nHow many bars are there?\nAnswer the question with a single word.<|end|>\n<|assistant|>\n")
+        "<|user|>\n<|image_1|>\nHow many bars are there?\nAnswer the question with a single word.<|end|>\n<|assistant|>\n"
+    )
     assert [e.references for e in examples] == [("4",), ("12.5",)]
     assert examples[1].meta == {"human_or_machine": 1}
     assert isinstance(examples[0].images[0], ImageRef) and examples[0].images[0].data == png(0)
@@ -67,33 +80,64 @@ def test_chartqa_prompt_references_and_relaxed_accuracy(tmp_path, tiny_processor
 
 
 def test_docvqa_and_textvqa_prompts_and_metrics(tmp_path):
-    doc_rows = [{"questionId": "337", "question": "What is the date?", "image": image_cell(0),
-                 "answers": ["March 3, 1965", "3/3/65"], "docId": 279, "data_split": "val"}]
+    doc_rows = [
+        {
+            "questionId": "337",
+            "question": "What is the date?",
+            "image": image_cell(0),
+            "answers": ["March 3, 1965", "3/3/65"],
+            "docId": 279,
+            "data_split": "val",
+        }
+    ]
     docvqa = TASKS["docvqa"].with_source(path=write_parquet(tmp_path / "docvqa.parquet", doc_rows))
     [doc] = load_examples(docvqa)
     assert user_text(doc) == "What is the date?\nAnswer the question using a single word or phrase."
     assert doc.references == ("March 3, 1965", "3/3/65") and doc.meta == {"questionId": "337", "docId": 279}
     assert score_task(docvqa, [doc], ["march 3, 1965"])[0] == {"anls": 1.0}
 
-    text_rows = [{"question_id": 34602, "question": "what is the brand of this camera?", "image": image_cell(1),
-                  "answers": ["nous les gosses", "dakota"] + ["dakota digital"] * 8, "ocr_tokens": ["dakota"]}]
+    text_rows = [
+        {
+            "question_id": 34602,
+            "question": "what is the brand of this camera?",
+            "image": image_cell(1),
+            "answers": ["nous les gosses", "dakota"] + ["dakota digital"] * 8,
+            "ocr_tokens": ["dakota"],
+        }
+    ]
     textvqa = TASKS["textvqa"].with_source(path=write_parquet(tmp_path / "textvqa.parquet", text_rows))
     [text] = load_examples(textvqa)
     # lmms-eval capitalizes the question.
-    assert user_text(text) == "What is the brand of this camera?\nAnswer the question using a single word or phrase."
+    assert (
+        user_text(text)
+        == "What is the brand of this camera?\nAnswer the question using a single word or phrase."
+    )
     assert len(text.references) == 10
     assert score_task(textvqa, [text], ["Dakota Digital"])[0] == {"vqa_accuracy": 1.0}
     assert score_task(textvqa, [text], ["dakota"])[0]["vqa_accuracy"] == pytest.approx(0.3)
 
 
 def test_ai2d_options_block_and_letter_answers(tmp_path):
-    rows = [{"question": "Which stage comes first?", "options": ["egg", "larva", "pupa", "adult"], "answer": "0",
-             "image": image_cell(0)},
-            {"question": "What eats the grass?", "options": ["deer", "hawk"], "answer": "1", "image": image_cell(1)}]
+    rows = [
+        {
+            "question": "Which stage comes first?",
+            "options": ["egg", "larva", "pupa", "adult"],
+            "answer": "0",
+            "image": image_cell(0),
+        },
+        {
+            "question": "What eats the grass?",
+            "options": ["deer", "hawk"],
+            "answer": "1",
+            "image": image_cell(1),
+        },
+    ]
     task = TASKS["ai2d"].with_source(path=write_parquet(tmp_path / "ai2d.parquet", rows))
     examples = load_examples(task)
-    assert user_text(examples[0]) == ("Which stage comes first?\nA. egg\nB. larva\nC. pupa\nD. adult\n"
-                                      "Answer with the option's letter from the given choices directly.")
+    assert user_text(examples[0]) == (
+        "Which stage comes first?\nA. egg\nB. larva\nC. pupa\nD. adult\n"
+        "Answer with the option's letter from the given choices directly."
+    )
     assert [e.references for e in examples] == [("A",), ("B",)]
     assert examples[1].meta["options"] == ["deer", "hawk"] and examples[1].meta["answer"] == 1
     metrics, scores = score_task(task, examples, ["A", "The answer is A."])
@@ -102,17 +146,33 @@ def test_ai2d_options_block_and_letter_answers(tmp_path):
 
 def test_scienceqa_context_line_and_text_only_questions(tmp_path):
     rows = [
-        {"image": image_cell(0), "question": "Which animal's feet are adapted for swimming?",
-         "choices": ["duck", "cat"], "answer": 0, "hint": "Look at the picture.", "subject": "natural science"},
-        {"image": None, "question": "Which word is a noun?", "choices": ["run", "happy", "table"], "answer": 2,
-         "hint": "", "subject": "language science"},
+        {
+            "image": image_cell(0),
+            "question": "Which animal's feet are adapted for swimming?",
+            "choices": ["duck", "cat"],
+            "answer": 0,
+            "hint": "Look at the picture.",
+            "subject": "natural science",
+        },
+        {
+            "image": None,
+            "question": "Which word is a noun?",
+            "choices": ["run", "happy", "table"],
+            "answer": 2,
+            "hint": "",
+            "subject": "language science",
+        },
     ]
     task = TASKS["scienceqa"].with_source(path=write_parquet(tmp_path / "sqa.parquet", rows))
     with_image, text_only = load_examples(task)
-    assert user_text(with_image) == ("Context: Look at the picture.\nWhich animal's feet are adapted for swimming?\n"
-                                     "A. duck\nB. cat\nAnswer with the option's letter from the given choices directly.")
-    assert user_text(text_only) == ("Which word is a noun?\nA. run\nB. happy\nC. table\n"
-                                    "Answer with the option's letter from the given choices directly.")
+    assert user_text(with_image) == (
+        "Context: Look at the picture.\nWhich animal's feet are adapted for swimming?\n"
+        "A. duck\nB. cat\nAnswer with the option's letter from the given choices directly."
+    )
+    assert user_text(text_only) == (
+        "Which word is a noun?\nA. run\nB. happy\nC. table\n"
+        "Answer with the option's letter from the given choices directly."
+    )
     assert len(with_image.images) == 1 and text_only.images == ()
     assert text_only.messages[0]["content"] == [{"type": "text", "text": user_text(text_only)}]
     assert [with_image.references, text_only.references] == [("A",), ("C",)]
@@ -120,19 +180,35 @@ def test_scienceqa_context_line_and_text_only_questions(tmp_path):
 
 
 def test_pope_labels_and_dataset_level_metrics(tmp_path):
-    rows = [{"id": str(i), "question_id": str(i + 1), "question": f" Is there a {thing} in the image? ",
-             "answer": answer, "image_source": "COCO_val2014_000000310196", "image": image_cell(i),
-             "category": "adversarial"}
-            for i, (thing, answer) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "Yes"), ("bus", "no")])]
+    rows = [
+        {
+            "id": str(i),
+            "question_id": str(i + 1),
+            "question": f" Is there a {thing} in the image? ",
+            "answer": answer,
+            "image_source": "COCO_val2014_000000310196",
+            "image": image_cell(i),
+            "category": "adversarial",
+        }
+        for i, (thing, answer) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "Yes"), ("bus", "no")])
+    ]
     task = TASKS["pope"].with_source(path=write_parquet(tmp_path / "pope.parquet", rows))
     examples = load_examples(task)
-    assert user_text(examples[0]) == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+    assert (
+        user_text(examples[0])
+        == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+    )
     assert [e.references[0] for e in examples] == ["yes", "no", "yes", "no"]
     assert examples[0].meta == {"question_id": "1", "category": "adversarial"}
     metrics, scores = score_task(task, examples, ["Yes", "Yes.", "yes", "No"])
     assert scores == [1.0, 0.0, 1.0, 1.0]
-    assert metrics == {"accuracy": 0.75, "precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8),
-                       "yes_ratio": 0.75}
+    assert metrics == {
+        "accuracy": 0.75,
+        "precision": pytest.approx(2 / 3),
+        "recall": 1.0,
+        "f1": pytest.approx(0.8),
+        "yes_ratio": 0.75,
+    }
     assert task.metrics == tuple(metrics) and task.ungated_metrics == {"yes_ratio"}
 
 
@@ -152,7 +228,11 @@ def test_jsonl_with_image_paths_columns_renames_and_limit(tmp_path):
     path = tmp_path / "charts.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     task = TASKS["chartqa"].with_source(path=path, columns={"img": "image", "q": "query"})
-    assert (task.split, task.config, task.revision) == ("train", None, None)  # a local file is the split 'train'
+    assert (task.split, task.config, task.revision) == (
+        "train",
+        None,
+        None,
+    )  # a local file is the split 'train'
     examples = load_examples(task, limit=3)
     assert [e.id for e in examples] == ["0", "1", "2"]
     assert examples[2].images[0].path == (tmp_path / "imgs" / "2.png").resolve()
@@ -167,17 +247,22 @@ def test_missing_column_names_row_field_and_fix(tmp_path):
 
 
 def test_synthetic_task_reads_the_held_out_split(tmp_path):
-    paths = write_synthetic(tmp_path / "synthetic", seed=0, n_train=2, n_eval=10, n_pref_train=0, n_pref_eval=0)
+    paths = write_synthetic(
+        tmp_path / "synthetic", seed=0, n_train=2, n_eval=10, n_pref_train=0, n_pref_eval=0
+    )
     raw_rows = [json.loads(line) for line in paths.sft_eval.read_text().splitlines()]
-    [task] = resolve_tasks(["synthetic"], data=SimpleNamespace(train=[SimpleNamespace(format="synthetic",
-                                                                                      path=str(paths.root))]))
+    [task] = resolve_tasks(
+        ["synthetic"], data=SimpleNamespace(train=[SimpleNamespace(format="synthetic", path=str(paths.root))])
+    )
     examples = load_examples(task)
     assert len(examples) == 10
     for example, row in zip(examples, raw_rows):
         # The prompt is the conversation less its last answer; the reference is that answer.
         assert list(example.messages) == row["messages"][:-1]
         assert example.references == (row["messages"][-1]["content"][0]["text"],)
-        assert [ref.path for ref in example.images] == [(paths.root / image).resolve() for image in row["images"]]
+        assert [ref.path for ref in example.images] == [
+            (paths.root / image).resolve() for image in row["images"]
+        ]
     assert examples[9].messages[0]["role"] == "system" and len(examples[9].messages) == 4  # the dialogue row
     assert examples[4].images == () and examples[4].meta == {"kind": "text"}
     assert examples[0].meta == {"kind": "colour"}
@@ -206,7 +291,9 @@ def test_resolve_tasks_and_errors(tmp_path):
 
 def test_hub_sources_are_the_documented_datasets():
     """Hub ids, configs and splits as lmms-eval reads them (the tests never load them: no network)."""
-    sources = {name: (task.path, task.config, task.split) for name, task in TASKS.items() if name != "synthetic"}
+    sources = {
+        name: (task.path, task.config, task.split) for name, task in TASKS.items() if name != "synthetic"
+    }
     assert sources == {
         "chartqa": ("HuggingFaceM4/ChartQA", None, "test"),
         "docvqa": ("lmms-lab/DocVQA", "DocVQA", "validation"),
@@ -218,7 +305,12 @@ def test_hub_sources_are_the_documented_datasets():
 
 
 def test_score_task_needs_one_prediction_per_example():
-    example = EvalExample(id="0", messages=({"role": "user", "content": "hi"},), images=(Image.new("RGB", (4, 4)),),
-                          references=("a",), origin=Origin("t", 0))
+    example = EvalExample(
+        id="0",
+        messages=({"role": "user", "content": "hi"},),
+        images=(Image.new("RGB", (4, 4)),),
+        references=("a",),
+        origin=Origin("t", 0),
+    )
     with pytest.raises(ValueError, match="2 predictions for 1 examples"):
         score_task(TASKS["synthetic"], [example], ["a", "b"])

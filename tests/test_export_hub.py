@@ -43,7 +43,12 @@ from train.trainable import configure_trainable
 
 from .conftest import PHI3V_HUB, PHI35V_HUB, REPO, needs_hub
 
-TEXTS = ["What does the chart show?", "A bar chart of sales by year.", "How many circles are there?", "Three."]
+TEXTS = [
+    "What does the chart show?",
+    "A bar chart of sales by year.",
+    "How many circles are there?",
+    "Three.",
+]
 NUM_CROPS = 2
 
 
@@ -51,8 +56,16 @@ def real_geometry_model(seed: int = 0):
     """Phi-3-V with CLIP's real crop geometry (336 px, 14 px patches: 144 tokens per crop) and tiny widths."""
     tokenizer = build_tiny_tokenizer(TEXTS)
     torch.manual_seed(seed)
-    config = tiny_config(tokenizer, hidden_size=64, num_hidden_layers=2, vision_hidden_size=32, vision_layers=2,
-                         crop_size=336, patch_size=14, initializer_range=0.1)
+    config = tiny_config(
+        tokenizer,
+        hidden_size=64,
+        num_hidden_layers=2,
+        vision_hidden_size=32,
+        vision_layers=2,
+        crop_size=336,
+        patch_size=14,
+        initializer_range=0.1,
+    )
     model = Phi3VForCausalLM(config).eval()
     processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=NUM_CROPS), tokenizer)
     return model, processor
@@ -62,7 +75,9 @@ def batch_of(processor):
     image = Image.new("RGB", (500, 300), (30, 90, 200))
     image.paste((250, 200, 20), (40, 40, 200, 260))
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXTS[0]}]}], add_generation_prompt=True)
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TEXTS[0]}]}],
+        add_generation_prompt=True,
+    )
     return processor(text=[prompt], images=[image])
 
 
@@ -76,8 +91,10 @@ def exported(tmp_path_factory):
     """A run directory whose SFT adapter (random LoRA, projector trained in full) was saved as training saves it,
     exported with `python -m train.export`; the trained model's logits."""
     run = tmp_path_factory.mktemp("run")
-    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [f"output_dir={run}", f"model.num_crops={NUM_CROPS}",
-                                                          "data.max_length=4096", "stages=[sft,export]"])
+    recipe = load_recipe(
+        REPO / "recipes" / "demo.yaml",
+        [f"output_dir={run}", f"model.num_crops={NUM_CROPS}", "data.max_length=4096", "stages=[sft,export]"],
+    )
     write_text_atomically(recipe_file(run), resolved_yaml(recipe))
     model, processor = real_geometry_model()
     model.save_pretrained(run / "base")
@@ -90,9 +107,13 @@ def exported(tmp_path_factory):
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
     batch = batch_of(processor)
     expected = logits_of(trained, batch)
-    save_trained(Accelerator(cpu=True), trained, processor, adapter_dir(run, "sft"), recipe=recipe, run_dir=run)
+    save_trained(
+        Accelerator(cpu=True), trained, processor, adapter_dir(run, "sft"), recipe=recipe, run_dir=run
+    )
     (run / "eval").mkdir()
-    (run / "eval" / "results.json").write_text(json.dumps({"synthetic": {"exact_match": {"base": 0.1, "sft": 0.8}}}))
+    (run / "eval" / "results.json").write_text(
+        json.dumps({"synthetic": {"exact_match": {"base": 0.1, "sft": 0.8}}})
+    )
     export.main([str(run), "--stage", "sft"])
     return run, batch, expected, processor
 
@@ -103,18 +124,24 @@ def test_merged_folder_follows_the_hub_layout(exported):
     assert hub_layout_problems(folder) == []
     config = json.loads((folder / "config.json").read_text())
     assert "dtype" not in config and config["torch_dtype"] == "float32"
-    assert config["auto_map"] == {"AutoConfig": f"{PHI3_VISION}--configuration_phi3_v.Phi3VConfig",
-                                  "AutoModelForCausalLM": f"{PHI3_VISION}--modeling_phi3_v.Phi3VForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": f"{PHI3_VISION}--configuration_phi3_v.Phi3VConfig",
+        "AutoModelForCausalLM": f"{PHI3_VISION}--modeling_phi3_v.Phi3VForCausalLM",
+    }
     assert config["rope_scaling"]["type"] == "su" and config["architectures"] == ["Phi3VForCausalLM"]
     pre = json.loads((folder / "preprocessor_config.json").read_text())
-    assert pre["auto_map"] == {"AutoProcessor": f"{PHI3_VISION}--processing_phi3_v.Phi3VProcessor",
-                               "AutoImageProcessor": f"{PHI3_VISION}--image_processing_phi3_v.Phi3VImageProcessor"}
+    assert pre["auto_map"] == {
+        "AutoProcessor": f"{PHI3_VISION}--processing_phi3_v.Phi3VProcessor",
+        "AutoImageProcessor": f"{PHI3_VISION}--image_processing_phi3_v.Phi3VImageProcessor",
+    }
     assert pre["num_crops"] == NUM_CROPS and "crop_size" not in pre  # the real geometry: the hub's own keys
     ends = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")]
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == ends
     names = {p.name for p in folder.iterdir()}
     assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "README.md"} <= names
-    assert "chat_template.jinja" not in names  # transformers 4.40 reads the template from tokenizer_config.json
+    assert (
+        "chat_template.jinja" not in names
+    )  # transformers 4.40 reads the template from tokenizer_config.json
 
 
 def test_tokenizer_files_are_what_the_old_stack_parses(exported):
@@ -123,17 +150,26 @@ def test_tokenizer_files_are_what_the_old_stack_parses(exported):
     spec = json.loads((folder / "tokenizer.json").read_text())
     model = spec["model"]
     assert old_tokenizers_problems(spec) == []
-    assert model["type"] == "BPE" and model["merges"] and all(isinstance(m, str) and len(m.split(" ")) == 2
-                                                               for m in model["merges"])
+    assert (
+        model["type"] == "BPE"
+        and model["merges"]
+        and all(isinstance(m, str) and len(m.split(" ")) == 2 for m in model["merges"])
+    )
     assert isinstance(model["vocab"], dict) and isinstance(model["byte_fallback"], bool)
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tok_config["tokenizer_class"] == "LlamaTokenizer" and "backend" not in tok_config
     assert tok_config["chat_template"] == processor.tokenizer.chat_template
     assert tok_config["add_bos_token"] is True and tok_config["eos_token"] == "<|endoftext|>"
     special = json.loads((folder / "special_tokens_map.json").read_text())
-    assert special["eos_token"]["content"] == "<|endoftext|>" and "<|end|>" in special["additional_special_tokens"]
+    assert (
+        special["eos_token"]["content"] == "<|endoftext|>"
+        and "<|end|>" in special["additional_special_tokens"]
+    )
     text = "<|user|>\nHow many circles are there?<|end|>\n<|assistant|>\nThree.<|end|>\n"
-    assert Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids == processor.tokenizer(text).input_ids
+    assert (
+        Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+        == processor.tokenizer(text).input_ids
+    )
 
 
 def test_merged_export_reloads_to_the_trained_logits_ours_and_auto(exported):
@@ -141,12 +177,18 @@ def test_merged_export_reloads_to_the_trained_logits_ours_and_auto(exported):
     folder = merged_dir(run, "sft")
     ours = Phi3VForCausalLM.from_pretrained(folder, dtype=torch.float32)
     auto = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no trust_remote_code: ours
-    assert type(auto) is Phi3VForCausalLM and type(AutoConfig.from_pretrained(folder)).__name__ == "Phi3VConfig"
+    assert (
+        type(auto) is Phi3VForCausalLM and type(AutoConfig.from_pretrained(folder)).__name__ == "Phi3VConfig"
+    )
     assert type(AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)) is Phi3VForCausalLM
     auto_processor = AutoProcessor.from_pretrained(folder)
-    assert isinstance(auto_processor, Phi3VProcessor) and auto_processor.image_processor.num_crops == NUM_CROPS
+    assert (
+        isinstance(auto_processor, Phi3VProcessor) and auto_processor.image_processor.num_crops == NUM_CROPS
+    )
     again = batch_of(auto_processor)
-    assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(again["pixel_values"], batch["pixel_values"])
+    assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(
+        again["pixel_values"], batch["pixel_values"]
+    )
     assert torch.equal(logits_of(ours, batch), logits_of(auto, batch))
     torch.testing.assert_close(logits_of(ours, batch), expected, rtol=1e-4, atol=1e-4)
     assert ours.generation_config.eos_token_id == processor.end_token_ids
@@ -165,7 +207,9 @@ def test_adapter_is_portable_and_reloads_to_the_trained_logits(exported):
     record = json.loads((folder / "base_model.json").read_text())
     assert record["local_path"] == str((run / "base").resolve()) and record["full_weights"] == FULL_WEIGHTS
     full = load_file(folder / FULL_WEIGHTS)
-    assert set(full) == {f"model.vision_embed_tokens.img_projection.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+    assert set(full) == {
+        f"model.vision_embed_tokens.img_projection.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")
+    }
     assert not any("img_projection" in k for k in load_file(folder / "adapter_model.safetensors"))
     # The old stack's AutoProcessor(adapter, trust_remote_code=True) needs the processor's auto_map, or it returns a
     # bare tokenizer (found loading an adapter folder with transformers 4.40.2).
@@ -176,14 +220,18 @@ def test_adapter_is_portable_and_reloads_to_the_trained_logits(exported):
 
     from peft import AutoPeftModelForCausalLM
 
-    auto = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)  # the base from the config
+    auto = AutoPeftModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32
+    )  # the base from the config
     assert type(auto.get_base_model()) is Phi3VForCausalLM
     auto.get_base_model().load_state_dict(full, strict=False)  # the documented plain-PEFT step (model card)
     torch.testing.assert_close(logits_of(auto, batch), expected, rtol=1e-5, atol=1e-5)
     assert old_tokenizers_problems(json.loads((folder / "tokenizer.json").read_text())) == []
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
     card = (folder / "README.md").read_text()
-    assert "full_weights.safetensors" in card and "peft 0.11.1" in card and "| synthetic | exact_match |" in card
+    assert (
+        "full_weights.safetensors" in card and "peft 0.11.1" in card and "| synthetic | exact_match |" in card
+    )
 
 
 def test_merged_card_says_base_scores_and_how_to_serve(exported):
@@ -199,10 +247,16 @@ def test_push_to_hub_dry_run_lists_files_and_message(exported, capsys):
     export.main([str(run), "--stage", "sft", "--push-to-hub", "me/phi3v-demo", "--dry-run"])
     out = capsys.readouterr().out
     assert "would upload" in out and "me/phi3v-demo (private)" in out and "commit message" in out
-    for name in ("config.json", "README.md", "tokenizer.json", "adapter/adapter_config.json", "adapter/README.md",
-                 f"adapter/{FULL_WEIGHTS}"):
+    for name in (
+        "config.json",
+        "README.md",
+        "tokenizer.json",
+        "adapter/adapter_config.json",
+        "adapter/README.md",
+        f"adapter/{FULL_WEIGHTS}",
+    ):
         assert f"  {name}\n" in out
-    assert "subfolder=\"adapter\"" in (adapter_dir(run, "sft") / "README.md").read_text()
+    assert 'subfolder="adapter"' in (adapter_dir(run, "sft") / "README.md").read_text()
 
 
 class HubStub(http.server.BaseHTTPRequestHandler):
@@ -227,14 +281,22 @@ class HubStub(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self._body()
-        HubStub.calls.append(("POST", self.path, {"authorization": self.headers.get("authorization"), "body": body}))
+        HubStub.calls.append(
+            ("POST", self.path, {"authorization": self.headers.get("authorization"), "body": body})
+        )
         if self.path == "/api/validate-yaml":
             self._reply({"errors": [], "warnings": []})
         elif self.path == "/api/repos/create":
             self._reply({"url": "http://127.0.0.1/me/phi3v-demo", "name": "me/phi3v-demo"})
         elif "/preupload/" in self.path:
             files = json.loads(body)["files"]
-            self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+            self._reply(
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                }
+            )
         elif "/commit/" in self.path:
             self._reply({"commitUrl": "http://127.0.0.1/me/phi3v-demo/commit/abc", "commitOid": "a" * 40})
         else:
@@ -256,8 +318,9 @@ def test_push_to_hub_against_a_local_stub(exported, monkeypatch):
     from train.hub_export import push_to_hub
 
     try:
-        report = push_to_hub(run, "sft", "me/phi3v-demo", private=True,
-                             endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+        report = push_to_hub(
+            run, "sft", "me/phi3v-demo", private=True, endpoint=f"http://127.0.0.1:{server.server_address[1]}"
+        )
     except Exception as error:  # a huggingface_hub release that needs more endpoints than the stub offers
         pytest.skip(f"the local hub stub does not cover this huggingface_hub release: {error}")
     finally:
@@ -265,7 +328,10 @@ def test_push_to_hub_against_a_local_stub(exported, monkeypatch):
     paths = [path for _, path, _ in HubStub.calls]
     assert "/api/repos/create" in paths
     created = next(c for c in HubStub.calls if c[1] == "/api/repos/create")
-    assert json.loads(created[2]["body"])["visibility"] == "private" and created[2]["authorization"] == "Bearer hf_stub_token_not_real"
+    assert (
+        json.loads(created[2]["body"])["visibility"] == "private"
+        and created[2]["authorization"] == "Bearer hf_stub_token_not_real"
+    )
     commits = [c for c in HubStub.calls if "/commit/" in c[1]]
     assert len(commits) == 2 and len(report["commits"]) == 2  # merged folder, then the adapter
 
@@ -290,15 +356,18 @@ def test_generate_stops_at_end_for_a_folder_whose_generation_config_says_2(tmp_p
     model, processor = real_geometry_model()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})
+    )
     loaded, loaded_processor = models.load(str(tmp_path), dtype="float32")
     end, endoftext = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>"))
     assert loaded.generation_config.eos_token_id == [end, endoftext] != [2]
     words = processor.tokenizer("Three circles", add_special_tokens=False).input_ids
     prompt = loaded_processor(text=["<|user|>\nHow many?<|end|>\n<|assistant|>\n"])
     length = prompt["input_ids"].shape[1]
-    out = loaded.generate(**prompt, max_new_tokens=8, do_sample=False,
-                          logits_processor=[Script(length, [*words, end, *words])])
+    out = loaded.generate(
+        **prompt, max_new_tokens=8, do_sample=False, logits_processor=[Script(length, [*words, end, *words])]
+    )
     assert out[0, length:].tolist() == [*words, end]
     # A user's own stop ids that already hold the end ids are kept.
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, endoftext, 5]}))
@@ -309,9 +378,19 @@ def test_generate_stops_at_end_for_a_folder_whose_generation_config_says_2(tmp_p
 
 
 def test_portable_config_drops_new_keys_and_refuses_new_meanings():
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": "^(model.layers.0.self_attn.qkv_proj)$",
-              "alora_invocation_tokens": None, "lora_bias": False, "qalora_group_size": 16, "peft_version": "0.21.2",
-              "modules_to_save": ["img_projection"], "task_type": "CAUSAL_LM", "base_model_name_or_path": "runs/x/base"}
+    config = {
+        "peft_type": "LORA",
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": "^(model.layers.0.self_attn.qkv_proj)$",
+        "alora_invocation_tokens": None,
+        "lora_bias": False,
+        "qalora_group_size": 16,
+        "peft_version": "0.21.2",
+        "modules_to_save": ["img_projection"],
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "runs/x/base",
+    }
     out = portable_config(config, target_modules=["model.layers.0.self_attn.qkv_proj"], base_id=PHI3_VISION)
     assert set(out) <= PEFT_011_LORA_KEYS and out["target_modules"] == ["model.layers.0.self_attn.qkv_proj"]
     assert out["base_model_name_or_path"] == PHI3_VISION and out["modules_to_save"] is None
@@ -335,13 +414,17 @@ def test_hub_base_tokenizer_files_are_copied_byte_for_byte(folder, tmp_path):
         assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
     hub_pre = json.loads((folder / "preprocessor_config.json").read_text())
     pre = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    assert {k: v.split("--")[1] for k, v in pre["auto_map"].items()} == hub_pre["auto_map"] and pre["num_crops"] == 8
+    assert {k: v.split("--")[1] for k, v in pre["auto_map"].items()} == hub_pre["auto_map"] and pre[
+        "num_crops"
+    ] == 8
     written = json.loads((tmp_path / "config.json").read_text())
     assert {k: v.split("--")[1] for k, v in written["auto_map"].items()} == config["auto_map"]
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [32007, 32000]
 
 
-def test_an_adapter_over_a_hub_base_loads_offline_from_the_recorded_or_overridden_folder(exported, tmp_path, monkeypatch):
+def test_an_adapter_over_a_hub_base_loads_offline_from_the_recorded_or_overridden_folder(
+    exported, tmp_path, monkeypatch
+):
     """A run on a hub id writes that id as base_model_name_or_path; offline, `adapter_base` finds the local copy (the
     folder recorded at training time, or $PHI3V_BASE_MODEL), and PEFT takes the base model explicitly."""
     import shutil

@@ -40,9 +40,15 @@ EVAL = ["stages=[sft,eval]", "eval.limit=8", "eval.when=[base,sft]"]
 def pair(stage: str, synthetic, tmp_path_factory, name: str, extra: list[str] = (), **settings):
     """(1-process run dir, 2-process FSDP2 run dir, the launch's result) of the same stage."""
     root = tmp_path_factory.mktemp(name)
-    one = run_stage(stage, [*small_overrides(root / "one", synthetic, stage, grad_accum=4, **settings), *extra])
-    result = launch_two_processes(stage, [*small_overrides(root / "two", synthetic, stage, grad_accum=2, **settings),
-                                          *extra], fsdp=True, timeout=TIMEOUT)
+    one = run_stage(
+        stage, [*small_overrides(root / "one", synthetic, stage, grad_accum=4, **settings), *extra]
+    )
+    result = launch_two_processes(
+        stage,
+        [*small_overrides(root / "two", synthetic, stage, grad_accum=2, **settings), *extra],
+        fsdp=True,
+        timeout=TIMEOUT,
+    )
     return one, root / "two", result
 
 
@@ -53,8 +59,15 @@ def sft_lora(synthetic, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_full(synthetic, tmp_path_factory):
-    return pair("sft", synthetic, tmp_path_factory, "sft_full", ["model.language=full", "export.adapter=false"],
-                max_steps=3, micro_batch_size=2)
+    return pair(
+        "sft",
+        synthetic,
+        tmp_path_factory,
+        "sft_full",
+        ["model.language=full", "export.adapter=false"],
+        max_steps=3,
+        micro_batch_size=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +94,9 @@ def test_fsdp2_sft_lora_equals_one_process_with_twice_the_accumulation(sft_lora)
     config = json.loads((two / "sft" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     # The validation loss (data.eval) ran through the sharded model on both ranks and agrees.
-    val_one, val_two = (json.loads((run / "sft" / "summary.json").read_text())["validation"] for run in (one, two))
+    val_one, val_two = (
+        json.loads((run / "sft" / "summary.json").read_text())["validation"] for run in (one, two)
+    )
     assert [v["step"] for v in val_one] == [v["step"] for v in val_two] == [8]
     assert val_one[0]["loss"] == pytest.approx(val_two[0]["loss"], rel=1e-4)
 
@@ -107,8 +122,9 @@ def test_fsdp2_stop_and_resume_ends_with_the_uninterrupted_adapter(sft_lora, syn
     command, env = two_process_command("sft", overrides, fsdp=True, port_offset=1)
     log = tmp_path / "interrupted.log"
     with log.open("w") as stream:
-        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        job = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_for_file(job, checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json", log, TIMEOUT)
         # What a preemption does: SIGTERM; the ranks agree on the step to stop after and write its checkpoint.
@@ -127,7 +143,9 @@ def test_fsdp2_stop_and_resume_ends_with_the_uninterrupted_adapter(sft_lora, syn
     # Sharded: each rank wrote its share of the model and optimizer (accelerate's FSDP format) beside the lean files.
     sharded = checkpoints_dir(run, "sft") / f"step-{step:08d}" / "deepspeed"
     for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
-        assert {p.name for p in (sharded / folder).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}, folder
+        assert {p.name for p in (sharded / folder).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}, (
+            folder
+        )
 
     result = launch_two_processes("sft", [*overrides, "train.resume=true"], fsdp=True, timeout=TIMEOUT)
     assert f"resumed from {checkpoints_dir(run, 'sft') / f'step-{step:08d}'}" in result.stderr
@@ -159,14 +177,19 @@ def test_fsdp2_dpo_lora_equals_one_process(dpo_lora):
     for policy in ("dpo", "sft"):
         assert held_out[0][policy]["pairs"] == held_out[1][policy]["pairs"]
         assert held_out[0][policy]["accuracy"] == held_out[1][policy]["accuracy"]
-        assert held_out[0][policy]["mean_margin"] == pytest.approx(held_out[1][policy]["mean_margin"], rel=1e-4)
+        assert held_out[0][policy]["mean_margin"] == pytest.approx(
+            held_out[1][policy]["mean_margin"], rel=1e-4
+        )
 
 
 @pytest.mark.slow  # launches 2 processes
 def test_a_text_only_rank_beside_an_image_rank_does_not_hang(synthetic, tmp_path):
     """One rank's batch is text-only at every step, the other's has an image: the text-only rank runs the vision
     path on a blank crop, so both gather the same FSDP units."""
-    overrides = [*small_overrides(tmp_path / "run", synthetic, "sft", micro_batch_size=1, grad_accum=1, max_steps=3),
-                 *text_and_image_rows(synthetic, tmp_path / "mixed"), "train.collective_timeout_s=60"]
+    overrides = [
+        *small_overrides(tmp_path / "run", synthetic, "sft", micro_batch_size=1, grad_accum=1, max_steps=3),
+        *text_and_image_rows(synthetic, tmp_path / "mixed"),
+        "train.collective_timeout_s=60",
+    ]
     launch_two_processes("sft", overrides, fsdp=True, timeout=300)
     assert [h["step"] for h in history(tmp_path / "run", "sft")] == [1, 2, 3]

@@ -28,17 +28,25 @@ from recipe.parse import RecipeError, _schema_walk, load_recipe, parse_recipe
 from recipe.schema import Recipe
 from recipe.strict_yaml import strict_safe_load
 
-FUZZ = settings(max_examples=300, deadline=timedelta(seconds=5), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=300,
+    deadline=timedelta(seconds=5),
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 MINIMAL = {"data": {"train": [{"format": "synthetic"}]}, "train": {"max_steps": 2}}
 KEYS = sorted({path.replace(".N", ".0") for path, _, _ in _schema_walk(Recipe)})
 ORIGIN = Origin(dataset="fuzz", row=0)
 
 # JSON-like values: what a YAML file, a JSON line or a parquet row can hold.
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def assert_message(error: Exception) -> None:
@@ -70,14 +78,23 @@ def test_strict_yaml_reads_what_safe_load_reads_or_raises_a_yaml_error(text):
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["model", "data", "train", "lora", "dpo", "eval", "stages", "seed", "x"]),
-                       values, max_size=5),
-       st.lists(st.tuples(st.sampled_from(KEYS), values), max_size=3))
+@given(
+    st.dictionaries(
+        st.sampled_from(["model", "data", "train", "lora", "dpo", "eval", "stages", "seed", "x"]),
+        values,
+        max_size=5,
+    ),
+    st.lists(st.tuples(st.sampled_from(KEYS), values), max_size=3),
+)
 @example({"train": {"lr": "1e-4"}}, [])  # PyYAML's 1e-4 is a string: named, with the fix
 @example({"data": {"train": [None]}}, [])
 @example({}, [("data.train.0.columns", {"a": None})])
-def test_any_recipe_mapping_and_overrides_give_a_recipe_or_a_recipe_error(tmp_path_factory, mapping, overrides):
-    texts = [f"{key}={json.dumps(value)}" for key, value in overrides]  # JSON is YAML: the value read back as is
+def test_any_recipe_mapping_and_overrides_give_a_recipe_or_a_recipe_error(
+    tmp_path_factory, mapping, overrides
+):
+    texts = [
+        f"{key}={json.dumps(value)}" for key, value in overrides
+    ]  # JSON is YAML: the value read back as is
     path = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
     path.write_text(yaml.safe_dump({**MINIMAL, **mapping}), encoding="utf-8")
     try:
@@ -102,22 +119,69 @@ def test_any_override_text_gives_a_recipe_or_a_recipe_error(overrides):
 
 
 rows = st.dictionaries(
-    st.sampled_from(["messages", "images", "image", "conversations", "question", "query", "answers", "answer",
-                     "label", "prompt", "chosen", "rejected", "rejected_images", "x"]),
-    st.one_of(values, st.lists(st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "assistant", "system", "tool"]),
-         "content": st.one_of(st.text(max_size=10), st.lists(st.fixed_dictionaries(
-             {"type": st.sampled_from(["text", "image", "video"]), "text": st.text(max_size=8)}), max_size=3))}),
-        max_size=4), st.lists(st.fixed_dictionaries(
-            {"from": st.sampled_from(["human", "gpt", "system", "bot"]),
-             "value": st.text(alphabet="ab <image>\n", max_size=20)}), max_size=4)),
-    max_size=6)
+    st.sampled_from(
+        [
+            "messages",
+            "images",
+            "image",
+            "conversations",
+            "question",
+            "query",
+            "answers",
+            "answer",
+            "label",
+            "prompt",
+            "chosen",
+            "rejected",
+            "rejected_images",
+            "x",
+        ]
+    ),
+    st.one_of(
+        values,
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "role": st.sampled_from(["user", "assistant", "system", "tool"]),
+                    "content": st.one_of(
+                        st.text(max_size=10),
+                        st.lists(
+                            st.fixed_dictionaries(
+                                {
+                                    "type": st.sampled_from(["text", "image", "video"]),
+                                    "text": st.text(max_size=8),
+                                }
+                            ),
+                            max_size=3,
+                        ),
+                    ),
+                }
+            ),
+            max_size=4,
+        ),
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "from": st.sampled_from(["human", "gpt", "system", "bot"]),
+                    "value": st.text(alphabet="ab <image>\n", max_size=20),
+                }
+            ),
+            max_size=4,
+        ),
+    ),
+    max_size=6,
+)
 
 
 @FUZZ
-@given(st.sampled_from(sorted(ADAPTERS)), rows,
-       st.lists(st.text(alphabet="ab./\x00\ud800", max_size=6), max_size=2))
-@example("vqa", {"image": "a\x00.png", "question": "q", "answer": "a"}, [])  # a NUL in a name: named, not ValueError
+@given(
+    st.sampled_from(sorted(ADAPTERS)),
+    rows,
+    st.lists(st.text(alphabet="ab./\x00\ud800", max_size=6), max_size=2),
+)
+@example(
+    "vqa", {"image": "a\x00.png", "question": "q", "answer": "a"}, []
+)  # a NUL in a name: named, not ValueError
 @example("vqa", {"image": "\ud800.png", "question": "q", "answer": "a"}, [])  # a lone surrogate in a name
 @example("trl_messages", {"messages": [{"role": "user", "content": [{"type": "image"}]}], "images": [{}]}, [])
 def test_every_adapter_gives_a_sample_or_a_data_error(tmp_path_factory, fmt, row, image_names):
@@ -144,16 +208,23 @@ PNG = png()
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=300),
-                 st.tuples(st.integers(0, len(PNG) - 1), st.binary(min_size=1, max_size=8)).map(
-                     lambda cut: PNG[:cut[0]] + cut[1] + PNG[cut[0] + len(cut[1]):]),
-                 st.integers(1, len(PNG) - 1).map(lambda n: PNG[:n])))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.tuples(st.integers(0, len(PNG) - 1), st.binary(min_size=1, max_size=8)).map(
+            lambda cut: PNG[: cut[0]] + cut[1] + PNG[cut[0] + len(cut[1]) :]
+        ),
+        st.integers(1, len(PNG) - 1).map(lambda n: PNG[:n]),
+    )
+)
 @example(b"\x89PNG\r\n\x1a\n")  # a PNG signature and nothing else
 @example(b"GIF89a\xff\xff\xff\xff")  # a GIF header claiming 65535 x 65535
 @example(png(mode="P"))
 def test_the_image_loader_gives_an_rgb_image_or_a_data_error(data):
-    for read in (lambda: image_size(ImageRef(data=data), ORIGIN, "image", max_pixels=10**6),
-                 lambda: load_rgb(ImageRef(data=data), ORIGIN, "image", max_pixels=10**6)):
+    for read in (
+        lambda: image_size(ImageRef(data=data), ORIGIN, "image", max_pixels=10**6),
+        lambda: load_rgb(ImageRef(data=data), ORIGIN, "image", max_pixels=10**6),
+    ):
         try:
             result = read()
         except DataError as error:
@@ -166,12 +237,22 @@ def test_the_image_loader_gives_an_rgb_image_or_a_data_error(data):
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=200).map(lambda b: ("bytes", b)), values.map(lambda v: ("json", v)),
-                 st.dictionaries(st.text(alphabet="ab./\\\x00", max_size=8),
-                                 st.fixed_dictionaries({"size": st.integers(-2, 40),
-                                                        "sha256": st.text(alphabet="0123456789abcdef",
-                                                                          min_size=0, max_size=64)}),
-                                 max_size=3).map(lambda f: ("manifest", {"format": 1, "files": f}))))
+@given(
+    st.one_of(
+        st.binary(max_size=200).map(lambda b: ("bytes", b)),
+        values.map(lambda v: ("json", v)),
+        st.dictionaries(
+            st.text(alphabet="ab./\\\x00", max_size=8),
+            st.fixed_dictionaries(
+                {
+                    "size": st.integers(-2, 40),
+                    "sha256": st.text(alphabet="0123456789abcdef", min_size=0, max_size=64),
+                }
+            ),
+            max_size=3,
+        ).map(lambda f: ("manifest", {"format": 1, "files": f})),
+    )
+)
 @example(("manifest", {"format": 1, "files": {"../outside": {"size": 1, "sha256": "0" * 64}}}))
 @example(("manifest", {"format": 1, "files": {"a": {"size": True, "sha256": "0" * 64}}}))
 @example(("json", [[[[[]]]]]))

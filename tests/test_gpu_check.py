@@ -20,7 +20,9 @@ def test_the_smoke_check_runs_every_piece_and_writes_json_and_markdown(tmp_path)
     failed = {name: piece["error"] for name, piece in pieces.items() if "error" in piece}
     assert not failed, failed
     assert [row["micro"] for row in pieces["sft"]["rows"]] == [1, 4]
-    assert all(row["samples_s"] > 0 and row["tokens_s"] > 0 for row in pieces["sft"]["rows"] + pieces["dpo"]["rows"])
+    assert all(
+        row["samples_s"] > 0 and row["tokens_s"] > 0 for row in pieces["sft"]["rows"] + pieces["dpo"]["rows"]
+    )
     assert pieces["long"]["rows"][0]["seq"] == gpu_check.SMOKE_LONG_TOKENS
     for comparison in ("attention", "precision"):
         assert 0.5 < pieces[comparison]["top1_agree"] <= 1.0 and pieces[comparison]["positions"] > 0

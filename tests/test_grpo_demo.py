@@ -33,12 +33,26 @@ def test_grpo_raises_the_held_out_exact_match_over_sft(synthetic, tmp_path):
 
 
 def small(run_dir, synthetic, **train):
-    settings = {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "log_every": 1, "checkpoint_every": 100,
-                **train}
-    return [f"output_dir={run_dir}", f"data.train.0.path={synthetic}", "data.train.0.limit=64", "stages=[grpo]",
-            "grpo.max_steps=null", "grpo.num_generations=4", "grpo.max_new_tokens=4", "grpo.scale_rewards=batch",
-            "grpo.rewards=[{type: exact_match}, {type: length, weight: 0.5}]",
-            *(f"train.{key}={value}" for key, value in settings.items())]
+    settings = {
+        "max_steps": 3,
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "log_every": 1,
+        "checkpoint_every": 100,
+        **train,
+    }
+    return [
+        f"output_dir={run_dir}",
+        f"data.train.0.path={synthetic}",
+        "data.train.0.limit=64",
+        "stages=[grpo]",
+        "grpo.max_steps=null",
+        "grpo.num_generations=4",
+        "grpo.max_new_tokens=4",
+        "grpo.scale_rewards=batch",
+        "grpo.rewards=[{type: exact_match}, {type: length, weight: 0.5}]",
+        *(f"train.{key}={value}" for key, value in settings.items()),
+    ]
 
 
 def test_two_processes_sample_and_train_what_one_does(synthetic, tmp_path):

@@ -81,10 +81,17 @@ def random_inputs(seed, old=True, ref=True):
 
 
 def trl_loss(loss_type, logps, old_logps, ref_logps, advantages, mask, *, epsilon_low, epsilon_high, beta):
-    trainer = trl_trainer(loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, logps=logps)
-    inputs = {"prompt_ids": torch.zeros(N, 3, dtype=torch.long), "prompt_mask": torch.ones(N, 3, dtype=torch.long),
-              "completion_ids": torch.zeros(N, T, dtype=torch.long), "completion_mask": mask,
-              "advantages": advantages, "num_items_in_batch": mask.sum().double()}
+    trainer = trl_trainer(
+        loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta, logps=logps
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(N, 3, dtype=torch.long),
+        "prompt_mask": torch.ones(N, 3, dtype=torch.long),
+        "completion_ids": torch.zeros(N, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": advantages,
+        "num_items_in_batch": mask.sum().double(),
+    }
     if old_logps is not None:
         inputs["old_per_token_logps"] = old_logps
     if ref_logps is not None:
@@ -99,11 +106,24 @@ def trl_loss(loss_type, logps, old_logps, ref_logps, advantages, mask, *, epsilo
 def test_losses_equal_trl(loss_type, beta, epsilons, iterations):
     epsilon_low, epsilon_high = epsilons
     logps, old_logps, ref_logps, advantages, mask = random_inputs(
-        zlib.crc32(repr((loss_type, beta, epsilons, iterations)).encode()), old=iterations == "several", ref=beta != 0)
-    expected, metrics = trl_loss(loss_type, logps, old_logps, ref_logps, advantages, mask,
-                                 epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta)
-    ours_NT, extra = per_token_loss(logps, old_logps, ref_logps, advantages, epsilon_low=epsilon_low,
-                                    epsilon_high=epsilon_high, beta=beta)
+        zlib.crc32(repr((loss_type, beta, epsilons, iterations)).encode()),
+        old=iterations == "several",
+        ref=beta != 0,
+    )
+    expected, metrics = trl_loss(
+        loss_type,
+        logps,
+        old_logps,
+        ref_logps,
+        advantages,
+        mask,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        beta=beta,
+    )
+    ours_NT, extra = per_token_loss(
+        logps, old_logps, ref_logps, advantages, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta
+    )
     ours = batch_loss(ours_NT, mask, loss_type, max_completion_length=MAX_LEN)
     assert float(ours) == pytest.approx(float(expected), abs=ATOL)
     # The loop's form: per-completion terms over the units give the same number.
@@ -121,11 +141,21 @@ def test_gradients_equal_trl():
     logps, old_logps, ref_logps, advantages, mask = random_inputs(3)
     for loss_type in LOSS_TYPES:
         theirs = logps.clone().requires_grad_()
-        trl_loss(loss_type, theirs, old_logps, ref_logps, advantages, mask, epsilon_low=0.2, epsilon_high=0.28,
-                 beta=0.04)[0].backward()
+        trl_loss(
+            loss_type,
+            theirs,
+            old_logps,
+            ref_logps,
+            advantages,
+            mask,
+            epsilon_low=0.2,
+            epsilon_high=0.28,
+            beta=0.04,
+        )[0].backward()
         ours = logps.clone().requires_grad_()
-        loss_NT, _ = per_token_loss(ours, old_logps, ref_logps, advantages, epsilon_low=0.2, epsilon_high=0.28,
-                                    beta=0.04)
+        loss_NT, _ = per_token_loss(
+            ours, old_logps, ref_logps, advantages, epsilon_low=0.2, epsilon_high=0.28, beta=0.04
+        )
         batch_loss(loss_NT, mask, loss_type, max_completion_length=MAX_LEN).backward()
         torch.testing.assert_close(ours.grad, theirs.grad, atol=ATOL, rtol=0)
 

@@ -20,8 +20,14 @@ from .test_metrics import OPTIONS, PIX2STRUCT_PAIRS
 
 
 def example(references, question="Q?", meta=None, row=7) -> EvalExample:
-    return EvalExample(id=str(row), messages=({"role": "user", "content": question},), images=(),
-                       references=tuple(references), meta=meta or {}, origin=Origin(dataset="charts.jsonl", row=row))
+    return EvalExample(
+        id=str(row),
+        messages=({"role": "user", "content": question},),
+        images=(),
+        references=tuple(references),
+        meta=meta or {},
+        origin=Origin(dataset="charts.jsonl", row=row),
+    )
 
 
 def rewards_of(*specs, answer_pattern=None, max_new_tokens=8):
@@ -37,6 +43,7 @@ def test_the_schema_lists_every_reward_type():
     from typing import get_args
 
     from recipe.schema import GrpoRewardType
+
     assert set(get_args(GrpoRewardType)) == set(REWARD_TYPES)
 
 
@@ -64,12 +71,21 @@ def test_option_letter_reward_equals_the_multiple_choice_score():
 
 
 def test_format_length_and_answer_pattern():
-    specs = (GrpoReward(type="relaxed_accuracy"), GrpoReward(type="format", pattern=r"^<think>.*</think>\s*<answer>"),
-             GrpoReward(type="length", weight=0.1))
+    specs = (
+        GrpoReward(type="relaxed_accuracy"),
+        GrpoReward(type="format", pattern=r"^<think>.*</think>\s*<answer>"),
+        GrpoReward(type="length", weight=0.1),
+    )
     rewards = build_rewards(rewards_of(*specs))
     pattern = __import__("re").compile(r"<answer>(.*?)</answer>", __import__("re").DOTALL)
-    table = score_completions(rewards, ["<think>12 + 30</think> <answer>42</answer>", "42"], [example(["42"])] * 2,
-                              [6, 2], max_new_tokens=8, answer_pattern=pattern)
+    table = score_completions(
+        rewards,
+        ["<think>12 + 30</think> <answer>42</answer>", "42"],
+        [example(["42"])] * 2,
+        [6, 2],
+        max_new_tokens=8,
+        answer_pattern=pattern,
+    )
     assert table[0] == [1.0, 1.0, -6 / 8]
     assert table[1] == [0.0, 0.0, -2 / 8]  # no answer tag: no answer, so the metric scores 0
     assert extract_answer(" 42 ", None) == "42"
@@ -95,25 +111,38 @@ def user_module():
 
 
 def test_a_user_function_by_import_path(user_module):
-    rewards = build_rewards(rewards_of(GrpoReward(type="function", function="my_grpo_rewards:short"),
-                                       GrpoReward(type="function", function="my_grpo_rewards:skips")))
+    rewards = build_rewards(
+        rewards_of(
+            GrpoReward(type="function", function="my_grpo_rewards:short"),
+            GrpoReward(type="function", function="my_grpo_rewards:skips"),
+        )
+    )
     assert [r.name for r in rewards] == ["my_grpo_rewards:short", "my_grpo_rewards:skips"]
-    table = score_completions(rewards, ["42", "skip"], [example(["42"])] * 2, [1, 1], max_new_tokens=8,
-                              answer_pattern=None)
+    table = score_completions(
+        rewards, ["42", "skip"], [example(["42"])] * 2, [1, 1], max_new_tokens=8, answer_pattern=None
+    )
     assert table[0] == [1.0, 0.5] and table[1][0] == 0.0 and math.isnan(table[1][1])
 
 
 def test_a_failing_user_function_names_the_row(user_module):
     rewards = build_rewards(rewards_of(GrpoReward(type="function", function="my_grpo_rewards:broken")))
-    with pytest.raises(RewardError, match=r"my_grpo_rewards:broken raised KeyError.*charts.jsonl row 7.*'42'"):
+    with pytest.raises(
+        RewardError, match=r"my_grpo_rewards:broken raised KeyError.*charts.jsonl row 7.*'42'"
+    ):
         score_completions(rewards, ["42"], [example(["42"])], [1], max_new_tokens=8, answer_pattern=None)
     rewards = build_rewards(rewards_of(GrpoReward(type="function", function="my_grpo_rewards:text")))
     with pytest.raises(RewardError, match="returned '1', not a finite number"):
         score_completions(rewards, ["42"], [example(["42"])], [1], max_new_tokens=8, answer_pattern=None)
 
 
-@pytest.mark.parametrize("path, message", [("nocolon", "module:function"), ("no_such_module_x:f", "cannot import"),
-                                           ("math:no_such_function", "has no function")])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("nocolon", "module:function"),
+        ("no_such_module_x:f", "cannot import"),
+        ("math:no_such_function", "has no function"),
+    ],
+)
 def test_bad_import_paths_are_refused(path, message):
     with pytest.raises(ValueError, match=message):
         build_rewards(rewards_of(GrpoReward(type="function", function=path)))

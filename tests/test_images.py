@@ -97,14 +97,28 @@ def _bad_refs(tmp_path: Path) -> dict[str, tuple[ImageRef, str]]:
         "zero bytes inline": (ImageRef(data=b""), "empty (0 bytes)"),
         "directory": (ImageRef(path=tmp_path / "folder.png"), "not a regular file"),
         "fifo": (ImageRef(path=fifo), "not a regular file"),
-        "random bytes": (_write(tmp_path, "noise.png", np.random.default_rng(1).bytes(512)), "not a readable image"),
+        "random bytes": (
+            _write(tmp_path, "noise.png", np.random.default_rng(1).bytes(512)),
+            "not a readable image",
+        ),
         "cut inside the header": (_write(tmp_path, "stub.png", _noise_png()[:20]), "not a readable image"),
         "text file": (ImageRef(data=b"<html>not found</html>"), "not a readable image"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "zero-byte file", "zero bytes inline", "directory", "fifo",
-                                  "random bytes", "cut inside the header", "text file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "zero-byte file",
+        "zero bytes inline",
+        "directory",
+        "fifo",
+        "random bytes",
+        "cut inside the header",
+        "text file",
+    ],
+)
 def test_bad_files_raise_data_error_naming_dataset_row_and_field(tmp_path, case):
     ref, phrase = _bad_refs(tmp_path)[case]
     for read in (image_size, load_rgb):
@@ -181,7 +195,9 @@ def test_cmyk_jpeg_becomes_rgb():
 
 
 def test_rgba_png_drops_alpha_like_the_official_processor():
-    image = Image.new("RGBA", (4, 4), (10, 20, 30, 0))  # fully transparent: the stored colour is kept, not white
+    image = Image.new(
+        "RGBA", (4, 4), (10, 20, 30, 0)
+    )  # fully transparent: the stored colour is kept, not white
     image.putpixel((1, 1), (200, 100, 50, 128))
     rgb = _load(_png_bytes(image))
     assert rgb.getpixel((0, 0)) == (10, 20, 30)
@@ -232,8 +248,15 @@ def test_gray_and_bilevel_become_rgb(mode, value, expected):
 def _two_frames(image_format: str, **save_options) -> bytes:
     frames = [Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))]
     buffer = io.BytesIO()
-    frames[0].save(buffer, format=image_format, save_all=True, append_images=frames[1:], duration=100, loop=0,
-                   **save_options)
+    frames[0].save(
+        buffer,
+        format=image_format,
+        save_all=True,
+        append_images=frames[1:],
+        duration=100,
+        loop=0,
+        **save_options,
+    )
     return buffer.getvalue()
 
 

@@ -11,8 +11,14 @@ def launch(*args: str, **env: str) -> subprocess.CompletedProcess:
     inherited = ("SLURM_", "NPROC", "NNODES", "NODE_RANK", "MASTER_")
     environment = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
     environment.update(PYTHON=sys.executable, **env)
-    return subprocess.run([str(REPO / "launch.sh"), *args], cwd=REPO, env=environment, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [str(REPO / "launch.sh"), *args],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def commands(result: subprocess.CompletedProcess) -> list[str]:
@@ -46,8 +52,19 @@ def test_two_cpu_processes_use_gloo_ddp(tmp_path):
 
 
 def test_slurm_variables_set_the_nodes_and_the_config_is_chosen(tmp_path):
-    run = commands(launch("--dry-run", "--config", "zero2", "recipes/chartqa.yaml", f"output_dir={tmp_path}",
-                          NPROC="8", SLURM_NNODES="2", SLURM_NODEID="1", MASTER_ADDR="10.1.2.3"))
+    run = commands(
+        launch(
+            "--dry-run",
+            "--config",
+            "zero2",
+            "recipes/chartqa.yaml",
+            f"output_dir={tmp_path}",
+            NPROC="8",
+            SLURM_NNODES="2",
+            SLURM_NODEID="1",
+            MASTER_ADDR="10.1.2.3",
+        )
+    )
     first = run[0]
     assert "recipes/accelerate/zero2.yaml" in first
     for part in ("--num_machines 2", "--num_processes 16", "--machine_rank 1", "--main_process_ip 10.1.2.3"):

@@ -14,8 +14,15 @@ import pytest
 from .conftest import REPO
 
 LAYERS = ("models", "recipe", "data", "eval", "train")  # each may import only itself and those before it
-ENTRY_POINTS = {"train.sft", "train.dpo", "train.export", "train.dry_run", "train.launch_plan", "eval.__main__",
-                "data.inspect"}
+ENTRY_POINTS = {
+    "train.sft",
+    "train.dpo",
+    "train.export",
+    "train.dry_run",
+    "train.launch_plan",
+    "eval.__main__",
+    "data.inspect",
+}
 
 
 def module_name(path: Path) -> str:
@@ -57,9 +64,16 @@ def test_no_package_imports_a_higher_layer():
 
 def test_the_module_graph_has_no_cycle_and_no_module_imports_an_entry_point():
     modules = {module_name(p): p for p in project_files()}
-    graph = {name: {m for m in imported_modules(path) if m in modules and m != name} for name, path in modules.items()}
-    importers_of_entry_points = sorted(f"{name} -> {m}" for name, deps in graph.items() for m in deps
-                                       if m in ENTRY_POINTS and not name.startswith(m))
+    graph = {
+        name: {m for m in imported_modules(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+    importers_of_entry_points = sorted(
+        f"{name} -> {m}"
+        for name, deps in graph.items()
+        for m in deps
+        if m in ENTRY_POINTS and not name.startswith(m)
+    )
     assert importers_of_entry_points == []
 
     state: dict[str, str] = {}
@@ -68,8 +82,11 @@ def test_the_module_graph_has_no_cycle_and_no_module_imports_an_entry_point():
         state[name] = "open"
         for dep in sorted(graph[name]):
             if state.get(dep) == "open":
-                pytest.fail("import cycle: " + " -> ".join([*trail[trail.index(dep):], dep]) if dep in trail
-                            else f"import cycle through {dep}")
+                pytest.fail(
+                    "import cycle: " + " -> ".join([*trail[trail.index(dep) :], dep])
+                    if dep in trail
+                    else f"import cycle through {dep}"
+                )
             if dep not in state:
                 visit(dep, [*trail, dep])
         state[name] = "done"
@@ -102,8 +119,13 @@ LAYOUT = re.compile(r"recipe\.resolved\.yaml|sft/adapter|sft/merged|start\.json|
 
 
 def test_only_the_run_directory_module_spells_the_layout():
-    spelled = [f"{p.relative_to(REPO)}:{i}" for p in project_files() if p.name != "run_dir.py"
-               for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if LAYOUT.search(line)]
+    spelled = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in project_files()
+        if p.name != "run_dir.py"
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if LAYOUT.search(line)
+    ]
     assert spelled == []
 
 
@@ -125,28 +147,41 @@ def test_every_name_the_run_directory_owner_exports_is_spelled_only_there():
     import ast
 
     owner = REPO / "recipe" / "run_dir.py"
-    names = {node.targets[0].id: node.value.value for node in ast.parse(owner.read_text()).body
-             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-             and isinstance(node.value.value, str)}
+    names = {
+        node.targets[0].id: node.value.value
+        for node in ast.parse(owner.read_text()).body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    }
     assert {"RESULTS", "REPORT", "LOCK", "STEP", "PREFERENCE_EVAL", "DURING_TRAINING"} <= set(names)
     assert set(SHARED_WORDS) <= set(names)
-    spelled = [f"{name} {value!r}: {p.relative_to(REPO)}:{i}" for name, value in names.items()
-               if name not in SHARED_WORDS for p in project_files() if p != owner
-               for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
-               if f'"{value}"' in line or f"'{value}'" in line]
+    spelled = [
+        f"{name} {value!r}: {p.relative_to(REPO)}:{i}"
+        for name, value in names.items()
+        if name not in SHARED_WORDS
+        for p in project_files()
+        if p != owner
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if f'"{value}"' in line or f"'{value}'" in line
+    ]
     assert spelled == []
 
 
 def test_no_code_comment_cites_a_document_outside_the_repository():
     cited = re.compile(r"REFERENCE\.md|DESIGN\.md|STYLE\.md")
     files = [*project_files(), *(REPO / "benchmarks").glob("*.py"), *(REPO / "tests").rglob("*.py")]
-    hits = [str(p.relative_to(REPO)) for p in files if p.name != "test_layers.py" and cited.search(p.read_text())]
+    hits = [
+        str(p.relative_to(REPO)) for p in files if p.name != "test_layers.py" and cited.search(p.read_text())
+    ]
     assert hits == []
     for path in files:
         for anchor in re.findall(r"docs/(\w+\.md)(?:#([\w-]+))?", path.read_text(encoding="utf-8")):
             doc = REPO / "docs" / anchor[0]
             assert doc.is_file(), f"{path} cites docs/{anchor[0]}, which does not exist"
             if anchor[1]:
-                headings = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-                            for h in re.findall(r"^#+ (.+)$", doc.read_text(encoding="utf-8"), flags=re.M)}
+                headings = {
+                    re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                    for h in re.findall(r"^#+ (.+)$", doc.read_text(encoding="utf-8"), flags=re.M)
+                }
                 assert anchor[1] in headings, f"{path} cites docs/{anchor[0]}#{anchor[1]}, no such heading"

@@ -20,10 +20,15 @@ def png(tmp_path: Path, name: str, size: tuple[int, int]) -> ImageRef:
     return ImageRef(path=path)
 
 
-def image_sample(row: int, refs: tuple[ImageRef, ...], answer: str = "red", dataset: str = "charts") -> SFTSample:
+def image_sample(
+    row: int, refs: tuple[ImageRef, ...], answer: str = "red", dataset: str = "charts"
+) -> SFTSample:
     user = Turn(role="user", parts=(*(ImagePart() for _ in refs), TextPart("What colour is the shape?")))
-    return SFTSample(turns=(user, Turn(role="assistant", parts=(TextPart(answer),))), images=refs,
-                     origin=Origin(dataset=dataset, row=row))
+    return SFTSample(
+        turns=(user, Turn(role="assistant", parts=(TextPart(answer),))),
+        images=refs,
+        origin=Origin(dataset=dataset, row=row),
+    )
 
 
 def test_lengths_and_token_counts_come_from_the_headers(tiny_processor, tmp_path):
@@ -41,17 +46,24 @@ def test_planning_reads_no_pixel_data(tiny_processor, tmp_path):
     drawn_image(64, 48).save(whole)
     cut = tmp_path / "cut.png"
     cut.write_bytes(whole.read_bytes()[:100])
-    [plan] = plan_lengths([image_sample(0, (ImageRef(path=cut),))], tiny_processor, max_length=10_000,
-                          skips=SkipCounter())
+    [plan] = plan_lengths(
+        [image_sample(0, (ImageRef(path=cut),))], tiny_processor, max_length=10_000, skips=SkipCounter()
+    )
     assert plan.image_sizes == ((64, 48),)
 
 
 def test_overlong_samples_are_dropped_counted_and_logged(tiny_processor, tmp_path, caplog):
     ref = png(tmp_path, "a", (40, 30))
-    samples = [image_sample(0, (ref,)), image_sample(1, (ref, ref, ref)), image_sample(2, ()),
-               image_sample(3, (ref, ref, ref), dataset="docs")]
-    lengths = [plan.num_tokens for plan in plan_lengths(samples, tiny_processor, max_length=10_000,
-                                                        skips=SkipCounter())]
+    samples = [
+        image_sample(0, (ref,)),
+        image_sample(1, (ref, ref, ref)),
+        image_sample(2, ()),
+        image_sample(3, (ref, ref, ref), dataset="docs"),
+    ]
+    lengths = [
+        plan.num_tokens
+        for plan in plan_lengths(samples, tiny_processor, max_length=10_000, skips=SkipCounter())
+    ]
     skips = SkipCounter()
     with caplog.at_level(logging.INFO):
         kept = plan_lengths(samples, tiny_processor, max_length=lengths[0], on_overlong="drop", skips=skips)
@@ -64,9 +76,14 @@ def test_overlong_error_names_dataset_row_and_length(tiny_processor, tmp_path):
     ref = png(tmp_path, "a", (40, 30))
     sample = image_sample(5, (ref, ref))
     length = plan_lengths([sample], tiny_processor, max_length=10_000, skips=SkipCounter())[0].num_tokens
-    with pytest.raises(DataError, match=rf"charts row 5, field 'turns': over-long: {length} tokens .*"
-                                        rf"data.max_length={length - 1}"):
-        plan_lengths([sample], tiny_processor, max_length=length - 1, on_overlong="error", skips=SkipCounter())
+    with pytest.raises(
+        DataError,
+        match=rf"charts row 5, field 'turns': over-long: {length} tokens .*"
+        rf"data.max_length={length - 1}",
+    ):
+        plan_lengths(
+            [sample], tiny_processor, max_length=length - 1, on_overlong="error", skips=SkipCounter()
+        )
 
 
 def test_bad_images_raise_or_are_counted(tiny_processor, tmp_path):
@@ -74,7 +91,9 @@ def test_bad_images_raise_or_are_counted(tiny_processor, tmp_path):
     broken.write_bytes(b"not an image at all")
     good, bad = image_sample(0, (png(tmp_path, "a", (40, 30)),)), image_sample(1, (ImageRef(path=broken),))
     with pytest.raises(DataError, match=r"charts row 1, field 'images\[0\]'"):
-        plan_lengths([good, bad], tiny_processor, max_length=10_000, on_bad_sample="error", skips=SkipCounter())
+        plan_lengths(
+            [good, bad], tiny_processor, max_length=10_000, on_bad_sample="error", skips=SkipCounter()
+        )
     skips = SkipCounter()
     kept = plan_lengths([good, bad], tiny_processor, max_length=10_000, on_bad_sample="skip", skips=skips)
     assert [plan.sample.origin.row for plan in kept] == [0] and skips.counts() == {"charts": {"bad image": 1}}
@@ -95,9 +114,14 @@ def test_max_image_pixels_is_enforced_from_the_header(tiny_processor, tmp_path):
 def test_preference_length_is_the_longer_sequence(tiny_processor, tmp_path):
     small, large = png(tmp_path, "small", (40, 30)), png(tmp_path, "large", (30, 120))
     prompt = (Turn(role="user", parts=(ImagePart(), TextPart("How many shapes are there?"))),)
-    sample = PreferenceSample(prompt=prompt, chosen=Turn(role="assistant", parts=(TextPart("one"),)),
-                              rejected=Turn(role="assistant", parts=(TextPart("two"),)), images=(small,),
-                              origin=Origin(dataset="pairs", row=0), rejected_images=(large,))
+    sample = PreferenceSample(
+        prompt=prompt,
+        chosen=Turn(role="assistant", parts=(TextPart("one"),)),
+        rejected=Turn(role="assistant", parts=(TextPart("two"),)),
+        images=(small,),
+        origin=Origin(dataset="pairs", row=0),
+        rejected_images=(large,),
+    )
     [plan] = plan_lengths([sample], tiny_processor, max_length=10_000, skips=SkipCounter())
     counts, rejected = [tiny_processor.num_image_tokens(40, 30)], [tiny_processor.num_image_tokens(30, 120)]
     assert plan.rejected_image_token_counts == tuple(rejected) and plan.rejected_image_sizes == ((30, 120),)
@@ -113,8 +137,9 @@ LENGTHS = [(i * 37) % 101 + 1 for i in range(103)]  # 103 samples, lengths 1..10
 def rank_batches(num_replicas: int, epoch: int = 0, **kwargs) -> list[list[list[int]]]:
     batches = []
     for rank in range(num_replicas):
-        sampler = LengthGroupedSampler(LENGTHS, 4, seed=3, mega_batch_mult=5, num_replicas=num_replicas, rank=rank,
-                                       **kwargs)
+        sampler = LengthGroupedSampler(
+            LENGTHS, 4, seed=3, mega_batch_mult=5, num_replicas=num_replicas, rank=rank, **kwargs
+        )
         sampler.set_epoch(epoch)
         batches.append(list(sampler))
         assert len(batches[-1]) == len(sampler)
@@ -148,11 +173,9 @@ def test_sampler_groups_similar_lengths_and_starts_with_the_longest():
     [batches] = rank_batches(1)
     padded = sum(len(batch) * max(LENGTHS[i] for i in batch) for batch in batches)
     shuffled = list(range(len(LENGTHS)))
-    random_padded = sum(4 * max(LENGTHS[i] for i in shuffled[s: s + 4]) for s in range(0, len(shuffled), 4))
+    random_padded = sum(4 * max(LENGTHS[i] for i in shuffled[s : s + 4]) for s in range(0, len(shuffled), 4))
     assert padded < 0.8 * random_padded
     assert max(LENGTHS) == LENGTHS[batches[0][0]]
     # The ranks of one step get neighbouring lengths: rank 0's batch is never shorter than rank 1's.
     rank0, rank1 = rank_batches(2)
     assert all(min(LENGTHS[i] for i in a) >= max(LENGTHS[i] for i in b) for a, b in zip(rank0, rank1))
-
-

@@ -49,7 +49,9 @@ def test_the_meta_model_has_the_hub_checkpoints_parameters(full_counts):
 def test_the_lora_recipe_trains_what_a_run_trains(lora_counts):
     # r=64 on qkv, o, gate_up, down of 32 layers, plus peft's trainable copy of the projector (modules_to_save).
     lora = 32 * 64 * ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072))
-    projector = 4096 * 3072 + 3072 + 3072 * 3072 + 3072  # img_projection.0 and .2 (glb_GN / sub_GN stay frozen)
+    projector = (
+        4096 * 3072 + 3072 + 3072 * 3072 + 3072
+    )  # img_projection.0 and .2 (glb_GN / sub_GN stay frozen)
     assert lora_counts.trainable == lora + projector
     assert lora_counts.total == 4_146_621_440 + lora_counts.trainable
 
@@ -69,10 +71,18 @@ def test_model_states_equal_deepspeeds_estimator(full_counts, gpus_per_node, nod
     everything = dataclasses.replace(full_counts, trainable=full_counts.total)
     gpus = gpus_per_node * nodes
     ours = {s: sum(memory.model_states(everything, s, gpus, w=2).values()) for s in ("zero2", "zero3")}
-    _, zero2 = estimate_zero2_model_states_mem_needs(everything.total, gpus_per_node, nodes, cpu_offload=False)
-    _, zero3, _ = estimate_zero3_model_states_mem_needs(everything.total, everything.largest_layer, gpus_per_node,
-                                                        nodes, cpu_offload=False, cpu_offload_params=False,
-                                                        zero_init=True)
+    _, zero2 = estimate_zero2_model_states_mem_needs(
+        everything.total, gpus_per_node, nodes, cpu_offload=False
+    )
+    _, zero3, _ = estimate_zero3_model_states_mem_needs(
+        everything.total,
+        everything.largest_layer,
+        gpus_per_node,
+        nodes,
+        cpu_offload=False,
+        cpu_offload_params=False,
+        zero_init=True,
+    )
     assert ours["zero2"] == pytest.approx(zero2, rel=1e-9)
     assert ours["zero3"] == pytest.approx(zero3, rel=1e-9)
 
@@ -84,25 +94,38 @@ def test_model_states_equal_deepspeeds_estimator(full_counts, gpus_per_node, nod
         return float(re.findall(r"([\d.]+)GB", row)[1])
 
     assert ours["zero2"] / 2**30 == pytest.approx(
-        printed_gpu_gb(estimate_zero2_model_states_mem_needs_all_cold, everything.total), abs=0.006)
+        printed_gpu_gb(estimate_zero2_model_states_mem_needs_all_cold, everything.total), abs=0.006
+    )
     assert ours["zero3"] / 2**30 == pytest.approx(
-        printed_gpu_gb(estimate_zero3_model_states_mem_needs_all_cold, everything.total, everything.largest_layer),
-        abs=0.006)
+        printed_gpu_gb(
+            estimate_zero3_model_states_mem_needs_all_cold, everything.total, everything.largest_layer
+        ),
+        abs=0.006,
+    )
 
 
-def test_lora_fits_everywhere_with_checkpointing_and_a_full_fine_tune_needs_sharding(lora_counts, full_counts):
+def test_lora_fits_everywhere_with_checkpointing_and_a_full_fine_tune_needs_sharding(
+    lora_counts, full_counts
+):
     _, lora = memory.plan(load_recipe(CHARTQA), gpus=8, gpu_memory_gb=80, counts=lora_counts)
     assert all(row["fits_ckpt"] for row in lora.values())
-    assert not any(row["fits_no_ckpt"] for row in lora.values())  # 4 x 4096 tokens without checkpointing: ~100 GiB
+    assert not any(
+        row["fits_no_ckpt"] for row in lora.values()
+    )  # 4 x 4096 tokens without checkpointing: ~100 GiB
     _, full = memory.plan(load_recipe(CHARTQA, FULL), gpus=8, gpu_memory_gb=80, counts=full_counts)
     assert not full["ddp"]["fits_ckpt"] and full["zero3"]["fits_ckpt"] and full["fsdp2"]["fits_ckpt"]
     assert full["zero3"]["optimizer"] == pytest.approx(12 * full_counts.trainable / 8)
 
 
 def test_the_command_line_prints_every_strategy():
-    result = subprocess.run([sys.executable, "-m", "train.memory", str(CHARTQA), "--gpus", "8"], cwd=REPO,
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "train.memory", str(CHARTQA), "--gpus", "8"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for strategy in memory.STRATEGIES:
         assert re.search(rf"^{strategy}\s+[\d.]+", result.stdout, flags=re.M), result.stdout
@@ -158,11 +181,14 @@ def test_the_activation_estimate_is_within_35_percent_of_the_tiny_models_peak_rs
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     ratio = figures["estimate"] / figures["measured"]
-    print(f"tiny model: estimate {figures['estimate'] / 2**20:.0f} MiB, measured {figures['measured'] / 2**20:.0f} "
-          f"MiB, ratio {ratio:.2f}")
+    print(
+        f"tiny model: estimate {figures['estimate'] / 2**20:.0f} MiB, measured {figures['measured'] / 2**20:.0f} "
+        f"MiB, ratio {ratio:.2f}"
+    )
     assert 0.65 <= ratio <= 1.35, figures

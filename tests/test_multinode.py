@@ -33,14 +33,21 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED)}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", **extra)
+    env.update(
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        **extra,
+    )
     return env
 
 
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def wait_all(processes: list[subprocess.Popen], logs: list[Path], timeout: float) -> None:
@@ -80,19 +87,29 @@ def one_node_two_processes(synthetic, tmp_path_factory):
     """The reference: launch.sh with NPROC=2 on one node."""
     run = tmp_path_factory.mktemp("one-node") / "run"
     log = run.parent / "launch.log"
-    process = start([str(REPO / "launch.sh"), str(DEMO), *overrides(run, synthetic)],
-                    clean_env(NPROC="2", MASTER_PORT=str(free_port())), log)
+    process = start(
+        [str(REPO / "launch.sh"), str(DEMO), *overrides(run, synthetic)],
+        clean_env(NPROC="2", MASTER_PORT=str(free_port())),
+        log,
+    )
     wait_all([process], [log], timeout=600)
     return run
 
 
 @pytest.mark.slow  # 2 + 2 processes, about a minute each on 2 cores
-def test_two_nodes_over_loopback_equal_one_node_with_two_processes(one_node_two_processes, synthetic, tmp_path):
+def test_two_nodes_over_loopback_equal_one_node_with_two_processes(
+    one_node_two_processes, synthetic, tmp_path
+):
     run, port = tmp_path / "run", str(free_port())
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    nodes = [start([str(REPO / "launch.sh"), str(DEMO), *overrides(run, synthetic)],
-                   clean_env(NPROC="1", NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                   logs[rank]) for rank in (0, 1)]
+    nodes = [
+        start(
+            [str(REPO / "launch.sh"), str(DEMO), *overrides(run, synthetic)],
+            clean_env(NPROC="1", NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            logs[rank],
+        )
+        for rank in (0, 1)
+    ]
     wait_all(nodes, logs, timeout=600)
     assert "--num_machines 2 --num_processes 2 --machine_rank 1" in logs[1].read_text()
     assert_same_run(one_node_two_processes, run)
@@ -114,16 +131,35 @@ def stand_ins(folder: Path) -> Path:
 
 
 @pytest.mark.slow  # 2 processes, about a minute on 2 cores
-def test_the_slurm_batch_script_runs_two_nodes_like_one_node_with_two_processes(one_node_two_processes, synthetic,
-                                                                               tmp_path):
+def test_the_slurm_batch_script_runs_two_nodes_like_one_node_with_two_processes(
+    one_node_two_processes, synthetic, tmp_path
+):
     bin_dir = stand_ins(tmp_path / "bin")
     run = tmp_path / "run"
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    slurm = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[0-1]", SLURM_NNODES="2", SLURM_NTASKS="2",
-                 SLURM_SUBMIT_DIR=str(REPO), SLURM_GPUS_ON_NODE="1", MASTER_PORT=str(free_port()))
-    nodes = [start(["bash", str(SBATCH), str(DEMO), *overrides(run, synthetic)],
-                   clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NODEID=str(rank), SLURM_PROCID=str(rank),
-                             SLURM_LOCALID="0", **slurm), logs[rank]) for rank in (0, 1)]
+    slurm = dict(
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node[0-1]",
+        SLURM_NNODES="2",
+        SLURM_NTASKS="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_GPUS_ON_NODE="1",
+        MASTER_PORT=str(free_port()),
+    )
+    nodes = [
+        start(
+            ["bash", str(SBATCH), str(DEMO), *overrides(run, synthetic)],
+            clean_env(
+                PATH=f"{bin_dir}:{os.environ['PATH']}",
+                SLURM_NODEID=str(rank),
+                SLURM_PROCID=str(rank),
+                SLURM_LOCALID="0",
+                **slurm,
+            ),
+            logs[rank],
+        )
+        for rank in (0, 1)
+    ]
     wait_all(nodes, logs, timeout=600)
     node1 = logs[1].read_text()
     assert "master 127.0.0.1:" in node1 and "--machine_rank 1 --main_process_ip 127.0.0.1" in node1
@@ -131,12 +167,19 @@ def test_the_slurm_batch_script_runs_two_nodes_like_one_node_with_two_processes(
 
 
 def dry_run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", *args], cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["bash", *args], cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_batch_script_has_its_knobs_and_calls_launch_sh_once_per_node():
     text = SBATCH.read_text()
-    for knob in ("#SBATCH --nodes=", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=", "#SBATCH --time="):
+    for knob in (
+        "#SBATCH --nodes=",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=",
+        "#SBATCH --time=",
+    ):
         assert knob in text
     # sed reads every host (head would close the pipe early: SIGPIPE fails scontrol under `set -o pipefail`)
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p' in text
@@ -146,15 +189,28 @@ def test_the_batch_script_has_its_knobs_and_calls_launch_sh_once_per_node():
 @pytest.mark.slow  # several launch.sh dry runs, each starting Python twice: 15-20 s
 def test_a_slurm_job_names_one_run_directory_for_every_node(tmp_path):
     bin_dir = stand_ins(tmp_path / "bin")
-    env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_JOB_NODELIST="n[1-2]",
-               SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(REPO), NPROC="8")
-    outs = [dry_run(str(SBATCH), "--dry-run", "recipes/chartqa.yaml", SLURM_NODEID=str(rank), **env)
-            for rank in (0, 1)]
+    env = dict(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="n[1-2]",
+        SLURM_NNODES="2",
+        SLURM_SUBMIT_DIR=str(REPO),
+        NPROC="8",
+    )
+    outs = [
+        dry_run(str(SBATCH), "--dry-run", "recipes/chartqa.yaml", SLURM_NODEID=str(rank), **env)
+        for rank in (0, 1)
+    ]
     for rank, out in enumerate(outs):
         assert out.returncode == 0, out.stderr
         assert "run directory: runs/chartqa-job77" in out.stdout
-        assert f"--num_machines 2 --num_processes 16 --machine_rank {rank} --main_process_ip 127.0.0.1" in out.stdout
-    assert "-m train.export" in outs[0].stdout and "-m train.export" not in outs[1].stdout  # export on node 0 only
+        assert (
+            f"--num_machines 2 --num_processes 16 --machine_rank {rank} --main_process_ip 127.0.0.1"
+            in out.stdout
+        )
+    assert (
+        "-m train.export" in outs[0].stdout and "-m train.export" not in outs[1].stdout
+    )  # export on node 0 only
 
 
 def test_several_nodes_without_a_shared_run_directory_are_refused():

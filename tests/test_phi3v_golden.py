@@ -21,8 +21,16 @@ def test_tiny_model_outputs_are_unchanged():
     got, expected = tiny_records(), GOLDEN["tiny_model"]
     atol = GOLDEN["tolerances"]["logits_atol"]
     assert got["input_ids"] == expected["input_ids"]
-    torch.testing.assert_close(torch.tensor(got["last_logits_first_16"]), torch.tensor(expected["last_logits_first_16"]),
-                               rtol=0, atol=atol)
-    torch.testing.assert_close(torch.tensor(got["logits_sum_per_position_every_7th"]),
-                               torch.tensor(expected["logits_sum_per_position_every_7th"]), rtol=0, atol=atol * 100)
+    torch.testing.assert_close(
+        torch.tensor(got["last_logits_first_16"]),
+        torch.tensor(expected["last_logits_first_16"]),
+        rtol=0,
+        atol=atol,
+    )
+    torch.testing.assert_close(
+        torch.tensor(got["logits_sum_per_position_every_7th"]),
+        torch.tensor(expected["logits_sum_per_position_every_7th"]),
+        rtol=0,
+        atol=atol * 100,
+    )
     assert got["greedy"] == expected["greedy"]

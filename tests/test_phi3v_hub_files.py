@@ -35,7 +35,9 @@ def test_full_size_architecture_matches_hub_keys_and_parameter_count():
     with torch.device("meta"):
         model = Phi3VForCausalLM(config)
     assert set(model.state_dict()) == set(index["weight_map"])
-    assert sum(p.numel() for p in model.parameters()) == 4_146_621_440  # docs/phi3v.md#checkpoint-keys-and-sizes
+    assert (
+        sum(p.numel() for p in model.parameters()) == 4_146_621_440
+    )  # docs/phi3v.md#checkpoint-keys-and-sizes
     assert index["metadata"]["total_size"] == 2 * 4_146_621_440
 
 
@@ -46,9 +48,18 @@ def hub_processor():
 
 def test_special_ids_and_chat_template(hub_processor):
     tok = hub_processor.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>", "<|image|>"]}
-    assert ids == {"<|endoftext|>": 32000, "<|assistant|>": 32001, "<|system|>": 32006, "<|end|>": 32007,
-                   "<|user|>": 32010, "<|image|>": 32044}
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>", "<|image|>"]
+    }
+    assert ids == {
+        "<|endoftext|>": 32000,
+        "<|assistant|>": 32001,
+        "<|system|>": 32006,
+        "<|end|>": 32007,
+        "<|user|>": 32010,
+        "<|image|>": 32044,
+    }
     assert (tok.bos_token_id, tok.pad_token_id) == (1, 32000)
     assert hub_processor.image_token_id == 32044 and hub_processor.end_token_ids == [32007, 32000]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
@@ -64,7 +75,25 @@ def test_sft_example_ids_match_the_official_layout(hub_processor):
     n = 2353
     assert ids[:4] == [1, 32010, 29871, 13]
     assert ids[4 : 4 + n] == [32044] * n
-    assert ids[4 + n :] == [1, 29871, 13, 5618, 338, 4318, 29973, 32007, 29871, 13, 32001, 319, 6635, 29889, 32007, 29871, 13]
+    assert ids[4 + n :] == [
+        1,
+        29871,
+        13,
+        5618,
+        338,
+        4318,
+        29973,
+        32007,
+        29871,
+        13,
+        32001,
+        319,
+        6635,
+        29889,
+        32007,
+        29871,
+        13,
+    ]
 
 
 def test_two_images_give_three_bos(hub_processor):

@@ -76,7 +76,9 @@ def test_image_modes_become_rgb(mode):
 
 
 def test_grayscale_gives_equal_channels():
-    out = Phi3VImageProcessor(num_crops=1)([drawn_image(90, 60, mode="L")], do_normalize=False)["pixel_values"]
+    out = Phi3VImageProcessor(num_crops=1)([drawn_image(90, 60, mode="L")], do_normalize=False)[
+        "pixel_values"
+    ]
     assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 1], out[:, 2])
 
 
@@ -105,16 +107,23 @@ def reference_normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def test_normalize_uint8_writes_once_in_place_and_is_bit_identical():
-    pixels = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randint(
+        0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     expected = reference_normalize(pixels)
     assert torch.equal(normalize_uint8(pixels), expected)
     out = torch.empty(pixels.shape)
     assert normalize_uint8(pixels, out=out).data_ptr() == out.data_ptr() and torch.equal(out, expected)
-    for dtype in (torch.bfloat16, torch.float16):  # rounded from the float32 result, as the old path's .to(dtype)
+    for dtype in (
+        torch.bfloat16,
+        torch.float16,
+    ):  # rounded from the float32 result, as the old path's .to(dtype)
         out = torch.empty(pixels.shape, dtype=dtype)
         assert normalize_uint8(pixels, out=out) is out and torch.equal(out, expected.to(dtype))
-    assert torch.equal(normalize_uint8(pixels[0], out=torch.empty(3, 40, 40, dtype=torch.bfloat16)),
-                       expected[0].to(torch.bfloat16))
+    assert torch.equal(
+        normalize_uint8(pixels[0], out=torch.empty(3, 40, 40, dtype=torch.bfloat16)),
+        expected[0].to(torch.bfloat16),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -114,7 +114,10 @@ def test_save_and_load_give_identical_logits(tiny_model, tiny_processor, tmp_pat
     tiny_processor.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "phi3_v" and config["architectures"] == ["Phi3VForCausalLM"]
-    assert set(config["rope_scaling"]) == {"type", "short_factor", "long_factor"} and config["rope_scaling"]["type"] == "su"
+    assert (
+        set(config["rope_scaling"]) == {"type", "short_factor", "long_factor"}
+        and config["rope_scaling"]["type"] == "su"
+    )
     loaded = Phi3VForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     batch = image_batch(tiny_processor, [("Describe the image.", [drawn_image(64, 48)])])
     assert torch.equal(loaded(**batch).logits, tiny_model(**batch).logits)
@@ -128,8 +131,10 @@ def test_hub_layout_checkpoint_in_shards_loads(tiny_model, tiny_processor, tmp_p
     halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
     for file, names in halves.items():
         save_file({k: state[k] for k in names}, tmp_path / file, metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-             "weight_map": {k: f for f, names in halves.items() for k in names}}
+    index = {
+        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+        "weight_map": {k: f for f, names in halves.items() for k in names},
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text(json.dumps(tiny_model.config.to_dict()))
     loaded = Phi3VForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

@@ -43,13 +43,26 @@ def write_source(folder: Path, rows: int = 24) -> Path:
         image = "images/broken.png" if i == 5 else f"images/{i % 3}.png"
         answer = " ".join(str(n) for n in range(200)) if i == 7 else "red " * (1 + i % 4)
         if i % 4 == 3:
-            row = {"messages": [{"role": "user", "content": f"Say {i}."},
-                                {"role": "assistant", "content": answer}], "images": []}
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"Say {i}."},
+                    {"role": "assistant", "content": answer},
+                ],
+                "images": [],
+            }
         else:
-            row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Q{i}?"}]},
-                                {"role": "assistant", "content": answer}], "images": [image]}
+            row = {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Q{i}?"}]},
+                    {"role": "assistant", "content": answer},
+                ],
+                "images": [image],
+            }
         if i == 10:
-            row = {"messages": [{"role": "assistant", "content": "no question"}], "images": []}  # the adapter refuses it
+            row = {
+                "messages": [{"role": "assistant", "content": "no question"}],
+                "images": [],
+            }  # the adapter refuses it
         lines.append(json.dumps(row))
     path = folder / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -57,9 +70,18 @@ def write_source(folder: Path, rows: int = 24) -> Path:
 
 
 def recipe_for(source: Path, *overrides: str):
-    return load_recipe(DEMO, ["data.train.0.format=trl_messages", f"data.train.0.path={source}",
-                              f"data.train.0.image_root={source.parent}", "data.on_bad_sample=skip",
-                              "data.max_length=160", "stages=[sft]", *overrides])
+    return load_recipe(
+        DEMO,
+        [
+            "data.train.0.format=trl_messages",
+            f"data.train.0.path={source}",
+            f"data.train.0.image_root={source.parent}",
+            "data.on_bad_sample=skip",
+            "data.max_length=160",
+            "stages=[sft]",
+            *overrides,
+        ],
+    )
 
 
 def planned_of(recipe, processor, cache: Path):
@@ -73,20 +95,36 @@ def test_the_table_rebuilds_every_planned_sample_and_its_fingerprint(tiny_proces
     drawn_image(50, 20).save(tmp_path / "b.png")
     user = Turn(role="user", parts=(ImagePart(), TextPart("Which is better?")))
     samples = [
-        SFTSample(turns=(Turn(role="system", parts=(TextPart("Be brief — ü"),)), user,
-                         Turn(role="assistant", parts=(TextPart("the left"),))),
-                  images=(ImageRef(path=tmp_path / "a.png"),), origin=Origin(dataset="d1", row=4)),
-        PreferenceSample(prompt=(user,), chosen=Turn(role="assistant", parts=(TextPart("A"),)),
-                         rejected=Turn(role="assistant", parts=(TextPart("B"),)),
-                         images=(ImageRef(data=(tmp_path / "b.png").read_bytes()),), origin=Origin(dataset="d2", row=0),
-                         rejected_images=(ImageRef(path=tmp_path / "a.png"),)),
-        PreferenceSample(prompt=(user,), chosen=Turn(role="assistant", parts=(TextPart("yes"),)),
-                         rejected=Turn(role="assistant", parts=(TextPart("no"),)),
-                         images=(ImageRef(path=tmp_path / "b.png"),), origin=Origin(dataset="d2", row=1)),
+        SFTSample(
+            turns=(
+                Turn(role="system", parts=(TextPart("Be brief — ü"),)),
+                user,
+                Turn(role="assistant", parts=(TextPart("the left"),)),
+            ),
+            images=(ImageRef(path=tmp_path / "a.png"),),
+            origin=Origin(dataset="d1", row=4),
+        ),
+        PreferenceSample(
+            prompt=(user,),
+            chosen=Turn(role="assistant", parts=(TextPart("A"),)),
+            rejected=Turn(role="assistant", parts=(TextPart("B"),)),
+            images=(ImageRef(data=(tmp_path / "b.png").read_bytes()),),
+            origin=Origin(dataset="d2", row=0),
+            rejected_images=(ImageRef(path=tmp_path / "a.png"),),
+        ),
+        PreferenceSample(
+            prompt=(user,),
+            chosen=Turn(role="assistant", parts=(TextPart("yes"),)),
+            rejected=Turn(role="assistant", parts=(TextPart("no"),)),
+            images=(ImageRef(path=tmp_path / "b.png"),),
+            origin=Origin(dataset="d2", row=1),
+        ),
     ]
     planned = plan_lengths(samples, tiny_processor, max_length=4096, skips=SkipCounter())
     table = PlanTable.from_planned(planned)
-    assert len(table) == 3 and list(table) == planned and table[-1] == planned[-1] and table[0:2] == planned[0:2]
+    assert (
+        len(table) == 3 and list(table) == planned and table[-1] == planned[-1] and table[0:2] == planned[0:2]
+    )
     assert table.lengths().tolist() == [p.num_tokens for p in planned]
     assert table.lengths(shared=True).tolist() == [p.shared_tokens or p.num_tokens for p in planned]
     assert data_fingerprint(table) == data_fingerprint(planned)
@@ -111,7 +149,9 @@ def test_the_cached_plan_equals_the_computed_plan(tiny_processor, tmp_path, capl
 
 
 @pytest.mark.parametrize("change", ["setting", "source file", "image file", "tokenizer"])
-def test_a_changed_setting_source_or_image_plans_again(tiny_processor, tiny_tokenizer, tmp_path, caplog, change):
+def test_a_changed_setting_source_or_image_plans_again(
+    tiny_processor, tiny_tokenizer, tmp_path, caplog, change
+):
     source = write_source(tmp_path / "data")
     cache = tmp_path / "cache"
     first, _ = planned_of(recipe_for(source), tiny_processor, cache)
@@ -125,9 +165,11 @@ def test_a_changed_setting_source_or_image_plans_again(tiny_processor, tiny_toke
         drawn_image(80, 30).save(source.parent / "images" / "0.png")
     else:
         from models.phi3v import Phi3VProcessor
+
         processor = Phi3VProcessor(tiny_processor.image_processor, tiny_tokenizer)
         processor.image_processor = type(tiny_processor.image_processor).from_dict(
-            {**tiny_processor.image_processor.to_dict(), "num_crops": 1})
+            {**tiny_processor.image_processor.to_dict(), "num_crops": 1}
+        )
     with caplog.at_level(logging.INFO, logger="data"):
         second, _ = planned_of(recipe, processor, cache)
     assert "read from" not in caplog.text
@@ -147,8 +189,10 @@ def test_a_corrupt_cache_is_recomputed_with_a_warning(tiny_processor, tmp_path, 
     with caplog.at_level(logging.WARNING):
         again, _ = planned_of(recipe, tiny_processor, cache)
     assert "cannot be used" in caplog.text and list(again) == list(computed)
-    assert written.stat().st_size > 0 and planned_of(recipe, tiny_processor, cache)[0].data_fingerprint() == \
-        computed.data_fingerprint()
+    assert (
+        written.stat().st_size > 0
+        and planned_of(recipe, tiny_processor, cache)[0].data_fingerprint() == computed.data_fingerprint()
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -183,7 +227,9 @@ def test_planning_by_row_ranges_equals_reading_then_planning(tiny_processor, tmp
         if on_bad_sample == "skip":
             assert len(outcomes[0][0]) == 40 - 3 and len(outcomes[0][1]) == 3
         else:
-            assert "row 10" in outcomes[0][1]  # every row is adapted before any is planned: the refused row comes first
+            assert (
+                "row 10" in outcomes[0][1]
+            )  # every row is adapted before any is planned: the refused row comes first
 
 
 def many_samples(tmp_path: Path, count: int) -> list[SFTSample]:
@@ -203,12 +249,16 @@ def test_planning_in_worker_processes_gives_the_same_plan_and_skips(tiny_process
     alone, alone_skips = SkipCounter(), SkipCounter()
     expected = plan_lengths(samples, tiny_processor, max_length=90, on_bad_sample="skip", skips=alone_skips)
     monkeypatch.setattr(length_module, "MIN_ROWS_PER_WORKER", 4)
-    shared = plan_lengths(samples, tiny_processor, max_length=90, on_bad_sample="skip", skips=alone, workers=2)
+    shared = plan_lengths(
+        samples, tiny_processor, max_length=90, on_bad_sample="skip", skips=alone, workers=2
+    )
     assert shared == expected and alone.records == alone_skips.records and alone.total > 5
     with pytest.raises(Exception) as sequential:
         plan_lengths(samples, tiny_processor, max_length=90, on_bad_sample="error", skips=SkipCounter())
     with pytest.raises(Exception) as forked:
-        plan_lengths(samples, tiny_processor, max_length=90, on_bad_sample="error", skips=SkipCounter(), workers=2)
+        plan_lengths(
+            samples, tiny_processor, max_length=90, on_bad_sample="error", skips=SkipCounter(), workers=2
+        )
     assert str(forked.value) == str(sequential.value) and "row 3" in str(forked.value)
 
 
@@ -227,15 +277,26 @@ def _two_ranks(rank: int, port: int, folder: str, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        processor = Phi3VProcessor(Phi3VImageProcessor(num_crops=4, crop_size=32, patch_size=8),
-                                   build_tiny_tokenizer(TINY_TEXTS))
+        processor = Phi3VProcessor(
+            Phi3VImageProcessor(num_crops=4, crop_size=32, patch_size=8), build_tiny_tokenizer(TINY_TEXTS)
+        )
         samples = many_samples(Path(folder), 30)
         data = DataSection(max_length=90, on_bad_sample="skip")
         skips = SkipCounter()
-        planned = plan(samples, processor, data, skips, cache_dir=Path(folder) / f"cache-{rank}", progress=False,
-                       ranks=Ranks.current())
-        results[rank] = ([p.sample.origin.row for p in planned], skips.records,
-                         sorted(p.name for p in Path(folder).glob("cache-*")))
+        planned = plan(
+            samples,
+            processor,
+            data,
+            skips,
+            cache_dir=Path(folder) / f"cache-{rank}",
+            progress=False,
+            ranks=Ranks.current(),
+        )
+        results[rank] = (
+            [p.sample.origin.row for p in planned],
+            skips.records,
+            sorted(p.name for p in Path(folder).glob("cache-*")),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -252,12 +313,15 @@ def test_two_ranks_share_planning_and_decoding_and_agree(tiny_processor, tmp_pat
     skips = SkipCounter()
     from data.loaders import plan
     from recipe.schema import DataSection
-    expected = plan(samples, tiny_processor, DataSection(max_length=90, on_bad_sample="skip"), skips,
-                    progress=False)
+
+    expected = plan(
+        samples, tiny_processor, DataSection(max_length=90, on_bad_sample="skip"), skips, progress=False
+    )
     manager = torch_mp.get_context("spawn").Manager()
     results = manager.dict()
-    torch_mp.start_processes(_two_ranks, args=(free_port(), str(tmp_path), results), nprocs=2, join=True,
-                             start_method="spawn")
+    torch_mp.start_processes(
+        _two_ranks, args=(free_port(), str(tmp_path), results), nprocs=2, join=True, start_method="spawn"
+    )
     rows = [p.sample.origin.row for p in expected]
     assert results[0][0] == results[1][0] == rows
     assert results[0][1] == results[1][1] == skips.records

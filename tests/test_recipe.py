@@ -33,6 +33,7 @@ def save_resolved(recipe, run_dir):
     """What the run directory writes at a stage's start (recipe.run_dir.prepare_stage_dir)."""
     return write_text_atomically(recipe_file(run_dir), resolved_yaml(recipe))
 
+
 # The smallest valid recipe: SFT needs a source and a length; everything else has a default.
 MINIMAL = {"data": {"train": [{"format": "synthetic"}]}, "train": {"max_steps": 2}}
 
@@ -361,7 +362,9 @@ def test_cross_field_problems_are_collected_into_one_error():
         "eval.tasks = []: the eval stage would score nothing. Fix: list task names, or remove eval from stages.",
     )
     assert str(caught.value).startswith("<dict>: 6 problem(s) in the recipe:\n  - stages = ")
-    fits = with_(MINIMAL, model={"num_crops": 1}, data={"train": [{"format": "synthetic"}], "max_length": 1024})
+    fits = with_(
+        MINIMAL, model={"num_crops": 1}, data={"train": [{"format": "synthetic"}], "max_length": 1024}
+    )
     assert parse_recipe(fits).data.max_length == 1024  # 313 tokens at one crop
 
 
@@ -602,7 +605,10 @@ def test_output_dir_is_the_recipes_or_runs_name_timestamp():
 def test_export_hub_id_must_be_org_slash_name():
     (problem,) = problems_of(with_(MINIMAL, export={"hub_id": "not a repo"}))
     assert problem.startswith("export.hub_id = 'not a repo': a hub repository id is ORG/NAME")
-    assert parse_recipe(with_(MINIMAL, export={"hub_id": "me/phi3v-chartqa"}), ()).export.hub_id == "me/phi3v-chartqa"
+    assert (
+        parse_recipe(with_(MINIMAL, export={"hub_id": "me/phi3v-chartqa"}), ()).export.hub_id
+        == "me/phi3v-chartqa"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- said twice
@@ -621,8 +627,10 @@ def test_a_key_given_twice_in_one_mapping_is_an_error_naming_the_key_and_both_li
 def test_strict_yaml_reads_what_safe_load_reads_merge_keys_and_anchors_included(tmp_path):
     from recipe.strict_yaml import strict_safe_load
 
-    text = ("base: &b {lr: 1, steps: 2}\nother:\n  <<: *b\n  lr: 3\nlist: [*b, *b]\nwhen: 2026-01-01\n"
-            "n: 0x10\nyes_: yes\n")
+    text = (
+        "base: &b {lr: 1, steps: 2}\nother:\n  <<: *b\n  lr: 3\nlist: [*b, *b]\nwhen: 2026-01-01\n"
+        "n: 0x10\nyes_: yes\n"
+    )
     assert strict_safe_load(text) == yaml.safe_load(text)
     with pytest.raises(yaml.YAMLError, match="key '1' is given twice"):
         strict_safe_load("1: a\n0x1: b\n")  # the same key once constructed, as safe_load would keep only one
@@ -632,7 +640,9 @@ def test_strict_yaml_reads_what_safe_load_reads_merge_keys_and_anchors_included(
 
 def test_an_override_given_twice_takes_the_last_value_with_a_warning_naming_both(tmp_path):
     path = write(tmp_path, yaml.safe_dump(MINIMAL))
-    with pytest.warns(RecipeWarning, match=r"override train.lr is given 2 times \(train.lr=1.0e-3, train.lr=2.0e-3\)"):
+    with pytest.warns(
+        RecipeWarning, match=r"override train.lr is given 2 times \(train.lr=1.0e-3, train.lr=2.0e-3\)"
+    ):
         recipe = load_recipe(path, ["train.lr=1.0e-3", "train.lr=2.0e-3"])
     assert recipe.train.lr == 2.0e-3
 

@@ -31,14 +31,24 @@ def sft(*turns: Turn) -> SFTSample:
 SAMPLES = {
     "single_turn": sft(turn("user", ImagePart(), "What colour is the shape?"), turn("assistant", "red")),
     "text_only": sft(turn("user", "Which bar is tallest?"), turn("assistant", "The answer is blue")),
-    "system_prompt": sft(turn("system", "You are a helpful assistant."),
-                         turn("user", ImagePart(), "Describe the image."), turn("assistant", "a red circle")),
-    "multi_image": sft(turn("user", ImagePart(), ImagePart(), "Compare the two images."),
-                       turn("assistant", "The answer is two")),
-    "multi_turn": sft(turn("system", "You are a helpful assistant."),
-                      turn("user", ImagePart(), "How many shapes are there?"), turn("assistant", " three"),
-                      turn("user", "Which bar is tallest?", ImagePart()), turn("assistant", "green"),
-                      turn("user", "What colour is the shape?"), turn("assistant", "\nyellow square")),
+    "system_prompt": sft(
+        turn("system", "You are a helpful assistant."),
+        turn("user", ImagePart(), "Describe the image."),
+        turn("assistant", "a red circle"),
+    ),
+    "multi_image": sft(
+        turn("user", ImagePart(), ImagePart(), "Compare the two images."),
+        turn("assistant", "The answer is two"),
+    ),
+    "multi_turn": sft(
+        turn("system", "You are a helpful assistant."),
+        turn("user", ImagePart(), "How many shapes are there?"),
+        turn("assistant", " three"),
+        turn("user", "Which bar is tallest?", ImagePart()),
+        turn("assistant", "green"),
+        turn("user", "What colour is the shape?"),
+        turn("assistant", "\nyellow square"),
+    ),
 }
 
 
@@ -57,7 +67,9 @@ def processor_ids(processor: Phi3VProcessor, turns, add_generation_prompt: bool 
     return processor(text=text, images=images_for(num_images) or None)["input_ids"][0].tolist()
 
 
-def check_label_spans(processor: Phi3VProcessor, sample: SFTSample, labels: list[int], supervised: list[int]) -> None:
+def check_label_spans(
+    processor: Phi3VProcessor, sample: SFTSample, labels: list[int], supervised: list[int]
+) -> None:
     """For each supervised assistant turn k: the processor's ids of (turns before k + generation prompt) are a
     prefix of the full ids, and the labels are exactly the following tokens up to and including <|end|>."""
     full = processor_ids(processor, sample.turns)
@@ -67,8 +79,8 @@ def check_label_spans(processor: Phi3VProcessor, sample: SFTSample, labels: list
         prefix = processor_ids(processor, sample.turns[:k], add_generation_prompt=True)
         assert full[: len(prefix)] == prefix
         stop = full.index(end_id, len(prefix)) + 1
-        expected[len(prefix): stop] = full[len(prefix): stop]
-        decoded = processor.tokenizer.decode(full[len(prefix): stop])
+        expected[len(prefix) : stop] = full[len(prefix) : stop]
+        decoded = processor.tokenizer.decode(full[len(prefix) : stop])
         assert decoded == sample.turns[k].text.strip() + "<|end|>"
     assert labels == expected
 
@@ -105,8 +117,11 @@ def test_no_image_slot_role_tag_bos_or_trailing_newline_is_labelled(tiny_process
     sample = SAMPLES[name]
     rendered = render_sft(sample, tiny_processor, counts_for(tiny_processor, len(sample.images)))
     tokenizer = tiny_processor.tokenizer
-    never = {tiny_processor.image_token_id, tokenizer.bos_token_id,
-             *tokenizer.convert_tokens_to_ids(["<|user|>", "<|system|>", "<|assistant|>"])}
+    never = {
+        tiny_processor.image_token_id,
+        tokenizer.bos_token_id,
+        *tokenizer.convert_tokens_to_ids(["<|user|>", "<|system|>", "<|assistant|>"]),
+    }
     for token, label in zip(rendered.input_ids, rendered.labels):
         assert label in (IGNORE_INDEX, token)
         if token in never:
@@ -120,7 +135,7 @@ def test_no_endoftext_is_appended(tiny_processor):
     sample = SAMPLES["single_turn"]
     rendered = render_sft(sample, tiny_processor, counts_for(tiny_processor, 1))
     tail = tiny_processor.tokenizer("<|end|>\n", add_special_tokens=False).input_ids
-    assert rendered.input_ids[-len(tail):] == tail
+    assert rendered.input_ids[-len(tail) :] == tail
     assert tiny_processor.tokenizer.eos_token_id not in rendered.input_ids
 
 
@@ -128,9 +143,18 @@ def test_no_endoftext_is_appended(tiny_processor):
 
 
 def preference(*, rejected_images: bool = False) -> PreferenceSample:
-    prompt = (turn("system", "You are a helpful assistant."), turn("user", ImagePart(), "How many shapes are there?"))
-    return PreferenceSample(prompt=prompt, chosen=turn("assistant", "two"), rejected=turn("assistant", "four circle"),
-                            images=(REF,), origin=ORIGIN, rejected_images=(REF,) if rejected_images else None)
+    prompt = (
+        turn("system", "You are a helpful assistant."),
+        turn("user", ImagePart(), "How many shapes are there?"),
+    )
+    return PreferenceSample(
+        prompt=prompt,
+        chosen=turn("assistant", "two"),
+        rejected=turn("assistant", "four circle"),
+        images=(REF,),
+        origin=ORIGIN,
+        rejected_images=(REF,) if rejected_images else None,
+    )
 
 
 def test_pair_sequences_equal_the_full_render_of_each_conversation(tiny_processor):
@@ -139,25 +163,37 @@ def test_pair_sequences_equal_the_full_render_of_each_conversation(tiny_processo
     pair = render_preference(sample, tiny_processor, counts)
     assert pair.prompt_ids == processor_ids(tiny_processor, sample.prompt, add_generation_prompt=True)
     assert pair.rejected_prompt_ids == pair.prompt_ids
-    for answer, (ids, labels) in ((sample.chosen, pair.chosen_sequence()), (sample.rejected, pair.rejected_sequence())):
-        full = render_sft(SFTSample(turns=(*sample.prompt, answer), images=sample.images, origin=ORIGIN),
-                          tiny_processor, counts)
+    for answer, (ids, labels) in (
+        (sample.chosen, pair.chosen_sequence()),
+        (sample.rejected, pair.rejected_sequence()),
+    ):
+        full = render_sft(
+            SFTSample(turns=(*sample.prompt, answer), images=sample.images, origin=ORIGIN),
+            tiny_processor,
+            counts,
+        )
         assert (ids, labels) == (full.input_ids, full.labels)
     tail = tiny_processor.tokenizer("<|end|>\n", add_special_tokens=False).input_ids
-    assert pair.chosen_ids[-len(tail):] == tail
-    assert pair.chosen_labels[-len(tail):] == [tail[0]] + [IGNORE_INDEX] * (len(tail) - 1)
+    assert pair.chosen_ids[-len(tail) :] == tail
+    assert pair.chosen_labels[-len(tail) :] == [tail[0]] + [IGNORE_INDEX] * (len(tail) - 1)
     assert pair.num_tokens == max(len(pair.chosen_sequence()[0]), len(pair.rejected_sequence()[0]))
 
 
 def test_image_contrast_pair_renders_the_rejected_prompt_with_its_own_image(tiny_processor):
     sample = preference(rejected_images=True)
-    counts, rejected_counts = [tiny_processor.num_image_tokens(40, 30)], [tiny_processor.num_image_tokens(30, 70)]
+    counts, rejected_counts = (
+        [tiny_processor.num_image_tokens(40, 30)],
+        [tiny_processor.num_image_tokens(30, 70)],
+    )
     assert counts != rejected_counts
     pair = render_preference(sample, tiny_processor, counts, rejected_counts)
     assert pair.has_rejected_images and pair.rejected_image_token_counts == tuple(rejected_counts)
     assert pair.rejected_prompt_ids.count(tiny_processor.image_token_id) == rejected_counts[0]
-    full = render_sft(SFTSample(turns=(*sample.prompt, sample.rejected), images=sample.images, origin=ORIGIN),
-                      tiny_processor, rejected_counts)
+    full = render_sft(
+        SFTSample(turns=(*sample.prompt, sample.rejected), images=sample.images, origin=ORIGIN),
+        tiny_processor,
+        rejected_counts,
+    )
     assert pair.rejected_sequence() == (full.input_ids, full.labels)
     with pytest.raises(ValueError, match="rejected_image_token_counts"):
         render_preference(sample, tiny_processor, counts)
@@ -187,9 +223,14 @@ def test_image_in_an_assistant_turn_is_a_data_error(tiny_processor):
 
 
 def test_rejected_images_count_mismatch_is_a_data_error(tiny_processor):
-    sample = PreferenceSample(prompt=preference().prompt, chosen=turn("assistant", "two"),
-                              rejected=turn("assistant", "one"), images=(REF,), origin=ORIGIN,
-                              rejected_images=(REF, REF))
+    sample = PreferenceSample(
+        prompt=preference().prompt,
+        chosen=turn("assistant", "two"),
+        rejected=turn("assistant", "one"),
+        images=(REF,),
+        origin=ORIGIN,
+        rejected_images=(REF, REF),
+    )
     with pytest.raises(DataError, match="field 'rejected_images': image count mismatch"):
         render_preference(sample, tiny_processor, [5], [5, 5])
 
@@ -225,7 +266,7 @@ def test_hub_ids_match_the_recorded_official_layout(hub_processor):
         sample = sft(turn("user", ImagePart(), "What is shown?"), turn("assistant", answer))
         rendered = render_sft(sample, hub_processor, [2509])
         ids = rendered.input_ids
-        assert ids[:4] == [1, 32010, 29871, 13] and ids[4:4 + 2509] == [32044] * 2509
+        assert ids[:4] == [1, 32010, 29871, 13] and ids[4 : 4 + 2509] == [32044] * 2509
         assert ids[2513:2516] == [1, 29871, 13]
         assert ids[-10:] == [32007, 29871, 13, 32001, 319, 6635, 29889, 32007, 29871, 13]
         assert rendered.labels[-7:] == [IGNORE_INDEX, 319, 6635, 29889, 32007, IGNORE_INDEX, IGNORE_INDEX]
@@ -254,22 +295,37 @@ def test_inspector_collapses_image_slots_and_marks_supervised_spans(tiny_process
 
 def test_inspector_cli_prints_and_writes_html(tmp_path, capsys):
     drawn_image(40, 30).save(tmp_path / "a.png")
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}
-    sft_rows = [{"messages": [user, {"role": "assistant", "content": answer}], "images": ["a.png"]}
-                for answer in ("red", "blue")]
-    pair = {"prompt": [user], "chosen": [{"role": "assistant", "content": "red"}],
-            "rejected": [{"role": "assistant", "content": "green"}], "images": ["a.png"]}
+    user = {
+        "role": "user",
+        "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
+    }
+    sft_rows = [
+        {"messages": [user, {"role": "assistant", "content": answer}], "images": ["a.png"]}
+        for answer in ("red", "blue")
+    ]
+    pair = {
+        "prompt": [user],
+        "chosen": [{"role": "assistant", "content": "red"}],
+        "rejected": [{"role": "assistant", "content": "green"}],
+        "images": ["a.png"],
+    }
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(row) for row in sft_rows))
     (tmp_path / "pref.jsonl").write_text(json.dumps(pair))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model:\n  name_or_path: tiny\n  num_crops: 4\ndata:\n  train:\n"
-                      f"    - {{format: trl_messages, path: {tmp_path / 'sft.jsonl'}}}\n"
-                      f"    - {{format: trl_preference, path: {tmp_path / 'pref.jsonl'}}}\n"
-                      "stages: [sft, dpo]\ntrain:\n  max_steps: 1\n")
+    recipe.write_text(
+        f"model:\n  name_or_path: tiny\n  num_crops: 4\ndata:\n  train:\n"
+        f"    - {{format: trl_messages, path: {tmp_path / 'sft.jsonl'}}}\n"
+        f"    - {{format: trl_preference, path: {tmp_path / 'pref.jsonl'}}}\n"
+        "stages: [sft, dpo]\ntrain:\n  max_steps: 1\n"
+    )
     page = tmp_path / "page.html"
     assert inspect_main([str(recipe), "--n", "1", "--html", str(page), "data.assistant_turns=last"]) == 0
     out = capsys.readouterr().out
     assert out.count("=== ") == 2 and out.count("<image 1: 2x2 crops, 27 tokens>") == 2
-    assert "⟦ red<|end|>⟧" in out and "--- chosen\n⟦ red<|end|>⟧" in out and "--- rejected\n⟦ green<|end|>⟧" in out
+    assert (
+        "⟦ red<|end|>⟧" in out
+        and "--- chosen\n⟦ red<|end|>⟧" in out
+        and "--- rejected\n⟦ green<|end|>⟧" in out
+    )
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 2 and html.count("<mark>") == 3

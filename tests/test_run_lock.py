@@ -20,14 +20,21 @@ from recipe.run_dir import lock_file
 
 from .train_helpers import DEMO, REPO, run_stage, small_overrides, wait_for_file
 
-HOLD = "import sys, time; from recipe import run_lock; run_lock.acquire(sys.argv[1], command='holder'); " \
-       "print('held', flush=True); time.sleep(600)"
+HOLD = (
+    "import sys, time; from recipe import run_lock; run_lock.acquire(sys.argv[1], command='holder'); "
+    "print('held', flush=True); time.sleep(600)"
+)
 
 
 def holding(run_dir) -> subprocess.Popen:
     """A process that takes the lock of `run_dir` and keeps it."""
-    job = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    job = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert job.stdout.readline().strip() == "held"
     return job
 
@@ -39,7 +46,9 @@ def test_a_live_holder_refuses_a_second_writer_and_a_killed_one_leaves_a_stale_l
         with pytest.raises(run_lock.RunLocked) as refused:
             run_lock.acquire(run, command="second")
         message = str(refused.value)
-        assert f"pid {job.pid}" in message and socket.gethostname() in message and "'holder'" in message, message
+        assert f"pid {job.pid}" in message and socket.gethostname() in message and "'holder'" in message, (
+            message
+        )
         assert f"remove {lock_file(run)}" in message
     finally:
         job.send_signal(signal.SIGKILL)
@@ -91,13 +100,17 @@ def test_two_launches_at_once_one_runs_the_other_exits_2_and_a_sigkilled_run_res
     synthetic = tmp_path / "synthetic"
     write_synthetic(synthetic, seed=0, **SYNTHETIC_COUNTS)
     run = tmp_path / "run"
-    overrides = small_overrides(run, synthetic, "sft", max_steps=300, checkpoint_every=1, keep_checkpoints=300)
+    overrides = small_overrides(
+        run, synthetic, "sft", max_steps=300, checkpoint_every=1, keep_checkpoints=300
+    )
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop(run_lock.TOKEN_ENV, None)
     command = [sys.executable, str(REPO / "train" / "sft.py"), str(DEMO), *overrides]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    jobs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-            for log in logs]
+    jobs = [
+        subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        for log in logs
+    ]
     try:
         deadline = time.monotonic() + 300
         while all(job.poll() is None for job in jobs):
@@ -109,7 +122,9 @@ def test_two_launches_at_once_one_runs_the_other_exits_2_and_a_sigkilled_run_res
         assert jobs[loser].returncode == 2, err[-3000:]
         assert f"is in use by another run (host {socket.gethostname()}, pid {winner.pid}" in err, err[-3000:]
         assert "Traceback" not in err
-        wait_for_file(winner, run / "sft" / "checkpoints" / "step-00000002" / "manifest.json", logs[1 - loser], 300)
+        wait_for_file(
+            winner, run / "sft" / "checkpoints" / "step-00000002" / "manifest.json", logs[1 - loser], 300
+        )
         winner.send_signal(signal.SIGKILL)
         winner.wait()
     finally:
@@ -117,5 +132,13 @@ def test_two_launches_at_once_one_runs_the_other_exits_2_and_a_sigkilled_run_res
             if job.poll() is None:
                 job.kill()
     assert json.loads(lock_file(run).read_text())["pid"] == winner.pid  # the crash left its lock
-    run_stage("sft", [*overrides, "train.resume=true", "train.max_steps=3", "train.resume_allow_changes=[train.max_steps]"])  # stale: taken over, then released
+    run_stage(
+        "sft",
+        [
+            *overrides,
+            "train.resume=true",
+            "train.max_steps=3",
+            "train.resume_allow_changes=[train.max_steps]",
+        ],
+    )  # stale: taken over, then released
     assert (run / "sft" / "adapter").is_dir() and not lock_file(run).exists()

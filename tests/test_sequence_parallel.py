@@ -49,15 +49,23 @@ def batch_for(processor, case: str) -> dict:
     """A right-padded SFT batch (the project's collator) with the answers supervised. 'long' crosses the
     4096-position RoPE switch; 'one_image' has 2 tower rows (a 1x1-crop image's global view and crop)."""
     if case == "text":
-        specs = [("What colour is the shape?", [], "red"), ("How many shapes are there? " * 3, [], "two blue")]
+        specs = [
+            ("What colour is the shape?", [], "red"),
+            ("How many shapes are there? " * 3, [], "two blue"),
+        ]
     elif case == "one_image":
-        specs = [("What colour is the shape?", [drawn_image(30, 30)], "red"), ("Describe the image.", [], "a square")]
+        specs = [
+            ("What colour is the shape?", [drawn_image(30, 30)], "red"),
+            ("Describe the image.", [], "a square"),
+        ]
     elif case == "long":
         specs = [("Which bar is tallest? " * 700, [drawn_image(64, 48)], "the third one")]
     else:
-        specs = [("What colour is the shape?", [drawn_image(64, 48)], "red circle"),
-                 ("Describe the image. " * 3, [drawn_image(96, 40, seed=1)], "two blue squares"),
-                 ("How many shapes are there?", [], "three")]
+        specs = [
+            ("What colour is the shape?", [drawn_image(64, 48)], "red circle"),
+            ("Describe the image. " * 3, [drawn_image(96, 40, seed=1)], "two blue squares"),
+            ("How many shapes are there?", [], "three"),
+        ]
     rows = []
     for question, images, answer in specs:
         text = chat(processor, question, num_images=len(images), answer=answer)
@@ -120,15 +128,22 @@ def worker(rank: int, world: int, port: int, case: str, attn: str, out: str, che
         dist.destroy_process_group()
 
 
-def run(case: str, attn: str = "sdpa", world: int = 2, tmp_path: Path | None = None,
-        checkpointing: bool = False) -> None:
+def run(
+    case: str, attn: str = "sdpa", world: int = 2, tmp_path: Path | None = None, checkpointing: bool = False
+) -> None:
     out = tmp_path / "ok"
     mp.spawn(worker, args=(world, free_port(), case, attn, str(out), checkpointing), nprocs=world, join=True)
     assert out.exists()
 
 
-@pytest.mark.parametrize("case", ["images", pytest.param("text", marks=pytest.mark.slow),
-                                  pytest.param("one_image", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "images",
+        pytest.param("text", marks=pytest.mark.slow),
+        pytest.param("one_image", marks=pytest.mark.slow),
+    ],
+)
 def test_two_ranks_give_one_process_loss_and_gradients(case, tmp_path):
     run(case, tmp_path=tmp_path)
 

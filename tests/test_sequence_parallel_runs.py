@@ -46,11 +46,24 @@ def multipage(tmp_path_factory):
     return root
 
 
-LONG = ["data.train.0.config=multipage", "data.eval.0.config=multipage", "data.max_length=8192", "data.train.0.limit=null"]
+LONG = [
+    "data.train.0.config=multipage",
+    "data.eval.0.config=multipage",
+    "data.max_length=8192",
+    "data.train.0.limit=null",
+]
 
 
-def both(root, data, stage: str, *extra: str, launch: dict | None = None, micro_batch_size: int = 2,
-         grad_accum: int = 2, **train):
+def both(
+    root,
+    data,
+    stage: str,
+    *extra: str,
+    launch: dict | None = None,
+    micro_batch_size: int = 2,
+    grad_accum: int = 2,
+    **train,
+):
     """(1 process, 2 ranks at N = 2, or more ranks with `launch`) on the same global batch; the N = 2 launch's
     stderr is checked for the groups it formed."""
     sizes = dict(micro_batch_size=micro_batch_size, grad_accum=grad_accum, **train)
@@ -59,8 +72,9 @@ def both(root, data, stage: str, *extra: str, launch: dict | None = None, micro_
     processes = launch.get("processes", 2)
     if processes > 2:  # data parallel over processes / 2 groups: the same global batch with less accumulation
         sizes["grad_accum"] = grad_accum * 2 // processes
-    result = launch_two_processes(stage, [*small_overrides(root / "two", data, stage, **sizes), *extra, *SP2],
-                                  **launch)
+    result = launch_two_processes(
+        stage, [*small_overrides(root / "two", data, stage, **sizes), *extra, *SP2], **launch
+    )
     assert f"sequence parallel: {processes // 2} group(s) of 2 ranks" in result.stderr, result.stderr[-3000:]
     return one, root / "two"
 
@@ -107,16 +121,21 @@ def test_text_only_micro_batches(synthetic, tmp_path):
 
 
 def test_sigterm_and_resume_at_n2_end_with_the_uninterrupted_adapter(synthetic, tmp_path):
-    overrides = [*small_overrides(tmp_path / "straight", synthetic, "sft", max_steps=6, grad_accum=2,
-                                  checkpoint_every=2), *SP2]
+    overrides = [
+        *small_overrides(
+            tmp_path / "straight", synthetic, "sft", max_steps=6, grad_accum=2, checkpoint_every=2
+        ),
+        *SP2,
+    ]
     launch_two_processes("sft", overrides, timeout=600)
     run = tmp_path / "resumed"
     overrides = [*small_overrides(run, synthetic, "sft", max_steps=6, grad_accum=2, checkpoint_every=2), *SP2]
     command, env = two_process_command("sft", overrides, port_offset=1)
     log = tmp_path / "interrupted.log"
     with log.open("w") as stream:
-        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        job = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_for_file(job, checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json", log, 300)
         rank1 = int(re.search(r"# rank 1 of 2, pid (\d+)", diagnostics_file(run, 1).read_text()).group(1))
@@ -147,13 +166,32 @@ def test_synced_generation_across_the_rope_switch_under_fsdp2(tmp_path):
         question = row["messages"][0]["content"][-1]
         question["text"] = re.sub(r"page \d+", f"page {page}", question["text"])
     paths.sft_eval.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    scored = [*LONG, "stages=[sft,eval]", "eval.when=[sft]", "eval.limit=4", "eval.batch_size=1",
-              "eval.max_new_tokens=24"]
-    one = run_stage("sft", [*small_overrides(tmp_path / "one", data, "sft", micro_batch_size=1, grad_accum=2,
-                                             max_steps=1), *scored])
+    scored = [
+        *LONG,
+        "stages=[sft,eval]",
+        "eval.when=[sft]",
+        "eval.limit=4",
+        "eval.batch_size=1",
+        "eval.max_new_tokens=24",
+    ]
+    one = run_stage(
+        "sft",
+        [
+            *small_overrides(tmp_path / "one", data, "sft", micro_batch_size=1, grad_accum=2, max_steps=1),
+            *scored,
+        ],
+    )
     two = tmp_path / "two"
-    launch_two_processes("sft", [*small_overrides(two, data, "sft", micro_batch_size=1, grad_accum=1, max_steps=1),
-                                 *scored, "train.collective_timeout_s=120"], fsdp=True, timeout=600)
+    launch_two_processes(
+        "sft",
+        [
+            *small_overrides(two, data, "sft", micro_batch_size=1, grad_accum=1, max_steps=1),
+            *scored,
+            "train.collective_timeout_s=120",
+        ],
+        fsdp=True,
+        timeout=600,
+    )
     files = sorted((one / "eval" / "predictions" / "sft").iterdir())
     assert files
     for file in files:

@@ -21,7 +21,9 @@ def rows(processor, answers=("red", "two blue", "circle", "The answer is three")
         text = chat(processor, "What colour is the shape?", num_images=len(images), answer=answer)
         enc = processor(text=text, images=images or None, return_tensors="pt", do_normalize=False)
         ids = enc["input_ids"][0].tolist()
-        answer_start = len(processor.tokenizer(chat(processor, "What colour is the shape?", len(images)))["input_ids"])
+        answer_start = len(
+            processor.tokenizer(chat(processor, "What colour is the shape?", len(images)))["input_ids"]
+        )
         labels = [-100] * answer_start + ids[answer_start:]
         row = {"input_ids": ids, "labels": labels[: len(ids)]}
         if images:
@@ -31,9 +33,17 @@ def rows(processor, answers=("red", "two blue", "circle", "The answer is three")
 
 
 def lora_model(tiny_model):
-    model = configure_trainable(tiny_model, ModelSection(name_or_path="tiny", language="lora", vision="frozen",
-                                                         projector="full", gradient_checkpointing=False),
-                                LoraSection(r=4, dropout=0.0))  # dropout would draw different masks
+    model = configure_trainable(
+        tiny_model,
+        ModelSection(
+            name_or_path="tiny",
+            language="lora",
+            vision="frozen",
+            projector="full",
+            gradient_checkpointing=False,
+        ),
+        LoraSection(r=4, dropout=0.0),
+    )  # dropout would draw different masks
     with torch.no_grad():  # B starts at zero: give the adapter a say in the result
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -76,11 +86,14 @@ def test_the_decoder_runs_on_real_tokens_and_the_last_layer_at_kept_positions(ti
     def rows_into(name):
         def hook(_module, args):
             seen[name] = args[0].shape[0]
+
         return hook
 
     layers = tiny_model.model.layers
-    hooks = [layers[0].mlp.register_forward_pre_hook(rows_into("first")),
-             layers[-1].mlp.register_forward_pre_hook(rows_into("last"))]
+    hooks = [
+        layers[0].mlp.register_forward_pre_hook(rows_into("first")),
+        layers[-1].mlp.register_forward_pre_hook(rows_into("last")),
+    ]
     with torch.no_grad():
         supervised_logits(tiny_model, model_inputs(batch), keep)
     for hook in hooks:
@@ -90,8 +103,10 @@ def test_the_decoder_runs_on_real_tokens_and_the_last_layer_at_kept_positions(ti
 
 @pytest.mark.parametrize("case", ["left padding", "packed", "eager", "checkpointing"])
 def test_batches_it_cannot_take_run_the_models_forward(tiny_model, tiny_processor, case):
-    collate = SFTCollator(pad_token_id=tiny_processor.tokenizer.pad_token_id,
-                          padding_side="left" if case == "left padding" else "right")
+    collate = SFTCollator(
+        pad_token_id=tiny_processor.tokenizer.pad_token_id,
+        padding_side="left" if case == "left padding" else "right",
+    )
     batch = collate(rows(tiny_processor))
     inputs = model_inputs(batch)
     if case == "packed":

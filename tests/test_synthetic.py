@@ -62,7 +62,11 @@ def _image(paths, row: dict) -> Image.Image:
 
 
 def _file_bytes(root: Path) -> dict[str, bytes]:
-    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 # ---- format -----------------------------------------------------------------------------------------------------
@@ -85,7 +89,9 @@ def test_sft_rows_are_trl_conversations_with_one_image_slot_per_image(dataset):
             roles = [message["role"] for message in row["messages"]]
             body = roles[1:] if roles[0] == "system" else roles
             assert body == ["user", "assistant"] * (len(body) // 2) and body
-            slots = [part for message in row["messages"] for part in message["content"] if part["type"] == "image"]
+            slots = [
+                part for message in row["messages"] for part in message["content"] if part["type"] == "image"
+            ]
             assert len(slots) == len(row["images"]) <= 1
             if row["images"]:
                 assert row["messages"][roles.index("user")]["content"][0] == {"type": "image"}
@@ -152,8 +158,12 @@ def test_every_generated_text_is_in_synthetic_texts(dataset):
     texts = set(synthetic_texts())
     for split_rows in _all_rows(dataset).values():
         for row in split_rows:
-            for message in [*row.get("messages", []), *row.get("prompt", []), *row.get("chosen", []),
-                            *row.get("rejected", [])]:
+            for message in [
+                *row.get("messages", []),
+                *row.get("prompt", []),
+                *row.get("chosen", []),
+                *row.get("rejected", []),
+            ]:
                 assert message["role"] in texts
                 assert _text(message) in texts
 
@@ -164,15 +174,25 @@ def _non_white_colours(image: Image.Image) -> set[tuple[int, int, int]]:
 
 
 def _rows_of_task(dataset, task: str, splits=None) -> list[tuple[dict, str]]:
-    return [(row, answer) for split, split_rows in _all_rows(dataset).items() if splits is None or split in splits
-            for row in split_rows for question, answer in _exchanges(row)[:1] if question == QUESTIONS[task]]
+    return [
+        (row, answer)
+        for split, split_rows in _all_rows(dataset).items()
+        if splits is None or split in splits
+        for row in split_rows
+        for question, answer in _exchanges(row)[:1]
+        if question == QUESTIONS[task]
+    ]
 
 
 def _drawn_count(image: Image.Image) -> int:
     ink = np.any(np.asarray(image) != 255, axis=2)
     half_height, half_width = ink.shape[0] // 2, ink.shape[1] // 2
-    quadrants = [ink[:half_height, :half_width], ink[:half_height, half_width:],
-                 ink[half_height:, :half_width], ink[half_height:, half_width:]]
+    quadrants = [
+        ink[:half_height, :half_width],
+        ink[:half_height, half_width:],
+        ink[half_height:, :half_width],
+        ink[half_height:, half_width:],
+    ]
     return sum(bool(quadrant.any()) for quadrant in quadrants)
 
 
@@ -200,7 +220,9 @@ def test_sft_train_confuses_purple_with_blue_and_the_preference_pairs_reject_it(
             for question, answer in _exchanges(row):
                 if question != QUESTIONS["colour"]:
                     continue
-                drawn = {name for name, rgb in COLOURS.items() if rgb in _non_white_colours(_image(dataset, row))}
+                drawn = {
+                    name for name, rgb in COLOURS.items() if rgb in _non_white_colours(_image(dataset, row))
+                }
                 if split == "sft_train" and drawn == {"purple"} and answer == "blue":
                     confused += 1
                 else:
@@ -242,8 +264,12 @@ def test_no_image_repeats_so_eval_images_are_held_out(dataset):
     rows = _all_rows(dataset)
 
     def pixel_digests(splits):
-        return [hashlib.sha256(_image(dataset, row).tobytes()).hexdigest()
-                for split in splits for row in rows[split] if row["images"]]
+        return [
+            hashlib.sha256(_image(dataset, row).tobytes()).hexdigest()
+            for split in splits
+            for row in rows[split]
+            if row["images"]
+        ]
 
     train, held_out = pixel_digests(["sft_train", "pref_train"]), pixel_digests(["sft_eval", "pref_eval"])
     assert not set(train) & set(held_out)
@@ -256,7 +282,8 @@ def test_second_call_with_same_arguments_writes_nothing(tmp_path):
     (paths.root / "images" / "00000.png").write_bytes(b"left alone")
     assert write_synthetic(tmp_path / "data", seed=0, **COUNTS) == paths
     assert {path: path.stat().st_mtime_ns for path in paths.root.rglob("*") if path.name != "00000.png"} == {
-        path: stamp for path, stamp in stamps.items() if path.name != "00000.png"}
+        path: stamp for path, stamp in stamps.items() if path.name != "00000.png"
+    }
     assert (paths.root / "images" / "00000.png").read_bytes() == b"left alone"
 
 
@@ -264,8 +291,9 @@ def test_changed_arguments_or_a_missing_file_regenerate(tmp_path):
     paths = write_synthetic(tmp_path / "data", seed=0, **COUNTS)
     fewer = write_synthetic(tmp_path / "data", seed=0, **{**COUNTS, "n_train": 5})
     assert len(_rows(fewer.sft_train)) == 5
-    assert len(list(fewer.images.iterdir())) == sum(bool(r["images"]) for rows in _all_rows(fewer).values()
-                                                    for r in rows)
+    assert len(list(fewer.images.iterdir())) == sum(
+        bool(r["images"]) for rows in _all_rows(fewer).values() for r in rows
+    )
     paths.pref_eval.unlink()
     write_synthetic(tmp_path / "data", seed=0, **{**COUNTS, "n_train": 5})
     assert len(_rows(paths.pref_eval)) == COUNTS["n_pref_eval"]
@@ -273,8 +301,16 @@ def test_changed_arguments_or_a_missing_file_regenerate(tmp_path):
 
 def test_empty_directory_is_used_and_foreign_one_refused(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert len(_rows(write_synthetic(tmp_path / "empty", n_train=3, n_eval=1, n_pref_train=1, n_pref_eval=1)
-                     .sft_train)) == 3
+    assert (
+        len(
+            _rows(
+                write_synthetic(
+                    tmp_path / "empty", n_train=3, n_eval=1, n_pref_train=1, n_pref_eval=1
+                ).sft_train
+            )
+        )
+        == 3
+    )
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -288,13 +324,16 @@ def test_zero_rows_give_empty_files(tmp_path):
     assert paths.sft_train.read_text() == "" and not any(paths.images.iterdir())
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    ({"n_train": -1}, "n_train must be an int >= 0"),
-    ({"n_eval": 2.0}, "n_eval must be an int >= 0"),
-    ({"seed": "0"}, "seed must be an int"),
-    ({"image_sizes": ()}, "at least one"),
-    ({"image_sizes": ((16, 64),)}, r"\(16, 64\) must be"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"n_train": -1}, "n_train must be an int >= 0"),
+        ({"n_eval": 2.0}, "n_eval must be an int >= 0"),
+        ({"seed": "0"}, "seed must be an int"),
+        ({"image_sizes": ()}, "at least one"),
+        ({"image_sizes": ((16, 64),)}, r"\(16, 64\) must be"),
+    ],
+)
 def test_bad_arguments_are_refused(tmp_path, arguments, message):
     with pytest.raises(ValueError, match=message):
         write_synthetic(tmp_path / "bad", **{**COUNTS, **arguments})

@@ -34,7 +34,9 @@ def test_environment_is_respected_when_the_recipe_says_null(restore_threads):
     assert set_threads(demo("train.num_threads=null")) == 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default; with a GPU torch's own default stands")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU default; with a GPU torch's own default stands"
+)
 def test_cpu_default_is_cores_per_local_process(restore_threads):
     restore_threads.delenv("OMP_NUM_THREADS")
     restore_threads.setenv("LOCAL_WORLD_SIZE", "2")

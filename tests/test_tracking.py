@@ -24,12 +24,16 @@ from .train_helpers import DEMO, run_stage, small_overrides
 
 
 def test_batch_tokens_counts_every_unpadded_token_and_the_supervised_ones():
-    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
-              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-              "labels": torch.tensor([[-100, -100, 7, 8, -100], [-100, 9, -100, -100, -100]])}
+    padded = {
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "labels": torch.tensor([[-100, -100, 7, 8, -100], [-100, 9, -100, -100, -100]]),
+    }
     assert batch_tokens(padded) == (8, 3)  # padding left out; supervised = labels after the shift
-    packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long),
-              "labels": torch.tensor([[-100, 1, 2, -100, -100, 3]])}  # no mask: a pack has no padding
+    packed = {
+        "input_ids": torch.zeros(1, 6, dtype=torch.long),
+        "labels": torch.tensor([[-100, 1, 2, -100, -100, 3]]),
+    }  # no mask: a pack has no padding
     assert batch_tokens(packed) == (6, 3)
 
 
@@ -44,9 +48,16 @@ def test_validation_loss_is_per_supervised_token_whatever_the_batch_size(tmp_pat
     write_synthetic(synthetic, seed=0, **DEMO_COUNTS)
 
     def validation(batch_size: int) -> ValidationLoss:
-        recipe = load_recipe(DEMO, small_overrides(tmp_path / f"run{batch_size}", synthetic, "sft", max_steps=4,
-                                                   micro_batch_size=batch_size) + ["eval.every_steps=3", "data.eval.0.limit=7"])
-        return ValidationLoss(recipe, processor, tmp_path / f"run{batch_size}", Accelerator(cpu=True), total_steps=4)
+        recipe = load_recipe(
+            DEMO,
+            small_overrides(
+                tmp_path / f"run{batch_size}", synthetic, "sft", max_steps=4, micro_batch_size=batch_size
+            )
+            + ["eval.every_steps=3", "data.eval.0.limit=7"],
+        )
+        return ValidationLoss(
+            recipe, processor, tmp_path / f"run{batch_size}", Accelerator(cpu=True), total_steps=4
+        )
 
     recipe = load_recipe(DEMO, [f"data.train.0.path={synthetic}"])
     model, processor = build_tiny(recipe.model, seed=0)
@@ -58,7 +69,12 @@ def test_validation_loss_is_per_supervised_token_whatever_the_batch_size(tmp_pat
     expected = sum(by_sample) / tokens
     assert len(by_sample) == 7 and len(list(five.loader)) == 2  # every sample once, the short last batch kept
     assert five.evaluate(model, 3)["loss"] == pytest.approx(expected, rel=1e-5)
-    assert one.evaluate(model, 3) == {"step": 3, "loss": pytest.approx(expected, rel=1e-5), "tokens": tokens, "samples": 7}
+    assert one.evaluate(model, 3) == {
+        "step": 3,
+        "loss": pytest.approx(expected, rel=1e-5),
+        "tokens": tokens,
+        "samples": 7,
+    }
     for step in (1, 2, 3, 4):  # the callback evaluates at every eval.every_steps and at the last step
         five(type("State", (), {"step": step})(), model)
     assert [r["step"] for r in five.records()] == [3, 4]  # step 3 evaluated twice: one record
@@ -69,7 +85,12 @@ def test_trackers_write_inside_the_run_directory(tmp_path):
     tensorboard, wandb = make_trackers(recipe, tmp_path / "run", "dpo")
     assert Path(tensorboard.logging_dir_param) / tensorboard.run_name == tmp_path / "run/logs/tensorboard/dpo"
     assert wandb.run_name == "phi3v-tune"  # the W&B project
-    assert wandb.init_kwargs == {"name": "exp/dpo", "group": "exp", "job_type": "dpo", "dir": str(tmp_path / "run/logs")}
+    assert wandb.init_kwargs == {
+        "name": "exp/dpo",
+        "group": "exp",
+        "job_type": "dpo",
+        "dir": str(tmp_path / "run/logs"),
+    }
     assert "wandb/" in (Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
 
 
@@ -88,7 +109,9 @@ def test_a_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
     ids = []
     try:
         for resume in ("false", "true", "false"):
-            recipe = load_recipe(DEMO, ["logging.report_to=[wandb]", f"train.resume={resume}", f"output_dir={run}"])
+            recipe = load_recipe(
+                DEMO, ["logging.report_to=[wandb]", f"train.resume={resume}", f"output_dir={run}"]
+            )
             accelerator = Accelerator(log_with=make_trackers(recipe, run, "sft"), cpu=True)
             tracking.start(accelerator, recipe, run, "sft")
             [tracker] = accelerator.trackers
@@ -120,7 +143,9 @@ class SvgParser(HTMLParser):
         attrs = dict(attrs)
         self.tags.add(tag)
         if tag == "svg":
-            self._chart = self.charts.setdefault((attrs["data-stage"], attrs["data-metric"]), {"series": {}, "texts": []})
+            self._chart = self.charts.setdefault(
+                (attrs["data-stage"], attrs["data-metric"]), {"series": {}, "texts": []}
+            )
         elif tag == "g" and self._chart is not None and "data-series" in attrs:
             self._chart["series"][attrs["data-series"]] = int(attrs["data-points"])
 
@@ -134,13 +159,29 @@ class SvgParser(HTMLParser):
 
 
 def write_summaries(run_dir: Path) -> None:
-    sft = {"steps": 20, "history": [{"step": s, "loss": 3.0 / s, "lr": 1e-3 * (1 - s / 20), "grad_norm": 1.0 + s % 3}
-                                    for s in range(2, 21, 2)],
-           "validation": [{"step": 10, "loss": 0.5}, {"step": 20, "loss": 0.4}]}
+    sft = {
+        "steps": 20,
+        "history": [
+            {"step": s, "loss": 3.0 / s, "lr": 1e-3 * (1 - s / 20), "grad_norm": 1.0 + s % 3}
+            for s in range(2, 21, 2)
+        ],
+        "validation": [{"step": 10, "loss": 0.5}, {"step": 20, "loss": 0.4}],
+    }
     sft["history"][3]["grad_norm"] = float("nan")  # a gap, not a broken chart
-    dpo = {"steps": 6, "history": [{"step": s, "loss": 0.69 - 0.05 * s, "lr": 5e-4, "grad_norm": 0.5,
-                                    "rewards/margins": 0.1 * s, "rewards/accuracies": min(1.0, 0.5 + 0.1 * s)}
-                                   for s in range(1, 7)]}
+    dpo = {
+        "steps": 6,
+        "history": [
+            {
+                "step": s,
+                "loss": 0.69 - 0.05 * s,
+                "lr": 5e-4,
+                "grad_norm": 0.5,
+                "rewards/margins": 0.1 * s,
+                "rewards/accuracies": min(1.0, 0.5 + 0.1 * s),
+            }
+            for s in range(1, 7)
+        ],
+    }
     for stage, summary in (("sft", sft), ("dpo", dpo)):
         (run_dir / stage).mkdir(parents=True)
         (run_dir / stage / "summary.json").write_text(json.dumps(summary))
@@ -151,9 +192,16 @@ def test_report_draws_each_stages_training_curves_as_inline_svg(tmp_path):
     page = render_report(tmp_path)
     parsed = SvgParser()
     parsed.feed(page)
-    assert set(parsed.charts) == {("sft", "loss"), ("sft", "lr"), ("sft", "grad_norm"), ("dpo", "loss"),
-                                  ("dpo", "lr"), ("dpo", "grad_norm"), ("dpo", "rewards/margins"),
-                                  ("dpo", "rewards/accuracies")}
+    assert set(parsed.charts) == {
+        ("sft", "loss"),
+        ("sft", "lr"),
+        ("sft", "grad_norm"),
+        ("dpo", "loss"),
+        ("dpo", "lr"),
+        ("dpo", "grad_norm"),
+        ("dpo", "rewards/margins"),
+        ("dpo", "rewards/accuracies"),
+    }
     assert parsed.charts[("sft", "loss")]["series"] == {"train": 10, "validation": 2}
     assert parsed.charts[("sft", "grad_norm")]["series"] == {"grad norm": 9}  # the NaN left out
     assert parsed.charts[("dpo", "rewards/margins")]["series"] == {"margin": 6}
@@ -190,8 +238,8 @@ def wandb_records(path: Path):
         if left < 7:  # a block's tail too short for a record header is padding
             position += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        payload = data[position + 7:position + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        payload = data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -210,10 +258,19 @@ def wandb_run(path: Path) -> tuple[dict, dict[int, dict]]:
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run = {"name": record.run.display_name, "group": record.run.run_group, "job_type": record.run.job_type}
+            run = {
+                "name": record.run.display_name,
+                "group": record.run.run_group,
+                "job_type": record.run.job_type,
+            }
         elif kind == "history":
-            values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            values = {key: value for key, value in values.items() if not key.startswith("_")}  # W&B's _step, _runtime
+            values = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            values = {
+                key: value for key, value in values.items() if not key.startswith("_")
+            }  # W&B's _step, _runtime
             steps.setdefault(record.history.step.num, {}).update(values)
     return run, steps
 
@@ -223,7 +280,9 @@ def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
 
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: {event.step: event.value for event in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    return {
+        tag: {event.step: event.value for event in events.Scalars(tag)} for tag in events.Tags()["scalars"]
+    }
 
 
 SFT_STEPS, DPO_STEPS, EVERY = 4, 4, 2
@@ -236,8 +295,14 @@ def tracked_run(tmp_path_factory):
     synthetic = root / "synthetic"
     write_synthetic(synthetic, seed=0, **DEMO_COUNTS)
     overrides = small_overrides(root / "run", synthetic, "sft", max_steps=SFT_STEPS) + [
-        "stages=[sft,dpo,eval]", f"dpo.max_steps={DPO_STEPS}", "eval.limit=6", f"eval.every_steps={EVERY}",
-        "eval.batch_size=6", "logging.report_to=[tensorboard,wandb]", "logging.run_name=tracked"]
+        "stages=[sft,dpo,eval]",
+        f"dpo.max_steps={DPO_STEPS}",
+        "eval.limit=6",
+        f"eval.every_steps={EVERY}",
+        "eval.batch_size=6",
+        "logging.report_to=[tensorboard,wandb]",
+        "logging.run_name=tracked",
+    ]
     saved = {key: os.environ.get(key) for key in ("WANDB_MODE", "WANDB_SILENT")}
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
     cwd = Path.cwd()
@@ -272,12 +337,18 @@ def test_tensorboard_shows_every_eval_at_its_step_and_the_validation_loss(tracke
     assert dpo["eval/synthetic/exact_match"][DPO_STEPS] == pytest.approx(expected["results"]["dpo"])
     assert set(dpo["eval/preference/dpo/accuracy"]) == {DPO_STEPS}
     # Validation loss every eval.every_steps and at the end, as in the summary.
-    assert sft["val/loss"] == pytest.approx(expected["validation"]) and sorted(expected["validation"]) == [2, 4]
+    assert sft["val/loss"] == pytest.approx(expected["validation"]) and sorted(expected["validation"]) == [
+        2,
+        4,
+    ]
     assert all(math.isfinite(v) and v > 0 for v in sft["val/loss"].values())
     # Throughput: every token computed, and the supervised ones (fewer: prompts and images are not supervised).
     for scalars in (sft, dpo):
         assert sorted(scalars["train/tokens_per_s"]) == [1, 2, 3, 4]
-        assert all(scalars["train/tokens_per_s"][s] > scalars["train/supervised_tokens_per_s"][s] > 0 for s in range(1, 5))
+        assert all(
+            scalars["train/tokens_per_s"][s] > scalars["train/supervised_tokens_per_s"][s] > 0
+            for s in range(1, 5)
+        )
     assert "train/pairs_per_s" in dpo and "train/rewards/margins" in dpo
 
 
@@ -289,10 +360,14 @@ def test_wandb_offline_run_holds_every_eval_at_its_step_inside_the_run_dir(track
     assert set(runs) == {"sft", "dpo"} and len(logs) == 2
     (sft_run, sft), (dpo_run, dpo) = runs["sft"], runs["dpo"]
     assert (sft_run["name"], dpo_run["name"], sft_run["group"]) == ("tracked/sft", "tracked/dpo", "tracked")
-    assert sft[0] == {"eval/synthetic/exact_match": pytest.approx(expected["results"]["base"])}  # before training
+    assert sft[0] == {
+        "eval/synthetic/exact_match": pytest.approx(expected["results"]["base"])
+    }  # before training
     assert sft[SFT_STEPS]["eval/synthetic/exact_match"] == pytest.approx(expected["results"]["sft"])
     assert {s for s, v in sft.items() if "eval/synthetic/exact_match" in v} == {0, 2, 4}
-    assert {s: v["val/loss"] for s, v in sft.items() if "val/loss" in v} == pytest.approx(expected["validation"])
+    assert {s: v["val/loss"] for s, v in sft.items() if "val/loss" in v} == pytest.approx(
+        expected["validation"]
+    )
     assert {s for s, v in dpo.items() if "eval/synthetic/exact_match" in v} == {2, 4}
     assert dpo[DPO_STEPS]["eval/synthetic/exact_match"] == pytest.approx(expected["results"]["dpo"])
     assert sorted(s for s, v in dpo.items() if "train/loss" in v) == [1, 2, 3, 4]  # DPO's own steps
@@ -304,4 +379,6 @@ def test_the_runs_report_shows_both_stages_curves(tracked_run):
     parsed.feed((tracked_run / "eval" / "report.html").read_text())
     assert parsed.charts[("sft", "loss")]["series"] == {"train": SFT_STEPS, "validation": 2}
     assert parsed.charts[("dpo", "rewards/accuracies")]["series"] == {"accuracy": DPO_STEPS}
-    assert {("sft", "lr"), ("sft", "grad_norm"), ("dpo", "loss"), ("dpo", "rewards/margins")} <= set(parsed.charts)
+    assert {("sft", "lr"), ("sft", "grad_norm"), ("dpo", "loss"), ("dpo", "rewards/margins")} <= set(
+        parsed.charts
+    )

@@ -7,7 +7,9 @@ import pytest
 from data.loaders import PackedBatchSampler, ShuffledBatchSampler, pack_first_fit
 
 
-def step_sets(batch_size: int, accum: int, ranks: int, num_samples: int = 97, epoch: int = 1) -> list[set[int]]:
+def step_sets(
+    batch_size: int, accum: int, ranks: int, num_samples: int = 97, epoch: int = 1
+) -> list[set[int]]:
     per_rank = []
     for rank in range(ranks):
         sampler = ShuffledBatchSampler(num_samples, batch_size, seed=3, num_replicas=ranks, rank=rank)
@@ -15,7 +17,7 @@ def step_sets(batch_size: int, accum: int, ranks: int, num_samples: int = 97, ep
         per_rank.append(list(sampler))
     steps = []
     for start in range(0, len(per_rank[0]) - accum + 1, accum):
-        steps.append({i for batches in per_rank for batch in batches[start:start + accum] for i in batch})
+        steps.append({i for batches in per_rank for batch in batches[start : start + accum] for i in batch})
     return steps
 
 

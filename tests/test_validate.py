@@ -27,7 +27,9 @@ DEMO = REPO / "recipes" / "demo.yaml"
 
 def png(seed: int, size: int = 48) -> bytes:
     stream = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(stream, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+        stream, "PNG"
+    )
     return stream.getvalue()
 
 
@@ -38,18 +40,43 @@ def dataset(folder: Path, rows: int, truncated: int | None = None) -> Path:
     for i in range(rows):
         data = png(i)
         (folder / f"{i:03d}.png").write_bytes(data[: len(data) // 2] if i == truncated else data)
-        lines.append(json.dumps({"messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": ["red", "blue", "green"][i % 3]}]}],
-            "images": [f"{i:03d}.png"]}))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image"},
+                                {"type": "text", "text": "What colour is the shape?"},
+                            ],
+                        },
+                        {
+                            "role": "assistant",
+                            "content": [{"type": "text", "text": ["red", "blue", "green"][i % 3]}],
+                        },
+                    ],
+                    "images": [f"{i:03d}.png"],
+                }
+            )
+        )
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "train.jsonl"
 
 
 def overrides(run: Path, data: Path, policy: str) -> list[str]:
-    return [f"output_dir={run}", "data.train.0.format=trl_messages", f"data.train.0.path={data}",
-            f"data.train.0.image_root={data.parent}", "data.eval=[]", "stages=[sft]", "train.max_steps=2",
-            "train.micro_batch_size=4", "train.log_every=1", f"data.on_bad_sample={policy}"]
+    return [
+        f"output_dir={run}",
+        "data.train.0.format=trl_messages",
+        f"data.train.0.path={data}",
+        f"data.train.0.image_root={data.parent}",
+        "data.eval=[]",
+        "stages=[sft]",
+        "train.max_steps=2",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        f"data.on_bad_sample={policy}",
+    ]
 
 
 def test_one_truncated_png_among_60_is_skipped_and_counted_or_stops_the_run_before_step_1(tmp_path, capsys):
@@ -74,8 +101,9 @@ def test_one_truncated_png_among_60_is_skipped_and_counted_or_stops_the_run_befo
 def test_known_good_files_are_not_decoded_again(tmp_path, tiny_processor, monkeypatch):
     data = dataset(tmp_path / "data", 6)
     section = replace(load_recipe(DEMO).data, on_bad_sample="error")
-    samples = load_samples((Source(format="trl_messages", path=str(data)),), "sft", section, seed=0,
-                           skips=SkipCounter())
+    samples = load_samples(
+        (Source(format="trl_messages", path=str(data)),), "sft", section, seed=0, skips=SkipCounter()
+    )
     decoded = []
     real = validate.load_rgb
     monkeypatch.setattr(validate, "load_rgb", lambda ref, *args: decoded.append(ref) or real(ref, *args))
@@ -92,19 +120,31 @@ def test_a_decode_that_fails_in_the_worker_is_replaced_and_counted(tmp_path, tin
     data = dataset(tmp_path / "data", 8)
     section = replace(load_recipe(DEMO).data, on_bad_sample="skip")
     skips = SkipCounter()
-    samples = load_samples((Source(format="trl_messages", path=str(data)),), "sft", section, seed=0, skips=skips)
+    samples = load_samples(
+        (Source(format="trl_messages", path=str(data)),), "sft", section, seed=0, skips=skips
+    )
     planned = plan(samples, tiny_processor, section, skips)
     good = (tmp_path / "data" / "003.png").read_bytes()
     (tmp_path / "data" / "003.png").write_bytes(good[: len(good) // 2])  # broken after validation
-    make_loader, batches = loader_factory(planned, tiny_processor, section, stage="sft", micro_batch_size=4, seed=0,
-                                          num_replicas=1, rank=0, skips=skips)
+    make_loader, batches = loader_factory(
+        planned,
+        tiny_processor,
+        section,
+        stage="sft",
+        micro_batch_size=4,
+        seed=0,
+        num_replicas=1,
+        rank=0,
+        skips=skips,
+    )
     seen = list(make_loader(0))
     assert len(seen) == batches == 2 and all(b["input_ids"].shape[0] == 4 for b in seen)
     assert skips.total == 1 and sum(len(b.get(SKIPPED_KEY, ())) for b in seen) == 1
     assert 3 not in {int(i) for b in seen for i in b["indices"]}  # the next sample stood in for it
 
     strict = replace(section, on_bad_sample="error")
-    make_loader, _ = loader_factory(planned, tiny_processor, strict, stage="sft", micro_batch_size=4, seed=0,
-                                    num_replicas=1, rank=0)
+    make_loader, _ = loader_factory(
+        planned, tiny_processor, strict, stage="sft", micro_batch_size=4, seed=0, num_replicas=1, rank=0
+    )
     with pytest.raises(DataError, match="truncated"):
         list(make_loader(0))

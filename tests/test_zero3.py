@@ -44,12 +44,23 @@ SCORED = ["stages=[sft,eval]", "eval.when=[sft]", "eval.limit=8", "eval.batch_si
 
 
 def one_process(run: Path, synthetic: Path, stage: str, *extra: str, **train) -> Path:
-    return run_stage(stage, [*small_overrides(run, synthetic, stage, micro_batch_size=2, grad_accum=4, **train), *extra])
+    return run_stage(
+        stage, [*small_overrides(run, synthetic, stage, micro_batch_size=2, grad_accum=4, **train), *extra]
+    )
 
 
 def zero3(run: Path, synthetic: Path, stage: str, *extra: str, **train) -> Path:
-    launch_two_processes(stage, [*small_overrides(run, synthetic, stage, micro_batch_size=2, grad_accum=2, **train),
-                                 *extra, "train.collective_timeout_s=120"], deepspeed=True, zero_stage=3, timeout=600)
+    launch_two_processes(
+        stage,
+        [
+            *small_overrides(run, synthetic, stage, micro_batch_size=2, grad_accum=2, **train),
+            *extra,
+            "train.collective_timeout_s=120",
+        ],
+        deepspeed=True,
+        zero_stage=3,
+        timeout=600,
+    )
     return run
 
 
@@ -57,8 +68,10 @@ def zero3(run: Path, synthetic: Path, stage: str, *extra: str, **train) -> Path:
 def scored_runs(synthetic, tmp_path_factory):
     """(1 process, 2 ZeRO-3 ranks): SFT LoRA for 4 steps with a checkpoint at 2, then the eval hook."""
     root = tmp_path_factory.mktemp("zero3_sft")
-    return (one_process(root / "one", synthetic, "sft", *SCORED, **STEPS),
-            zero3(root / "two", synthetic, "sft", *SCORED, **STEPS))
+    return (
+        one_process(root / "one", synthetic, "sft", *SCORED, **STEPS),
+        zero3(root / "two", synthetic, "sft", *SCORED, **STEPS),
+    )
 
 
 def test_zero3_sft_lora_equals_one_process_with_twice_the_accumulation(scored_runs):
@@ -71,8 +84,13 @@ def test_the_eval_hook_through_the_partitioned_model_scores_as_one_process(score
     one, two = scored_runs
     results = [json.loads((eval_dir(run) / "results.json").read_text()) for run in (one, two)]
     assert results[0] == results[1] and results[0]["synthetic"]
-    rows = [[json.loads(line)["prediction"] for line in predictions_path(run, "sft", "synthetic").read_text().splitlines()]
-            for run in (one, two)]
+    rows = [
+        [
+            json.loads(line)["prediction"]
+            for line in predictions_path(run, "sft", "synthetic").read_text().splitlines()
+        ]
+        for run in (one, two)
+    ]
     assert len(rows[0]) == 8 and rows[0] == rows[1]
 
 
@@ -80,12 +98,15 @@ def test_zero3_resumes_from_its_checkpoint_to_the_uninterrupted_weights(scored_r
     """Killed (SIGKILL, every process) once its step-2 checkpoint is complete, then relaunched with resume."""
     _, straight = scored_runs
     run = tmp_path / "resumed"
-    overrides = [*small_overrides(run, synthetic, "sft", micro_batch_size=2, grad_accum=2, **STEPS),
-                 "train.collective_timeout_s=120"]
+    overrides = [
+        *small_overrides(run, synthetic, "sft", micro_batch_size=2, grad_accum=2, **STEPS),
+        "train.collective_timeout_s=120",
+    ]
     command, env = two_process_command("sft", overrides, deepspeed=True, zero_stage=3, port_offset=7)
     log = tmp_path / "first.log"
-    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         wait_for_file(job, checkpoints_dir(run, "sft") / "step-00000002" / "loop_state.json", log, 300)
     finally:
@@ -93,8 +114,9 @@ def test_zero3_resumes_from_its_checkpoint_to_the_uninterrupted_weights(scored_r
             os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=60)
     shutil.rmtree(run / "sft" / "adapter", ignore_errors=True)  # in case the run got that far before the kill
-    command, env = two_process_command("sft", [*overrides, "train.resume=true"], deepspeed=True, zero_stage=3,
-                                       port_offset=8)
+    command, env = two_process_command(
+        "sft", [*overrides, "train.resume=true"], deepspeed=True, zero_stage=3, port_offset=8
+    )
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "resumed from" in result.stderr
@@ -127,13 +149,20 @@ def test_zero3_dpo_lora_equals_one_process(synthetic, tmp_path):
 def test_a_text_only_rank_beside_an_image_rank_does_not_hang(synthetic, tmp_path):
     """Two rows, one per rank at every step: one text-only, one with an image. The text-only rank must run the
     vision path too (a blank crop), else the image rank waits for its parameters forever."""
-    overrides = [*small_overrides(tmp_path / "run", synthetic, "sft", micro_batch_size=1, grad_accum=1, max_steps=3),
-                 *text_and_image_rows(synthetic, tmp_path / "mixed"), "train.collective_timeout_s=60"]
+    overrides = [
+        *small_overrides(tmp_path / "run", synthetic, "sft", micro_batch_size=1, grad_accum=1, max_steps=3),
+        *text_and_image_rows(synthetic, tmp_path / "mixed"),
+        "train.collective_timeout_s=60",
+    ]
     launch_two_processes("sft", overrides, deepspeed=True, zero_stage=3, timeout=300)
     assert [h["step"] for h in history(tmp_path / "run", "sft")] == [1, 2, 3]
 
 
 def test_a_quantised_model_under_zero3_is_refused_with_its_reason(synthetic, tmp_path):
     overrides = [*small_overrides(tmp_path / "q", synthetic, "sft"), "model.quantization=nf4"]
-    result = launch_two_processes("sft", overrides, deepspeed=True, zero_stage=3, timeout=300, expect_failure=True)
-    assert "model.quantization: nf4 with sharded parameters" in result.stderr and "zero2.yaml" in result.stderr
+    result = launch_two_processes(
+        "sft", overrides, deepspeed=True, zero_stage=3, timeout=300, expect_failure=True
+    )
+    assert (
+        "model.quantization: nf4 with sharded parameters" in result.stderr and "zero2.yaml" in result.stderr
+    )

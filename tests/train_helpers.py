@@ -24,11 +24,24 @@ DEMO = REPO / "recipes" / "demo.yaml"
 
 def small_overrides(run_dir: Path, synthetic: Path, stage: str, **train) -> list[str]:
     """The demo recipe cut down to a few fp32 steps on 64 rows, every step logged and no eval or export."""
-    settings = {"max_steps": 3, "micro_batch_size": 4, "grad_accum": 2, "log_every": 1, "checkpoint_every": 100,
-                **train}
+    settings = {
+        "max_steps": 3,
+        "micro_batch_size": 4,
+        "grad_accum": 2,
+        "log_every": 1,
+        "checkpoint_every": 100,
+        **train,
+    }
     # dpo.sft_weight=0: DPO's sigmoid loss alone (the demo adds RPO's NLL term), so a fresh adapter starts at log 2.
-    overrides = [f"output_dir={run_dir}", f"data.train.0.path={synthetic}", f"data.eval.0.path={synthetic}",
-                 "data.train.0.limit=64", f"stages=[{stage}]", "dpo.max_steps=null", "dpo.sft_weight=0.0"]
+    overrides = [
+        f"output_dir={run_dir}",
+        f"data.train.0.path={synthetic}",
+        f"data.eval.0.path={synthetic}",
+        "data.train.0.limit=64",
+        f"stages=[{stage}]",
+        "dpo.max_steps=null",
+        "dpo.sft_weight=0.0",
+    ]
     return overrides + [f"train.{key}={value}" for key, value in settings.items()]
 
 
@@ -40,13 +53,31 @@ def run_stage(stage: str, overrides: list[str], **kwargs) -> Path:
 FSDP2_CONFIG = REPO / "recipes" / "accelerate" / "fsdp2.yaml"
 
 
-def two_process_command(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
-                        fsdp: bool = False, port_offset: int = 0, processes: int = 2) -> tuple[list[str], dict[str, str]]:
+def two_process_command(
+    stage: str,
+    overrides: list[str],
+    *,
+    deepspeed: bool = False,
+    zero_stage: int = 2,
+    fsdp: bool = False,
+    port_offset: int = 0,
+    processes: int = 2,
+) -> tuple[list[str], dict[str, str]]:
     """(command, environment) that launch the stage in 2 (or `processes`) CPU processes over gloo: DDP, DeepSpeed, or
     FSDP2 (the shipped recipes/accelerate/fsdp2.yaml with 2 processes in fp32; train.device selects FSDP2 on CPU)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", "1",
-               "--mixed_precision", "no", "--main_process_port", str(29500 + (os.getpid() + port_offset) % 1000)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(29500 + (os.getpid() + port_offset) % 1000),
+    ]
     if fsdp:
         command[3:3] = ["--config_file", str(FSDP2_CONFIG)]
     elif deepspeed:
@@ -60,20 +91,36 @@ def two_process_command(stage: str, overrides: list[str], *, deepspeed: bool = F
     return command, env
 
 
-def launch_two_processes(stage: str, overrides: list[str], *, deepspeed: bool = False, zero_stage: int = 2,
-                         fsdp: bool = False, timeout: int = 600, expect_failure: bool = False,
-                         processes: int = 2) -> subprocess.CompletedProcess:
+def launch_two_processes(
+    stage: str,
+    overrides: list[str],
+    *,
+    deepspeed: bool = False,
+    zero_stage: int = 2,
+    fsdp: bool = False,
+    timeout: int = 600,
+    expect_failure: bool = False,
+    processes: int = 2,
+) -> subprocess.CompletedProcess:
     """The stage in 2 (or `processes`) CPU processes over gloo (DDP, DeepSpeed, or FSDP2), through accelerate's
     launcher; `timeout` turns a hang into a failure."""
-    command, env = two_process_command(stage, overrides, deepspeed=deepspeed, zero_stage=zero_stage, fsdp=fsdp,
-                                       processes=processes)
+    command, env = two_process_command(
+        stage, overrides, deepspeed=deepspeed, zero_stage=zero_stage, fsdp=fsdp, processes=processes
+    )
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_failure:
         assert result.returncode != 0, result.stderr[-4000:]
         return result
-    assert result.returncode == 0, f"2-process {stage} run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    expected = ("DistributedType.FSDP" if fsdp else "DistributedType.DEEPSPEED" if deepspeed
-                else "DistributedType.MULTI_CPU")
+    assert result.returncode == 0, (
+        f"2-process {stage} run failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    )
+    expected = (
+        "DistributedType.FSDP"
+        if fsdp
+        else "DistributedType.DEEPSPEED"
+        if deepspeed
+        else "DistributedType.MULTI_CPU"
+    )
     assert f"accelerate: {expected}, {processes} process(es)" in result.stderr, result.stderr[-4000:]
     return result
 
@@ -90,14 +137,28 @@ def text_and_image_rows(synthetic: Path, folder: Path) -> list[str]:
     `folder`: on 2 ranks with micro-batches of 1, one rank's batch is text-only at every step."""
     (folder / "images").mkdir(parents=True)
     shutil.copy(next((synthetic / "images").iterdir()), folder / "images" / "a.png")
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]}],
-             "images": ["images/a.png"]},
-            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "hello there"}]}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]},
+            ],
+            "images": ["images/a.png"],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Say hello."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "hello there"}]},
+            ]
+        },
+    ]
     (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return ["data.train.0.format=trl_messages", f"data.train.0.path={folder / 'train.jsonl'}",
-            f"data.train.0.image_root={folder}", "data.train.0.limit=null"]
+    return [
+        "data.train.0.format=trl_messages",
+        f"data.train.0.path={folder / 'train.jsonl'}",
+        f"data.train.0.image_root={folder}",
+        "data.train.0.limit=null",
+    ]
 
 
 def wait_for_file(job: subprocess.Popen, path: Path, log: Path, seconds: float) -> None:

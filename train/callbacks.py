@@ -20,8 +20,9 @@ def stages_to_score(recipe: Recipe) -> tuple[str, ...]:
     return recipe.eval.when or ("base", *[s for s in recipe.stages if s in ("sft", "dpo", "grpo")])
 
 
-def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *, base_path: str, accelerator,
-                  step: int):
+def run_eval_hook(
+    stage: str, model, processor, recipe: Recipe, run_dir: Path, *, base_path: str, accelerator, step: int
+):
     """Score `model` as `stage` ('base', 'sft' or 'dpo') and log it to the stage's trackers at `step` (the base: 0,
     SFT's first; a trained stage: its last step); a no-op when the recipe does not ask for it."""
     if stage not in stages_to_score(recipe):
@@ -32,8 +33,17 @@ def run_eval_hook(stage: str, model, processor, recipe: Recipe, run_dir: Path, *
     was_training = model.training
     model.eval()
     try:
-        return evaluate_stage(stage, model, processor, recipe.eval, run_dir, model_id_for_cache=model_id,
-                              accelerator=accelerator, data=recipe.data, step=step)
+        return evaluate_stage(
+            stage,
+            model,
+            processor,
+            recipe.eval,
+            run_dir,
+            model_id_for_cache=model_id,
+            accelerator=accelerator,
+            data=recipe.data,
+            step=step,
+        )
     finally:
         model.train(was_training)
 
@@ -45,12 +55,23 @@ def score_base_before_dpo(start, model, processor, recipe: Recipe, run_dir: Path
         return
     if start == recipe_base(recipe, run_dir):
         model.to(accelerator.device)
-        run_eval_hook("base", model, processor, recipe, run_dir, base_path=start.base, accelerator=accelerator,
-                      step=0)
+        run_eval_hook(
+            "base", model, processor, recipe, run_dir, base_path=start.base, accelerator=accelerator, step=0
+        )
         return
-    base, base_processor, base_path = load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
-    run_eval_hook("base", base.to(accelerator.device), base_processor, recipe, run_dir, base_path=base_path,
-                  accelerator=accelerator, step=0)
+    base, base_processor, base_path = load_model(
+        recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator
+    )
+    run_eval_hook(
+        "base",
+        base.to(accelerator.device),
+        base_processor,
+        recipe,
+        run_dir,
+        base_path=base_path,
+        accelerator=accelerator,
+        step=0,
+    )
     del base
 
 
@@ -68,8 +89,17 @@ def eval_every_steps(stage: str, processor, recipe: Recipe, run_dir: Path, *, ac
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         try:
-            score_during_training(stage, state.step, unwrapped, processor, recipe.eval, run_dir,
-                                  accelerator=accelerator, data=recipe.data, examples_by_task=examples_by_task)
+            score_during_training(
+                stage,
+                state.step,
+                unwrapped,
+                processor,
+                recipe.eval,
+                run_dir,
+                accelerator=accelerator,
+                data=recipe.data,
+                examples_by_task=examples_by_task,
+            )
         finally:
             unwrapped.train()
 

@@ -142,8 +142,11 @@ def trainable_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
 def changed_values(old: dict, new: dict) -> dict[str, tuple]:
     """{key: (old, new)} for each shaping value that differs (a key only one side records counts as changed)."""
     missing = "(not recorded)"
-    return {key: (old.get(key, missing), new.get(key, missing)) for key in sorted(old.keys() | new.keys())
-            if old.get(key, missing) != new.get(key, missing)}
+    return {
+        key: (old.get(key, missing), new.get(key, missing))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, missing) != new.get(key, missing)
+    }
 
 
 def refuse_changes(changes: dict[str, tuple], allowed, checkpoint: Path) -> None:
@@ -155,7 +158,8 @@ def refuse_changes(changes: dict[str, tuple], allowed, checkpoint: Path) -> None
             f"refusing to resume from {checkpoint}: the recipe changed values that shape the run since it was "
             f"written:\n{lines}\nThe checkpoint continues the run it was written for. Fix: restore those values, start "
             f"a new run (another output_dir), or accept the changes from this step on with "
-            f"train.resume_allow_changes=[{','.join(refused)}]")
+            f"train.resume_allow_changes=[{','.join(refused)}]"
+        )
 
 
 def _show(value) -> str:
@@ -167,13 +171,20 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-_VERIFIED: dict[Path, tuple] = {}  # checkpoint -> `_stamp` when it passed (check_resume, then restore: hashed once)
+_VERIFIED: dict[
+    Path, tuple
+] = {}  # checkpoint -> `_stamp` when it passed (check_resume, then restore: hashed once)
 
 
 def _stamp(folder: Path) -> tuple:
     """Each file's path, size and modification time: what a change to the folder after it passed would alter."""
-    return tuple(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                        for p in folder.rglob("*") if p.is_file()))
+    return tuple(
+        sorted(
+            (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")
+            if p.is_file()
+        )
+    )
 
 
 def verify_checkpoint(folder: Path) -> None:
@@ -181,7 +192,8 @@ def verify_checkpoint(folder: Path) -> None:
     if not manifest_file(folder).is_file():
         raise ManifestError(
             f"it holds no {MANIFEST}: an older version wrote it (an older one still used accelerate's pickle format, "
-            "which is never loaded: unpickling can run code), or it was copied without it")
+            "which is never loaded: unpickling can run code), or it was copied without it"
+        )
     stamp = _stamp(folder)
     if _VERIFIED.get(folder.resolve()) == stamp:
         return
@@ -203,13 +215,21 @@ def newest_intact(directory: Path) -> Path | None:
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(folder, aside)
             failures.append(f"  {folder.name}: {error}")
-            log.warning("checkpoint %s is not intact: %s. Moved aside to %s (kept, never resumed); trying the "
-                        "checkpoint before it", folder, error, aside.name)
+            log.warning(
+                "checkpoint %s is not intact: %s. Moved aside to %s (kept, never resumed); trying the "
+                "checkpoint before it",
+                folder,
+                error,
+                aside.name,
+            )
     if failures:
         raise ResumeRefused(
             f"refusing to resume from {directory}: no checkpoint there is intact (each was moved aside to "
-            f"{FAILED}step-N):\n" + "\n".join(failures) + "\nFix: restore a checkpoint from a copy, or start a new "
-            "run (another output_dir, or overwrite_output_dir=true)")
+            f"{FAILED}step-N):\n"
+            + "\n".join(failures)
+            + "\nFix: restore a checkpoint from a copy, or start a new "
+            "run (another output_dir, or overwrite_output_dir=true)"
+        )
     return None
 
 
@@ -231,7 +251,9 @@ def intact_checkpoint(directory: Path, accelerator=None) -> Path | None:
     return None if answer[0] is None else Path(answer[0])
 
 
-def check_resume(recipe: Recipe, stage: str, directory: Path, world_size: int, accelerator=None) -> Path | None:
+def check_resume(
+    recipe: Recipe, stage: str, directory: Path, world_size: int, accelerator=None
+) -> Path | None:
     """Before anything is loaded or written: the newest intact checkpoint, refused (ResumeRefused) when the recipe
     changed a run-shaping value it does not allow; None when there is nothing to resume."""
     latest = intact_checkpoint(directory, accelerator)
@@ -250,11 +272,13 @@ def read_run_record(checkpoint: Path) -> dict:
         raise ResumeRefused(
             f"{checkpoint} holds no {RUN_FILE}: it was written by an older version in accelerate's pickle format, "
             "which is never loaded (unpickling can run code). Fix: start a new run, or resume with the version that "
-            "wrote it")
+            "wrote it"
+        )
     record = json.loads(path.read_text(encoding="utf-8"))
     if record.get("format") != FORMAT:
-        raise ResumeRefused(f"{checkpoint} is in checkpoint format {record.get('format')!r}; this version reads "
-                            f"{FORMAT}")
+        raise ResumeRefused(
+            f"{checkpoint} is in checkpoint format {record.get('format')!r}; this version reads {FORMAT}"
+        )
     return record
 
 
@@ -304,14 +328,18 @@ def _json_groups(groups: list[dict]) -> list[dict]:
 
 
 def _tuple_groups(groups: list[dict]) -> list[dict]:
-    return [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in groups]
+    return [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in groups
+    ]
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    values = {"python": [version, list(internal), gauss],
-              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    values = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -324,7 +352,9 @@ def set_rng_state(values: dict, tensors: dict[str, torch.Tensor]) -> None:
     name, keys, pos, has_gauss, cached = values["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    cuda = [
+        tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))
+    ]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 
@@ -340,8 +370,18 @@ class Checkpointer:
     """Saves and restores a stage's training state. `record` is this run's run.json (values, fingerprints, trainable
     shapes); `model` is the prepared model, `optimizer` and `scheduler` the stage's."""
 
-    def __init__(self, accelerator, directory: Path, keep: int, *, model, optimizer, scheduler, record: dict,
-                 allowed: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        accelerator,
+        directory: Path,
+        keep: int,
+        *,
+        model,
+        optimizer,
+        scheduler,
+        record: dict,
+        allowed: tuple[str, ...] = (),
+    ):
         self.accelerator = accelerator
         self.directory = Path(directory)
         self.keep = keep
@@ -387,7 +427,9 @@ class Checkpointer:
         return final
 
     def _save_weights_and_optimizer(self, folder: Path, unwrapped) -> None:
-        trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        trainable = {
+            n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad
+        }
         save_file(trainable, str(folder / TRAINABLE_FILE))
         name_of = {id(p): n for n, p in unwrapped.named_parameters()}
         names = [name_of.get(id(p), "?") for g in self.optimizer.param_groups for p in g["params"]]
@@ -404,8 +446,10 @@ class Checkpointer:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         save_file(tensors, str(folder / OPTIMIZER_TENSORS))
-        _write_json(folder / OPTIMIZER_FILE, {"param_groups": _json_groups(full["param_groups"]), "names": names,
-                                              "scalars": scalars})
+        _write_json(
+            folder / OPTIMIZER_FILE,
+            {"param_groups": _json_groups(full["param_groups"]), "names": names, "scalars": scalars},
+        )
 
     def _replace(self, staging: Path, final: Path) -> None:
         """Rename the complete `staging` to `final`; a complete `final` of the same step (saved before a restart) is
@@ -437,14 +481,16 @@ class Checkpointer:
             raise ResumeRefused(
                 f"refusing to resume from {latest}: the frozen weights differ from those it was trained over (another "
                 "base model, revision or dtype, or a changed SFT adapter under DPO); its trainable parameters would "
-                "not fit them. Fix: load the same base, or start a new run")
+                "not fit them. Fix: load the same base, or start a new run"
+            )
         if old["trainable"] != self.record["trainable"]:
             gone = sorted(old["trainable"].keys() - self.record["trainable"].keys())[:3]
             new = sorted(self.record["trainable"].keys() - old["trainable"].keys())[:3]
             raise ResumeRefused(
                 f"refusing to resume from {latest}: the trainable parameters differ (only in the checkpoint: {gone}; "
                 f"only now: {new}; or other shapes): the LoRA config or the trained parts changed. Fix: restore them, "
-                "or start a new run")
+                "or start a new run"
+            )
         changes = changed_values(old["values"], self.record["values"])
         refuse_changes(changes, self.allowed, latest)
         self._warn_foreign_files(latest)
@@ -456,17 +502,25 @@ class Checkpointer:
         else:
             self._load_weights_and_optimizer(latest, unwrapped)
         rank = self.accelerator.process_index
-        set_rng_state(json.loads((latest / f"rng-{rank}.json").read_text(encoding="utf-8")),
-                      load_file(str(latest / f"rng-{rank}.safetensors")))
+        set_rng_state(
+            json.loads((latest / f"rng-{rank}.json").read_text(encoding="utf-8")),
+            load_file(str(latest / f"rng-{rank}.safetensors")),
+        )
         self.scheduler.load_state_dict(json.loads((latest / SCHEDULER_FILE).read_text(encoding="utf-8")))
         state = state_cls.load(latest / STATE_FILE)
         self.record["allowed_changes"] = list(old.get("allowed_changes", []))
         if changes:
             self._apply_changes(fresh)
-            entry = {"step": state.step, "changes": {k: {"old": o, "new": n} for k, (o, n) in changes.items()}}
+            entry = {
+                "step": state.step,
+                "changes": {k: {"old": o, "new": n} for k, (o, n) in changes.items()},
+            }
             self.record["allowed_changes"].append(entry)
-            log.warning("resuming at step %d with changes allowed by train.resume_allow_changes: %s", state.step,
-                        "; ".join(f"{k}: {_show(o)} -> {_show(n)}" for k, (o, n) in changes.items()))
+            log.warning(
+                "resuming at step %d with changes allowed by train.resume_allow_changes: %s",
+                state.step,
+                "; ".join(f"{k}: {_show(o)} -> {_show(n)}" for k, (o, n) in changes.items()),
+            )
         self.last_saved_step = state.step
         log.info("resumed from %s", latest)
         return state
@@ -480,7 +534,9 @@ class Checkpointer:
         name_of = {id(p): n for n, p in unwrapped.named_parameters()}
         names = [name_of.get(id(p), "?") for g in self.optimizer.param_groups for p in g["params"]]
         if meta["names"] != names:
-            raise ResumeRefused(f"{latest}: the optimizer's parameters differ from this model's; start a new run")
+            raise ResumeRefused(
+                f"{latest}: the optimizer's parameters differ from this model's; start a new run"
+            )
         state: dict[int, dict] = {}
         for key, tensor in load_file(str(latest / OPTIMIZER_TENSORS)).items():
             index, name = key.split(".", 1)
@@ -506,12 +562,25 @@ class Checkpointer:
         self.scheduler._last_lr = lrs
 
     def _warn_foreign_files(self, latest: Path) -> None:
-        known = {STATE_FILE, RUN_FILE, TRAINABLE_FILE, OPTIMIZER_TENSORS, OPTIMIZER_FILE, SCHEDULER_FILE, DEEPSPEED_DIR,
-                 MANIFEST}
-        foreign = sorted(p.name for p in latest.iterdir() if p.name not in known and not p.name.startswith("rng-"))
+        known = {
+            STATE_FILE,
+            RUN_FILE,
+            TRAINABLE_FILE,
+            OPTIMIZER_TENSORS,
+            OPTIMIZER_FILE,
+            SCHEDULER_FILE,
+            DEEPSPEED_DIR,
+            MANIFEST,
+        }
+        foreign = sorted(
+            p.name for p in latest.iterdir() if p.name not in known and not p.name.startswith("rng-")
+        )
         if foreign and self.accelerator.is_main_process:
-            log.warning("%s: ignoring files that are no part of a checkpoint (never loaded): %s", latest,
-                        ", ".join(foreign))
+            log.warning(
+                "%s: ignoring files that are no part of a checkpoint (never loaded): %s",
+                latest,
+                ", ".join(foreign),
+            )
 
 
 def recover_replaced(directory: Path) -> None:
@@ -519,7 +588,7 @@ def recover_replaced(directory: Path) -> None:
     if not Path(directory).is_dir():
         return
     for old in Path(directory).glob(f".old-{STEP}*"):
-        final = old.with_name(old.name[len(".old-"):])
+        final = old.with_name(old.name[len(".old-") :])
         if final.exists():
             shutil.rmtree(old)
         else:

@@ -34,7 +34,9 @@ def run_cli(main: Callable, doc: str, argv: list[str] | None = None, *, prog: st
         try:
             with removed_if_failed_before_training() as removed:
                 main(recipe, args[0])
-        except StopTraining as stopped:  # diverged, or stopped by a signal: the message (step, how to go on) alone
+        except (
+            StopTraining
+        ) as stopped:  # diverged, or stopped by a signal: the message (step, how to go on) alone
             print(f"{prog}: error: {stopped}", file=sys.stderr)
             return stopped.exit_code
         finally:

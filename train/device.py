@@ -49,17 +49,24 @@ def apply_liger(enabled: bool) -> bool:
     if not enabled:
         return False
     if not torch.cuda.is_available():
-        raise RuntimeError("model.liger: true needs a CUDA GPU (liger-kernel's kernels are Triton); set it to false")
+        raise RuntimeError(
+            "model.liger: true needs a CUDA GPU (liger-kernel's kernels are Triton); set it to false"
+        )
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_phi3
     except ImportError as error:
-        raise RuntimeError("model.liger: true needs the liger-kernel package: pip install -e '.[gpu]'") from error
-    apply_liger_kernel_to_phi3(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                               fused_linear_cross_entropy=False)
+        raise RuntimeError(
+            "model.liger: true needs the liger-kernel package: pip install -e '.[gpu]'"
+        ) from error
+    apply_liger_kernel_to_phi3(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
     return True
 
 
-def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: list | None = None) -> Accelerator:
+def make_accelerator(
+    recipe: Recipe, run_dir: Path, grad_accum: int, log_with: list | None = None
+) -> Accelerator:
     """`log_with`: tracker instances (train/tracking.py `make_trackers`); None: the recipe's tracker names."""
     # gloo where there is no GPU: the multi-process CPU runs (DDP, DeepSpeed, FSDP2) need it. A single process gets no
     # process group (asking for one without a launcher fails).
@@ -75,7 +82,9 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: l
         init_restartable_process_group(timeout)
     accelerator = Accelerator(
         cpu=fsdp_on_cpu,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum, sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=grad_accum, sync_with_dataloader=False
+        ),
         mixed_precision="bf16" if recipe.train.precision == "bf16" else "no",
         log_with=(log_with if log_with is not None else list(recipe.logging.report_to)) or None,
         project_dir=str(logs_dir(run_dir)),
@@ -87,23 +96,36 @@ def make_accelerator(recipe: Recipe, run_dir: Path, grad_accum: int, log_with: l
             f"{accelerator.num_processes} processes but no distributed backend: launch CPU runs with "
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` (launch.sh does), not bare torchrun"
         )
-    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+    if (
+        accelerator.distributed_type == DistributedType.FSDP
+        and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
+    ):
         # transformers would then load the weights on rank 0 only; the base eval, the preflight and DPO's reference
         # log-probs run before prepare and need the whole model on every rank (docs/distributed.md#fsdp2).
-        raise RuntimeError("fsdp_cpu_ram_efficient_loading: true is not supported: the model loads whole on every rank "
-                           "and is sharded at prepare; set it to false (recipes/accelerate/fsdp2.yaml)")
+        raise RuntimeError(
+            "fsdp_cpu_ram_efficient_loading: true is not supported: the model loads whole on every rank "
+            "and is sharded at prepare; set it to false (recipes/accelerate/fsdp2.yaml)"
+        )
     if shards_parameters(accelerator) and recipe.model.quantization != "none":
         raise RuntimeError(
             f"model.quantization: {recipe.model.quantization} with sharded parameters (DeepSpeed ZeRO-3, FSDP) is not "
             "supported: the quantised weights would have to be sharded in bitsandbytes' storage dtype, which is not "
             "built or tested here. The 4-bit 4.2B model takes ~3 GB per GPU: use recipes/accelerate/ddp.yaml or "
-            "zero2.yaml (docs/qlora.md)")
+            "zero2.yaml (docs/qlora.md)"
+        )
     plugin = zero3_plugin(accelerator)
     if plugin is not None:
         # save_trained gathers the partitions into one 16-bit (or fp32) state dict for the hub layout.
-        plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-    log.info("accelerate: %s, %d process(es), device %s, mixed precision %s", accelerator.distributed_type,
-             accelerator.num_processes, accelerator.device, accelerator.mixed_precision)
+        plugin.deepspeed_config.setdefault("zero_optimization", {})[
+            "stage3_gather_16bit_weights_on_model_save"
+        ] = True
+    log.info(
+        "accelerate: %s, %d process(es), device %s, mixed precision %s",
+        accelerator.distributed_type,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
+    )
     set_seed(recipe.seed)
     return accelerator
 
@@ -115,20 +137,35 @@ def init_restartable_process_group(timeout: timedelta) -> bool:
     name, so a restarted rank can read the address its peer had in the attempt before and connect to a dead
     process ("Gloo connectFullMesh failed ... Connection refused", or a hang): seen in tests/test_elastic.py.
     accelerate (and DeepSpeed) then use the group formed here."""
-    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) < 1
-            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or torch.distributed.is_initialized()):
+    if (
+        int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) < 1
+        or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        or torch.distributed.is_initialized()
+    ):
         return False
     from torch.distributed import PrefixStore, TCPStore
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
-                           timeout=timeout)
+    agent_store = TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                         store=PrefixStore(f"phi3v/attempt-{attempt}", agent_store), rank=rank,
-                                         world_size=world_size, timeout=timeout)
-    log.info("process group formed for restart attempt %s of at most %s", attempt,
-             os.environ["TORCHELASTIC_MAX_RESTARTS"])
+    torch.distributed.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        store=PrefixStore(f"phi3v/attempt-{attempt}", agent_store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
+    log.info(
+        "process group formed for restart attempt %s of at most %s",
+        attempt,
+        os.environ["TORCHELASTIC_MAX_RESTARTS"],
+    )
     return True
 
 
@@ -146,14 +183,22 @@ def select_fsdp_on_cpu(accelerator: Accelerator) -> bool:
     FSDP2 path (prepare, backward, clip_grad_norm_, get_state_dict, save_state / load_state) needs a GPU, so this
     sets the state's distributed type to FSDP with the plugin accelerate built from the launcher's environment:
     CPU runs take the same accelerate FSDP2 code path as GPU runs (docs/distributed.md#fsdp2). FSDP1 is refused."""
-    if not wants_fsdp() or accelerator.distributed_type != DistributedType.MULTI_CPU or torch.cuda.is_available():
+    if (
+        not wants_fsdp()
+        or accelerator.distributed_type != DistributedType.MULTI_CPU
+        or torch.cuda.is_available()
+    ):
         return False
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerator() builds it
+    plugin = (
+        FullyShardedDataParallelPlugin()
+    )  # from the launcher's FSDP_* variables, as Accelerator() builds it
     if plugin.fsdp_version != 2:
-        raise RuntimeError("FSDP on CPU processes is supported with fsdp_version: 2 only (recipes/accelerate/"
-                           "fsdp2.yaml, or accelerate launch --use_fsdp --fsdp_version 2)")
+        raise RuntimeError(
+            "FSDP on CPU processes is supported with fsdp_version: 2 only (recipes/accelerate/"
+            "fsdp2.yaml, or accelerate launch --use_fsdp --fsdp_version 2)"
+        )
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
@@ -161,8 +206,10 @@ def select_fsdp_on_cpu(accelerator: Accelerator) -> bool:
     # As AcceleratorState.__init__ does at its end: every later AcceleratorState() (accelerate's optimizer wrapper
     # makes one) copies PartialState's shared values over its own.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    log.info("accelerate chose %s on a CPU-only machine for an FSDP launch: FSDP2 selected over gloo",
-             DistributedType.MULTI_CPU)
+    log.info(
+        "accelerate chose %s on a CPU-only machine for an FSDP launch: FSDP2 selected over gloo",
+        DistributedType.MULTI_CPU,
+    )
     return True
 
 
@@ -207,7 +254,9 @@ def whole_model_loading(accelerator: Accelerator):
 def prepare(accelerator: Accelerator, model, optimizer, micro_batch_size: int):
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # No DataLoader goes through prepare (our samplers shard by rank themselves): tell DeepSpeed the batch.
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            micro_batch_size
+        )
     prepared = accelerator.prepare(model, optimizer)
     if accelerator.distributed_type == DistributedType.FSDP:
         log.info("FSDP2 units: %s", fsdp_units(prepared[0]))
@@ -221,12 +270,16 @@ def fsdp_units(model: torch.nn.Module) -> str:
 
     from torch.distributed.fsdp import FSDPModule
 
-    counts = Counter(type(m).__name__.removeprefix("FSDP") for m in model.modules() if isinstance(m, FSDPModule))
+    counts = Counter(
+        type(m).__name__.removeprefix("FSDP") for m in model.modules() if isinstance(m, FSDPModule)
+    )
     return ", ".join(f"{n} {name}" for name, n in counts.most_common())
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def autocast_context(accelerator: Accelerator):

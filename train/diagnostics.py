@@ -46,8 +46,10 @@ class _Diagnostics:
         self.path = diagnostics_file(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stream = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (kept open for faulthandler)
-        self.stream.write(f"# rank {rank} of {world}, pid {os.getpid()}, host {socket.gethostname()}: Python stacks on "
-                          f"SIGUSR1, from the step watchdog ({self.watchdog_s:.0f} s) and on a failed step\n")
+        self.stream.write(
+            f"# rank {rank} of {world}, pid {os.getpid()}, host {socket.gethostname()}: Python stacks on "
+            f"SIGUSR1, from the step watchdog ({self.watchdog_s:.0f} s) and on a failed step\n"
+        )
         if hasattr(signal, "SIGUSR1"):
             # Chain to a handler installed before (e.g. a preemption handler); the default one would kill the process.
             chain = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
@@ -76,8 +78,13 @@ def start(run_dir: Path, rank: int, world: int, timeout_s: float) -> Path:
     if _current is not None:
         _current.close()
     _current = _Diagnostics(run_dir, rank, world, timeout_s)
-    log.info("rank %d logs to %s; Python stacks (kill -USR1 %d, a hung step, a failed collective) go to %s", rank,
-             rank_log_file(run_dir, rank), os.getpid(), _current.path)
+    log.info(
+        "rank %d logs to %s; Python stacks (kill -USR1 %d, a hung step, a failed collective) go to %s",
+        rank,
+        rank_log_file(run_dir, rank),
+        os.getpid(),
+        _current.path,
+    )
     return _current.path
 
 

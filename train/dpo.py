@@ -48,7 +48,9 @@ from train.trainable import configure_trainable, dpo_parts, report_trainable, up
 log = logging.getLogger("train.dpo")
 
 
-CHOSEN_FALL_NATS = 0.25  # a smaller fall of the chosen log-prob is step-to-step noise (seen on the demo: +-0.5)
+CHOSEN_FALL_NATS = (
+    0.25  # a smaller fall of the chosen log-prob is step-to-step noise (seen on the demo: +-0.5)
+)
 
 
 def chosen_trend(history: list[dict]) -> tuple[float, float] | None:
@@ -63,8 +65,10 @@ def chosen_trend(history: list[dict]) -> tuple[float, float] | None:
         return sum(row[key] for row in rows) / len(rows)
 
     early, late = logged[:third], logged[-third:]
-    return (mean(late, "logps/chosen") - mean(early, "logps/chosen"),
-            mean(late, "rewards/margins") - mean(early, "rewards/margins"))
+    return (
+        mean(late, "logps/chosen") - mean(early, "logps/chosen"),
+        mean(late, "rewards/margins") - mean(early, "rewards/margins"),
+    )
 
 
 def warn_if_chosen_falls(history: list[dict]) -> None:
@@ -73,13 +77,18 @@ def warn_if_chosen_falls(history: list[dict]) -> None:
     fall while the preference accuracy rises. Say so, with the RPO term as the remedy."""
     trend = chosen_trend(history)
     if trend is not None and trend[0] < -CHOSEN_FALL_NATS and trend[1] > 0:
-        log.warning("DPO: the chosen answers' log-prob fell by %.3f nats while the reward margin grew by %.3f: the "
-                    "policy is making the preferred answers less likely too, which can lower task scores; "
-                    "dpo.sft_weight (RPO's NLL term on the chosen answers, e.g. 1.0) keeps them likely", -trend[0],
-                    trend[1])
+        log.warning(
+            "DPO: the chosen answers' log-prob fell by %.3f nats while the reward margin grew by %.3f: the "
+            "policy is making the preferred answers less likely too, which can lower task scores; "
+            "dpo.sft_weight (RPO's NLL term on the chosen answers, e.g. 1.0) keeps them likely",
+            -trend[0],
+            trend[1],
+        )
 
 
-def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None) -> Path:
+def main(
+    recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None
+) -> Path:
     """Run DPO; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
     preemption would (resume then continues it)."""
     started = time.perf_counter()
@@ -89,27 +98,46 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     if accelerator.is_main_process:
         write_start(run_dir, start)
     model, processor = load_policy(start, recipe, run_dir, accelerator)
-    if "sft" not in recipe.stages and not trainer.resumes(recipe, run_dir, "dpo"):  # no SFT stage scored the base
+    if "sft" not in recipe.stages and not trainer.resumes(
+        recipe, run_dir, "dpo"
+    ):  # no SFT stage scored the base
         callbacks.score_base_before_dpo(start, model, processor, recipe, run_dir, accelerator=accelerator)
 
     sp = sequence_groups.form_groups(accelerator, recipe.train.sequence_parallel)
-    split = sequence_groups.data_split(accelerator.num_processes, accelerator.process_index,
-                                       recipe.train.sequence_parallel)
+    split = sequence_groups.data_split(
+        accelerator.num_processes, accelerator.process_index, recipe.train.sequence_parallel
+    )
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
-        recipe, processor, "dpo", skips, num_replicas=split.replicas, rank=split.rank,
-        main_first=accelerator.main_process_first, cache_dir=cache_dir(run_dir))
-    total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum,
-                                  recipe.dpo.max_steps or recipe.train.max_steps,
-                                  None if recipe.dpo.max_steps else recipe.train.epochs)
-    log.info("%d pairs planned, %d micro-batches per rank per epoch, %d optimizer steps", len(planned),
-             batches_per_epoch, total_steps)
+        recipe,
+        processor,
+        "dpo",
+        skips,
+        num_replicas=split.replicas,
+        rank=split.rank,
+        main_first=accelerator.main_process_first,
+        cache_dir=cache_dir(run_dir),
+    )
+    total_steps = total_steps_for(
+        batches_per_epoch,
+        recipe.train.grad_accum,
+        recipe.dpo.max_steps or recipe.train.max_steps,
+        None if recipe.dpo.max_steps else recipe.train.epochs,
+    )
+    log.info(
+        "%d pairs planned, %d micro-batches per rank per epoch, %d optimizer steps",
+        len(planned),
+        batches_per_epoch,
+        total_steps,
+    )
 
     parts = dpo_parts(recipe.model)
     model.to(accelerator.device)
     reference_table = None
     if recipe.dpo.precompute_ref_logps:  # before the fresh adapter exists: the model is the reference
-        reference_table = reference_cache.reference_logps(model, processor, planned, recipe, start, run_dir, accelerator)
+        reference_table = reference_cache.reference_logps(
+            model, processor, planned, recipe, start, run_dir, accelerator
+        )
     model = configure_trainable(model, parts, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)
     log.info(report_trainable(model))
@@ -120,30 +148,65 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     sequence_groups.attach(model, sp)
     loss_fn = DPOLoss(recipe, accelerator, share_features=share, reference_table=reference_table, sp=sp)
 
-    plan = trainer.StagePlan(stage="dpo", run_dir=run_dir, total_steps=total_steps, unit_name="pairs",
-                             lr_scale=(recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0,
-                             data_fingerprint=data_fingerprint(planned))
-    every = callbacks.eval_every_steps("dpo", processor, recipe, run_dir, accelerator=accelerator,
-                                       total_steps=total_steps)
+    plan = trainer.StagePlan(
+        stage="dpo",
+        run_dir=run_dir,
+        total_steps=total_steps,
+        unit_name="pairs",
+        lr_scale=(recipe.dpo.lr / recipe.train.lr) if recipe.dpo.lr else 1.0,
+        data_fingerprint=data_fingerprint(planned),
+    )
+    every = callbacks.eval_every_steps(
+        "dpo", processor, recipe, run_dir, accelerator=accelerator, total_steps=total_steps
+    )
     stop = callbacks.stop_after(stop_after_step)
     mark_training_started(run_dir, "dpo")  # a failure from here on keeps the stage folder
-    model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader, loss_sum=loss_fn,
-                               count=functools.partial(count_pairs, sp=sp), callbacks=[c for c in (every, stop) if c is not None])
+    model, state = trainer.fit(
+        accelerator,
+        recipe,
+        model,
+        plan,
+        make_loader=make_loader,
+        loss_sum=loss_fn,
+        count=functools.partial(count_pairs, sp=sp),
+        callbacks=[c for c in (every, stop) if c is not None],
+    )
 
     if accelerator.is_main_process:
         warn_if_chosen_falls(state.history)
-    trained = save_trained(accelerator, model, processor, adapter_dir(run_dir, "dpo"), recipe=recipe, run_dir=run_dir,
-                           applies_after=start.adapters)
+    trained = save_trained(
+        accelerator,
+        model,
+        processor,
+        adapter_dir(run_dir, "dpo"),
+        recipe=recipe,
+        run_dir=run_dir,
+        applies_after=start.adapters,
+    )
     trainer.write_summary(run_dir, "dpo", state, skips, started, accelerator, trained)
     held_out = preference_eval(accelerator, model, processor, recipe, device=accelerator.device)
     if held_out and accelerator.is_main_process:
         write_json_atomically(preference_eval_file(run_dir), held_out)
         log.info("held-out preferences: %s", held_out)
     if held_out:
-        accelerator.log({f"eval/preference/{policy}/{key}": value for policy, scores in held_out.items()
-                         for key, value in scores.items()}, step=state.step)
-    callbacks.run_eval_hook("dpo", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=start.base,
-                            accelerator=accelerator, step=state.step)
+        accelerator.log(
+            {
+                f"eval/preference/{policy}/{key}": value
+                for policy, scores in held_out.items()
+                for key, value in scores.items()
+            },
+            step=state.step,
+        )
+    callbacks.run_eval_hook(
+        "dpo",
+        accelerator.unwrap_model(model),
+        processor,
+        recipe,
+        run_dir,
+        base_path=start.base,
+        accelerator=accelerator,
+        step=state.step,
+    )
     return trainer.finish(accelerator, run_dir)
 
 

@@ -43,7 +43,17 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down")
+LOSS_TYPES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "nca_pair",
+    "apo_zero",
+    "apo_down",
+)
 LABEL_SMOOTHING_LOSS_TYPES = frozenset({"sigmoid", "robust"})
 # The label smoothing rate is the probability that a preference label is flipped: at 0.5 the labels carry no
 # information (robust divides by 1 - 2 * eps) and above it they would train the preference backwards.
@@ -174,7 +184,10 @@ def log_ratios(
         )
     if ref_chosen_logps is None:
         return policy_chosen_logps, policy_rejected_logps
-    return policy_chosen_logps - ref_chosen_logps.detach(), policy_rejected_logps - ref_rejected_logps.detach()
+    return (
+        policy_chosen_logps - ref_chosen_logps.detach(),
+        policy_rejected_logps - ref_rejected_logps.detach(),
+    )
 
 
 def _per_token(logratios_B: Tensor, num_tokens_B: Tensor | None, which: str) -> Tensor:
@@ -209,7 +222,9 @@ def preference_loss(
     token included when it is part of the completion); counts below 1 are raised to 1 as TRL does.
     """
     _check_options(loss_type, beta, label_smoothing)
-    chosen_B, rejected_B = log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    chosen_B, rejected_B = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     if loss_type == "ipo":
         chosen_B = _per_token(chosen_B, chosen_num_tokens, "chosen")
         rejected_B = _per_token(rejected_B, rejected_num_tokens, "rejected")
@@ -261,7 +276,9 @@ def _check_terms(losses: Sequence[tuple[str, float]], sft_weight: float, nll_giv
     if not (sft_weight >= 0 and math.isfinite(sft_weight)):
         raise ValueError(f"dpo_losses.combined_loss: sft_weight={sft_weight!r} must be a finite number >= 0")
     if not losses and sft_weight == 0:
-        raise ValueError("dpo_losses.combined_loss: no loss terms and sft_weight=0; nothing to train; list a loss")
+        raise ValueError(
+            "dpo_losses.combined_loss: no loss terms and sft_weight=0; nothing to train; list a loss"
+        )
     if (sft_weight > 0) != nll_given:
         raise ValueError(
             f"dpo_losses.combined_loss: sft_weight={sft_weight!r} but chosen_nll_per_pair is "
@@ -293,13 +310,17 @@ def combined_loss(
     """
     _check_terms(losses, sft_weight, chosen_nll_per_pair is not None)
     if len(pair_logps) != 4 or set(num_tokens) - {"chosen_num_tokens", "rejected_num_tokens"}:
-        raise TypeError("dpo_losses.combined_loss takes the four log-prob tensors of preference_loss and only its "
-                        f"chosen_num_tokens / rejected_num_tokens, got {len(pair_logps)} and {sorted(num_tokens)}")
+        raise TypeError(
+            "dpo_losses.combined_loss takes the four log-prob tensors of preference_loss and only its "
+            f"chosen_num_tokens / rejected_num_tokens, got {len(pair_logps)} and {sorted(num_tokens)}"
+        )
     policy_chosen_logps = pair_logps[0]
     loss_B = torch.zeros_like(policy_chosen_logps)
     metrics: dict[str, Tensor] = {}
     for loss_type, weight in losses:
-        term_B = preference_loss(loss_type, *pair_logps, beta=beta, label_smoothing=label_smoothing, **num_tokens)
+        term_B = preference_loss(
+            loss_type, *pair_logps, beta=beta, label_smoothing=label_smoothing, **num_tokens
+        )
         loss_B = loss_B + weight * term_B
         metrics[f"loss/{loss_type}"] = term_B.detach().mean()
     if chosen_nll_per_pair is not None:
@@ -331,7 +352,9 @@ def reward_metrics(
     rejected log-ratios far below 0). It is a drift monitor, not an unbiased KL: the completions come from the
     dataset, not from the policy.
     """
-    chosen_B, rejected_B = log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    chosen_B, rejected_B = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     chosen_rewards_B, rejected_rewards_B = beta * chosen_B.detach(), beta * rejected_B.detach()
     logratios_2B = torch.cat([chosen_B.detach(), rejected_B.detach()])
     return {

@@ -80,8 +80,12 @@ MULTI_IMAGE_FORMATS = frozenset({"trl_messages", "llava", "sharegpt", "trl_prefe
 # (width, height, bar colour): landscape, portrait and wide pictures, so crop grids of several shapes occur.
 FIXTURE_PICTURES = ((64, 48, "red"), (48, 64, "blue"), (80, 40, "green"))
 # The smallest synthetic dataset write_synthetic makes; its first rows are image questions.
-FIXTURE_SYNTHETIC_COUNTS = {"n_train": FIXTURE_ROWS_PER_SOURCE, "n_eval": 1,
-                    "n_pref_train": FIXTURE_ROWS_PER_SOURCE, "n_pref_eval": 1}
+FIXTURE_SYNTHETIC_COUNTS = {
+    "n_train": FIXTURE_ROWS_PER_SOURCE,
+    "n_eval": 1,
+    "n_pref_train": FIXTURE_ROWS_PER_SOURCE,
+    "n_pref_eval": 1,
+}
 # VQA column layouts the adapter reads: ChartQA (query/label) and DocVQA/TextVQA (question/answers).
 VQA_LAYOUTS = (("query", "label"), ("question", "answers"))
 
@@ -129,19 +133,27 @@ def trl_messages_row(images: list[Any]) -> dict[str, Any]:
     user = [{"type": "image"} for _ in images] + [text_part(QUESTION[n])]
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": [text_part(ANSWER[n])]}]
     if n:
-        messages += [{"role": "user", "content": FOLLOW_UP}, {"role": "assistant", "content": FOLLOW_UP_ANSWER}]
+        messages += [
+            {"role": "user", "content": FOLLOW_UP},
+            {"role": "assistant", "content": FOLLOW_UP_ANSWER},
+        ]
     return {"messages": messages, "images": images}
 
 
 def tagged_conversation(images: list[Any], human: str, assistant: str) -> list[dict[str, str]]:
     n = len(images) - 1
-    return [{"from": human, "value": "<image>\n" * len(images) + QUESTION[n]}, {"from": assistant, "value": ANSWER[n]}]
+    return [
+        {"from": human, "value": "<image>\n" * len(images) + QUESTION[n]},
+        {"from": assistant, "value": ANSWER[n]},
+    ]
 
 
 def llava_row(images: list[Any]) -> dict[str, Any]:
     """LLaVA rows hold one image path, or a list of them."""
-    return {"conversations": tagged_conversation(images, "human", "gpt"),
-            "image": images[0] if len(images) == 1 else images}
+    return {
+        "conversations": tagged_conversation(images, "human", "gpt"),
+        "image": images[0] if len(images) == 1 else images,
+    }
 
 
 def sharegpt_row(images: list[Any]) -> dict[str, Any]:
@@ -152,15 +164,22 @@ def sharegpt_row(images: list[Any]) -> dict[str, Any]:
 def trl_preference_row(images: list[Any]) -> dict[str, Any]:
     n = len(images) - 1
     prompt = [{"role": "user", "content": [{"type": "image"} for _ in images] + [text_part(QUESTION[n])]}]
-    return {"prompt": prompt, "images": images,
-            "chosen": [{"role": "assistant", "content": [text_part(ANSWER[n])]}],
-            "rejected": [{"role": "assistant", "content": [text_part(WRONG_ANSWER[n])]}]}
+    return {
+        "prompt": prompt,
+        "images": images,
+        "chosen": [{"role": "assistant", "content": [text_part(ANSWER[n])]}],
+        "rejected": [{"role": "assistant", "content": [text_part(WRONG_ANSWER[n])]}],
+    }
 
 
 def rlaif_v_row(images: list[Any]) -> dict[str, Any]:
     """RLAIF-V rows: one image, a question, two free-text answers."""
-    return {"image": images[0], "question": QUESTION[0], "chosen": f"The bar is {ANSWER[0]}.",
-            "rejected": f"The bar is {WRONG_ANSWER[0]}."}
+    return {
+        "image": images[0],
+        "question": QUESTION[0],
+        "chosen": f"The bar is {ANSWER[0]}.",
+        "rejected": f"The bar is {WRONG_ANSWER[0]}.",
+    }
 
 
 ROW_BUILDERS: dict[str, Callable[[list[Any]], dict[str, Any]]] = {
@@ -211,7 +230,9 @@ def synthetic_rows(stage: str, folder: Path) -> tuple[str, list[dict[str, Any]],
     return ("trl_messages" if stage == "sft" else "trl_preference"), rows, paths.root
 
 
-def source_samples(source: Source, index: int, stage: str, folder: Path) -> list[SFTSample | PreferenceSample]:
+def source_samples(
+    source: Source, index: int, stage: str, folder: Path
+) -> list[SFTSample | PreferenceSample]:
     """The fixture rows of data.train.<index>, adapted as the training run adapts the real ones."""
     dataset = f"dry-run fixture of data.train.{index} ({source_name(source)})"
     if source.format == "synthetic":
@@ -220,8 +241,16 @@ def source_samples(source: Source, index: int, stage: str, folder: Path) -> list
     else:
         row_format, image_root, columns = source.format, folder, source.columns
         rows = [raw_row(row, columns) for row in canonical_rows(source, folder)]
-    return [adapt_row(row, format=row_format, columns=columns, origin=Origin(dataset=dataset, row=k),
-                      image_root=image_root) for k, row in enumerate(rows)]
+    return [
+        adapt_row(
+            row,
+            format=row_format,
+            columns=columns,
+            origin=Origin(dataset=dataset, row=k),
+            image_root=image_root,
+        )
+        for k, row in enumerate(rows)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- one stage
@@ -236,12 +265,23 @@ class _Unwrapped:
         return model
 
 
-def first_batch(samples: Sequence[SFTSample | PreferenceSample], processor, recipe: Recipe, stage: str) -> dict:
+def first_batch(
+    samples: Sequence[SFTSample | PreferenceSample], processor, recipe: Recipe, stage: str
+) -> dict:
     """One batch of every planned sample, through the stage's sampler and collator (no worker processes)."""
     data = dataclasses.replace(recipe.data, num_workers=0)
     planned = plan(list(samples), processor, data, SkipCounter())
-    make_loader, _ = loader_factory(planned, processor, data, stage=stage, micro_batch_size=len(planned),
-                                    seed=recipe.seed, num_replicas=1, rank=0, share_prompt=recipe.dpo.share_prompt)
+    make_loader, _ = loader_factory(
+        planned,
+        processor,
+        data,
+        stage=stage,
+        micro_batch_size=len(planned),
+        seed=recipe.seed,
+        num_replicas=1,
+        rank=0,
+        share_prompt=recipe.dpo.share_prompt,
+    )
     return next(iter(make_loader(0)))
 
 
@@ -256,7 +296,9 @@ def trainable_model(recipe: Recipe, parts: ModelSection):
     return model, processor
 
 
-def stage_loss(stage: str, recipe: Recipe, model, batch: dict, share_features: bool) -> tuple[torch.Tensor, int]:
+def stage_loss(
+    stage: str, recipe: Recipe, model, batch: dict, share_features: bool
+) -> tuple[torch.Tensor, int]:
     """(mean loss, units): SFT per supervised token, DPO per pair, as the loop normalises them."""
     precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.precision == "bf16")
     with precision:
@@ -272,13 +314,19 @@ def stage_loss(stage: str, recipe: Recipe, model, batch: dict, share_features: b
 def check_finite_gradients(model) -> None:
     for name, param in model.named_parameters():
         if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-            raise RuntimeError(f"dry run: the gradient of {name} is not finite (NaN or inf) after one backward")
+            raise RuntimeError(
+                f"dry run: the gradient of {name} is not finite (NaN or inf) after one backward"
+            )
 
 
 def run_stage(recipe: Recipe, stage: str, folder: Path) -> dict[str, Any]:
     """One batch of the stage's fixture rows, forward and backward; the stage's summary."""
-    indexed = [(index, source) for index, source in enumerate(recipe.data.train) if stage_sources((source,), stage)]
-    samples = [sample for index, source in indexed for sample in source_samples(source, index, stage, folder / stage)]
+    indexed = [
+        (index, source) for index, source in enumerate(recipe.data.train) if stage_sources((source,), stage)
+    ]
+    samples = [
+        sample for index, source in indexed for sample in source_samples(source, index, stage, folder / stage)
+    ]
     parts = recipe.model if stage == "sft" else dpo_parts(recipe.model)
     model, processor = trainable_model(recipe, parts)
     batch = first_batch(samples, processor, recipe, stage)
@@ -289,7 +337,9 @@ def run_stage(recipe: Recipe, stage: str, folder: Path) -> dict[str, Any]:
     check_gradients(model, trained_parts(parts))
     check_finite_gradients(model)
     summary = {
-        "sources": [{"format": s.format, "path": s.path, "fixture_rows": FIXTURE_ROWS_PER_SOURCE} for _, s in indexed],
+        "sources": [
+            {"format": s.format, "path": s.path, "fixture_rows": FIXTURE_ROWS_PER_SOURCE} for _, s in indexed
+        ],
         "batch": {key: list(value.shape) for key, value in batch.items() if isinstance(value, torch.Tensor)},
         "supervised_tokens" if stage == "sft" else "pairs": units,
         "loss": round(loss.item(), 6),
@@ -312,15 +362,24 @@ def chunk_counts(batch: dict, size: int) -> list[int]:
 def run_grpo_stage(recipe: Recipe, stage: str, folder: Path) -> dict[str, Any]:
     """GRPO's fixture prompts (its sources' rows, as SFT reads them): one generation, rewards, loss and backward
     (train/grpo_dry_run.py); the stage's summary."""
-    indexed = [(index, source) for index, source in enumerate(recipe.data.train) if stage_sources((source,), stage)]
-    samples = [sample for index, source in indexed for sample in source_samples(source, index, "sft", folder / stage)]
+    indexed = [
+        (index, source) for index, source in enumerate(recipe.data.train) if stage_sources((source,), stage)
+    ]
+    samples = [
+        sample for index, source in indexed for sample in source_samples(source, index, "sft", folder / stage)
+    ]
     parts = grpo_parts(recipe.model)
     model, processor = trainable_model(recipe, parts)
     summary = grpo_fixture_step(recipe, samples, model, processor, parts)
     check_finite_gradients(model)
-    return {"sources": [{"format": s.format, "path": s.path, "fixture_rows": FIXTURE_ROWS_PER_SOURCE}
-                        for _, s in indexed],
-            **summary, "parameters": trainable_counts(model), "weight_bytes": weight_bytes(model)}
+    return {
+        "sources": [
+            {"format": s.format, "path": s.path, "fixture_rows": FIXTURE_ROWS_PER_SOURCE} for _, s in indexed
+        ],
+        **summary,
+        "parameters": trainable_counts(model),
+        "weight_bytes": weight_bytes(model),
+    }
 
 
 def dry_run(recipe: Recipe) -> dict[str, Any]:
@@ -338,14 +397,26 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
             run = run_grpo_stage if stage == "grpo" else run_stage
             stages[stage] = run(recipe, stage, Path(tmp))
     return {
-        "model": {"recipe": recipe.model.name_or_path, "dry_run": "tiny", "num_crops": recipe.model.num_crops,
-                  "dtype": recipe.model.dtype, "precision": recipe.train.precision,
-                  "quantization": recipe.model.quantization},
+        "model": {
+            "recipe": recipe.model.name_or_path,
+            "dry_run": "tiny",
+            "num_crops": recipe.model.num_crops,
+            "dtype": recipe.model.dtype,
+            "precision": recipe.train.precision,
+            "quantization": recipe.model.quantization,
+        },
         "stages": stages,
-        **({"sequence_parallel": {
-            "size": recipe.train.sequence_parallel, "processes": f"a multiple of {recipe.train.sequence_parallel}",
-            "tokens_per_rank": -(-recipe.data.max_length // recipe.train.sequence_parallel)}}
-           if recipe.train.sequence_parallel > 1 else {}),
+        **(
+            {
+                "sequence_parallel": {
+                    "size": recipe.train.sequence_parallel,
+                    "processes": f"a multiple of {recipe.train.sequence_parallel}",
+                    "tokens_per_rank": -(-recipe.data.max_length // recipe.train.sequence_parallel),
+                }
+            }
+            if recipe.train.sequence_parallel > 1
+            else {}
+        ),
         "not_run": [s for s in recipe.stages if s not in TRAINING_STAGES],
         "seconds": round(time.perf_counter() - started, 2),
     }

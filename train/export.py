@@ -63,7 +63,9 @@ def export_stage(run_dir: Path, stage: str, dtype: str, overwrite: bool = False)
     target = merged_dir(run_dir, stage)
     recipe = load_run_recipe(run_dir)
     if target.exists() and not overwrite:
-        if not adapter_dir(run_dir, stage).exists():  # trained in full: the stage saved its merged weights itself
+        if not adapter_dir(
+            run_dir, stage
+        ).exists():  # trained in full: the stage saved its merged weights itself
             if hub_layout_problems(target):
                 finish_hub_folder(target, recipe, run_dir, base_folder=None)
             return target
@@ -72,8 +74,10 @@ def export_stage(run_dir: Path, stage: str, dtype: str, overwrite: bool = False)
             return target
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
     if not is_adapter(adapter_dir(run_dir, stage)):
-        raise FileNotFoundError(f"{adapter_dir(run_dir, stage)} holds no PEFT adapter (adapter_config.json); was the "
-                                f"{stage} stage trained?")
+        raise FileNotFoundError(
+            f"{adapter_dir(run_dir, stage)} holds no PEFT adapter (adapter_config.json); was the "
+            f"{stage} stage trained?"
+        )
     weights = stage_weights(run_dir, stage, recipe)
     # sdpa: merging needs no attention kernel, and flash-attn may not load on the exporting machine.
     section = replace(recipe.model, attn_implementation="sdpa")
@@ -97,7 +101,9 @@ def export_stage(run_dir: Path, stage: str, dtype: str, overwrite: bool = False)
 def finish_hub_folder(folder: Path, recipe, run_dir: Path, *, base_folder: Path | None) -> None:
     """The hub checkpoint's files around the weights (models.phi3v.export_files), then a check of the result."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    write_hub_files(folder, remote_repo=remote_code_repo(base_hub_id(recipe, run_dir), config), base_folder=base_folder)
+    write_hub_files(
+        folder, remote_repo=remote_code_repo(base_hub_id(recipe, run_dir), config), base_folder=base_folder
+    )
     problems = hub_layout_problems(folder)
     if problems:
         raise RuntimeError(f"{folder} departs from the hub layout:\n  " + "\n  ".join(problems))
@@ -115,22 +121,43 @@ def merge_into_quantized(weights, model_section):
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--stage", choices=list(TRAINED_STAGES), action="append",
-                        help="stage(s) to export; default: every trained stage of the run")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the recipe's export.merged_dtype")
+    parser.add_argument(
+        "--stage",
+        choices=list(TRAINED_STAGES),
+        action="append",
+        help="stage(s) to export; default: every trained stage of the run",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: the recipe's export.merged_dtype"
+    )
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
-                        help="upload the last exported stage (merged folder at the root, adapter under adapter/) "
-                             "with its model cards; default: the recipe's export.hub_id. Token: $HF_TOKEN")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        default=None,
+        help="upload the last exported stage (merged folder at the root, adapter under adapter/) "
+        "with its model cards; default: the recipe's export.hub_id. Token: $HF_TOKEN",
+    )
     privacy = parser.add_mutually_exclusive_group()
-    privacy.add_argument("--private", dest="private", action="store_true", default=None,
-                         help="create the repository private (default: the recipe's export.private)")
+    privacy.add_argument(
+        "--private",
+        dest="private",
+        action="store_true",
+        default=None,
+        help="create the repository private (default: the recipe's export.private)",
+    )
     privacy.add_argument("--public", dest="private", action="store_false")
-    parser.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list the files and the commit "
-                        "message, upload nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --push-to-hub: list the files and the commit message, upload nothing",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     recipe = load_run_recipe(args.run_dir)
@@ -149,21 +176,33 @@ def export_stages(args, recipe) -> list[Path]:
     with torch.no_grad():
         for stage in stages:
             if args.stage or recipe.export.merged or not is_adapter(adapter_dir(args.run_dir, stage)):
-                written.append(export_stage(args.run_dir, stage, args.dtype or recipe.export.merged_dtype,
-                                            args.overwrite))
+                written.append(
+                    export_stage(
+                        args.run_dir, stage, args.dtype or recipe.export.merged_dtype, args.overwrite
+                    )
+                )
                 print(f"{stage}: {written[-1]}")
             else:
-                print(f"{stage}: export.merged is false: the adapter is in {adapter_dir(args.run_dir, stage)}")
+                print(
+                    f"{stage}: export.merged is false: the adapter is in {adapter_dir(args.run_dir, stage)}"
+                )
     repo_id = args.push_to_hub or recipe.export.hub_id
     for stage in stages:
-        write_cards(recipe, args.run_dir, stage, repo_id=repo_id if stage == push_stage(args.run_dir, stages) else None)
+        write_cards(
+            recipe,
+            args.run_dir,
+            stage,
+            repo_id=repo_id if stage == push_stage(args.run_dir, stages) else None,
+        )
     if repo_id:
         stage = push_stage(args.run_dir, stages)
         private = recipe.export.private if args.private is None else args.private
         report = push_to_hub(args.run_dir, stage, repo_id, private=private, dry_run=args.dry_run)
         verb = "would upload" if args.dry_run else "uploaded"
-        print(f"{stage}: {verb} {len(report['files'])} files to {repo_id} ({'private' if private else 'public'}), "
-              f"commit message {report['commit_message']!r}:")
+        print(
+            f"{stage}: {verb} {len(report['files'])} files to {repo_id} ({'private' if private else 'public'}), "
+            f"commit message {report['commit_message']!r}:"
+        )
         for name in report["files"]:
             print(f"  {name}")
     return written

@@ -58,22 +58,35 @@ def sample_table(batches: list[dict], limit: int = 4) -> list[dict]:
         group = batch["rewards"].numel() // len(batch["examples"])
         for b, example in enumerate(batch["examples"]):
             rows = range(b * group, (b + 1) * group)
-            groups.append({"prompt": example.question, "references": list(example.references),
-                           "origin": str(example.origin),
-                           "mean_reward": float(batch["rewards"][b * group:(b + 1) * group].mean()),
-                           "completions": [{"text": batch["texts"][i], "reward": float(batch["rewards"][i])}
-                                           for i in rows]})
+            groups.append(
+                {
+                    "prompt": example.question,
+                    "references": list(example.references),
+                    "origin": str(example.origin),
+                    "mean_reward": float(batch["rewards"][b * group : (b + 1) * group].mean()),
+                    "completions": [
+                        {"text": batch["texts"][i], "reward": float(batch["rewards"][i])} for i in rows
+                    ],
+                }
+            )
     groups.sort(key=lambda g: g["mean_reward"])
     return groups[-limit:][::-1] + groups[:limit] if len(groups) > 2 * limit else groups[::-1]
 
 
-def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None) -> Path:
+def main(
+    recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None
+) -> Path:
     """Run GRPO; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
     preemption would (resume then continues it)."""
     started = time.perf_counter()
     grpo = recipe.grpo
-    check_options(grpo.loss_type, grpo.scale_rewards, grpo.epsilon,
-                  grpo.epsilon if grpo.epsilon_high is None else grpo.epsilon_high, grpo.beta)
+    check_options(
+        grpo.loss_type,
+        grpo.scale_rewards,
+        grpo.epsilon,
+        grpo.epsilon if grpo.epsilon_high is None else grpo.epsilon_high,
+        grpo.beta,
+    )
     rewards = build_rewards(grpo)  # a bad import path fails before anything loads
     run_dir, accelerator, _ = trainer.open_stage(recipe, recipe_path, "grpo")
 
@@ -83,10 +96,23 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     model, processor = load_policy(start, recipe, run_dir, accelerator)
 
     skips = SkipCounter()
-    samples = load_samples(recipe.data.train, "sft", recipe.data, seed=recipe.seed, skips=skips,
-                           main_first=accelerator.main_process_first)
-    planned = plan(samples, processor, recipe.data, skips, cache_dir=cache_dir(run_dir),
-                   progress=accelerator.is_main_process, main_first=accelerator.main_process_first)
+    samples = load_samples(
+        recipe.data.train,
+        "sft",
+        recipe.data,
+        seed=recipe.seed,
+        skips=skips,
+        main_first=accelerator.main_process_first,
+    )
+    planned = plan(
+        samples,
+        processor,
+        recipe.data,
+        skips,
+        cache_dir=cache_dir(run_dir),
+        progress=accelerator.is_main_process,
+        main_first=accelerator.main_process_first,
+    )
 
     parts = grpo_parts(recipe.model)
     model.to(accelerator.device)
@@ -95,40 +121,103 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     log.info(report_trainable(model))
     # The rollout's image features serve the loss passes when nothing between the pixels and the features trains,
     # except under FSDP, where they can be computed only inside the model's forward.
-    share = parts.vision != "lora" and parts.vision != "full" and parts.projector == "frozen" \
+    share = (
+        parts.vision != "lora"
+        and parts.vision != "full"
+        and parts.projector == "frozen"
         and not device.model_forward_only(accelerator)
+    )
     sharded = accelerator.num_processes > 1 and device.shards_parameters(accelerator)
-    engine = TorchRollout(processor, temperature=grpo.temperature, top_p=grpo.top_p,
-                          max_new_tokens=grpo.max_new_tokens, stop_strings=grpo.stop_strings, synced=sharded,
-                          share_features=share)
-    data = GRPOData(recipe, planned, processor, engine, rewards, model, num_replicas=accelerator.num_processes,
-                    rank=accelerator.process_index, reference=grpo.beta > 0)
+    engine = TorchRollout(
+        processor,
+        temperature=grpo.temperature,
+        top_p=grpo.top_p,
+        max_new_tokens=grpo.max_new_tokens,
+        stop_strings=grpo.stop_strings,
+        synced=sharded,
+        share_features=share,
+    )
+    data = GRPOData(
+        recipe,
+        planned,
+        processor,
+        engine,
+        rewards,
+        model,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+        reference=grpo.beta > 0,
+    )
     if len(data.sampler) < recipe.train.grad_accum:
         check_enough(len(planned), "grpo", recipe, accelerator.num_processes, skips)
-    total_steps = total_steps_for(data.batches_per_epoch, recipe.train.grad_accum,
-                                  grpo.max_steps or recipe.train.max_steps,
-                                  None if grpo.max_steps else recipe.train.epochs)
-    log.info("%d prompts planned, %d completions each, %d micro-batches per rank per epoch, %d optimizer steps",
-             len(planned), grpo.num_generations, data.batches_per_epoch, total_steps)
+    total_steps = total_steps_for(
+        data.batches_per_epoch,
+        recipe.train.grad_accum,
+        grpo.max_steps or recipe.train.max_steps,
+        None if grpo.max_steps else recipe.train.epochs,
+    )
+    log.info(
+        "%d prompts planned, %d completions each, %d micro-batches per rank per epoch, %d optimizer steps",
+        len(planned),
+        grpo.num_generations,
+        data.batches_per_epoch,
+        total_steps,
+    )
 
     loss_fn = GRPOLoss(grpo, [reward.name for reward in rewards])
-    plan_ = trainer.StagePlan(stage="grpo", run_dir=run_dir, total_steps=total_steps,
-                              unit_name="tokens" if grpo.loss_type == "dapo" else "completions",
-                              lr_scale=(grpo.lr / recipe.train.lr) if grpo.lr else 1.0,
-                              data_fingerprint=data_fingerprint(planned))
-    every = callbacks.eval_every_steps("grpo", processor, recipe, run_dir, accelerator=accelerator,
-                                       total_steps=total_steps)
+    plan_ = trainer.StagePlan(
+        stage="grpo",
+        run_dir=run_dir,
+        total_steps=total_steps,
+        unit_name="tokens" if grpo.loss_type == "dapo" else "completions",
+        lr_scale=(grpo.lr / recipe.train.lr) if grpo.lr else 1.0,
+        data_fingerprint=data_fingerprint(planned),
+    )
+    every = callbacks.eval_every_steps(
+        "grpo", processor, recipe, run_dir, accelerator=accelerator, total_steps=total_steps
+    )
     stop = callbacks.stop_after(stop_after_step)
     mark_training_started(run_dir, "grpo")  # a failure from here on keeps the stage folder
-    model, state = trainer.fit(accelerator, recipe, model, plan_, make_loader=data.make_loader, loss_sum=loss_fn,
-                               count=loss_fn.count, callbacks=[c for c in (every, stop) if c is not None])
+    model, state = trainer.fit(
+        accelerator,
+        recipe,
+        model,
+        plan_,
+        make_loader=data.make_loader,
+        loss_sum=loss_fn,
+        count=loss_fn.count,
+        callbacks=[c for c in (every, stop) if c is not None],
+    )
 
-    trained = save_trained(accelerator, model, processor, adapter_dir(run_dir, "grpo"), recipe=recipe,
-                           run_dir=run_dir, applies_after=start.adapters)
-    trainer.write_summary(run_dir, "grpo", state, skips, started, accelerator, trained,
-                          sampled_groups=sample_table(data.last_batches))
-    callbacks.run_eval_hook("grpo", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=start.base,
-                            accelerator=accelerator, step=state.step)
+    trained = save_trained(
+        accelerator,
+        model,
+        processor,
+        adapter_dir(run_dir, "grpo"),
+        recipe=recipe,
+        run_dir=run_dir,
+        applies_after=start.adapters,
+    )
+    trainer.write_summary(
+        run_dir,
+        "grpo",
+        state,
+        skips,
+        started,
+        accelerator,
+        trained,
+        sampled_groups=sample_table(data.last_batches),
+    )
+    callbacks.run_eval_hook(
+        "grpo",
+        accelerator.unwrap_model(model),
+        processor,
+        recipe,
+        run_dir,
+        base_path=start.base,
+        accelerator=accelerator,
+        step=state.step,
+    )
     if accelerator.is_main_process:
         log.info("GRPO summary: %s", summary_file(run_dir, "grpo"))
     return trainer.finish(accelerator, run_dir)

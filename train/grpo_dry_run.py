@@ -26,19 +26,26 @@ from train.trainable import check_gradients, trained_parts
 DRY_RUN_TOKENS = 8
 
 
-def grpo_fixture_step(recipe: Recipe, samples: Sequence[SFTSample], model, processor,
-                      parts: ModelSection) -> dict[str, Any]:
+def grpo_fixture_step(
+    recipe: Recipe, samples: Sequence[SFTSample], model, processor, parts: ModelSection
+) -> dict[str, Any]:
     """One generation, the rewards, the loss and its backward on the fixture prompts `samples`, with `model` (the
     tiny model with GRPO's trained parts, `grpo_parts`); the stage's summary (without the sources)."""
     grpo = dataclasses.replace(recipe.grpo, max_new_tokens=min(recipe.grpo.max_new_tokens, DRY_RUN_TOKENS))
     recipe = dataclasses.replace(recipe, grpo=grpo, data=dataclasses.replace(recipe.data, num_workers=0))
     planned = plan(samples, processor, recipe.data, SkipCounter(), progress=False)
     rewards = build_rewards(grpo)
-    engine = TorchRollout(processor, temperature=grpo.temperature, top_p=grpo.top_p, max_new_tokens=grpo.max_new_tokens,
-                          stop_strings=grpo.stop_strings,
-                          share_features=parts.vision == "frozen" and parts.projector == "frozen")
-    data = GRPOData(recipe, planned, processor, engine, rewards, model, num_replicas=1, rank=0,
-                    reference=grpo.beta > 0)
+    engine = TorchRollout(
+        processor,
+        temperature=grpo.temperature,
+        top_p=grpo.top_p,
+        max_new_tokens=grpo.max_new_tokens,
+        stop_strings=grpo.stop_strings,
+        share_features=parts.vision == "frozen" and parts.projector == "frozen",
+    )
+    data = GRPOData(
+        recipe, planned, processor, engine, rewards, model, num_replicas=1, rank=0, reference=grpo.beta > 0
+    )
     batch = data.generate([list(range(len(planned)))], epoch=0)[0]
     loss_fn = GRPOLoss(grpo, [reward.name for reward in rewards])
     precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.precision == "bf16")
@@ -57,7 +64,9 @@ def grpo_fixture_step(recipe: Recipe, samples: Sequence[SFTSample], model, proce
         "completions": len(batch["texts"]),
         "units": units,
         "loss": round(loss.item(), 6),
-        "rewards": {name: round(float(metrics[f"rewards/{name}/mean"]) / units, 6) for name in loss_fn.reward_names},
+        "rewards": {
+            name: round(float(metrics[f"rewards/{name}/mean"]) / units, 6) for name in loss_fn.reward_names
+        },
         "zero_advantage": zero_advantage,
         "trained_parts": sorted(trained_parts(parts)),
     }

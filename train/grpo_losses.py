@@ -37,11 +37,15 @@ SCALE_REWARDS = ("group", "batch", "none")
 STD_EPSILON = 1e-4  # TRL's: advantages / (std + 1e-4)
 
 
-def check_options(loss_type: str, scale_rewards: str, epsilon_low: float, epsilon_high: float, beta: float) -> None:
+def check_options(
+    loss_type: str, scale_rewards: str, epsilon_low: float, epsilon_high: float, beta: float
+) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"grpo_losses: unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
     if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"grpo_losses: unknown scale_rewards {scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
+        raise ValueError(
+            f"grpo_losses: unknown scale_rewards {scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}"
+        )
     for name, value in (("epsilon", epsilon_low), ("epsilon_high", epsilon_high), ("beta", beta)):
         if not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"grpo_losses: {name}={value!r} must be a finite number >= 0")
@@ -63,9 +67,13 @@ def group_advantages(rewards_N: Tensor, num_generations: int, scale_rewards: str
     functions, the G completions of a prompt adjacent; for `batch` scaling pass every rank's rewards (TRL gathers
     the generation batch across processes before it normalises)."""
     if rewards_N.dim() != 1 or rewards_N.numel() % num_generations:
-        raise ValueError(f"grpo_losses: rewards of shape {tuple(rewards_N.shape)} are not groups of {num_generations}")
+        raise ValueError(
+            f"grpo_losses: rewards of shape {tuple(rewards_N.shape)} are not groups of {num_generations}"
+        )
     if num_generations < 2:
-        raise ValueError("grpo_losses: num_generations must be >= 2: a group of one has no baseline but itself")
+        raise ValueError(
+            "grpo_losses: num_generations must be >= 2: a group of one has no baseline but itself"
+        )
     grouped = rewards_N.view(-1, num_generations)
     mean_N = grouped.mean(dim=1).repeat_interleave(num_generations)
     if scale_rewards == "batch":
@@ -73,15 +81,25 @@ def group_advantages(rewards_N: Tensor, num_generations: int, scale_rewards: str
     elif scale_rewards in ("group", "none"):
         std_N = _unbiased_std(grouped, dim=1).repeat_interleave(num_generations)
     else:
-        raise ValueError(f"grpo_losses: unknown scale_rewards {scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}")
+        raise ValueError(
+            f"grpo_losses: unknown scale_rewards {scale_rewards!r}; use one of {', '.join(SCALE_REWARDS)}"
+        )
     advantages_N = rewards_N - mean_N
     if scale_rewards != "none":
         advantages_N = advantages_N / (std_N + STD_EPSILON)
     return advantages_N, std_N
 
 
-def per_token_loss(logps_NT: Tensor, old_logps_NT: Tensor | None, ref_logps_NT: Tensor | None, advantages_N: Tensor,
-                   *, epsilon_low: float, epsilon_high: float, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+def per_token_loss(
+    logps_NT: Tensor,
+    old_logps_NT: Tensor | None,
+    ref_logps_NT: Tensor | None,
+    advantages_N: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """(per-token loss (N, T), per-token tensors for the metrics: `ratio`, `kl` when beta > 0)."""
     old_NT = logps_NT.detach() if old_logps_NT is None else old_logps_NT.detach()
     advantages_N1 = advantages_N.detach().unsqueeze(1)
@@ -99,8 +117,14 @@ def per_token_loss(logps_NT: Tensor, old_logps_NT: Tensor | None, ref_logps_NT: 
     return loss_NT, extra
 
 
-def batch_loss(loss_NT: Tensor, mask_NT: Tensor, loss_type: str, *, max_completion_length: int,
-               num_items_in_batch: Tensor | float | None = None) -> Tensor:
+def batch_loss(
+    loss_NT: Tensor,
+    mask_NT: Tensor,
+    loss_type: str,
+    *,
+    max_completion_length: int,
+    num_items_in_batch: Tensor | float | None = None,
+) -> Tensor:
     """TRL's loss of one micro-batch (module doc); `num_items_in_batch` (dapo): the completion tokens of the whole
     generation batch, all ranks (default: this micro-batch's)."""
     mask_NT = mask_NT.to(loss_NT.dtype)
@@ -116,7 +140,9 @@ def batch_loss(loss_NT: Tensor, mask_NT: Tensor, loss_type: str, *, max_completi
     raise ValueError(f"grpo_losses: unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
 
 
-def completion_terms(loss_NT: Tensor, mask_NT: Tensor, loss_type: str, *, max_completion_length: int) -> Tensor:
+def completion_terms(
+    loss_NT: Tensor, mask_NT: Tensor, loss_type: str, *, max_completion_length: int
+) -> Tensor:
     """One term per completion (N,) whose sum divided by `units(...)` summed over the step's micro-batches and ranks
     is the step's loss (module doc). For one micro-batch, `terms.sum() / units` equals `batch_loss`."""
     mask_NT = mask_NT.to(loss_NT.dtype)
@@ -137,8 +163,9 @@ def units(mask_NT: Tensor, loss_type: str) -> int:
     return int(mask_NT.sum()) if loss_type == "dapo" else int(mask_NT.shape[0])
 
 
-def clip_metrics(ratio_NT: Tensor, advantages_N: Tensor, mask_NT: Tensor, *, epsilon_low: float,
-                 epsilon_high: float) -> dict[str, Tensor]:
+def clip_metrics(
+    ratio_NT: Tensor, advantages_N: Tensor, mask_NT: Tensor, *, epsilon_low: float, epsilon_high: float
+) -> dict[str, Tensor]:
     """TRL's clip ratios, as token means over the completion tokens: `clip_ratio/low_mean` (ratio below 1 - eps_low
     with a negative advantage), `clip_ratio/high_mean` (above 1 + eps_high, positive advantage) and
     `clip_ratio/region_mean` (either)."""
@@ -147,6 +174,8 @@ def clip_metrics(ratio_NT: Tensor, advantages_N: Tensor, mask_NT: Tensor, *, eps
     high = (ratio_NT > 1 + epsilon_high) & (advantages_N1 > 0)
     mask = mask_NT.to(ratio_NT.dtype)
     tokens = mask.sum().clamp(min=1.0)
-    return {"clip_ratio/low_mean": (low.to(mask.dtype) * mask).sum() / tokens,
-            "clip_ratio/high_mean": (high.to(mask.dtype) * mask).sum() / tokens,
-            "clip_ratio/region_mean": ((low | high).to(mask.dtype) * mask).sum() / tokens}
+    return {
+        "clip_ratio/low_mean": (low.to(mask.dtype) * mask).sum() / tokens,
+        "clip_ratio/high_mean": (high.to(mask.dtype) * mask).sum() / tokens,
+        "clip_ratio/region_mean": ((low | high).to(mask.dtype) * mask).sum() / tokens,
+    }

@@ -71,16 +71,22 @@ def import_reward(path: str) -> RewardFn:
     """The function named by `module:function` (the module importable from the working directory or PYTHONPATH)."""
     module_name, _, name = path.partition(":")
     if not module_name or not name:
-        raise ValueError(f"grpo.rewards: function {path!r} is not of the form 'module:function' (e.g. "
-                         "'my_rewards:short_answer')")
+        raise ValueError(
+            f"grpo.rewards: function {path!r} is not of the form 'module:function' (e.g. "
+            "'my_rewards:short_answer')"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"grpo.rewards: cannot import module {module_name!r} of reward function {path!r}: {error}. "
-                         "Fix: put it on PYTHONPATH (or in the working directory)") from error
+        raise ValueError(
+            f"grpo.rewards: cannot import module {module_name!r} of reward function {path!r}: {error}. "
+            "Fix: put it on PYTHONPATH (or in the working directory)"
+        ) from error
     function = getattr(module, name, None)
     if not callable(function):
-        raise ValueError(f"grpo.rewards: module {module_name!r} has no function {name!r} (reward function {path!r})")
+        raise ValueError(
+            f"grpo.rewards: module {module_name!r} has no function {name!r} (reward function {path!r})"
+        )
     return function
 
 
@@ -101,26 +107,42 @@ def build_rewards(grpo) -> list[Reward]:
             rewards.append(Reward(spec.type, spec.weight, _METRICS[spec.type], needs_answer=True))
         elif spec.type == "format":
             if not spec.pattern:
-                raise ValueError(f"grpo.rewards.{index}: a format reward needs `pattern` (a regular expression)")
+                raise ValueError(
+                    f"grpo.rewards.{index}: a format reward needs `pattern` (a regular expression)"
+                )
             pattern = re.compile(spec.pattern, re.DOTALL)
-            rewards.append(Reward("format", spec.weight, lambda text, _, p=pattern: float(p.search(text) is not None),
-                                  needs_answer=False))
+            rewards.append(
+                Reward(
+                    "format",
+                    spec.weight,
+                    lambda text, _, p=pattern: float(p.search(text) is not None),
+                    needs_answer=False,
+                )
+            )
         elif spec.type == "length":
             rewards.append(Reward("length", spec.weight, _length_unset, needs_answer=False))
         elif spec.type == "function":
             if not spec.function:
                 raise ValueError(f"grpo.rewards.{index}: a function reward needs `function: module:function`")
-            rewards.append(Reward(spec.function, spec.weight, import_reward(spec.function), needs_answer=False))
+            rewards.append(
+                Reward(spec.function, spec.weight, import_reward(spec.function), needs_answer=False)
+            )
         else:
-            raise ValueError(f"grpo.rewards.{index}: unknown type {spec.type!r}; use one of {', '.join(REWARD_TYPES)}")
+            raise ValueError(
+                f"grpo.rewards.{index}: unknown type {spec.type!r}; use one of {', '.join(REWARD_TYPES)}"
+            )
     names = [reward.name for reward in rewards]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"grpo.rewards lists {repeated} more than once; list each once with the sum of its weights")
+        raise ValueError(
+            f"grpo.rewards lists {repeated} more than once; list each once with the sum of its weights"
+        )
     return rewards
 
 
-def _length_unset(text: str, example: EvalExample) -> float:  # replaced by score_completions, which knows lengths
+def _length_unset(
+    text: str, example: EvalExample
+) -> float:  # replaced by score_completions, which knows lengths
     raise AssertionError("the length reward is computed from token counts")
 
 
@@ -134,9 +156,15 @@ def extract_answer(completion: str, answer_pattern: re.Pattern[str] | None) -> s
     return (match.group(1) if match.groups() else match.group(0)).strip()
 
 
-def score_completions(rewards: Sequence[Reward], completions: Sequence[str], examples: Sequence[EvalExample],
-                      num_tokens: Sequence[int], *, max_new_tokens: int,
-                      answer_pattern: re.Pattern[str] | None) -> list[list[float]]:
+def score_completions(
+    rewards: Sequence[Reward],
+    completions: Sequence[str],
+    examples: Sequence[EvalExample],
+    num_tokens: Sequence[int],
+    *,
+    max_new_tokens: int,
+    answer_pattern: re.Pattern[str] | None,
+) -> list[list[float]]:
     """rewards_per_function[i][f]: completion i (of example i) under reward f, NaN where a user's function
     returned None. A function that raises, or returns something that is not a finite number, raises RewardError
     naming the function, the row (dataset and row index) and the completion."""
@@ -155,14 +183,18 @@ def score_completions(rewards: Sequence[Reward], completions: Sequence[str], exa
             try:
                 value = reward.score(text, example)
             except Exception as error:
-                raise RewardError(f"reward function {reward.name} raised {type(error).__name__}: {error}, on "
-                                  f"{example.origin} (example id {example.id}), completion {completion!r}") from error
+                raise RewardError(
+                    f"reward function {reward.name} raised {type(error).__name__}: {error}, on "
+                    f"{example.origin} (example id {example.id}), completion {completion!r}"
+                ) from error
             if value is None:
                 row.append(math.nan)
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise RewardError(f"reward function {reward.name} returned {value!r}, not a finite number (or None), "
-                                  f"on {example.origin} (example id {example.id}), completion {completion!r}")
+                raise RewardError(
+                    f"reward function {reward.name} returned {value!r}, not a finite number (or None), "
+                    f"on {example.origin} (example id {example.id}), completion {completion!r}"
+                )
             row.append(float(value))
         table.append(row)
     return table

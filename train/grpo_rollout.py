@@ -64,8 +64,9 @@ class Completions:
 
 
 class RolloutEngine(Protocol):
-    def sample(self, model, examples: Sequence[EvalExample], *, num_generations: int,
-               seeds: Sequence[int]) -> Completions:
+    def sample(
+        self, model, examples: Sequence[EvalExample], *, num_generations: int, seeds: Sequence[int]
+    ) -> Completions:
         """G completions of each example; `seeds[i]` seeds completion i % G of example i // G."""
 
 
@@ -98,8 +99,17 @@ def _stop_hit(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> bool:
 class TorchRollout:
     """`RolloutEngine` on the training model (module doc)."""
 
-    def __init__(self, processor, *, temperature: float, top_p: float, max_new_tokens: int,
-                 stop_strings: Sequence[str] = (), synced: bool = False, share_features: bool = True):
+    def __init__(
+        self,
+        processor,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop_strings: Sequence[str] = (),
+        synced: bool = False,
+        share_features: bool = True,
+    ):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.stop_strings, self.synced, self.share_features = tuple(stop_strings), synced, share_features
@@ -107,7 +117,9 @@ class TorchRollout:
     def prompts(self, examples: Sequence[EvalExample], device) -> dict:
         """The processor's batch for the prompts (left-padded; uint8 crops, normalised on the device)."""
         texts = [prompt_text(self.processor, example) for example in examples]
-        images = [[rgb_image(image, example, k) for k, image in enumerate(example.images)] for example in examples]
+        images = [
+            [rgb_image(image, example, k) for k, image in enumerate(example.images)] for example in examples
+        ]
         batch = self.processor(text=texts, images=images, padding_side="left", do_normalize=False)
         return {key: value.to(device) for key, value in batch.items()}
 
@@ -118,8 +130,9 @@ class TorchRollout:
         return bool(flag.item() > 0)
 
     @torch.no_grad()
-    def sample(self, model, examples: Sequence[EvalExample], *, num_generations: int,
-               seeds: Sequence[int]) -> Completions:
+    def sample(
+        self, model, examples: Sequence[EvalExample], *, num_generations: int, seeds: Sequence[int]
+    ) -> Completions:
         group = num_generations
         device = next(model.parameters()).device
         batch = self.prompts(examples, device)
@@ -134,8 +147,14 @@ class TorchRollout:
         end_ids = torch.tensor(end_ids if isinstance(end_ids, list | tuple) else [end_ids], device=device)
         with root_unit_gathered(model) if self.synced else contextlib.nullcontext():
             features, image_kwargs = self._prefill_images(base, batch, prompt_images)
-            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                        logits_to_keep=1, **image_kwargs)
+            out = model(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **image_kwargs,
+            )
             cache = out.cache
             cache.batch_repeat_interleave(group)  # the prompt's keys and values, shared by its G completions
             logits = out.logits[:, -1].repeat_interleave(group, dim=0)
@@ -152,8 +171,12 @@ class TorchRollout:
             taken: list[torch.Tensor] = []
             history: list[list[int]] = [[] for _ in range(rows)]
             for step in range(self.max_new_tokens):
-                probs = nucleus_probs(without_image_slots(logits, image_token_id), self.temperature, self.top_p)
-                drawn = torch.cat([torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(rows)])
+                probs = nucleus_probs(
+                    without_image_slots(logits, image_token_id), self.temperature, self.top_p
+                )
+                drawn = torch.cat(
+                    [torch.multinomial(probs[i], 1, generator=generators[i]) for i in range(rows)]
+                )
                 drawn = torch.where(running, drawn, torch.full_like(drawn, pad))
                 tokens.append(drawn)
                 taken.append(running.clone())
@@ -170,18 +193,31 @@ class TorchRollout:
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 position = position + 1
-                out = model(input_ids=drawn[:, None], attention_mask=mask, position_ids=position, cache=cache,
-                            use_cache=True)
+                out = model(
+                    input_ids=drawn[:, None],
+                    attention_mask=mask,
+                    position_ids=position,
+                    cache=cache,
+                    use_cache=True,
+                )
                 cache = out.cache
                 logits = out.logits[:, -1]
         completion_ids = torch.stack(tokens, dim=1)
         completion_mask = torch.stack(taken, dim=1).long()
         ends = set(end_ids.tolist())
         texts = [self.decode(ids, row_mask, ends) for ids, row_mask in zip(completion_ids, completion_mask)]
-        return Completions(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                           completion_mask=completion_mask, texts=texts, pixel_values=batch.get("pixel_values"),
-                           image_sizes=batch.get("image_sizes"), prompt_images=prompt_images,
-                           image_features=features, truncated=truncated)
+        return Completions(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            texts=texts,
+            pixel_values=batch.get("pixel_values"),
+            image_sizes=batch.get("image_sizes"),
+            prompt_images=prompt_images,
+            image_features=features,
+            truncated=truncated,
+        )
 
     def _prefill_images(self, base, batch: dict, prompt_images: list[list[int]]) -> tuple[list | None, dict]:
         """(features kept for the loss passes, the prefill's image inputs). Sharing: each image encoded here, once,
@@ -191,8 +227,11 @@ class TorchRollout:
         if not self.share_features:
             if "pixel_values" not in batch:
                 return None, {}
-            return None, {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"],
-                          "sequence_images": prompt_images}
+            return None, {
+                "pixel_values": batch["pixel_values"],
+                "image_sizes": batch["image_sizes"],
+                "sequence_images": prompt_images,
+            }
         if "pixel_values" not in batch:
             return [], {}
         features = base.model.vision_embed_tokens.per_image(batch["pixel_values"], batch["image_sizes"])

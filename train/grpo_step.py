@@ -84,19 +84,35 @@ def prompt_example(sample: SFTSample, index: int, suffix: str | None = None) -> 
     text: grpo.prompt_suffix), that answer as the reference."""
     *prompt, answer = sample.turns
     if answer.role != "assistant" or answer.num_images or not prompt or prompt[-1].role != "user":
-        raise DataError(sample.origin, "messages", "a GRPO prompt row must end with a user turn and a text-only "
-                                                   "assistant answer (the reference the rewards score against)")
+        raise DataError(
+            sample.origin,
+            "messages",
+            "a GRPO prompt row must end with a user turn and a text-only "
+            "assistant answer (the reference the rewards score against)",
+        )
     messages = to_messages(prompt)
     if suffix:
-        messages[-1] = {**messages[-1], "content": [*messages[-1]["content"], {"type": "text", "text": suffix}]}
-    return EvalExample(id=str(index), messages=tuple(messages), images=sample.images,
-                       references=(answer.text,), meta={}, origin=sample.origin)
+        messages[-1] = {
+            **messages[-1],
+            "content": [*messages[-1]["content"], {"type": "text", "text": suffix}],
+        }
+    return EvalExample(
+        id=str(index),
+        messages=tuple(messages),
+        images=sample.images,
+        references=(answer.text,),
+        meta={},
+        origin=sample.origin,
+    )
 
 
 def completion_seeds(seed: int, epoch: int, indices: Sequence[int], num_generations: int) -> list[int]:
     """One 63-bit seed per completion, a function of (seed, epoch, planned index, k) only."""
-    return [int(np.random.SeedSequence([seed, epoch, int(i), k]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-            for i in indices for k in range(num_generations)]
+    return [
+        int(np.random.SeedSequence([seed, epoch, int(i), k]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+        for i in indices
+        for k in range(num_generations)
+    ]
 
 
 def _gather(values: torch.Tensor) -> torch.Tensor:
@@ -116,18 +132,35 @@ def rollout_batch(completions: Completions, pad_token_id: int | None = None) -> 
     prompt_mask = completions.prompt_mask.repeat_interleave(group, dim=0)
     input_ids = torch.cat([prompt_ids, completions.completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completions.completion_mask], dim=1)
-    labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX),
-                        completions.completion_ids.masked_fill(completions.completion_mask == 0, IGNORE_INDEX)], dim=1)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-             "completion_mask": completions.completion_mask, "sequence_images": completions.row_images()}
+    labels = torch.cat(
+        [
+            torch.full_like(prompt_ids, IGNORE_INDEX),
+            completions.completion_ids.masked_fill(completions.completion_mask == 0, IGNORE_INDEX),
+        ],
+        dim=1,
+    )
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "completion_mask": completions.completion_mask,
+        "sequence_images": completions.row_images(),
+    }
     if completions.pixel_values is not None:
         batch["pixel_values"], batch["image_sizes"] = completions.pixel_values, completions.image_sizes
     if completions.image_features is not None:
         batch["image_features"] = completions.image_features
     if pad_token_id is not None:
-        batch.update(shared_layout(completions.prompt_ids, completions.prompt_mask, completions.completion_ids,
-                                   completions.completion_mask, pad_token_id))
+        batch.update(
+            shared_layout(
+                completions.prompt_ids,
+                completions.prompt_mask,
+                completions.completion_ids,
+                completions.completion_mask,
+                pad_token_id,
+            )
+        )
         batch["prompt_images"] = completions.prompt_images
     return batch
 
@@ -139,7 +172,11 @@ def image_kwargs(batch: dict, shared: bool = False) -> dict:
     if "image_features" in batch:
         return {"image_features": batch["image_features"], "sequence_images": rows}
     if "pixel_values" in batch:
-        return {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"], "sequence_images": rows}
+        return {
+            "pixel_values": batch["pixel_values"],
+            "image_sizes": batch["image_sizes"],
+            "sequence_images": rows,
+        }
     return {}
 
 
@@ -155,15 +192,25 @@ def completion_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if shares_prompt(model, batch):
         dtype = unwrapped(model).get_input_embeddings().weight.dtype
         mask = prefix_sharing_mask(batch["shared_segments"], attn_implementation(model), dtype)
-        logits = model(input_ids=batch["shared_input_ids"], attention_mask=mask,
-                       position_ids=batch["shared_position_ids"], logits_to_keep=batch["shared_keep"],
-                       use_cache=False, **image_kwargs(batch, shared=True)).logits
-        targets = batch["input_ids"][:, -batch["completion_mask"].shape[1]:][batch["completion_mask"].bool()]
+        logits = model(
+            input_ids=batch["shared_input_ids"],
+            attention_mask=mask,
+            position_ids=batch["shared_position_ids"],
+            logits_to_keep=batch["shared_keep"],
+            use_cache=False,
+            **image_kwargs(batch, shared=True),
+        ).logits
+        targets = batch["input_ids"][:, -batch["completion_mask"].shape[1] :][batch["completion_mask"].bool()]
         return logits[batch["shared_token_index"]], targets
     keep, targets = supervised_positions(batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False,
-                   **image_kwargs(batch)).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+        use_cache=False,
+        **image_kwargs(batch),
+    ).logits
     return logits, targets
 
 
@@ -209,10 +256,14 @@ class RolloutLoader:
                 position += length
                 continue
             if self.skip > position:  # only with num_iterations > 1: the loop resumes at step boundaries
-                log.warning("resuming inside generation %d of epoch %d: its completions are sampled again with the "
-                            "current weights, so this resume is not exact (keep train.checkpoint_every a multiple "
-                            "of grpo.num_iterations)", cycle, self.epoch)
-            batches = owner.generate(prompt_batches[cycle * per_cycle:(cycle + 1) * per_cycle], self.epoch)
+                log.warning(
+                    "resuming inside generation %d of epoch %d: its completions are sampled again with the "
+                    "current weights, so this resume is not exact (keep train.checkpoint_every a multiple "
+                    "of grpo.num_iterations)",
+                    cycle,
+                    self.epoch,
+                )
+            batches = owner.generate(prompt_batches[cycle * per_cycle : (cycle + 1) * per_cycle], self.epoch)
             for _ in range(passes):
                 for batch in batches:
                     if position >= self.skip:
@@ -223,15 +274,28 @@ class RolloutLoader:
 class GRPOData:
     """Prompts, sampler and rollout engine of the stage; `make_loader(epoch)` is what the trainer takes."""
 
-    def __init__(self, recipe, planned, processor, engine: RolloutEngine, rewards: Sequence[Reward], model, *,
-                 num_replicas: int, rank: int, reference: bool):
+    def __init__(
+        self,
+        recipe,
+        planned,
+        processor,
+        engine: RolloutEngine,
+        rewards: Sequence[Reward],
+        model,
+        *,
+        num_replicas: int,
+        rank: int,
+        reference: bool,
+    ):
         self.recipe, self.grpo, self.processor, self.engine = recipe, recipe.grpo, processor, engine
         self.rewards, self.model, self.reference = list(rewards), model, reference
-        self.examples = [prompt_example(plan.sample, index, self.grpo.prompt_suffix)
-                         for index, plan in enumerate(planned)]
+        self.examples = [
+            prompt_example(plan.sample, index, self.grpo.prompt_suffix) for index, plan in enumerate(planned)
+        ]
         self.grad_accum = recipe.train.grad_accum
-        self.sampler = ShuffledBatchSampler(len(planned), recipe.train.micro_batch_size, recipe.seed,
-                                            num_replicas=num_replicas, rank=rank)
+        self.sampler = ShuffledBatchSampler(
+            len(planned), recipe.train.micro_batch_size, recipe.seed, num_replicas=num_replicas, rank=rank
+        )
         pattern = self.grpo.answer_pattern
         self.answer_pattern = re.compile(pattern, re.DOTALL) if pattern else None
         self.last_batches: list[dict] = []  # the last generation's scored rollouts, for the summary's samples
@@ -255,10 +319,18 @@ class GRPOData:
             for indices in prompt_batches:
                 examples = [self.examples[i] for i in indices]
                 seeds = completion_seeds(self.recipe.seed, epoch, indices, grpo.num_generations)
-                rolled.append((indices, examples, self.engine.sample(model, examples,
-                                                                     num_generations=grpo.num_generations,
-                                                                     seeds=seeds)))
-            batches = [self._scored(indices, examples, completions) for indices, examples, completions in rolled]
+                rolled.append(
+                    (
+                        indices,
+                        examples,
+                        self.engine.sample(
+                            model, examples, num_generations=grpo.num_generations, seeds=seeds
+                        ),
+                    )
+                )
+            batches = [
+                self._scored(indices, examples, completions) for indices, examples, completions in rolled
+            ]
             self._advantages(batches)
             for batch in batches:
                 self._extra_logps(batch)
@@ -270,12 +342,19 @@ class GRPOData:
     def _scored(self, indices, examples, completions: Completions) -> dict:
         group = self.grpo.num_generations
         row_examples = [example for example in examples for _ in range(group)]
-        table = score_completions(self.rewards, completions.texts, row_examples,
-                                  completions.completion_mask.sum(1).tolist(), max_new_tokens=self.grpo.max_new_tokens,
-                                  answer_pattern=self.answer_pattern)
+        table = score_completions(
+            self.rewards,
+            completions.texts,
+            row_examples,
+            completions.completion_mask.sum(1).tolist(),
+            max_new_tokens=self.grpo.max_new_tokens,
+            answer_pattern=self.answer_pattern,
+        )
         per_function = torch.tensor(table, dtype=torch.float32).reshape(len(row_examples), len(self.rewards))
         weights = torch.tensor([reward.weight for reward in self.rewards], dtype=torch.float32)
-        batch = rollout_batch(completions, self.processor.tokenizer.pad_token_id if self.grpo.share_prompt else None)
+        batch = rollout_batch(
+            completions, self.processor.tokenizer.pad_token_id if self.grpo.share_prompt else None
+        )
         batch["rewards_per_function"] = per_function
         batch["rewards"] = (per_function * weights).nansum(dim=1)
         batch["indices"] = torch.tensor(indices, dtype=torch.long)
@@ -293,11 +372,15 @@ class GRPOData:
             rewards = _gather(rewards.to(self.model.device)).cpu()
         advantages, std = group_advantages(rewards, group, scale)
         start = self.rank_offset(len(batches[0]["rewards"]) * len(batches)) if scale == "batch" else 0
-        _, group_std = group_advantages(rewards, group, "group")  # for the zero-std share, whatever the scaling
+        _, group_std = group_advantages(
+            rewards, group, "group"
+        )  # for the zero-std share, whatever the scaling
         for batch in batches:
             rows = slice(start, start + len(batch["rewards"]))
             batch["advantages"] = advantages[rows]
-            batch["zero_std_groups"] = torch.isclose(group_std[rows], torch.zeros_like(group_std[rows])).float().mean()
+            batch["zero_std_groups"] = (
+                torch.isclose(group_std[rows], torch.zeros_like(group_std[rows])).float().mean()
+            )
             start += len(batch["rewards"])
 
     def rank_offset(self, per_rank: int) -> int:
@@ -307,7 +390,9 @@ class GRPOData:
     @torch.no_grad()
     def _extra_logps(self, batch: dict) -> None:
         """The sampling policy's log-probs (num_iterations > 1) and the reference's (beta > 0), once per generation."""
-        on_device = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        on_device = {
+            k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+        }
         if self.grpo.num_iterations > 1:
             batch["old_logps"] = completion_token_logps(self.model, on_device, self.grpo.temperature)[0]
         if self.reference:
@@ -331,11 +416,22 @@ class GRPOLoss:
         logps, entropy = completion_token_logps(model, batch, grpo.temperature, entropy=True)
         mask = batch["completion_mask"]
         advantages = batch["advantages"].to(logps.device)
-        loss_NT, extra = per_token_loss(logps, batch.get("old_logps"), batch.get("ref_logps"), advantages,
-                                        epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=grpo.beta)
+        loss_NT, extra = per_token_loss(
+            logps,
+            batch.get("old_logps"),
+            batch.get("ref_logps"),
+            advantages,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            beta=grpo.beta,
+        )
         terms = completion_terms(loss_NT, mask, grpo.loss_type, max_completion_length=grpo.max_new_tokens)
-        metrics = {**clip_metrics(extra["ratio"], advantages, mask, epsilon_low=self.epsilon_low,
-                                  epsilon_high=self.epsilon_high), "entropy": entropy}
+        metrics = {
+            **clip_metrics(
+                extra["ratio"], advantages, mask, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high
+            ),
+            "entropy": entropy,
+        }
         tokens = mask.sum().clamp(min=1)
         if "kl" in extra:
             metrics["kl"] = (extra["kl"] * mask).sum() / tokens

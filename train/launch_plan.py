@@ -36,8 +36,11 @@ def main(argv: list[str] | None = None) -> None:
         if recipe.output_dir is None and args.job_id:
             print(Path("runs") / f"{Path(args.recipe).stem}-job{args.job_id}")
         elif recipe.output_dir is None and args.nodes > 1:
-            parser.exit(2, f"launch_plan: {args.nodes} nodes need one run directory that every node names alike: "
-                           "pass output_dir=PATH (on a filesystem every node sees), or run under SLURM\n")
+            parser.exit(
+                2,
+                f"launch_plan: {args.nodes} nodes need one run directory that every node names alike: "
+                "pass output_dir=PATH (on a filesystem every node sees), or run under SLURM\n",
+            )
         else:
             print(resolve_output_dir(recipe, args.recipe))
     else:

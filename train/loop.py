@@ -57,7 +57,9 @@ class LoopState:
     micro_batches_in_epoch: int = 0  # consumed in the current epoch
     units_seen: int = 0  # supervised tokens (SFT) or pairs (DPO), all ranks
     samples_seen: int = 0
-    nonfinite_steps: int = 0  # steps skipped for a non-finite gradient norm or loss (train.on_nonfinite: skip)
+    nonfinite_steps: int = (
+        0  # steps skipped for a non-finite gradient norm or loss (train.on_nonfinite: skip)
+    )
     history: list[dict] = field(default_factory=list)  # one record per logged step
 
     def save(self, path: Path) -> None:
@@ -93,10 +95,15 @@ class Diverged(StopTraining):
 
     def __init__(self, step: int, what: str, last_good: Path | None = None):
         self.step = step
-        kept = f"the last good checkpoint, {last_good}, is kept" if last_good else "no checkpoint was written before it"
+        kept = (
+            f"the last good checkpoint, {last_good}, is kept"
+            if last_good
+            else "no checkpoint was written before it"
+        )
         super().__init__(
             f"training diverged at step {step}: {what}. No adapter was saved; {kept}. Fix: lower train.lr (and "
-            "dpo.lr), check the data of that step, or set train.on_nonfinite=skip to skip such steps")
+            "dpo.lr), check the data of that step, or set train.on_nonfinite=skip to skip such steps"
+        )
 
 
 class Interrupted(StopTraining):
@@ -104,8 +111,11 @@ class Interrupted(StopTraining):
         self.exit_code = 128 + signum
         self.step = step
         name = signal.Signals(signum).name
-        where = (f"checkpoint {checkpoint}. Resume with the same command and: {resume_command}" if checkpoint else
-                 "no step was completed, so there is nothing to resume: start the run again")
+        where = (
+            f"checkpoint {checkpoint}. Resume with the same command and: {resume_command}"
+            if checkpoint
+            else "no step was completed, so there is nothing to resume: start the run again"
+        )
         super().__init__(f"stopped by {name} after step {step} of {total}; {where}")
 
 
@@ -134,8 +144,11 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
             # os.write: no buffered stream or logging lock inside a signal handler.
-            os.write(2, f"\n{name}: stopping after this step and writing a checkpoint (Ctrl-C again to stop at "
-                        "once, without one)\n".encode())
+            os.write(
+                2,
+                f"\n{name}: stopping after this step and writing a checkpoint (Ctrl-C again to stop at "
+                "once, without one)\n".encode(),
+            )
         elif signum == signal.SIGINT:
             self.__exit__()
             raise KeyboardInterrupt(f"second {name}: stopped at once, without a checkpoint")
@@ -147,10 +160,14 @@ class StopSignals:
 
 def global_sum(accelerator: Accelerator, value: int | float) -> float:
     tensor = torch.tensor(float(value), device=accelerator.device, dtype=torch.float64)
-    return float(accelerator.reduce(tensor, reduction="sum")) if accelerator.num_processes > 1 else float(value)
+    return (
+        float(accelerator.reduce(tensor, reduction="sum")) if accelerator.num_processes > 1 else float(value)
+    )
 
 
-def micro_batches(make_loader: Callable[[int], object], state: LoopState, accelerator: Accelerator, grad_accum: int) -> Iterator[list[dict]]:
+def micro_batches(
+    make_loader: Callable[[int], object], state: LoopState, accelerator: Accelerator, grad_accum: int
+) -> Iterator[list[dict]]:
     """Yield the micro-batches of each optimizer step, epoch after epoch, resuming mid-epoch where the state says.
     A tail of fewer than `grad_accum` micro-batches at the end of an epoch is dropped (a step is always whole)."""
     while True:
@@ -158,8 +175,11 @@ def micro_batches(make_loader: Callable[[int], object], state: LoopState, accele
         if state.micro_batches_in_epoch:
             # A loader that generates its batches (GRPO's rollouts) skips them itself.
             skip = getattr(loader, "skip_first_batches", None)
-            loader = (skip(state.micro_batches_in_epoch) if skip else
-                      accelerator.skip_first_batches(loader, state.micro_batches_in_epoch))
+            loader = (
+                skip(state.micro_batches_in_epoch)
+                if skip
+                else accelerator.skip_first_batches(loader, state.micro_batches_in_epoch)
+            )
         group = []
         for batch in loader:
             group.append(batch)
@@ -191,8 +211,13 @@ def run_loop(
     watchdog of train/diagnostics.py). Raises `Diverged` on a non-finite step (module doc) and `Interrupted` after a
     stop asked by `signals`, once its checkpoint is written."""
     model.train()
-    progress = tqdm(total=config.total_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process,
-                    dynamic_ncols=True)
+    progress = tqdm(
+        total=config.total_steps,
+        initial=state.step,
+        desc="train",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
     counted = ("units", "samples", "tokens", "supervised_tokens")
     window = {"start": time.perf_counter(), "steps": 0, **dict.fromkeys(counted, 0.0)}
     steps = micro_batches(make_loader, state, accelerator, config.grad_accum)
@@ -200,9 +225,20 @@ def run_loop(
     while state.step < config.total_steps:
         with step_guard():
             group = next(steps)
-            record = train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count, config,
-                                stop_requested=bool(signals and signals.requested))
-        if record is None:  # a stop agreed by every rank, before this step: its batches are fetched again on resume
+            record = train_step(
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                group,
+                loss_sum,
+                count,
+                config,
+                stop_requested=bool(signals and signals.requested),
+            )
+        if (
+            record is None
+        ):  # a stop agreed by every rank, before this step: its batches are fetched again on resume
             progress.close()
             stop(accelerator, state, config, checkpointer, signals)
         if record["nonfinite"] or not math.isfinite(record["loss"]):
@@ -210,13 +246,24 @@ def run_loop(
             skip = config.on_nonfinite == "skip" and state.nonfinite_steps <= config.max_nonfinite_steps
             if not skip or deepspeed:
                 progress.close()
-                limit = "" if config.on_nonfinite == "stop" else f" ({state.nonfinite_steps} non-finite steps)"
-                raise Diverged(state.step + 1, f"loss {record['loss']:.4g}, gradient norm {record['grad_norm']:.4g}"
-                               f" at learning rate {record['lr']:.3g}{limit}",
-                               latest_checkpoint(checkpointer.directory) if checkpointer else None)
-            log.warning("step %d: loss %s, gradient norm %s: update skipped (%d of at most %d, "
-                        "train.max_nonfinite_steps)", state.step + 1, record["loss"], record["grad_norm"],
-                        state.nonfinite_steps, config.max_nonfinite_steps)
+                limit = (
+                    "" if config.on_nonfinite == "stop" else f" ({state.nonfinite_steps} non-finite steps)"
+                )
+                raise Diverged(
+                    state.step + 1,
+                    f"loss {record['loss']:.4g}, gradient norm {record['grad_norm']:.4g}"
+                    f" at learning rate {record['lr']:.3g}{limit}",
+                    latest_checkpoint(checkpointer.directory) if checkpointer else None,
+                )
+            log.warning(
+                "step %d: loss %s, gradient norm %s: update skipped (%d of at most %d, "
+                "train.max_nonfinite_steps)",
+                state.step + 1,
+                record["loss"],
+                record["grad_norm"],
+                state.nonfinite_steps,
+                config.max_nonfinite_steps,
+            )
         if record.pop("nonfinite"):
             record["skipped_nonfinite"] = 1.0
         state.step += 1
@@ -247,12 +294,17 @@ def save_checked(accelerator, checkpointer: Checkpointer, state: LoopState) -> P
     """A checkpoint, unless a trainable parameter is not finite (then `Diverged`: the last good one stays newest)."""
     bad = nonfinite_parameters(accelerator.unwrap_model(checkpointer.model))
     if global_sum(accelerator, len(bad)) > 0:
-        raise Diverged(state.step, f"trainable parameters are not finite ({', '.join(bad[:3]) or 'on another rank'})",
-                       latest_checkpoint(checkpointer.directory))
+        raise Diverged(
+            state.step,
+            f"trainable parameters are not finite ({', '.join(bad[:3]) or 'on another rank'})",
+            latest_checkpoint(checkpointer.directory),
+        )
     return checkpointer.save(state)
 
 
-def stop(accelerator, state: LoopState, config: LoopConfig, checkpointer: Checkpointer | None, signals) -> None:
+def stop(
+    accelerator, state: LoopState, config: LoopConfig, checkpointer: Checkpointer | None, signals
+) -> None:
     """Write the checkpoint of `state` (unless written already) and raise `Interrupted` with how to resume."""
     path = None
     if checkpointer and state.step > 0:
@@ -261,20 +313,25 @@ def stop(accelerator, state: LoopState, config: LoopConfig, checkpointer: Checkp
         else:
             path = save_checked(accelerator, checkpointer, state)
     # A rank that was not signalled itself knows only that another one was: it reports SIGTERM.
-    error = Interrupted(signals.signum or signal.SIGTERM, state.step, config.total_steps, path, config.resume_command)
+    error = Interrupted(
+        signals.signum or signal.SIGTERM, state.step, config.total_steps, path, config.resume_command
+    )
     if accelerator.is_main_process:
         log.warning("%s", error)
     raise error
 
 
-def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count, config, *,
-               stop_requested: bool = False) -> dict | None:
+def train_step(
+    accelerator, model, optimizer, scheduler, group, loss_sum, count, config, *, stop_requested: bool = False
+) -> dict | None:
     """One optimizer step over the micro-batches `group`; returns the step's metrics (`nonfinite`: the gradient norm
     was not finite and the update was not applied), or None, without training, when any rank asked to stop."""
     local_units = sum(count(b) for b in group)
     local_tokens, local_supervised = (sum(n) for n in zip(*(batch_tokens(b) for b in group)))
     if accelerator.num_processes > 1:  # the stop flag rides along with the unit count: one all-reduce
-        both = torch.tensor([float(local_units), float(stop_requested)], device=accelerator.device, dtype=torch.float64)
+        both = torch.tensor(
+            [float(local_units), float(stop_requested)], device=accelerator.device, dtype=torch.float64
+        )
         global_units, stops = (float(v) for v in accelerator.reduce(both, reduction="sum"))
     else:
         global_units, stops = float(local_units), float(stop_requested)
@@ -299,7 +356,9 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
                 metrics[key] = metrics[key] + value if key in metrics else value
             if accelerator.sync_gradients:
                 # inf: measure the norm without clipping.
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+                grad_norm = accelerator.clip_grad_norm_(
+                    model.parameters(), config.max_grad_norm or float("inf")
+                )
                 # The norm of the gradients every rank shares: all ranks skip (or stop) alike.
                 nonfinite = grad_norm is not None and not math.isfinite(float(grad_norm))
             if not nonfinite:
@@ -309,7 +368,9 @@ def train_step(accelerator, model, optimizer, scheduler, group, loss_sum, count,
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     # Every rank of a sequence-parallel group holds the same micro-batches: count them once.
-    samples = global_sum(accelerator, sum(int(b["input_ids"].shape[0]) for b in group)) / config.ranks_per_sample
+    samples = (
+        global_sum(accelerator, sum(int(b["input_ids"].shape[0]) for b in group)) / config.ranks_per_sample
+    )
     record = {
         "loss": global_sum(accelerator, float(loss_total)) / global_units,
         "lr": scheduler.get_last_lr()[0],
@@ -337,7 +398,9 @@ def throughput(window: dict, state: LoopState, config: LoopConfig) -> dict:
     }
 
 
-def total_steps_for(num_micro_batches_per_epoch: int, grad_accum: int, max_steps: int | None, epochs: float | None) -> int:
+def total_steps_for(
+    num_micro_batches_per_epoch: int, grad_accum: int, max_steps: int | None, epochs: float | None
+) -> int:
     """Optimizer steps from max_steps, or from epochs over `num_micro_batches_per_epoch` micro-batches per rank."""
     if max_steps is not None:
         return max_steps

@@ -49,7 +49,9 @@ def sft_loss_sum(model, batch: dict, sp: SequenceParallel | None = None) -> tupl
         logits = supervised_logits(model, model_inputs(batch), keep)  # (N, V)
         return F.cross_entropy(logits.float(), targets, reduction="sum"), {}
     with sp.splitting():
-        logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits  # this chunk's (n, V)
+        logits = model(
+            **model_inputs(batch), logits_to_keep=keep, use_cache=False
+        ).logits  # this chunk's (n, V)
     local = sp.local_rows(keep) >= 0
     return F.cross_entropy(logits.float(), targets[local], reduction="sum"), {}
 
@@ -68,8 +70,13 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(dim=1)
 
 
-def kept_token_logps(logits: torch.Tensor, keep: torch.Tensor, token_index: torch.Tensor, targets: torch.Tensor,
-                     sp: SequenceParallel | None) -> torch.Tensor:
+def kept_token_logps(
+    logits: torch.Tensor,
+    keep: torch.Tensor,
+    token_index: torch.Tensor,
+    targets: torch.Tensor,
+    sp: SequenceParallel | None,
+) -> torch.Tensor:
     """log p(targets[i]) whose logits sit at kept position `token_index[i]` of `keep` (row-major). `logits` are the
     model's for `keep`; under sequence parallelism those of this rank's chunk: each rank scores the targets it holds
     and the group sums them, so every rank gets every target's log-prob."""
@@ -86,15 +93,21 @@ def splitting(sp: SequenceParallel | None):
     return sp.splitting() if sp is not None else nullcontext()
 
 
-def completion_logps(model, batch: dict, image_kwargs: dict,
-                     sp: SequenceParallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(
+    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) of each of the 2B rows' supervised tokens, on the 2B-row layout; only the
     supervised (row, position) pairs get logits."""
     keep, targets = supervised_positions(batch["labels"])
     # use_cache=False: no cache in training, and with packed position_ids a cache would let samples see each other.
     with splitting(sp):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                       use_cache=False, **image_kwargs).logits  # (N, V)
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=keep,
+            use_cache=False,
+            **image_kwargs,
+        ).logits  # (N, V)
     rows = keep.nonzero()[:, 0]
     logps = kept_token_logps(logits, keep, torch.arange(targets.shape[0], device=keep.device), targets, sp)
     sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=logits.device)
@@ -130,13 +143,15 @@ def prefix_sharing_mask(segments: torch.Tensor, attn_implementation: str, dtype:
     query, key = segments[:, :, None], segments[:, None, :]
     allowed = (causal & ((key == SEGMENT_PROMPT) | (key == query)))[:, None]
     if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed,
-                                                                                            torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
     return allowed
 
 
-def shared_completion_logps(model, batch: dict, image_kwargs: dict,
-                            sp: SequenceParallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_completion_logps(
+    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What `completion_logps` returns for the 2B rows, from the prefix-sharing layout: B rows, one LM pass over
     each prompt for both completions."""
     pairs = batch["shared_input_ids"].shape[0]
@@ -146,17 +161,25 @@ def shared_completion_logps(model, batch: dict, image_kwargs: dict,
     dtype = unwrapped(model).get_input_embeddings().weight.dtype
     mask = prefix_sharing_mask(batch["shared_segments"], attn_implementation(model), dtype)
     with splitting(sp):
-        logits = model(input_ids=batch["shared_input_ids"], attention_mask=mask,
-                       position_ids=batch["shared_position_ids"], logits_to_keep=batch["shared_keep"],
-                       use_cache=False, **kwargs).logits  # (N, V): each kept position once
-    logps = kept_token_logps(logits, batch["shared_keep"], batch["shared_token_index"], batch["shared_targets"], sp)
+        logits = model(
+            input_ids=batch["shared_input_ids"],
+            attention_mask=mask,
+            position_ids=batch["shared_position_ids"],
+            logits_to_keep=batch["shared_keep"],
+            use_cache=False,
+            **kwargs,
+        ).logits  # (N, V): each kept position once
+    logps = kept_token_logps(
+        logits, batch["shared_keep"], batch["shared_token_index"], batch["shared_targets"], sp
+    )
     sequence = batch["shared_sequence"]
     sums = torch.zeros(2 * pairs, dtype=torch.float32, device=logits.device).index_add(0, sequence, logps)
     return sums, batch["shared_counts"]
 
 
-def pair_logps(model, batch: dict, image_kwargs: dict,
-               sp: SequenceParallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(
+    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) of the 2B completions (chosen 0..B-1, rejected B..2B-1): from the
     prefix-sharing layout where `shares_prompt`, else from the 2B-row layout; the same values either way
     (tests/test_dpo_shared_prompt.py). Under sequence parallelism every rank of the group gets the whole sums."""
@@ -179,8 +202,14 @@ class DPOLoss:
     and so the image's token count.
     """
 
-    def __init__(self, recipe: Recipe, accelerator, share_features: bool, reference_table: torch.Tensor | None = None,
-                 sp: SequenceParallel | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        accelerator,
+        share_features: bool,
+        reference_table: torch.Tensor | None = None,
+        sp: SequenceParallel | None = None,
+    ):
         self.dpo, self.accelerator, self.share_features = recipe.dpo, accelerator, share_features
         self.reference_table = reference_table
         # Under sequence parallelism every rank of a group computes its pairs' whole loss from the summed log-probs;
@@ -205,10 +234,16 @@ class DPOLoss:
         seq = batch["sequence_images"]
         if share_features:
             with torch.no_grad():
-                features = peft_model.get_base_model().model.vision_embed_tokens.per_image(batch["pixel_values"], batch["image_sizes"])
+                features = peft_model.get_base_model().model.vision_embed_tokens.per_image(
+                    batch["pixel_values"], batch["image_sizes"]
+                )
             shared = {"image_features": features, "sequence_images": seq}
             return shared, shared
-        pixels = {"pixel_values": batch["pixel_values"], "image_sizes": batch["image_sizes"], "sequence_images": seq}
+        pixels = {
+            "pixel_values": batch["pixel_values"],
+            "image_sizes": batch["image_sizes"],
+            "sequence_images": seq,
+        }
         return pixels, pixels
 
     def reference(self, peft_model, batch: dict, kwargs: dict) -> torch.Tensor:
@@ -226,7 +261,9 @@ class DPOLoss:
         keep = keep.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., :size, :size].to(pixel_values.device)
         return torch.where(keep, pixel_values, torch.full_like(pixel_values, 255))
 
-    def conditional_term(self, model, peft_model, batch: dict, policy_chosen, reference_chosen) -> torch.Tensor:
+    def conditional_term(
+        self, model, peft_model, batch: dict, policy_chosen, reference_chosen
+    ) -> torch.Tensor:
         """mDPO's per-pair term on the chosen rows with corrupted images."""
         pairs = batch["input_ids"].shape[0] // 2
         chosen = {k: batch[k][:pairs] for k in ("input_ids", "attention_mask", "labels")}
@@ -253,20 +290,37 @@ class DPOLoss:
         chosen, rejected = slice(0, pairs), slice(pairs, 2 * pairs)
         losses, metrics = combined_loss(
             [(loss.type, loss.weight) for loss in self.dpo.losses],
-            policy_logps[chosen], policy_logps[rejected], reference_logps[chosen], reference_logps[rejected],
-            beta=self.dpo.beta, label_smoothing=self.dpo.label_smoothing,
-            chosen_num_tokens=num_tokens[chosen], rejected_num_tokens=num_tokens[rejected],
+            policy_logps[chosen],
+            policy_logps[rejected],
+            reference_logps[chosen],
+            reference_logps[rejected],
+            beta=self.dpo.beta,
+            label_smoothing=self.dpo.label_smoothing,
+            chosen_num_tokens=num_tokens[chosen],
+            rejected_num_tokens=num_tokens[rejected],
             sft_weight=self.dpo.sft_weight,
             # RPO's SFT term: the chosen completion's mean token NLL, per pair.
-            chosen_nll_per_pair=sft_nll_per_pair(policy_logps[chosen], num_tokens[chosen], num_pairs=1,
-                                                 num_tokens=num_tokens[chosen]) if self.dpo.sft_weight else None,
+            chosen_nll_per_pair=sft_nll_per_pair(
+                policy_logps[chosen], num_tokens[chosen], num_pairs=1, num_tokens=num_tokens[chosen]
+            )
+            if self.dpo.sft_weight
+            else None,
         )
         if self.dpo.mdpo_weight and "pixel_values" in batch:
-            conditional = self.conditional_term(model, peft_model, batch, policy_logps[chosen], reference_logps[chosen])
+            conditional = self.conditional_term(
+                model, peft_model, batch, policy_logps[chosen], reference_logps[chosen]
+            )
             losses = losses + self.dpo.mdpo_weight * conditional
             metrics["loss/mdpo"] = conditional.detach().mean()
-        metrics.update(reward_metrics(policy_logps[chosen], policy_logps[rejected], reference_logps[chosen],
-                                      reference_logps[rejected], beta=self.dpo.beta))
+        metrics.update(
+            reward_metrics(
+                policy_logps[chosen],
+                policy_logps[rejected],
+                reference_logps[chosen],
+                reference_logps[rejected],
+                beta=self.dpo.beta,
+            )
+        )
         # The loop divides metric sums by the step's pairs: hand it sums, as tensors (no device sync here).
         return self.weight * losses.sum(), {k: v.detach() * pairs * self.weight for k, v in metrics.items()}
 

@@ -95,7 +95,9 @@ def build_model(recipe: Recipe):
         model, _ = build_tiny(recipe.model, recipe.seed)
     else:
         with torch.device("meta"):
-            model = Phi3VForCausalLM(full_size_config("phi35v" if "3.5" in recipe.model.name_or_path else "phi3v"))
+            model = Phi3VForCausalLM(
+                full_size_config("phi35v" if "3.5" in recipe.model.name_or_path else "phi3v")
+            )
     return configure_trainable(model, recipe.model, recipe.lora, seed=recipe.seed)
 
 
@@ -110,17 +112,29 @@ def count(model, recipe: Recipe) -> ModelCounts:
     vision = config.vision_config
     lora_inputs = 0
     if recipe.model.language == "lora" and recipe.lora.dropout > 0:
-        widths = {"qkv_proj": config.hidden_size, "o_proj": config.hidden_size, "gate_up_proj": config.hidden_size,
-                  "down_proj": config.intermediate_size}
+        widths = {
+            "qkv_proj": config.hidden_size,
+            "o_proj": config.hidden_size,
+            "gate_up_proj": config.hidden_size,
+            "down_proj": config.intermediate_size,
+        }
         lora_inputs = sum(widths.get(t, 0) for t in recipe.lora.target_modules)
     return ModelCounts(
-        total=total, trainable=trainable, largest_layer=largest_layer, largest_unit=max(unit_sizes),
-        root_unit=total - sum(unit_sizes), hidden=config.hidden_size, intermediate=config.intermediate_size,
-        layers=config.num_hidden_layers, vocab=config.vocab_size, vision_hidden=vision.hidden_size,
+        total=total,
+        trainable=trainable,
+        largest_layer=largest_layer,
+        largest_unit=max(unit_sizes),
+        root_unit=total - sum(unit_sizes),
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+        vision_hidden=vision.hidden_size,
         vision_intermediate=vision.intermediate_size,
         vision_layers_run=base.model.vision_embed_tokens.img_processor.vision_model.num_layers_run,
         crop_tokens=(vision.image_size // vision.patch_size) ** 2 + 1,
-        image_dim=4 * config.img_processor["image_dim_out"], lora_dropout_inputs=lora_inputs,
+        image_dim=4 * config.img_processor["image_dim_out"],
+        lora_dropout_inputs=lora_inputs,
         heads=config.num_attention_heads,
     )
 
@@ -140,13 +154,22 @@ def model_states(counts: ModelCounts, strategy: str, gpus: int, w: int) -> dict[
     if strategy == "zero3":
         return {"parameters": w * P / N + 2 * L, "gradients": 4 * T / N + 2 * L, "optimizer": 12 * T / N}
     if strategy == "fsdp2":
-        return {"parameters": (w * F + 4 * T) / N + 2 * (R + 2 * U), "gradients": 4 * T / N + 2 * U,
-                "optimizer": 8 * T / N}
+        return {
+            "parameters": (w * F + 4 * T) / N + 2 * (R + 2 * U),
+            "gradients": 4 * T / N + 2 * U,
+            "optimizer": 8 * T / N,
+        }
     raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
 
 
-def activation_bytes(counts: ModelCounts, recipe: Recipe, *, checkpointing: bool, supervised: float = 0.25,
-                     sequence_parallel: int | None = None) -> dict:
+def activation_bytes(
+    counts: ModelCounts,
+    recipe: Recipe,
+    *,
+    checkpointing: bool,
+    supervised: float = 0.25,
+    sequence_parallel: int | None = None,
+) -> dict:
     """Bytes of activations kept for the backward of one micro-batch, per rank (the module docstring has the model);
     `sequence_parallel`: the group size (default the recipe's)."""
     n = sequence_parallel or recipe.train.sequence_parallel
@@ -167,8 +190,11 @@ def activation_bytes(counts: ModelCounts, recipe: Recipe, *, checkpointing: bool
         hv, iv = counts.vision_hidden, counts.vision_intermediate
         vision_layer = crops * counts.crop_tokens * a * (8 * hv + 2 * iv)
         vision_input = crops * counts.crop_tokens * a * hv
-        vision = (vision_input * counts.vision_layers_run + 2 * vision_layer if checkpointing
-                  else vision_layer * (counts.vision_layers_run + 1))
+        vision = (
+            vision_input * counts.vision_layers_run + 2 * vision_layer
+            if checkpointing
+            else vision_layer * (counts.vision_layers_run + 1)
+        )
     image_tokens = all_crops * (counts.crop_tokens - 1) // 4  # 2x2 patch merge before the projector
     projector = image_tokens * a * (counts.image_dim + 2 * h) if recipe.model.projector == "full" else 0
     logits = int(tokens * supervised) * counts.vocab * (a + 8)
@@ -176,26 +202,47 @@ def activation_bytes(counts: ModelCounts, recipe: Recipe, *, checkpointing: bool
     if n > 1:  # all-to-all buffers, the whole sequence's embeddings at the merge, the gathered tower output
         split = tokens * 8 * h * a * (1 if checkpointing else counts.layers) + whole * h * a
         split += all_crops * (counts.crop_tokens - 1) * counts.vision_hidden * a
-    return {"language": language, "vision": vision, "projector": projector, "logits": logits, "split": split,
-            "total": language + vision + projector + logits + split}
+    return {
+        "language": language,
+        "vision": vision,
+        "projector": projector,
+        "logits": logits,
+        "split": split,
+        "total": language + vision + projector + logits + split,
+    }
 
 
-def plan(recipe: Recipe, gpus: int, gpu_memory_gb: float, supervised: float = 0.25, counts: ModelCounts | None = None,
-         sequence_parallel: int | None = None):
+def plan(
+    recipe: Recipe,
+    gpus: int,
+    gpu_memory_gb: float,
+    supervised: float = 0.25,
+    counts: ModelCounts | None = None,
+    sequence_parallel: int | None = None,
+):
     """{strategy: {parameters, gradients, optimizer, activations (ckpt / no ckpt), totals, fits}} in bytes."""
     counts = counts or count(build_model(recipe), recipe)
     w = weight_bytes(recipe)
-    acts = {ckpt: activation_bytes(counts, recipe, checkpointing=ckpt, supervised=supervised,
-                                   sequence_parallel=sequence_parallel)["total"]
-            for ckpt in (True, False)}
+    acts = {
+        ckpt: activation_bytes(
+            counts, recipe, checkpointing=ckpt, supervised=supervised, sequence_parallel=sequence_parallel
+        )["total"]
+        for ckpt in (True, False)
+    }
     budget = HEADROOM * gpu_memory_gb * 1e9
     rows = {}
     for strategy in STRATEGIES:
         states = model_states(counts, strategy, gpus, w)
         base = sum(states.values())
-        rows[strategy] = {**states, "activations_ckpt": acts[True], "activations_no_ckpt": acts[False],
-                          "total_ckpt": base + acts[True], "total_no_ckpt": base + acts[False],
-                          "fits_ckpt": base + acts[True] <= budget, "fits_no_ckpt": base + acts[False] <= budget}
+        rows[strategy] = {
+            **states,
+            "activations_ckpt": acts[True],
+            "activations_no_ckpt": acts[False],
+            "total_ckpt": base + acts[True],
+            "total_no_ckpt": base + acts[False],
+            "fits_ckpt": base + acts[True] <= budget,
+            "fits_no_ckpt": base + acts[False] <= budget,
+        }
     return counts, rows
 
 
@@ -204,8 +251,9 @@ def group_sizes(gpus: int, heads: int) -> list[int]:
     return [n for n in range(1, gpus + 1) if gpus % n == 0 and heads % n == 0]
 
 
-def smallest_groups(recipe: Recipe, counts: ModelCounts, gpus: int, gpu_memory_gb: float, supervised: float,
-                    heads: int) -> dict[str, int | None]:
+def smallest_groups(
+    recipe: Recipe, counts: ModelCounts, gpus: int, gpu_memory_gb: float, supervised: float, heads: int
+) -> dict[str, int | None]:
     """{strategy: the smallest sequence-parallel group with which a micro-batch fits with checkpointing, or None}."""
     best: dict[str, int | None] = dict.fromkeys(STRATEGIES)
     for n in group_sizes(gpus, heads):
@@ -216,14 +264,17 @@ def smallest_groups(recipe: Recipe, counts: ModelCounts, gpus: int, gpu_memory_g
     return best
 
 
-def report(recipe: Recipe, recipe_path: str, gpus: int, gpu_memory_gb: float, supervised: float = 0.25) -> str:
+def report(
+    recipe: Recipe, recipe_path: str, gpus: int, gpu_memory_gb: float, supervised: float = 0.25
+) -> str:
     counts, rows = plan(recipe, gpus, gpu_memory_gb, supervised)
     m = recipe.model
     n = recipe.train.sequence_parallel
     lines = [
         f"{recipe_path}: {m.name_or_path}, {counts.total:,} parameters, {counts.trainable:,} trained "
         f"(language {m.language}, vision {m.vision}, projector {m.projector}"
-        + (f", LoRA r={recipe.lora.r}" if "lora" in (m.language, m.vision) else "") + ")",
+        + (f", LoRA r={recipe.lora.r}" if "lora" in (m.language, m.vision) else "")
+        + ")",
         f"{gpus} GPUs x {gpu_memory_gb:g} GB; weights {m.dtype}, compute {recipe.train.precision}; micro-batch "
         f"{recipe.train.micro_batch_size} x {recipe.data.max_length} tokens, {m.num_crops}+1 crops an image, "
         f"{supervised:.0%} of tokens supervised; fits = total <= {HEADROOM:.0%} of the GPU"
@@ -233,23 +284,31 @@ def report(recipe: Recipe, recipe_path: str, gpus: int, gpu_memory_gb: float, su
         f"{'act no-ckpt':>13}{'total':>8}{'fits':>6}",
     ]
     for strategy, r in rows.items():
+
         def gib(key: str, r: dict = r) -> str:
             return f"{r[key] / GiB:.1f}"
 
-        lines.append(f"{strategy:<12}{gib('parameters'):>8}{gib('gradients'):>8}{gib('optimizer'):>8}"
-                     f"{gib('activations_ckpt'):>10}{gib('total_ckpt'):>8}{'yes' if r['fits_ckpt'] else 'no':>6}"
-                     f"{gib('activations_no_ckpt'):>13}{gib('total_no_ckpt'):>8}"
-                     f"{'yes' if r['fits_no_ckpt'] else 'no':>6}")
+        lines.append(
+            f"{strategy:<12}{gib('parameters'):>8}{gib('gradients'):>8}{gib('optimizer'):>8}"
+            f"{gib('activations_ckpt'):>10}{gib('total_ckpt'):>8}{'yes' if r['fits_ckpt'] else 'no':>6}"
+            f"{gib('activations_no_ckpt'):>13}{gib('total_no_ckpt'):>8}"
+            f"{'yes' if r['fits_no_ckpt'] else 'no':>6}"
+        )
     heads = attention_heads(recipe.model) or counts.heads
     best = smallest_groups(recipe, counts, gpus, gpu_memory_gb, supervised, heads)
-    lines += ["", f"train.sequence_parallel that fits (gradient checkpointing on; group sizes dividing {gpus} GPUs "
-                  f"and {heads} heads):"]
+    lines += [
+        "",
+        f"train.sequence_parallel that fits (gradient checkpointing on; group sizes dividing {gpus} GPUs "
+        f"and {heads} heads):",
+    ]
     for strategy, size in best.items():
-        advice = (f"{size}" + (" (the recipe's)" if size == n else "") if size else
-                  "none: lower data.max_length or train.micro_batch_size, or add GPUs")
+        advice = (
+            f"{size}" + (" (the recipe's)" if size == n else "")
+            if size
+            else "none: lower data.max_length or train.micro_batch_size, or add GPUs"
+        )
         lines.append(f"  {strategy:<8}{advice}")
     return "\n".join(lines)
-
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs in the job (all nodes)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
-    parser.add_argument("--supervised", type=float, default=0.25, help="fraction of tokens supervised (logits)")
+    parser.add_argument(
+        "--supervised", type=float, default=0.25, help="fraction of tokens supervised (logits)"
+    )
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
     print(report(recipe, args.recipe, args.gpus, args.gpu_memory, args.supervised))

@@ -46,12 +46,18 @@ def load_model(model_section: ModelSection, run_dir: Path, *, seed: int, acceler
         with accelerator.main_process_first():
             if accelerator.is_main_process and not is_checkpoint(Path(source)):
                 tiny_model, tiny_processor = build_tiny(model_section, seed)
-                replace_dir_atomically(Path(source), lambda tmp: (tiny_model.save_pretrained(tmp),
-                                                                  tiny_processor.save_pretrained(tmp)))
+                replace_dir_atomically(
+                    Path(source),
+                    lambda tmp: (tiny_model.save_pretrained(tmp), tiny_processor.save_pretrained(tmp)),
+                )
     with whole_model_loading(accelerator):
-        model, processor = models.load(source, revision=model_section.revision, dtype=model_section.dtype,
-                                       attn_implementation=model_section.attn_implementation,
-                                       num_crops=model_section.num_crops)
+        model, processor = models.load(
+            source,
+            revision=model_section.revision,
+            dtype=model_section.dtype,
+            attn_implementation=model_section.attn_implementation,
+            num_crops=model_section.num_crops,
+        )
     return apply_quantization(model, model_section), processor, source
 
 
@@ -59,9 +65,13 @@ def load_weights(weights: Weights, model_section: ModelSection, *, dtype: str | 
     """(model, processor): `weights.base` with each of its adapters merged in, in order (full-trained parts first,
     `models.adapters.apply_adapter`), then quantised as `model_section.quantization` says (pass a section with
     `quantization: none` for the unquantised merge)."""
-    model, processor = models.load(weights.base, revision=weights.revision, dtype=dtype or model_section.dtype,
-                                   attn_implementation=model_section.attn_implementation,
-                                   num_crops=model_section.num_crops)
+    model, processor = models.load(
+        weights.base,
+        revision=weights.revision,
+        dtype=dtype or model_section.dtype,
+        attn_implementation=model_section.attn_implementation,
+        num_crops=model_section.num_crops,
+    )
     for adapter in weights.adapters:
         model = apply_adapter(model, adapter, merge=True)
     return apply_quantization(model, model_section), processor
@@ -71,8 +81,16 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_trained(accelerator: Accelerator, model, processor, folder: Path, *, recipe: Recipe | None = None,
-                 run_dir: Path | None = None, applies_after: tuple[Path, ...] = ()) -> Path:
+def save_trained(
+    accelerator: Accelerator,
+    model,
+    processor,
+    folder: Path,
+    *,
+    recipe: Recipe | None = None,
+    run_dir: Path | None = None,
+    applies_after: tuple[Path, ...] = (),
+) -> Path:
     """The adapter in PEFT layout (LoRA), or the whole model in the hub layout (full fine-tuning), with the
     processor beside it, written atomically. An adapter is made portable (`models.adapters.make_portable`: old
     PEFT keys, explicit targets, the base's hub id, full-trained parts in `full_weights.safetensors`) when the
@@ -81,17 +99,25 @@ def save_trained(accelerator: Accelerator, model, processor, folder: Path, *, re
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state dict otherwise
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
+
         def write(tmp: Path) -> None:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(tmp)
             if recipe is not None and is_adapter(tmp):
-                make_portable(tmp, base_id=base_hub_id(recipe, run_dir),
-                              local_base=str(Path(base_path(recipe.model, run_dir)).resolve())
-                              if Path(base_path(recipe.model, run_dir)).is_dir() else None,
-                              revision=recipe.model.revision, applies_after=[str(a) for a in applies_after])
+                make_portable(
+                    tmp,
+                    base_id=base_hub_id(recipe, run_dir),
+                    local_base=str(Path(base_path(recipe.model, run_dir)).resolve())
+                    if Path(base_path(recipe.model, run_dir)).is_dir()
+                    else None,
+                    revision=recipe.model.revision,
+                    applies_after=[str(a) for a in applies_after],
+                )
                 write_old_stack_tokenizer(tmp)  # the adapter's tokenizer, readable by the old stack too
                 base_config = unwrapped.get_base_model().config.to_dict()
-                write_processor_files(tmp, remote_repo=remote_code_repo(base_hub_id(recipe, run_dir), base_config))
+                write_processor_files(
+                    tmp, remote_repo=remote_code_repo(base_hub_id(recipe, run_dir), base_config)
+                )
             write_weights_manifest(tmp)  # last: eval, export and DPO verify the weights before loading them
 
         replace_dir_atomically(folder, write)

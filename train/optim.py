@@ -19,7 +19,9 @@ from recipe import TrainSection
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
-def make_optimizer(param_groups: list[dict], train: TrainSection, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    param_groups: list[dict], train: TrainSection, lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     groups = [{**g, "lr": g["lr"] * lr_scale} for g in param_groups]
     betas, eps = tuple(train.adam_betas), train.adam_eps
     if train.optimizer == "adamw":

@@ -26,25 +26,43 @@ def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) ->
     if not stage_sources(recipe.data.eval, "dpo"):
         return None
     skips = SkipCounter()
-    samples = load_samples(recipe.data.eval, "dpo", recipe.data, seed=recipe.seed, skips=skips,
-                           main_first=accelerator.main_process_first)
+    samples = load_samples(
+        recipe.data.eval,
+        "dpo",
+        recipe.data,
+        seed=recipe.seed,
+        skips=skips,
+        main_first=accelerator.main_process_first,
+    )
     planned = plan(samples, processor, replace(recipe.data, on_bad_sample="skip", on_overlong="drop"), skips)
     if len(planned) < accelerator.num_processes:  # the same on every rank: all skip together
-        log.warning("held-out preference eval skipped: %d pair(s) for %d rank(s)", len(planned),
-                    accelerator.num_processes)
+        log.warning(
+            "held-out preference eval skipped: %d pair(s) for %d rank(s)",
+            len(planned),
+            accelerator.num_processes,
+        )
         return None
     # The sampler leaves out a tail shorter than one batch per rank: never let that be every pair.
     batch_size = min(recipe.eval.batch_size, len(planned) // accelerator.num_processes)
-    make_loader, _ = loader_factory(planned, processor, replace(recipe.data, group_by_length=False), stage="dpo",
-                                    micro_batch_size=batch_size, seed=recipe.seed,
-                                    num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    make_loader, _ = loader_factory(
+        planned,
+        processor,
+        replace(recipe.data, group_by_length=False),
+        stage="dpo",
+        micro_batch_size=batch_size,
+        seed=recipe.seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
     peft_model = accelerator.unwrap_model(model)
     was_training = peft_model.training
     peft_model.eval()
     margins = {"dpo": [], "sft": []}
     for batch in make_loader(0):
         batch = to_device(batch, device)
-        kwargs, _ = DPOLoss.image_kwargs_for(peft_model, batch, share_features=not model_forward_only(accelerator))
+        kwargs, _ = DPOLoss.image_kwargs_for(
+            peft_model, batch, share_features=not model_forward_only(accelerator)
+        )
         pairs = count_pairs(batch)
         for which, context in (("dpo", nullcontext()), ("sft", peft_model.disable_adapter())):
             with context:
@@ -55,6 +73,9 @@ def preference_eval(accelerator, model, processor, recipe: Recipe, *, device) ->
     for which, values in margins.items():
         local = torch.cat(values)
         gathered = accelerator.gather_for_metrics(local) if accelerator.num_processes > 1 else local
-        result[which] = {"pairs": int(gathered.numel()), "accuracy": float((gathered > 0).float().mean()),
-                         "mean_margin": float(gathered.mean())}
+        result[which] = {
+            "pairs": int(gathered.numel()),
+            "accuracy": float((gathered > 0).float().mean()),
+            "mean_margin": float(gathered.mean()),
+        }
     return result

@@ -40,10 +40,14 @@ def key_fields(start: Weights, recipe, planned) -> dict:
     for plan in planned:
         digest.update(f"{plan.sample.origin}|{plan.num_tokens}|{plan.image_token_counts}\n".encode())
     return {
-        "base": start.base, "revision": start.revision,
+        "base": start.base,
+        "revision": start.revision,
         "weights_sha256": start_weights_sha256(start),  # every weight file: LoRA and full-trained parts alike
-        "data": digest.hexdigest(), "pairs": len(planned), "dtype": recipe.model.dtype,
-        "num_crops": recipe.model.num_crops, "max_length": recipe.data.max_length,
+        "data": digest.hexdigest(),
+        "pairs": len(planned),
+        "dtype": recipe.model.dtype,
+        "num_crops": recipe.model.num_crops,
+        "max_length": recipe.data.max_length,
         "assistant_turns": recipe.data.assistant_turns,
     }
 
@@ -67,20 +71,28 @@ def check_run_record(run_dir: Path, fields: dict, resuming: bool) -> None:
 
 
 @torch.no_grad()
-def compute(model, processor, planned, data, batch_size: int, device, *, rank: int = 0,
-            num_ranks: int = 1) -> list[tuple[int, torch.Tensor]]:
+def compute(
+    model, processor, planned, data, batch_size: int, device, *, rank: int = 0, num_ranks: int = 1
+) -> list[tuple[int, torch.Tensor]]:
     """(batch index, (pairs, 2) reference log-probs) of this rank's share of the batches of `planned` in planning
     order: batches rank, rank + num_ranks, ... One vision pass per batch of pairs."""
-    dataset = RenderedDataset(planned, processor, assistant_turns=data.assistant_turns,
-                              max_image_pixels=data.max_image_pixels)
+    dataset = RenderedDataset(
+        planned, processor, assistant_turns=data.assistant_turns, max_image_pixels=data.max_image_pixels
+    )
     batches = [list(range(i, min(i + batch_size, len(planned)))) for i in range(0, len(planned), batch_size)]
     mine = list(range(rank, len(batches), num_ranks))
-    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in mine], num_workers=data.num_workers,
-                        collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[batches[b] for b in mine],
+        num_workers=data.num_workers,
+        collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id),
+    )
     was_training = model.training
     model.eval()
     rows = []
-    for index, batch in tqdm(zip(mine, loader), total=len(mine), desc="reference log-probs", disable=rank != 0):
+    for index, batch in tqdm(
+        zip(mine, loader), total=len(mine), desc="reference log-probs", disable=rank != 0
+    ):
         batch = to_device(batch, device)
         kwargs = {}
         if "pixel_values" in batch:
@@ -102,7 +114,9 @@ def gathered_table(rows: list[tuple[int, torch.Tensor]], num_ranks: int) -> torc
     return torch.cat([table for _, table in sorted(rows, key=lambda row: row[0])])
 
 
-def reference_logps(model, processor, planned, recipe, start: Weights, run_dir: Path, accelerator) -> torch.Tensor:
+def reference_logps(
+    model, processor, planned, recipe, start: Weights, run_dir: Path, accelerator
+) -> torch.Tensor:
     """The table of reference log-probs for `planned`, from the cache or computed once, its batches shared out
     over the ranks (the model is whole on every rank here, before `prepare`), and cached by rank 0."""
     fields = key_fields(start, recipe, planned)
@@ -115,10 +129,22 @@ def reference_logps(model, processor, planned, recipe, start: Weights, run_dir: 
     if cached[0]:
         log.info("reference log-probs: reusing %s", path)
     else:
-        log.info("reference log-probs: computing %d pairs once over %d rank(s), caching in %s", len(planned),
-                 accelerator.num_processes, path)
-        rows = compute(model, processor, planned, recipe.data, recipe.dpo.ref_batch_size, accelerator.device,
-                       rank=accelerator.process_index, num_ranks=accelerator.num_processes)
+        log.info(
+            "reference log-probs: computing %d pairs once over %d rank(s), caching in %s",
+            len(planned),
+            accelerator.num_processes,
+            path,
+        )
+        rows = compute(
+            model,
+            processor,
+            planned,
+            recipe.data,
+            recipe.dpo.ref_batch_size,
+            accelerator.device,
+            rank=accelerator.process_index,
+            num_ranks=accelerator.num_processes,
+        )
         table = gathered_table(rows, accelerator.num_processes)
         if accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)

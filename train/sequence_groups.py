@@ -36,9 +36,11 @@ def data_split(num_processes: int, process_index: int, size: int) -> DataSplit:
 
 def check_layout(num_processes: int, size: int) -> None:
     if num_processes % size:
-        raise ValueError(f"train.sequence_parallel={size} does not divide the {num_processes} processes of this "
-                         f"launch: each group of {size} ranks shares a sequence; launch a multiple of {size} "
-                         "processes or change the group")
+        raise ValueError(
+            f"train.sequence_parallel={size} does not divide the {num_processes} processes of this "
+            f"launch: each group of {size} ranks shares a sequence; launch a multiple of {size} "
+            "processes or change the group"
+        )
 
 
 def form_groups(accelerator, size: int) -> SequenceParallel | None:
@@ -49,8 +51,13 @@ def form_groups(accelerator, size: int) -> SequenceParallel | None:
     check_layout(world, size)
     groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
     if accelerator.is_main_process:
-        log.info("sequence parallel: %d group(s) of %d ranks, each sequence split over its group; data parallel "
-                 "over %d replica(s)", world // size, size, world // size)
+        log.info(
+            "sequence parallel: %d group(s) of %d ranks, each sequence split over its group; data parallel "
+            "over %d replica(s)",
+            world // size,
+            size,
+            world // size,
+        )
     return SequenceParallel(groups[index // size], size, index % size)
 
 

@@ -47,14 +47,21 @@ def preflight(accelerator, model, first_batch: dict, recipe: Recipe, sp=None) ->
     """Before step 1: report what trains and the first batch's supervised tokens; one forward and backward must
     reach every part the recipe trains."""
     log.info(report_trainable(model))
-    log.info("first batch: %d sequences, %d supervised tokens", first_batch["input_ids"].shape[0],
-             supervised_tokens(first_batch))
+    log.info(
+        "first batch: %d sequences, %d supervised tokens",
+        first_batch["input_ids"].shape[0],
+        supervised_tokens(first_batch),
+    )
     with device.autocast_context(accelerator):
         loss, _ = sft_loss_sum(model, first_batch, sp)
     loss.backward()
     expected = trained_parts(recipe.model)
-    if "pixel_values" not in first_batch:  # this rank's first batches are text-only: its tower gets no gradient
-        log.warning("preflight: no image in this rank's first batches; only the language model's gradient is checked")
+    if (
+        "pixel_values" not in first_batch
+    ):  # this rank's first batches are text-only: its tower gets no gradient
+        log.warning(
+            "preflight: no image in this rank's first batches; only the language model's gradient is checked"
+        )
         expected &= {LANGUAGE}
     check_gradients(model, expected)
     model.zero_grad(set_to_none=True)
@@ -70,7 +77,9 @@ def first_batch_with_images(make_loader, limit: int = 32) -> dict:
     return first
 
 
-def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None) -> Path:
+def main(
+    recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_step: int | None = None
+) -> Path:
     """Run SFT; returns the run directory. `stop_after_step` ends the run after that step's checkpoint, as a
     preemption would (resume then continues it)."""
     started = time.perf_counter()
@@ -80,45 +89,102 @@ def main(recipe: Recipe, recipe_path: str | Path | None = None, *, stop_after_st
     model, processor, base_path = load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
 
     sp = sequence_groups.form_groups(accelerator, recipe.train.sequence_parallel)
-    split = sequence_groups.data_split(accelerator.num_processes, accelerator.process_index,
-                                       recipe.train.sequence_parallel)
+    split = sequence_groups.data_split(
+        accelerator.num_processes, accelerator.process_index, recipe.train.sequence_parallel
+    )
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
-        recipe, processor, "sft", skips, num_replicas=split.replicas, rank=split.rank,
-        main_first=accelerator.main_process_first, cache_dir=cache_dir(run_dir))
-    total_steps = total_steps_for(batches_per_epoch, recipe.train.grad_accum, recipe.train.max_steps, recipe.train.epochs)
-    log.info("%d samples planned, %d micro-batches per rank per epoch, %d optimizer steps", len(planned),
-             batches_per_epoch, total_steps)
+        recipe,
+        processor,
+        "sft",
+        skips,
+        num_replicas=split.replicas,
+        rank=split.rank,
+        main_first=accelerator.main_process_first,
+        cache_dir=cache_dir(run_dir),
+    )
+    total_steps = total_steps_for(
+        batches_per_epoch, recipe.train.grad_accum, recipe.train.max_steps, recipe.train.epochs
+    )
+    log.info(
+        "%d samples planned, %d micro-batches per rank per epoch, %d optimizer steps",
+        len(planned),
+        batches_per_epoch,
+        total_steps,
+    )
 
     model.to(accelerator.device)
-    if not trainer.resumes(recipe, run_dir, "sft"):  # a resumed stage scored and logged the base when it started
-        callbacks.run_eval_hook("base", model, processor, recipe, run_dir, base_path=base_path,
-                                accelerator=accelerator, step=0)
+    if not trainer.resumes(
+        recipe, run_dir, "sft"
+    ):  # a resumed stage scored and logged the base when it started
+        callbacks.run_eval_hook(
+            "base", model, processor, recipe, run_dir, base_path=base_path, accelerator=accelerator, step=0
+        )
 
     model = configure_trainable(model, recipe.model, recipe.lora, seed=recipe.seed)
     upcast_trainable_(model)
     sequence_groups.attach(model, sp)
-    preflight(accelerator, model, device.to_device(first_batch_with_images(make_loader), accelerator.device), recipe,
-              sp)
+    preflight(
+        accelerator,
+        model,
+        device.to_device(first_batch_with_images(make_loader), accelerator.device),
+        recipe,
+        sp,
+    )
 
-    plan = trainer.StagePlan(stage="sft", run_dir=run_dir, total_steps=total_steps, unit_name="tokens",
-                             data_fingerprint=data_fingerprint(planned))
-    every = callbacks.eval_every_steps("sft", processor, recipe, run_dir, accelerator=accelerator,
-                                       total_steps=total_steps)
+    plan = trainer.StagePlan(
+        stage="sft",
+        run_dir=run_dir,
+        total_steps=total_steps,
+        unit_name="tokens",
+        data_fingerprint=data_fingerprint(planned),
+    )
+    every = callbacks.eval_every_steps(
+        "sft", processor, recipe, run_dir, accelerator=accelerator, total_steps=total_steps
+    )
     validation = ValidationLoss.for_recipe(recipe, processor, run_dir, accelerator, total_steps=total_steps)
     stop = callbacks.stop_after(stop_after_step)
     mark_training_started(run_dir, "sft")  # a failure from here on keeps the stage folder
-    model, state = trainer.fit(accelerator, recipe, model, plan, make_loader=make_loader,
-                               loss_sum=functools.partial(sft_loss_sum, sp=sp),
-                               count=functools.partial(supervised_tokens, sp=sp), callbacks=[c for c in (every, validation, stop) if c is not None])
+    model, state = trainer.fit(
+        accelerator,
+        recipe,
+        model,
+        plan,
+        make_loader=make_loader,
+        loss_sum=functools.partial(sft_loss_sum, sp=sp),
+        count=functools.partial(supervised_tokens, sp=sp),
+        callbacks=[c for c in (every, validation, stop) if c is not None],
+    )
 
     lora = is_peft(accelerator.unwrap_model(model))
-    trained = save_trained(accelerator, model, processor, (adapter_dir if lora else merged_dir)(run_dir, "sft"),
-                           recipe=recipe, run_dir=run_dir)
-    trainer.write_summary(run_dir, "sft", state, skips, started, accelerator, trained,
-                          **({"validation": validation.records()} if validation else {}))
-    callbacks.run_eval_hook("sft", accelerator.unwrap_model(model), processor, recipe, run_dir, base_path=base_path,
-                            accelerator=accelerator, step=state.step)
+    trained = save_trained(
+        accelerator,
+        model,
+        processor,
+        (adapter_dir if lora else merged_dir)(run_dir, "sft"),
+        recipe=recipe,
+        run_dir=run_dir,
+    )
+    trainer.write_summary(
+        run_dir,
+        "sft",
+        state,
+        skips,
+        started,
+        accelerator,
+        trained,
+        **({"validation": validation.records()} if validation else {}),
+    )
+    callbacks.run_eval_hook(
+        "sft",
+        accelerator.unwrap_model(model),
+        processor,
+        recipe,
+        run_dir,
+        base_path=base_path,
+        accelerator=accelerator,
+        step=state.step,
+    )
     if skips.total:
         log.warning("rows left out of this run:\n%s", skips.summary())
     return trainer.finish(accelerator, run_dir)

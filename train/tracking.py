@@ -42,8 +42,15 @@ def make_trackers(recipe: Recipe, run_dir: Path, stage: str) -> list[GeneralTrac
         trackers.append(TensorBoardTracker(folder.name, folder.parent))
     if "wandb" in recipe.logging.report_to:
         name = run_name(recipe, run_dir)
-        trackers.append(WandBTracker(recipe.logging.project or DEFAULT_PROJECT, name=f"{name}/{stage}", group=name,
-                                     job_type=stage, dir=str(wandb_dir(run_dir))))
+        trackers.append(
+            WandBTracker(
+                recipe.logging.project or DEFAULT_PROJECT,
+                name=f"{name}/{stage}",
+                group=name,
+                job_type=stage,
+                dir=str(wandb_dir(run_dir)),
+            )
+        )
     return trackers
 
 
@@ -53,7 +60,9 @@ def start(accelerator, recipe: Recipe, run_dir: Path, stage: str) -> None:
     if not recipe.logging.report_to:
         return
     if accelerator.is_main_process and "wandb" in recipe.logging.report_to:
-        wandb_dir(run_dir).mkdir(parents=True, exist_ok=True)  # W&B falls back to a temp folder when it is absent
+        wandb_dir(run_dir).mkdir(
+            parents=True, exist_ok=True
+        )  # W&B falls back to a temp folder when it is absent
         run_id = wandb_run_id(run_dir, stage, resume=recipe.train.resume)
         for tracker in accelerator.log_with:
             if isinstance(tracker, WandBTracker):

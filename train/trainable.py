@@ -51,7 +51,9 @@ def lora_target_regex(model, model_section: ModelSection, lora: LoraSection) -> 
         names = "|".join(re.escape(t) for t in lora.vision_target_modules)
         used = model.model.vision_embed_tokens.img_processor.vision_model.num_layers_run
         layers = "|".join(str(i) for i in range(used))  # the last CLIP layer never runs: no adapter there
-        patterns.append(rf"(.*\.)?img_processor\.vision_model\.encoder\.layers\.({layers})\.(self_attn|mlp)\.({names})")
+        patterns.append(
+            rf"(.*\.)?img_processor\.vision_model\.encoder\.layers\.({layers})\.(self_attn|mlp)\.({names})"
+        )
     return "^(" + "|".join(patterns) + ")$"
 
 
@@ -61,13 +63,23 @@ def configure_trainable(model, model_section: ModelSection, lora: LoraSection, s
     The adapter's initial weights come from `seed` alone, not from whatever consumed the global RNG before (a
     DataLoader iterator draws from it, so an eval pass or a reference-log-prob pass would otherwise change them)."""
     model.requires_grad_(False)
-    if model_section.language == "full" and (getattr(model, "is_loaded_in_4bit", False)
-                                             or getattr(model, "is_loaded_in_8bit", False)):
-        raise ValueError("model.language = 'full' on a quantised language model: its weights are frozen bitsandbytes "
-                         "storage. Set model.language: lora, or model.quantization: none")
+    if model_section.language == "full" and (
+        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    ):
+        raise ValueError(
+            "model.language = 'full' on a quantised language model: its weights are frozen bitsandbytes "
+            "storage. Set model.language: lora, or model.quantization: none"
+        )
     uses_lora = "lora" in (model_section.language, model_section.vision)
-    full_parts = {p for p, mode in [(VISION, model_section.vision), (PROJECTOR, model_section.projector),
-                                    (LANGUAGE, model_section.language)] if mode == "full"}
+    full_parts = {
+        p
+        for p, mode in [
+            (VISION, model_section.vision),
+            (PROJECTOR, model_section.projector),
+            (LANGUAGE, model_section.language),
+        ]
+        if mode == "full"
+    }
     if model_section.gradient_checkpointing:
         model.activation_checkpointing_enable()
     layers_run = model.model.vision_embed_tokens.img_processor.vision_model.num_layers_run
@@ -92,14 +104,18 @@ def configure_trainable(model, model_section: ModelSection, lora: LoraSection, s
             model = get_peft_model(model, config)
     for name, param in model.named_parameters():
         if part_of(name) in full_parts and "lora_" not in name:
-            if never_runs(name, layers_run):  # peft makes a whole modules_to_save copy trainable: undo it here
+            if never_runs(
+                name, layers_run
+            ):  # peft makes a whole modules_to_save copy trainable: undo it here
                 param.requires_grad_(False)
             elif not uses_lora or "modules_to_save" in name:
                 param.requires_grad_(True)
     return model
 
 
-CLIP_LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.")  # also inside peft's modules_to_save wrapper
+CLIP_LAYER = re.compile(
+    r"vision_model\.encoder\.layers\.(\d+)\."
+)  # also inside peft's modules_to_save wrapper
 
 
 def never_runs(name: str, layers_run: int) -> bool:
@@ -118,7 +134,12 @@ def parameter_groups(model, train: TrainSection) -> list[dict]:
             no_decay = param.ndim < 2 or "norm" in name
             groups[(part_of(name), no_decay)].append(param)
     return [
-        {"params": params, "lr": lrs[part], "weight_decay": 0.0 if no_decay else train.weight_decay, "part": part}
+        {
+            "params": params,
+            "lr": lrs[part],
+            "weight_decay": 0.0 if no_decay else train.weight_decay,
+            "part": part,
+        }
         for (part, no_decay), params in sorted(groups.items())
     ]
 
@@ -138,7 +159,11 @@ def trainable_counts(model) -> dict[str, dict[str, int]]:
 
 
 def trained_parts(model_section: ModelSection) -> set[str]:
-    modes = {VISION: model_section.vision, PROJECTOR: model_section.projector, LANGUAGE: model_section.language}
+    modes = {
+        VISION: model_section.vision,
+        PROJECTOR: model_section.projector,
+        LANGUAGE: model_section.language,
+    }
     return {part for part, mode in modes.items() if mode != "frozen"}
 
 
@@ -151,7 +176,9 @@ def upcast_trainable_(model) -> None:
 
 def report_trainable(model) -> str:
     counts = trainable_counts(model)
-    lines = [f"  {part:<9} trainable {c['trainable']:>13,} of {c['total']:>13,}" for part, c in counts.items()]
+    lines = [
+        f"  {part:<9} trainable {c['trainable']:>13,} of {c['total']:>13,}" for part, c in counts.items()
+    ]
     return "trainable parameters per part:\n" + "\n".join(lines)
 
 
@@ -173,5 +200,9 @@ def check_gradients(model, expected_parts: set[str]) -> None:
 def dpo_parts(model_section: ModelSection) -> ModelSection:
     """DPO trains LoRA only (the reference is the adapter-disabled network): the language model always, the tower
     when the recipe puts LoRA there; the projector and every full part stay frozen."""
-    return replace(model_section, language="lora", vision="lora" if model_section.vision == "lora" else "frozen",
-                   projector="frozen")
+    return replace(
+        model_section,
+        language="lora",
+        vision="lora" if model_section.vision == "lora" else "frozen",
+        projector="frozen",
+    )

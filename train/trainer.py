@@ -61,13 +61,16 @@ def open_stage(recipe: Recipe, recipe_path, stage: str):
     anything is loaded or written."""
     log.info("intra-op threads: %d", device.set_threads(recipe))  # before the model loads
     run_dir = resolve_output_dir(recipe, recipe_path)
-    accelerator = device.make_accelerator(recipe, run_dir, recipe.train.grad_accum,
-                                          log_with=tracking.make_trackers(recipe, run_dir, stage))
+    accelerator = device.make_accelerator(
+        recipe, run_dir, recipe.train.grad_accum, log_with=tracking.make_trackers(recipe, run_dir, stage)
+    )
     take_run_lock(accelerator, run_dir)
     if recipe.train.resume:
         check_resume(recipe, stage, checkpoints_dir(run_dir, stage), accelerator.num_processes, accelerator)
     folder = prepare_stage_dir(run_dir, recipe, stage=stage, is_main=accelerator.is_main_process)
-    diagnostics.start(run_dir, accelerator.process_index, accelerator.num_processes, recipe.train.collective_timeout_s)
+    diagnostics.start(
+        run_dir, accelerator.process_index, accelerator.num_processes, recipe.train.collective_timeout_s
+    )
     tracking.start(accelerator, recipe, run_dir, stage)
     return run_dir, accelerator, folder
 
@@ -95,23 +98,48 @@ def take_run_lock(accelerator, run_dir: Path) -> None:
         raise run_lock.RunLocked(refusal[0])
 
 
-def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Callable, loss_sum: Callable,
-        count: Callable, callbacks: Sequence[Callback] = ()):
+def fit(
+    accelerator,
+    recipe: Recipe,
+    model,
+    plan: StagePlan,
+    *,
+    make_loader: Callable,
+    loss_sum: Callable,
+    count: Callable,
+    callbacks: Sequence[Callback] = (),
+):
     """Train `model` (adapters and trained parts already set) for `plan.total_steps`; returns (prepared model,
     final loop state). Each callback runs after every optimizer step (and its checkpoint). Raises `Diverged` rather
     than return non-finite trainable parameters, and `Interrupted` after a SIGINT/SIGTERM (train/loop.py)."""
     values = {**shaping_values(recipe, plan.stage, accelerator.num_processes), "data": plan.data_fingerprint}
-    record = {"values": values,
-              "frozen_fingerprint": frozen_fingerprint(model), "trainable": trainable_shapes(model)}
-    optimizer = optim.make_optimizer(parameter_groups(model, recipe.train), recipe.train, lr_scale=plan.lr_scale)
+    record = {
+        "values": values,
+        "frozen_fingerprint": frozen_fingerprint(model),
+        "trainable": trainable_shapes(model),
+    }
+    optimizer = optim.make_optimizer(
+        parameter_groups(model, recipe.train), recipe.train, lr_scale=plan.lr_scale
+    )
     scheduler = optim.make_scheduler(optimizer, recipe.train, plan.total_steps)
     model, optimizer = device.prepare(accelerator, model, optimizer, recipe.train.micro_batch_size)
-    checkpointer = Checkpointer(accelerator, checkpoints_dir(plan.run_dir, plan.stage),
-                                keep=recipe.train.keep_checkpoints, model=model, optimizer=optimizer, scheduler=scheduler, record=record,
-                                allowed=recipe.train.resume_allow_changes)
+    checkpointer = Checkpointer(
+        accelerator,
+        checkpoints_dir(plan.run_dir, plan.stage),
+        keep=recipe.train.keep_checkpoints,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        record=record,
+        allowed=recipe.train.resume_allow_changes,
+    )
     state = checkpointer.restore(LoopState) if recipe.train.resume else None
-    if recipe.train.resume and state is None:  # launch.sh --max-restarts asks to resume from the first start on
-        log.warning("train.resume: no complete checkpoint in %s yet; starting from step 0", checkpointer.directory)
+    if (
+        recipe.train.resume and state is None
+    ):  # launch.sh --max-restarts asks to resume from the first start on
+        log.warning(
+            "train.resume: no complete checkpoint in %s yet; starting from step 0", checkpointer.directory
+        )
     state = state or LoopState()
     if recipe.train.resume and accelerator.is_main_process:  # accepted: now the run uses this recipe
         record_run(plan.run_dir, recipe)
@@ -120,22 +148,39 @@ def fit(accelerator, recipe: Recipe, model, plan: StagePlan, *, make_loader: Cal
         with device.autocast_context(accelerator):
             return loss_sum(model_, device.to_device(batch, accelerator.device))
 
-    config = LoopConfig(total_steps=plan.total_steps, grad_accum=recipe.train.grad_accum,
-                        max_grad_norm=recipe.train.max_grad_norm, log_every=recipe.train.log_every,
-                        checkpoint_every=recipe.train.checkpoint_every, unit_name=plan.unit_name,
-                        on_nonfinite=recipe.train.on_nonfinite, max_nonfinite_steps=recipe.train.max_nonfinite_steps,
-                        resume_command=f"train.resume=true output_dir={plan.run_dir}",
-                        ranks_per_sample=recipe.train.sequence_parallel)
+    config = LoopConfig(
+        total_steps=plan.total_steps,
+        grad_accum=recipe.train.grad_accum,
+        max_grad_norm=recipe.train.max_grad_norm,
+        log_every=recipe.train.log_every,
+        checkpoint_every=recipe.train.checkpoint_every,
+        unit_name=plan.unit_name,
+        on_nonfinite=recipe.train.on_nonfinite,
+        max_nonfinite_steps=recipe.train.max_nonfinite_steps,
+        resume_command=f"train.resume=true output_dir={plan.run_dir}",
+        ranks_per_sample=recipe.train.sequence_parallel,
+    )
 
     def on_step(state_: LoopState) -> None:
         for callback in callbacks:
             callback(state_, model)
 
     with StopSignals() as signals:
-        state = run_loop(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                         make_loader=make_loader, loss_sum=loss_on_device, count=count, config=config, state=state,
-                         checkpointer=checkpointer, on_step=on_step, signals=signals,
-                         step_guard=diagnostics.step_guard)
+        state = run_loop(
+            accelerator=accelerator,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            make_loader=make_loader,
+            loss_sum=loss_on_device,
+            count=count,
+            config=config,
+            state=state,
+            checkpointer=checkpointer,
+            on_step=on_step,
+            signals=signals,
+            step_guard=diagnostics.step_guard,
+        )
     bad = nonfinite_parameters(accelerator.unwrap_model(model))
     if global_sum(accelerator, len(bad)) > 0:  # the stage saves what fit returns: never a non-finite adapter
         raise Diverged(state.step, f"trainable parameters are not finite ({', '.join(bad[:3])})")
@@ -153,20 +198,23 @@ def finish(accelerator, run_dir: Path) -> Path:
     return run_dir
 
 
-def write_summary(run_dir: Path, stage: str, state: LoopState, skips, started: float, accelerator, trained: Path,
-                  **extra) -> None:
+def write_summary(
+    run_dir: Path, stage: str, state: LoopState, skips, started: float, accelerator, trained: Path, **extra
+) -> None:
     """summary.json; `extra` adds keys (SFT: `validation`, the validation loss at each evaluation)."""
     if not accelerator.is_main_process:
         return
-    write_json_atomically(summary_file(run_dir, stage), {
-        "steps": state.step,
-        "epochs_started": state.epoch + (1 if state.micro_batches_in_epoch else 0),
-        "units_seen": state.units_seen,
-        "samples": state.samples_seen,
-        "seconds": round(time.perf_counter() - started, 1),
-        "saved": str(trained),
-        "skipped_rows": skips.counts(),
-        "history": state.history,
-        **extra,
-    })
-
+    write_json_atomically(
+        summary_file(run_dir, stage),
+        {
+            "steps": state.step,
+            "epochs_started": state.epoch + (1 if state.micro_batches_in_epoch else 0),
+            "units_seen": state.units_seen,
+            "samples": state.samples_seen,
+            "seconds": round(time.perf_counter() - started, 1),
+            "saved": str(trained),
+            "skipped_rows": skips.counts(),
+            "history": state.history,
+            **extra,
+        },
+    )

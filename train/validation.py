@@ -35,28 +35,51 @@ def filler_batches(samples: int, batch_size: int, num_replicas: int, rank: int) 
 class ValidationLoss:
     """A trainer callback (`callback(state, prepared_model)`); build it with `for_recipe`."""
 
-    def __init__(self, recipe: Recipe, processor, run_dir: Path, accelerator, *, total_steps: int, stage: str = "sft"):
+    def __init__(
+        self, recipe: Recipe, processor, run_dir: Path, accelerator, *, total_steps: int, stage: str = "sft"
+    ):
         self.accelerator, self.total_steps, self.every = accelerator, total_steps, recipe.eval.every_steps
         self.file = validation_file(run_dir, stage)
         skips = SkipCounter()
-        samples = load_samples(recipe.data.eval, "sft", recipe.data, seed=recipe.seed, skips=skips,
-                               main_first=accelerator.main_process_first)
-        self.planned = plan(samples, processor, replace(recipe.data, on_bad_sample="skip", on_overlong="drop"), skips)
+        samples = load_samples(
+            recipe.data.eval,
+            "sft",
+            recipe.data,
+            seed=recipe.seed,
+            skips=skips,
+            main_first=accelerator.main_process_first,
+        )
+        self.planned = plan(
+            samples, processor, replace(recipe.data, on_bad_sample="skip", on_overlong="drop"), skips
+        )
         batch_size = recipe.train.micro_batch_size
-        self.loader = eval_loss_loader(self.planned, processor, recipe.data, batch_size=batch_size,
-                                       num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+        self.loader = eval_loss_loader(
+            self.planned,
+            processor,
+            recipe.data,
+            batch_size=batch_size,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
         # Sharded parameters (ZeRO-3, FSDP) gather in every forward, a collective call: every rank must run as many
         # forwards as the rank with the most batches. The others run the first batch again and drop its loss.
         self.fillers = 0
         if shards_parameters(accelerator) and self.planned:
-            self.fillers = filler_batches(len(self.planned), batch_size, accelerator.num_processes,
-                                          accelerator.process_index)
-        self.filler = (eval_loss_loader(self.planned[:batch_size], processor, recipe.data, batch_size=batch_size)
-                       if self.fillers else None)
+            self.fillers = filler_batches(
+                len(self.planned), batch_size, accelerator.num_processes, accelerator.process_index
+            )
+        self.filler = (
+            eval_loss_loader(self.planned[:batch_size], processor, recipe.data, batch_size=batch_size)
+            if self.fillers
+            else None
+        )
         if accelerator.is_main_process and not recipe.train.resume:
             self.file.unlink(missing_ok=True)  # a fresh stage (or an overwritten one) starts a fresh record
-        log.info("validation loss on %d held-out samples, %s", len(self.planned),
-                 f"every {self.every} steps and at the end" if self.every else "at the end")
+        log.info(
+            "validation loss on %d held-out samples, %s",
+            len(self.planned),
+            f"every {self.every} steps and at the end" if self.every else "at the end",
+        )
 
     @classmethod
     def for_recipe(cls, recipe: Recipe, processor, run_dir: Path, accelerator, *, total_steps: int):
@@ -90,8 +113,12 @@ class ValidationLoss:
         finally:
             unwrapped.train(was_training)
         loss_sum, tokens = global_sum(accelerator, loss_sum), int(global_sum(accelerator, tokens))
-        record = {"step": step, "loss": loss_sum / tokens if tokens else float("nan"), "tokens": tokens,
-                  "samples": len(self.planned)}
+        record = {
+            "step": step,
+            "loss": loss_sum / tokens if tokens else float("nan"),
+            "tokens": tokens,
+            "samples": len(self.planned),
+        }
         accelerator.log({"val/loss": record["loss"], "val/tokens": tokens}, step=step)
         if accelerator.is_main_process:
             self.file.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,9 @@ class Phi3VConfig(Phi3Config):
     embd_layer: dict | None = None
     img_processor: dict | None = None
     image_token_id: int = 32044
-    end_token_ids: list[int] | None = None  # generation stops here; None -> <|end|> 32007 and <|endoftext|> 32000
+    end_token_ids: list[int] | None = (
+        None  # generation stops here; None -> <|end|> 32007 and <|endoftext|> 32000
+    )
 
     def __post_init__(self, **kwargs):
         # The hub file says `_attn_implementation: flash_attention_2`; a file must not pick a kernel that may not be
@@ -65,19 +67,26 @@ class Phi3VConfig(Phi3Config):
         self.img_processor = {**DEFAULT_IMG_PROCESSOR, **(self.img_processor or {})}
         order = self.embd_layer["hd_transform_order"]
         if order != "sub_glb" or not self.embd_layer["use_hd_transform"]:
-            raise ValueError(f"embd_layer: only the HD transform with order 'sub_glb' exists in Phi-3-V, got {order!r}")
+            raise ValueError(
+                f"embd_layer: only the HD transform with order 'sub_glb' exists in Phi-3-V, got {order!r}"
+            )
         super().__post_init__(**kwargs)
 
     def convert_rope_params_to_dict(self, default_theta=10_000.0, ignore_keys=None, **kwargs):
         # The hub config says rope_scaling {"type": "su", ...}. transformers 5.24 renames su -> longrope only after
         # standardising, which then misses original_max_position_embeddings (docs/phi3v.md#rope-scaling-longrope): rename first.
         rope_scaling = kwargs.get("rope_scaling")
-        if isinstance(rope_scaling, dict) and rope_scaling.get("type", rope_scaling.get("rope_type")) in ("su", "longrope"):
+        if isinstance(rope_scaling, dict) and rope_scaling.get("type", rope_scaling.get("rope_type")) in (
+            "su",
+            "longrope",
+        ):
             rope_scaling = {k: v for k, v in rope_scaling.items() if k != "type"}
             rope_scaling["rope_type"] = "longrope"
             rope_scaling.setdefault("original_max_position_embeddings", self.original_max_position_embeddings)
             kwargs["rope_scaling"] = rope_scaling
-        return super().convert_rope_params_to_dict(default_theta=default_theta, ignore_keys=ignore_keys, **kwargs)
+        return super().convert_rope_params_to_dict(
+            default_theta=default_theta, ignore_keys=ignore_keys, **kwargs
+        )
 
     @property
     def vision_config(self) -> CLIPVisionConfig:

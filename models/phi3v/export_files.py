@@ -46,9 +46,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Fields tokenizers 0.19's BPE deserialiser reads, with their JSON types (None: null allowed); it skips unknown
 # fields, but merges must be "a b" strings (pairs arrived in 0.20): docs/export.md#tokenizer-files.
 OLD_BPE_FIELDS = {
-    "type": (str,), "dropout": (float, type(None)), "unk_token": (str, type(None)),
-    "continuing_subword_prefix": (str, type(None)), "end_of_word_suffix": (str, type(None)),
-    "fuse_unk": (bool,), "byte_fallback": (bool,), "ignore_merges": (bool,), "vocab": (dict,), "merges": (list,),
+    "type": (str,),
+    "dropout": (float, type(None)),
+    "unk_token": (str, type(None)),
+    "continuing_subword_prefix": (str, type(None)),
+    "end_of_word_suffix": (str, type(None)),
+    "fuse_unk": (bool,),
+    "byte_fallback": (bool,),
+    "ignore_merges": (bool,),
+    "vocab": (dict,),
+    "merges": (list,),
 }
 
 
@@ -80,8 +87,10 @@ def write_processor_files(folder: Path, *, remote_repo: str) -> None:
     pre = {"auto_map": remote_map(remote_repo, "AutoProcessor", "AutoImageProcessor"), **pre}
     write_json(folder / "preprocessor_config.json", pre)
     if remote_repo == PHI35_VISION:
-        write_json(folder / "processor_config.json",
-                   {"auto_map": remote_map(remote_repo, "AutoProcessor"), "processor_class": "Phi3VProcessor"})
+        write_json(
+            folder / "processor_config.json",
+            {"auto_map": remote_map(remote_repo, "AutoProcessor"), "processor_class": "Phi3VProcessor"},
+        )
 
 
 def write_hub_files(folder: Path, *, remote_repo: str, base_folder: Path | None = None) -> None:
@@ -94,14 +103,22 @@ def write_hub_files(folder: Path, *, remote_repo: str, base_folder: Path | None 
     config.pop("_attn_implementation", None)
     write_json(folder / "config.json", config)
 
-    generation = {"_from_model_config": False, "bos_token_id": config.get("bos_token_id", 1),
-                  "eos_token_id": end_token_ids(config), "pad_token_id": config.get("pad_token_id") or 32000,
-                  "transformers_version": config.get("transformers_version")}
+    generation = {
+        "_from_model_config": False,
+        "bos_token_id": config.get("bos_token_id", 1),
+        "eos_token_id": end_token_ids(config),
+        "pad_token_id": config.get("pad_token_id") or 32000,
+        "transformers_version": config.get("transformers_version"),
+    }
     write_json(folder / "generation_config.json", generation)
 
     write_processor_files(folder, remote_repo=remote_repo)
 
-    if base_folder is not None and old_stack_tokenizer(Path(base_folder)) and same_tokenizer(Path(base_folder), folder):
+    if (
+        base_folder is not None
+        and old_stack_tokenizer(Path(base_folder))
+        and same_tokenizer(Path(base_folder), folder)
+    ):
         for name in TOKENIZER_FILES:
             if (Path(base_folder) / name).is_file():
                 shutil.copyfile(Path(base_folder) / name, folder / name)  # byte for byte
@@ -121,8 +138,12 @@ def old_stack_tokenizer(folder: Path) -> bool:
         tok_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return (not old_tokenizers_problems(spec) and tok_config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast")
-            and "chat_template" in tok_config and (folder / "special_tokens_map.json").is_file())
+    return (
+        not old_tokenizers_problems(spec)
+        and tok_config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast")
+        and "chat_template" in tok_config
+        and (folder / "special_tokens_map.json").is_file()
+    )
 
 
 def same_tokenizer(base: Path, folder: Path) -> bool:
@@ -130,7 +151,8 @@ def same_tokenizer(base: Path, folder: Path) -> bool:
     a = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
     b = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     return a["model"]["vocab"] == b["model"]["vocab"] and [t["content"] for t in a["added_tokens"]] == [
-        t["content"] for t in b["added_tokens"]]
+        t["content"] for t in b["added_tokens"]
+    ]
 
 
 def write_old_stack_tokenizer(folder: Path) -> None:
@@ -143,7 +165,9 @@ def write_old_stack_tokenizer(folder: Path) -> None:
             joined.append(merge)
             continue
         if any(" " in part for part in merge):
-            raise ValueError(f"merge {merge!r} holds a space: it cannot be written as an 'a b' string for tokenizers < 0.20")
+            raise ValueError(
+                f"merge {merge!r} holds a space: it cannot be written as an 'a b' string for tokenizers < 0.20"
+            )
         joined.append(" ".join(merge))
     spec["model"]["merges"] = joined
     spec["model"] = {k: v for k, v in spec["model"].items() if k in OLD_BPE_FIELDS}
@@ -151,15 +175,22 @@ def write_old_stack_tokenizer(folder: Path) -> None:
 
     tok_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     template_file = folder / "chat_template.jinja"
-    template = tok_config.get("chat_template") or (template_file.read_text(encoding="utf-8") if template_file.is_file() else None)
+    template = tok_config.get("chat_template") or (
+        template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    )
     special = {t["content"] for t in spec["added_tokens"] if t.get("special")}
-    extra = [t for t in ("<|system|>", "<|end|>", "<|user|>", "<|end|>") if t in special]  # as the hub lists them
+    extra = [
+        t for t in ("<|system|>", "<|end|>", "<|user|>", "<|end|>") if t in special
+    ]  # as the hub lists them
     out = {
         "add_bos_token": True,
         "add_eos_token": False,
-        "added_tokens_decoder": {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
-                                                                   "single_word", "special")}
-                                 for t in spec["added_tokens"]},
+        "added_tokens_decoder": {
+            str(t["id"]): {
+                k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+            }
+            for t in spec["added_tokens"]
+        },
         "additional_special_tokens": extra,
         "bos_token": tok_config.get("bos_token", "<s>"),
         "chat_template": template,
@@ -177,11 +208,24 @@ def write_old_stack_tokenizer(folder: Path) -> None:
     write_json(folder / "tokenizer_config.json", out)
 
     def token(content: str) -> dict:
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        }
 
-    write_json(folder / "special_tokens_map.json", {
-        "additional_special_tokens": extra, "bos_token": token(out["bos_token"]), "eos_token": token(out["eos_token"]),
-        "pad_token": token(out["pad_token"]), "unk_token": token(out["unk_token"])})
+    write_json(
+        folder / "special_tokens_map.json",
+        {
+            "additional_special_tokens": extra,
+            "bos_token": token(out["bos_token"]),
+            "eos_token": token(out["eos_token"]),
+            "pad_token": token(out["pad_token"]),
+            "unk_token": token(out["unk_token"]),
+        },
+    )
     template_file.unlink(missing_ok=True)
 
 
@@ -197,7 +241,9 @@ def old_tokenizers_problems(spec: dict) -> list[str]:
         return [f"model.type is {model.get('type')!r}, not BPE"]
     for key, value in model.items():
         if key in OLD_BPE_FIELDS and type(value) not in OLD_BPE_FIELDS[key]:
-            problems.append(f"model.{key}: {type(value).__name__} where tokenizers 0.19 reads {OLD_BPE_FIELDS[key]}")
+            problems.append(
+                f"model.{key}: {type(value).__name__} where tokenizers 0.19 reads {OLD_BPE_FIELDS[key]}"
+            )
     merges = model.get("merges", [])
     bad = [m for m in merges if not (isinstance(m, str) and len(m.split(" ")) == 2)]
     if bad:
@@ -212,8 +258,14 @@ def hub_layout_problems(folder: Path) -> list[str]:
     """Every way `folder` departs from the hub checkpoint's files (empty list: none)."""
     folder = Path(folder)
     problems = []
-    required = ["config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json"]
+    required = [
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
     problems += [f"{name} is missing" for name in required if not (folder / name).is_file()]
     if problems:
         return problems
@@ -222,7 +274,10 @@ def hub_layout_problems(folder: Path) -> list[str]:
     if "dtype" in config or "torch_dtype" not in config:
         problems.append("config.json: writes dtype, not torch_dtype")
     auto_map = config.get("auto_map", {})
-    for key, module in (("AutoConfig", "configuration_phi3_v.Phi3VConfig"), ("AutoModelForCausalLM", "modeling_phi3_v.Phi3VForCausalLM")):
+    for key, module in (
+        ("AutoConfig", "configuration_phi3_v.Phi3VConfig"),
+        ("AutoModelForCausalLM", "modeling_phi3_v.Phi3VForCausalLM"),
+    ):
         if not auto_map.get(key, "").endswith(module):
             problems.append(f"config.json: auto_map.{key} is {auto_map.get(key)!r}, not ...{module}")
     if config.get("rope_scaling") and config["rope_scaling"].get("type") != "su":
@@ -231,7 +286,9 @@ def hub_layout_problems(folder: Path) -> list[str]:
         problems.append("config.json: architectures/model_type are not Phi3VForCausalLM/phi3_v")
     eos = read("generation_config.json").get("eos_token_id")
     if sorted(eos if isinstance(eos, list) else [eos]) != sorted(end_token_ids(config)):
-        problems.append(f"generation_config.json: eos_token_id {eos} is not the stop ids {end_token_ids(config)}")
+        problems.append(
+            f"generation_config.json: eos_token_id {eos} is not the stop ids {end_token_ids(config)}"
+        )
     pre = read("preprocessor_config.json")
     if set(pre.get("auto_map", {})) != {"AutoProcessor", "AutoImageProcessor"}:
         problems.append("preprocessor_config.json: no auto_map for AutoProcessor and AutoImageProcessor")
@@ -240,8 +297,10 @@ def hub_layout_problems(folder: Path) -> list[str]:
     problems += [f"tokenizer.json: {p}" for p in old_tokenizers_problems(read("tokenizer.json"))]
     tok_config = read("tokenizer_config.json")
     if tok_config.get("tokenizer_class") not in ("LlamaTokenizer", "LlamaTokenizerFast"):
-        problems.append(f"tokenizer_config.json: tokenizer_class {tok_config.get('tokenizer_class')!r} is unknown to "
-                        "transformers 4.40")
+        problems.append(
+            f"tokenizer_config.json: tokenizer_class {tok_config.get('tokenizer_class')!r} is unknown to "
+            "transformers 4.40"
+        )
     if not tok_config.get("chat_template"):
         problems.append("tokenizer_config.json: no chat_template (transformers 4.40 reads it there)")
     weights = sorted(p.name for p in folder.glob("*.safetensors"))

@@ -63,7 +63,9 @@ def tokens_for_grid(rows: int, cols: int, crop_size: int = 336, patch_size: int 
     return (rows * cols + 1) * g * g + 1 + (rows + 1) * g
 
 
-def num_image_tokens(width: int, height: int, num_crops: int = 16, crop_size: int = 336, patch_size: int = 14) -> int:
+def num_image_tokens(
+    width: int, height: int, num_crops: int = 16, crop_size: int = 336, patch_size: int = 14
+) -> int:
     """Number of `<|image|>` slots an image of `width` x `height` pixels takes, without decoding any pixel."""
     rows, cols = crop_grid(width, height, num_crops, crop_size)
     return tokens_for_grid(rows, cols, crop_size, patch_size)
@@ -206,7 +208,9 @@ class Phi3VImageProcessor:
         else:
             from huggingface_hub import hf_hub_download
 
-            file = Path(hf_hub_download(str(path), "preprocessor_config.json", revision=kwargs.get("revision")))
+            file = Path(
+                hf_hub_download(str(path), "preprocessor_config.json", revision=kwargs.get("revision"))
+            )
         processor = cls.from_dict(json.loads(file.read_text()) if file.is_file() else {})
         if kwargs.get("num_crops") is not None:
             processor.num_crops = int(kwargs["num_crops"])

@@ -104,7 +104,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         if image_features is not None and len(image_features) == 0 and not bool(slots.any()):
             return embeds
         if image_features is None:
-            encode = self.vision_embed_tokens if sequence_images is None else self.vision_embed_tokens.per_image
+            encode = (
+                self.vision_embed_tokens if sequence_images is None else self.vision_embed_tokens.per_image
+            )
             image_features = encode(pixel_values, image_sizes)
         if isinstance(image_features, torch.Tensor):
             features = image_features
@@ -155,11 +157,14 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     ) -> BaseModelOutputWithPast:
         if inputs_embeds is None and input_ids is not None:
             starts = cache is None or cache.get_seq_length() == 0
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_features, sequence_images,
-                                              starts_sequence=starts)
+            inputs_embeds = self.embed_inputs(
+                input_ids, pixel_values, image_sizes, image_features, sequence_images, starts_sequence=starts
+            )
             input_ids = None
         if self.splits_sequence(cache, use_cache):
-            return decoder_forward(self, inputs_embeds, attention_mask, position_ids, self.sequence_parallel, **kwargs)
+            return decoder_forward(
+                self, inputs_embeds, attention_mask, position_ids, self.sequence_parallel, **kwargs
+            )
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -186,20 +191,44 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         self.generation_config.eos_token_id = list(end_ids(config))
         self.generation_config.pad_token_id = config.pad_token_id
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ):
         # Phi3ForCausalLM.forward's parameters, named (generate validates its arguments against them). Under sequence
         # parallelism the decoder returns this rank's chunk: a (B, T) mask of kept positions is cut to the same
         # chunk, and the logits are those of the chunk's kept positions (row-major).
-        if (self.model.splits_sequence(cache, use_cache) and isinstance(logits_to_keep, torch.Tensor)
-                and logits_to_keep.dtype == torch.bool and logits_to_keep.dim() == 2):
+        if (
+            self.model.splits_sequence(cache, use_cache)
+            and isinstance(logits_to_keep, torch.Tensor)
+            and logits_to_keep.dtype == torch.bool
+            and logits_to_keep.dim() == 2
+        ):
             logits_to_keep = self.model.sequence_parallel.local_keep(logits_to_keep)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                               logits_to_keep=logits_to_keep, **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, attn_implementation: str = "sdpa", **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, attn_implementation: str = "sdpa", **kwargs
+    ):
         """Load the hub checkpoint (a hub id or a local folder) with no remote code.
 
         Fails when a parameter of the model is missing from the checkpoint; unused keys (e.g. a re-saved official
@@ -221,7 +250,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                 f"are missing, e.g. {missing[:5]}"
             )
         if "generation_config" not in kwargs:
-            model.generation_config.eos_token_id = stop_ids(model.config, model.generation_config.eos_token_id)
+            model.generation_config.eos_token_id = stop_ids(
+                model.config, model.generation_config.eos_token_id
+            )
         return model
 
     def prepare_inputs_for_generation(self, input_ids, *args, pixel_values=None, image_sizes=None, **kwargs):
@@ -259,21 +290,30 @@ def enable_sequence_parallel(model, sp: SequenceParallel) -> None:
     decoder = next(m for m in model.modules() if isinstance(m, Phi3VModel))
     config = decoder.config
     if config._attn_implementation not in SPLIT_ATTENTION:
-        raise ValueError(f"train.sequence_parallel={sp.size} needs model.attn_implementation sdpa or "
-                         f"flash_attention_2, not {config._attn_implementation!r}")
-    for what, heads in (("attention heads", config.num_attention_heads),
-                        ("key/value heads", config.num_key_value_heads)):
+        raise ValueError(
+            f"train.sequence_parallel={sp.size} needs model.attn_implementation sdpa or "
+            f"flash_attention_2, not {config._attn_implementation!r}"
+        )
+    for what, heads in (
+        ("attention heads", config.num_attention_heads),
+        ("key/value heads", config.num_key_value_heads),
+    ):
         if heads % sp.size:
-            raise ValueError(f"train.sequence_parallel={sp.size} does not divide the model's {heads} {what}: "
-                             "Ulysses attention gives each rank of the group an equal share of the heads")
+            raise ValueError(
+                f"train.sequence_parallel={sp.size} does not divide the model's {heads} {what}: "
+                "Ulysses attention gives each rank of the group an equal share of the heads"
+            )
     decoder.sequence_parallel = sp
     decoder.vision_embed_tokens.sequence_parallel = sp
 
 
 def several_processes() -> bool:
     """Whether a torch.distributed process group of more than one rank exists (DDP, DeepSpeed, FSDP)."""
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def check_attn_implementation(name: str) -> None:

@@ -41,7 +41,9 @@ class Phi3VProcessor(ProcessorMixin):
 
     attributes = ["image_processor", "tokenizer"]
 
-    def __init__(self, image_processor: Phi3VImageProcessor, tokenizer: PreTrainedTokenizerFast, chat_template=None):
+    def __init__(
+        self, image_processor: Phi3VImageProcessor, tokenizer: PreTrainedTokenizerFast, chat_template=None
+    ):
         # ProcessorMixin.__init__ type-checks its parts against transformers' auto classes, which know nothing of
         # this image processor; set the parts directly and keep the mixin for its isinstance contract (TRL).
         self.image_processor = image_processor
@@ -54,7 +56,9 @@ class Phi3VProcessor(ProcessorMixin):
 
     # ---- loading and saving -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, num_crops: int | None = None, revision: str | None = None, **_):
+    def from_pretrained(
+        cls, path: str | Path, num_crops: int | None = None, revision: str | None = None, **_
+    ):
         """From a local folder or a hub id holding `tokenizer.json` and `preprocessor_config.json` (no remote code)."""
         folder = resolve_folder(path, revision)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
@@ -69,17 +73,23 @@ class Phi3VProcessor(ProcessorMixin):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(path))
-        (path / "preprocessor_config.json").write_text(json.dumps(self.image_processor.to_dict(), indent=2) + "\n")
+        (path / "preprocessor_config.json").write_text(
+            json.dumps(self.image_processor.to_dict(), indent=2) + "\n"
+        )
 
     # ---- chat template ------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, tokenize: bool = False, **kwargs) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False, tokenize: bool = False, **kwargs
+    ) -> str:
         """The hub template on messages whose content is a string or a list of `{"type": "text"|"image"}` parts.
 
         An image part becomes `<|image_k|>\\n` (k counts images across the conversation), the layout of the
         official examples (`<|user|>\\n<|image_1|>\\n{prompt}<|end|>\\n`). Returns the prompt string.
         """
         if tokenize:
-            raise ValueError("apply_chat_template returns text; tokenise it with processor(text=..., images=...)")
+            raise ValueError(
+                "apply_chat_template returns text; tokenise it with processor(text=..., images=...)"
+            )
         flat, count = [], 0
         for message in messages:
             content = message["content"]
@@ -94,14 +104,23 @@ class Phi3VProcessor(ProcessorMixin):
                 content = "".join(pieces)
             flat.append({"role": message["role"], "content": content})
         return self.tokenizer.apply_chat_template(
-            flat, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+            flat,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
         )
 
     # ---- tokenisation -------------------------------------------------------------------------------------
     def num_image_tokens(self, width: int, height: int, num_crops: int | None = None) -> int:
         return self.image_processor.num_image_tokens(width, height, num_crops)
 
-    def encode_prompt(self, text: str, image_token_counts: Sequence[int], add_special_tokens: bool = True, where: str = "prompt") -> list[int]:
+    def encode_prompt(
+        self,
+        text: str,
+        image_token_counts: Sequence[int],
+        add_special_tokens: bool = True,
+        where: str = "prompt",
+    ) -> list[int]:
         """One prompt -> ids; its tags must read <|image_1|> ... <|image_n|> in order, n = len(image_token_counts)."""
         tags = [int(m) for m in IMAGE_TAG.findall(text)]
         if tags != list(range(1, len(image_token_counts) + 1)):
@@ -112,7 +131,9 @@ class Phi3VProcessor(ProcessorMixin):
             )
         chunks = IMAGE_TAG.split(text)[::2]
         if any(IMAGE_TOKEN in chunk for chunk in chunks):
-            raise ValueError(f"{where}: the text holds a literal {IMAGE_TOKEN}; write images as <|image_N|> tags")
+            raise ValueError(
+                f"{where}: the text holds a literal {IMAGE_TOKEN}; write images as <|image_N|> tags"
+            )
         ids: list[int] = []
         for i, chunk in enumerate(chunks):
             ids += self.tokenizer(chunk, add_special_tokens=add_special_tokens).input_ids
@@ -137,7 +158,9 @@ class Phi3VProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         per_text = split_images(images, texts)
         flat = [im for group in per_text for im in group]
-        image_inputs = self.image_processor(flat, num_crops=num_crops, do_normalize=do_normalize) if flat else None
+        image_inputs = (
+            self.image_processor(flat, num_crops=num_crops, do_normalize=do_normalize) if flat else None
+        )
         counts = iter(image_inputs["num_img_tokens"] if image_inputs else [])
         rows = [
             self.encode_prompt(t, [next(counts) for _ in group], add_special_tokens, where=f"text[{i}]")
@@ -167,7 +190,10 @@ class Phi3VProcessor(ProcessorMixin):
             return {"input_ids": ids, "attention_mask": mask}
         if return_tensors != "pt":
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -213,8 +239,13 @@ def looks_local(path: str | Path) -> bool:
     """A path meant as a local folder: absolute, `./`/`../`/`~`-relative, or more than one `/` (a hub id is
     `owner/name`)."""
     text = str(path)
-    return (isinstance(path, Path) or text.startswith((".", "/", "~")) or text.count("/") > 1
-            or "\\" in text or Path(text).exists())
+    return (
+        isinstance(path, Path)
+        or text.startswith((".", "/", "~"))
+        or text.count("/") > 1
+        or "\\" in text
+        or Path(text).exists()
+    )
 
 
 def hub_snapshot(path: str | Path, revision: str | None, *, allow_patterns: list[str]) -> Path:
@@ -223,9 +254,11 @@ def hub_snapshot(path: str | Path, revision: str | None, *, allow_patterns: list
     if looks_local(path):
         where = Path(str(path)).expanduser()
         what = "is not a folder" if where.exists() else "no such folder"
-        raise FileNotFoundError(f"model {str(path)!r}: {what} ({where.absolute()}). Fix: point model.name_or_path at "
-                                "a checkpoint folder (with config.json), or give a hub id such as "
-                                "microsoft/Phi-3.5-vision-instruct")
+        raise FileNotFoundError(
+            f"model {str(path)!r}: {what} ({where.absolute()}). Fix: point model.name_or_path at "
+            "a checkpoint folder (with config.json), or give a hub id such as "
+            "microsoft/Phi-3.5-vision-instruct"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -235,4 +268,5 @@ def hub_snapshot(path: str | Path, revision: str | None, *, allow_patterns: list
         raise FileNotFoundError(
             f"model {str(path)!r}{f' at revision {revision}' if revision else ''} is not in the local hub cache, and "
             "downloading is off (HF_HUB_OFFLINE=1, or the hub is unreachable). Fix: download it once online "
-            f"(huggingface-cli download {path}), or point model.name_or_path at a local folder") from error
+            f"(huggingface-cli download {path}), or point model.name_or_path at a local folder"
+        ) from error

@@ -89,8 +89,14 @@ class SequenceParallel:
         return AllReduceSum.apply(tensor, self.group)
 
 
-def decoder_forward(decoder, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                    position_ids: torch.Tensor | None, sp: SequenceParallel, **kwargs) -> BaseModelOutputWithPast:
+def decoder_forward(
+    decoder,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    sp: SequenceParallel,
+    **kwargs,
+) -> BaseModelOutputWithPast:
     """Phi3Model.forward's decoder on this rank's chunk of the full sequence `inputs_embeds` (B, T, hidden), with
     Ulysses attention; returns the chunk's final hidden states (B, T_padded / N, hidden). The mask is built for the
     full (padded) sequence, as N = 1 builds it: attention sees the whole sequence."""
@@ -98,23 +104,37 @@ def decoder_forward(decoder, inputs_embeds: torch.Tensor, attention_mask: torch.
     config = decoder.config
     if position_ids is None:
         position_ids = torch.arange(length, device=inputs_embeds.device).unsqueeze(0).expand(rows, -1)
-    cos, sin = decoder.rotary_emb(inputs_embeds, position_ids)  # the global positions: the 4096 switch as N = 1
+    cos, sin = decoder.rotary_emb(
+        inputs_embeds, position_ids
+    )  # the global positions: the 4096 switch as N = 1
     pad = sp.padded_length(length) - length
     if pad:
         inputs_embeds = F.pad(inputs_embeds, (0, 0, 0, pad))
         cos, sin = (torch.cat([t, t[:, -1:].expand(-1, pad, -1)], 1) for t in (cos, sin))
-        position_ids = torch.cat([position_ids, position_ids[:, -1:] + torch.arange(1, pad + 1,
-                                                                                   device=position_ids.device)], 1)
+        position_ids = torch.cat(
+            [position_ids, position_ids[:, -1:] + torch.arange(1, pad + 1, device=position_ids.device)], 1
+        )
         attention_mask = pad_mask(attention_mask, pad)
     mask_function = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
-    mask = mask_function(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=None,
-                         position_ids=position_ids)
+    mask = mask_function(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        cache=None,
+        position_ids=position_ids,
+    )
     hidden = sp.chunk(inputs_embeds)
     position_embeddings = (sp.chunk(cos), sp.chunk(sin))
     local_positions = sp.chunk(position_ids)
     for layer in decoder.layers[: config.num_hidden_layers]:
-        hidden = layer(hidden, attention_mask=mask, position_ids=local_positions,
-                       position_embeddings=position_embeddings, sequence_parallel=sp, **kwargs)
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_ids=local_positions,
+            position_embeddings=position_embeddings,
+            sequence_parallel=sp,
+            **kwargs,
+        )
     return BaseModelOutputWithPast(last_hidden_state=decoder.norm(hidden))
 
 
@@ -163,7 +183,9 @@ def ulysses(base):
 
     @functools.wraps(base)
     def attention(module, query, key, value, attention_mask, *args, sequence_parallel=None, **kwargs):
-        if sequence_parallel is None:  # not `active`: a checkpointed layer recomputes after splitting() has ended
+        if (
+            sequence_parallel is None
+        ):  # not `active`: a checkpointed layer recomputes after splitting() has ended
             return base(module, query, key, value, attention_mask, *args, **kwargs)
         sp = sequence_parallel
         query, key, value = (heads_to_sequence(t, sp) for t in (query, key, value))

@@ -43,6 +43,9 @@ def full_size_config(name: str = "phi3v", **overrides) -> Phi3VConfig:
     if name not in SIZES:
         raise ValueError(f"unknown model size {name!r}; one of {sorted(SIZES)}")
     half_head = HUB_FIELDS["hidden_size"] // HUB_FIELDS["num_attention_heads"] // 2
-    fields = {**HUB_FIELDS, "sliding_window": SIZES[name]["sliding_window"],
-              "rope_scaling": {"type": "su", "short_factor": [1.0] * half_head, "long_factor": [1.0] * half_head}}
+    fields = {
+        **HUB_FIELDS,
+        "sliding_window": SIZES[name]["sliding_window"],
+        "rope_scaling": {"type": "su", "short_factor": [1.0] * half_head, "long_factor": [1.0] * half_head},
+    }
     return Phi3VConfig(**{**fields, **overrides})

@@ -45,9 +45,14 @@ def fast_path_model(model, inputs: dict) -> Phi3VForCausalLM | None:
         return None
     config, decoder = base.config, base.model
     length = inputs["input_ids"].shape[1]
-    if (config._attn_implementation != "sdpa" or decoder.gradient_checkpointing or "attention_mask" not in inputs
-            or "position_ids" in inputs or (config.sliding_window is not None and length > config.sliding_window)
-            or any(getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers)):
+    if (
+        config._attn_implementation != "sdpa"
+        or decoder.gradient_checkpointing
+        or "attention_mask" not in inputs
+        or "position_ids" in inputs
+        or (config.sliding_window is not None and length > config.sliding_window)
+        or any(getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers)
+    ):
         return None
     return base
 
@@ -94,7 +99,9 @@ class TokenLayout:
         slot = (keep.cumsum(dim=1) - 1).flatten()[kept]
         self.kept_slots = (kept // self.length) * self.queries + slot
         query_columns = torch.zeros(self.rows * self.queries, dtype=torch.long, device=real.device)
-        query_columns[self.kept_slots] = kept % self.length  # an empty slot looks at position 0 only (no NaN row)
+        query_columns[self.kept_slots] = (
+            kept % self.length
+        )  # an empty slot looks at position 0 only (no NaN row)
         key_columns = torch.arange(self.length, device=real.device)
         self.kept_mask = (key_columns <= query_columns.view(self.rows, self.queries, 1)).unsqueeze(1)
 
@@ -124,8 +131,15 @@ def split_heads(attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 def attend(attn, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA as transformers' sdpa_attention_forward calls it: causal without a mask, the given mask otherwise."""
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=attn.attention_dropout if attn.training else 0.0, scale=attn.scaling,
-        is_causal=mask is None, enable_gqa=attn.num_key_value_groups > 1)
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=attn.attention_dropout if attn.training else 0.0,
+        scale=attn.scaling,
+        is_causal=mask is None,
+        enable_gqa=attn.num_key_value_groups > 1,
+    )
 
 
 def mlp_block(layer, hidden: torch.Tensor) -> torch.Tensor:
@@ -147,7 +161,8 @@ def last_layer_at_kept(layer, hidden, cos, sin, layout: TokenLayout) -> torch.Te
     attn = layer.self_attn
     q, k, v = split_heads(attn, layer.input_layernorm(hidden), cos, sin)
     queries = q.new_zeros(layout.rows * layout.queries, *q.shape[1:]).index_copy(
-        0, layout.kept_slots, q[layout.kept_tokens])
+        0, layout.kept_slots, q[layout.kept_tokens]
+    )
     queries = queries.view(layout.rows, layout.queries, *q.shape[1:]).transpose(1, 2)
     attended = attend(attn, queries, layout.padded(k), layout.padded(v), layout.kept_mask)
     attended = attended.transpose(1, 2).reshape(layout.rows * layout.queries, -1)[layout.kept_slots]

@@ -22,8 +22,16 @@ from .configuration import Phi3VConfig
 # initializer_range 0.1, not 0.02: with a frozen random lm_head and final norm (LoRA trains neither), logits can
 # only spread by about |norm(h)| * |lm_head row| = sqrt(128) * std * sqrt(128); at 0.02 that caps the gap between
 # the answer and the rest near 2.6 nats, and the loss cannot fall below ~4.
-DEMO_MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, vision_hidden_size=64,
-                  vision_layers=3, crop_size=32, patch_size=8, initializer_range=0.1)
+DEMO_MODEL = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vision_hidden_size=64,
+    vision_layers=3,
+    crop_size=32,
+    patch_size=8,
+    initializer_range=0.1,
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|' + message['role'] + '|>' + '\n' + message['content'] + '<|end|>\n' }}"
@@ -43,8 +51,15 @@ CHAT_TOKENS = [
 
 
 def _added_token(token_id: int, content: str, rstrip: bool, special: bool) -> dict:
-    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": rstrip,
-            "normalized": False, "special": special}
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": rstrip,
+        "normalized": False,
+        "special": special,
+    }
 
 
 def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -55,11 +70,13 @@ def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrai
     # Training splits words before "▁" so merges stay inside words; the final tokenizer, like the real one, has no
     # pre-tokenizer and applies those merges to the whole normalised string.
     trainer_tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[t for t, _, _ in BASE_TOKENS], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[t for t, _, _ in BASE_TOKENS], show_progress=False
+    )
     trainer_tok.train_from_iterator(sorted(set(texts)), trainer=trainer)
     spec = json.loads(trainer_tok.to_str())
 
-    learned = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])[len(BASE_TOKENS):]
+    learned = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])[len(BASE_TOKENS) :]
     vocab = {t: i for i, (t, _, _) in enumerate(BASE_TOKENS)}
     for byte in range(256):
         vocab[f"<0x{byte:02X}>"] = len(vocab)
@@ -74,17 +91,32 @@ def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrai
     spec["post_processor"] = {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "pair": [
+            {"SpecialToken": {"id": "<s>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<s>", "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
     }
-    spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
-        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE, padding_side="right", clean_up_tokenization_spaces=False,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -117,8 +149,11 @@ def tiny_config(
         initializer_range=initializer_range,
         max_position_embeddings=131072,
         original_max_position_embeddings=4096,
-        rope_scaling={"type": "su", "short_factor": [1.0 + 0.01 * i for i in range(half_head)],
-                      "long_factor": [1.0 + 0.5 * i for i in range(half_head)]},
+        rope_scaling={
+            "type": "su",
+            "short_factor": [1.0 + 0.01 * i for i in range(half_head)],
+            "long_factor": [1.0 + 0.5 * i for i in range(half_head)],
+        },
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"),
         pad_token_id=tokenizer.pad_token_id,

@@ -86,7 +86,9 @@ class Phi3VImageEmbedding(nn.Module):
             raise ValueError(f"img_processor.layer_idx={layer_idx} selects no CLIP layer of {total}")
         self.img_processor = CLIPHolder(vision_config, num_layers_run)
         self.crop_size = vision_config.image_size
-        self.grid = vision_config.image_size // vision_config.patch_size // 2  # merged 2x2: features per crop side
+        self.grid = (
+            vision_config.image_size // vision_config.patch_size // 2
+        )  # merged 2x2: features per crop side
         dim = 4 * vision_config.hidden_size
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, dim))
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, dim))
@@ -113,13 +115,16 @@ class Phi3VImageEmbedding(nn.Module):
             start += rows * cols
         return torch.cat(views)
 
-    def tower_batch(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    def tower_batch(
+        self, pixel_values: torch.Tensor, grids: list[tuple[int, int]], dtype: torch.dtype
+    ) -> torch.Tensor:
         """[global views, crops] in the tower's dtype, each value written once into that buffer: crops are normalised
         in float32 one image at a time (its global view needs the float32 canvas to match the official one) and
         rounded into place. Equal to `cat([global_views(c), c]).to(dtype)` with `c = normalize(pixel_values)`."""
         n = len(grids)
-        batch = torch.empty((n + pixel_values.shape[0], *pixel_values.shape[1:]), dtype=dtype,
-                            device=pixel_values.device)
+        batch = torch.empty(
+            (n + pixel_values.shape[0], *pixel_values.shape[1:]), dtype=dtype, device=pixel_values.device
+        )
         start = 0
         for i, (rows, cols) in enumerate(grids):
             crops_in = pixel_values[start : start + rows * cols]
@@ -162,7 +167,11 @@ class Phi3VImageEmbedding(nn.Module):
         tower_dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
         batch = self.tower_batch(pixel_values, grids, tower_dtype)
         sp = self.sequence_parallel
-        patches = encode_rows(self.img_processor, batch, sp) if sp is not None and sp.active else self.img_processor(batch)
+        patches = (
+            encode_rows(self.img_processor, batch, sp)
+            if sp is not None and sp.active
+            else self.img_processor(batch)
+        )
         merged = merge_2x2(patches)  # (num_images + total_crops, g, g, 4C)
         global_merged, sub_merged = merged[: len(grids)], merged[len(grids) :]
         sequences, start = [], 0

@@ -26,7 +26,14 @@ from models.phi3v.tiny import tiny_config  # noqa: E402
 from tests.conftest import TINY_TEXTS, chat, deterministic_init_, drawn_image  # noqa: E402
 
 OUT = Path(__file__).with_name("phi3v_tiny.json")
-IMAGE_CASES = [((1000, 600), 16), ((600, 1000), 16), ((17, 23), 16), ((640, 480), 4), ((64, 900), 4), ((336, 336), 1)]
+IMAGE_CASES = [
+    ((1000, 600), 16),
+    ((600, 1000), 16),
+    ((17, 23), 16),
+    ((640, 480), 4),
+    ((64, 900), 4),
+    ((336, 336), 1),
+]
 TOLERANCES = {"logits_atol": 1e-4, "crop_sums": "exact", "token_ids": "exact"}
 
 
@@ -34,9 +41,15 @@ def image_records() -> list[dict]:
     records = []
     for (width, height), num_crops in IMAGE_CASES:
         out = Phi3VImageProcessor(num_crops=num_crops)([drawn_image(width, height)], do_normalize=False)
-        records.append({"size": [width, height], "num_crops": num_crops, "image_sizes": out["image_sizes"].tolist(),
-                        "num_img_tokens": out["num_img_tokens"],
-                        "crop_sums": out["pixel_values"].to(torch.int64).sum(dim=(1, 2, 3)).tolist()})
+        records.append(
+            {
+                "size": [width, height],
+                "num_crops": num_crops,
+                "image_sizes": out["image_sizes"].tolist(),
+                "num_img_tokens": out["num_img_tokens"],
+                "crop_sums": out["pixel_values"].to(torch.int64).sum(dim=(1, 2, 3)).tolist(),
+            }
+        )
     return records
 
 
@@ -53,16 +66,24 @@ def tiny_records() -> dict:
     batch = processor(text=prompt, images=[drawn_image(64, 48), drawn_image(40, 90, seed=1)])
     with torch.no_grad():
         logits = model(**batch).logits[0]
-        greedy = model.generate(**batch, max_new_tokens=8, do_sample=False)[0, batch["input_ids"].shape[1]:]
-    return {"input_ids": batch["input_ids"][0].tolist(), "last_logits_first_16": logits[-1, :16].tolist(),
-            "logits_sum_per_position_every_7th": logits.sum(-1)[::7].tolist(), "greedy": greedy.tolist()}
+        greedy = model.generate(**batch, max_new_tokens=8, do_sample=False)[0, batch["input_ids"].shape[1] :]
+    return {
+        "input_ids": batch["input_ids"][0].tolist(),
+        "last_logits_first_16": logits[-1, :16].tolist(),
+        "logits_sum_per_position_every_7th": logits.sum(-1)[::7].tolist(),
+        "greedy": greedy.tolist(),
+    }
 
 
 def main() -> None:
     torch.set_num_threads(1)
     record = {
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": __import__("transformers").__version__, "machine": platform.machine()},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "machine": platform.machine(),
+        },
         "tolerances": TOLERANCES,
         "images": image_records(),
         "tiny_model": tiny_records(),
