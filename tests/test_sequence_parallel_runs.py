@@ -111,6 +111,18 @@ def test_zero3_at_n2_equals_one_process(synthetic, tmp_path):
     assert_same_adapter(adapter(one, "sft"), adapter(two, "sft"), rel=1e-4)
 
 
+def test_zero2_at_n2_equals_one_process(synthetic, tmp_path):
+    one, two = both(tmp_path, synthetic, "sft", launch={"deepspeed": True, "zero_stage": 2})
+    assert_same_steps(history(one, "sft"), history(two, "sft"), rtol=1e-5)
+    assert_same_adapter(adapter(one, "sft"), adapter(two, "sft"), rel=1e-4)
+
+
+def test_fsdp2_at_n2_equals_one_process(synthetic, tmp_path):
+    one, two = both(tmp_path, synthetic, "sft", launch={"fsdp": True})
+    assert_same_steps(history(one, "sft"), history(two, "sft"), rtol=1e-5)
+    assert_same_adapter(adapter(one, "sft"), adapter(two, "sft"), rel=1e-4)
+
+
 def test_text_only_micro_batches(synthetic, tmp_path):
     """Micro-batches of one row, alternately with an image and text-only: every rank of the group joins every
     collective (the blank crop of a text-only batch is sharded like real ones)."""
