@@ -40,17 +40,6 @@ def results_table(run_dir: Path, tasks: Sequence[str] | None = None) -> str:
     )
 
 
-def skipped_rows(run_dir: Path) -> dict[str, int | None]:
-    """{stage: rows skipped (all datasets and reasons)} for each stage with a summary.json."""
-    counts = {}
-    for stage in TRAINED_STAGES:
-        path = summary_file(run_dir, stage)
-        if path.is_file():
-            by_dataset = json.loads(path.read_text(encoding="utf-8")).get("skipped_rows", {})
-            counts[stage] = sum(sum(reasons.values()) for reasons in by_dataset.values())
-    return counts
-
-
 def run_summary(run_dir: str | Path) -> str:
     """The score table, the skip counts per stage (and per reason), and the paths of the report and the weights."""
     run_dir = Path(run_dir)

@@ -96,14 +96,6 @@ class Phi3VImageEmbedding(nn.Module):
             nn.Linear(dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
         )
 
-    def normalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """uint8 crops are normalised here, on the model's device (the official ToTensor + Normalize arithmetic);
-        float crops are taken as already normalised. Returns float32."""
-        if pixel_values.dtype == torch.uint8:
-            # Not buffers: transformers' loader leaves non-persistent buffers uninitialised on from_pretrained.
-            return normalize_uint8(pixel_values)
-        return pixel_values.to(torch.float32)
-
     def global_views(self, crops: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """The official global view: a bicubic (no antialias) downsample of each normalised canvas to one crop."""
         s = self.crop_size
@@ -120,7 +112,8 @@ class Phi3VImageEmbedding(nn.Module):
     ) -> torch.Tensor:
         """[global views, crops] in the tower's dtype, each value written once into that buffer: crops are normalised
         in float32 one image at a time (its global view needs the float32 canvas to match the official one) and
-        rounded into place. Equal to `cat([global_views(c), c]).to(dtype)` with `c = normalize(pixel_values)`."""
+        rounded into place. Equal to `cat([global_views(c), c]).to(dtype)` with `c` the crops normalised in float32
+        (`normalize_uint8` for uint8 crops; float crops are taken as normalised already)."""
         n = len(grids)
         batch = torch.empty(
             (n + pixel_values.shape[0], *pixel_values.shape[1:]), dtype=dtype, device=pixel_values.device
