@@ -103,10 +103,7 @@ def main(
     ):  # no SFT stage scored the base
         callbacks.score_base_before_dpo(start, model, processor, recipe, run_dir, accelerator=accelerator)
 
-    sp = sequence_groups.form_groups(accelerator, recipe.train.sequence_parallel)
-    split = sequence_groups.data_split(
-        accelerator.num_processes, accelerator.process_index, recipe.train.sequence_parallel
-    )
+    sp, split = sequence_groups.layout(accelerator, recipe.train.sequence_parallel)
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
         recipe,

@@ -61,6 +61,13 @@ def form_groups(accelerator, size: int) -> SequenceParallel | None:
     return SequenceParallel(groups[index // size], size, index % size)
 
 
+def layout(accelerator, size: int) -> tuple[SequenceParallel | None, DataSplit]:
+    """(this rank's group or None, how the data is split): what a training stage asks before it plans its data."""
+    return form_groups(accelerator, size), data_split(
+        accelerator.num_processes, accelerator.process_index, size
+    )
+
+
 def attach(model, sp: SequenceParallel | None) -> None:
     """Give the model its group (before prepare: the wrappers keep the attribute on the inner modules)."""
     if sp is not None:

@@ -88,10 +88,7 @@ def main(
     # Model first: the demo's tiny model builds its tokenizer from the data's texts; the data needs the processor.
     model, processor, base_path = load_model(recipe.model, run_dir, seed=recipe.seed, accelerator=accelerator)
 
-    sp = sequence_groups.form_groups(accelerator, recipe.train.sequence_parallel)
-    split = sequence_groups.data_split(
-        accelerator.num_processes, accelerator.process_index, recipe.train.sequence_parallel
-    )
+    sp, split = sequence_groups.layout(accelerator, recipe.train.sequence_parallel)
     skips = SkipCounter()
     planned, make_loader, batches_per_epoch = stage_loaders(
         recipe,
