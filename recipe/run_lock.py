@@ -4,8 +4,9 @@
     ...
     lock.release()
 
-The lock file (`recipe.run_dir.lock_file`) is created with O_CREAT|O_EXCL, so of two launches racing for one run
-directory exactly one creates it; it holds the holder's host, pid (and the pid's start time, so that a
+The lock file (`recipe.run_dir.lock_file`) is created whole: written to a private file and hard-linked into place
+(the link fails when a lock exists), so of two launches racing for one run directory exactly one creates it, and
+the other reads a complete record to name it; it holds the holder's host, pid (and the pid's start time, so that a
 reused pid is not mistaken for it), start time, command, a token and a lease. A second launch refuses with a message
 naming the holder. A lock is stale, and is taken over, when
 - its host is this host and its process is gone (a crash, a SIGKILL: `train.resume=true` then just works), or
@@ -158,14 +159,22 @@ _HELD: dict[Path, RunLock] = {}
 
 
 def _write(path: Path, holder: Holder, *, replace: Path | None = None, exclusive: bool = False) -> None:
+    """Write the holder record. `exclusive`: create `path` only if absent, whole: the record is written to a
+    private file first and hard-linked into place (atomic, and FileExistsError when a lock is there), so another
+    launch never reads a lock file that exists but is still empty."""
     data = (json.dumps(asdict(holder), indent=1) + "\n").encode()
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o644)
+    target = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}") if exclusive else path
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+    if exclusive:
+        try:
+            os.link(target, path)
+        finally:
+            target.unlink(missing_ok=True)
     if replace is not None:
         os.replace(path, replace)
 
@@ -198,6 +207,7 @@ def acquire(run_dir: Path, *, command: str, pid: int | None = None, lease_s: flo
         try:
             _write(path, holder, exclusive=True)
         except FileExistsError:
+            current = read_holder(path)  # the one that was faster than this launch
             reason = stale_reason(path, current)
             if reason is None:
                 raise RunLocked(_refusal(path, current, lease_s)) from None
