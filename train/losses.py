@@ -73,16 +73,18 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def kept_token_logps(
     logits: torch.Tensor,
     keep: torch.Tensor,
-    token_index: torch.Tensor,
+    token_index: torch.Tensor | None,
     targets: torch.Tensor,
     sp: SequenceParallel | None,
 ) -> torch.Tensor:
-    """log p(targets[i]) whose logits sit at kept position `token_index[i]` of `keep` (row-major). `logits` are the
-    model's for `keep`; under sequence parallelism those of this rank's chunk: each rank scores the targets it holds
-    and the group sums them, so every rank gets every target's log-prob."""
+    """log p(targets[i]) whose logits sit at kept position `token_index[i]` of `keep` (row-major; None: position i,
+    one target per kept position, and no copy of the (N, vocab) logits). `logits` are the model's for `keep`; under
+    sequence parallelism those of this rank's chunk: each rank scores the targets it holds and the group sums them,
+    so every rank gets every target's log-prob."""
     if sp is None:
-        return token_logps(logits[token_index], targets)
-    rows = sp.local_rows(keep)[token_index]
+        return token_logps(logits if token_index is None else logits[token_index], targets)
+    rows = sp.local_rows(keep)
+    rows = rows if token_index is None else rows[token_index]
     here = (rows >= 0).nonzero().squeeze(1)
     values = torch.zeros(targets.shape[0], dtype=torch.float32, device=logits.device)
     values = values.index_put((here,), token_logps(logits[rows[here]], targets[here]))
@@ -109,7 +111,7 @@ def completion_logps(
             **image_kwargs,
         ).logits  # (N, V)
     rows = keep.nonzero()[:, 0]
-    logps = kept_token_logps(logits, keep, torch.arange(targets.shape[0], device=keep.device), targets, sp)
+    logps = kept_token_logps(logits, keep, None, targets, sp)
     sums = torch.zeros(keep.shape[0], dtype=torch.float32, device=logits.device)
     return sums.index_add(0, rows, logps), keep.sum(dim=1)
 
