@@ -85,11 +85,11 @@ export OMP_NUM_THREADS
 
 # Everything derived from the recipe comes from Python (validation included: a bad recipe stops here).
 # One run directory for every node: under SLURM named by the job id, else output_dir= must be given for NNODES > 1.
-output_dir="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field output_dir \
+output_dir="$("$PYTHON" -m train.tools.launch_plan "$recipe" "${overrides[@]}" --field output_dir \
               --job-id "${SLURM_JOB_ID:-}" --nodes "$NNODES")"
 world=$(( NPROC * NNODES ))
 # --processes: the plan refuses a train.sequence_parallel group that does not divide the job's processes.
-stage_list="$("$PYTHON" -m train.launch_plan "$recipe" "${overrides[@]}" --field stages --processes "$world")" \
+stage_list="$("$PYTHON" -m train.tools.launch_plan "$recipe" "${overrides[@]}" --field stages --processes "$world")" \
   || exit 2
 read -r -a stages <<< "$stage_list"
 # Every stage writes into the same run directory.
@@ -137,9 +137,9 @@ for command in "${commands[@]}"; do echo "+ $command"; done
 # One writer per run directory: node 0 takes the lock for the whole launch (a second launch into it exits 2 naming
 # this one); every stage joins it through the token, and it is released when this script exits, however it exits.
 if [[ $NODE_RANK -eq 0 ]]; then
-  PHI3V_RUN_LOCK="$("$PYTHON" -m recipe.run_lock acquire "$output_dir" --pid $$ --command "launch.sh $recipe ${overrides[*]}")"
+  PHI3V_RUN_LOCK="$("$PYTHON" -m rundir.run_lock acquire "$output_dir" --pid $$ --command "launch.sh $recipe ${overrides[*]}")"
   export PHI3V_RUN_LOCK
-  trap '"$PYTHON" -m recipe.run_lock release "$output_dir" --token "$PHI3V_RUN_LOCK" || true' EXIT
+  trap '"$PYTHON" -m rundir.run_lock release "$output_dir" --token "$PHI3V_RUN_LOCK" || true' EXIT
   # A signal ends the launch through the EXIT trap too (bash runs it after the running stage, which handles the
   # same SIGTERM by saving a checkpoint, has exited); an unhandled SIGTERM would skip it.
   trap 'exit 143' TERM

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / ".ci" / "mypy-baseline.json"
-PACKAGES = ["models", "data", "eval", "train", "recipe"]
+PACKAGES = ["runtime", "models", "config", "rundir", "data", "eval", "train"]
 ERROR = re.compile(r"^(?P<file>[^:]+\.py):\d+: error:")
 
 

@@ -15,8 +15,8 @@ pointing at a file of the pool. Tokens come from the real hub tokenizer when `$P
    covers one pass over the samples, worker start-up included. Also the bytes of crops a batch moves: our uint8
    real crops vs the official layout (every image padded to num_crops + 1 float32 crops, docs/phi3v.md#hd-transform).
 2. **Padding waste** (padding tokens / all tokens the model computes) of five layouts over the planned token
-   lengths (image slots included, from the image headers): random batches (`data.loaders.ShuffledBatchSampler`),
-   length-grouped batches (`data.length.LengthGroupedSampler`), token-budget batches padded (`SFTCollator`) and
+   lengths (image slots included, from the image headers): random batches (`data.samplers.ShuffledBatchSampler`),
+   length-grouped batches (`data.samplers.LengthGroupedSampler`), token-budget batches padded (`SFTCollator`) and
    packed (`PackedSFTCollator`) (`token_budget_batches` below), and what `data.loaders.loader_factory` runs
    with `data.packing` (`PackedBatchSampler`, one pack per max_length). Each batch goes through the real collator
    (rows of the planned lengths), so the computed tokens are the collated tensor's size, not a formula. Fill = real
@@ -45,10 +45,10 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 from data.collate import PackedSFTCollator, RenderedDataset, SFTCollator
-from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
-from data.loaders import PackedBatchSampler, ShuffledBatchSampler
+from data.length import PlannedSample, plan_lengths
 from data.render import IGNORE_INDEX
 from data.sample import ImagePart, ImageRef, Origin, SFTSample, TextPart, Turn
+from data.samplers import LengthGroupedSampler, PackedBatchSampler, ShuffledBatchSampler
 from data.sources import SkipCounter
 from models.phi3v import Phi3VImageProcessor, Phi3VProcessor
 from models.phi3v.tiny import build_tiny_tokenizer

@@ -6,17 +6,17 @@
 
 The parent prepares one temporary folder: the synthetic preference pairs (`data.synthetic.write_synthetic`,
 `pref_train.jsonl` in TRL's conversational preference format, PNG images) and the demo's tiny model
-(`train.model_loading.build_tiny` with recipes/demo.yaml's `model` section, saved once). It then runs each side in its own
+(`train.core.model_loading.build_tiny` with recipes/demo.yaml's `model` section, saved once). It then runs each side in its own
 subprocess (`--side`), alternating, `--repeats` times, so that the sides share no memory high-water mark,
 allocator or import state, and a burst of load from other programs hits one run rather than one side. Both sides
 load the same saved weights and add the same peft `LoraConfig` after the same seed (the demo's `lora` section on
 the language model's qkv_proj, o_proj, gate_up_proj, down_proj; tower and projector frozen, as
-`train.trainable.dpo_parts` has it). Both train the first `(warmup + steps) x batch_size` pairs of the file in file
+`train.core.trainable.dpo_parts` has it). Both train the first `(warmup + steps) x batch_size` pairs of the file in file
 order, fp32 on CPU, with the demo's loss and beta, AdamW at the demo's DPO learning rate (constant, no warm-up),
 gradient clipping at the demo's 1.0, and as reference the same network with the adapter disabled.
 
-- ours: `train.loop.train_step` (the loop's optimizer step: forward, backward, clip, AdamW step, zero_grad) with
-  `train.losses.DPOLoss` on batches from `RenderedDataset` + `DPOCollator`. A batch carries each image once per
+- ours: `train.core.loop.train_step` (the loop's optimizer step: forward, backward, clip, AdamW step, zero_grad) with
+  `train.preference.stage_loss.DPOLoss` on batches from `RenderedDataset` + `DPOCollator`. A batch carries each image once per
   pair, and the frozen tower encodes it once for chosen, rejected, policy and reference. The LM computes each
   prompt once for both completions (`data.collate.shared_layout`: one `prompt + chosen + rejected` row per pair
   under a block mask), in the policy and in the reference pass. `--with-2b` adds a third side, ours on the 2B-row
@@ -206,7 +206,7 @@ class StepMeter:
 
 
 def load_demo_recipe():
-    from recipe import load_recipe
+    from config import load_recipe
 
     return load_recipe(RECIPE)
 
@@ -214,7 +214,7 @@ def load_demo_recipe():
 def prepare_workdir(workdir: Path, num_pairs: int) -> None:
     """The synthetic preference pairs and the tiny base model (saved once; both sides load this copy)."""
     from data.synthetic import write_synthetic
-    from train.model_loading import build_tiny
+    from train.core.model_loading import build_tiny
 
     # Only the training preference pairs are read.
     write_synthetic(
@@ -238,10 +238,10 @@ def load_base(workdir: Path, recipe):
 
 
 def lora_config(model, recipe):
-    """The LoraConfig `train.trainable.configure_trainable` builds for the DPO stage's parts (LM only here)."""
+    """The LoraConfig `train.core.trainable.configure_trainable` builds for the DPO stage's parts (LM only here)."""
     from peft import LoraConfig
 
-    from train.trainable import dpo_parts, lora_target_regex
+    from train.core.trainable import dpo_parts, lora_target_regex
 
     lora = recipe.lora
     return LoraConfig(
@@ -266,13 +266,13 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prom
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
+    from config import Source
     from data.collate import DPOCollator, RenderedDataset
     from data.loaders import load_samples, plan
     from data.sources import SkipCounter
-    from recipe import Source
-    from train import device, optim
-    from train.losses import DPOLoss, count_pairs
-    from train.trainable import configure_trainable, dpo_parts, parameter_groups, upcast_trainable_
+    from train.core import device, optim
+    from train.core.trainable import configure_trainable, dpo_parts, parameter_groups, upcast_trainable_
+    from train.preference.stage_loss import DPOLoss, count_pairs
 
     recipe = load_demo_recipe()
     total = warmup + steps
@@ -350,8 +350,8 @@ def time_our_steps(
 ) -> dict:
     """Our side's timed loop, shared with sft_vs_trl.py: `total` optimizer steps of one micro-batch each through the
     loop's own `train_step`, the data fetch timed apart; `extra(record)` adds per-step fields."""
-    from train import device
-    from train.loop import LoopConfig, train_step
+    from train.core import device
+    from train.core.loop import LoopConfig, train_step
 
     config = LoopConfig(
         total_steps=total, grad_accum=1, max_grad_norm=max_grad_norm, log_every=1, checkpoint_every=total

@@ -70,9 +70,9 @@ def count_vision_calls() -> dict:
 
 
 def prepare_workdir(workdir: Path) -> None:
+    from config import load_recipe
     from data.synthetic import DEMO_COUNTS, write_synthetic
-    from recipe import load_recipe
-    from train.model_loading import build_tiny
+    from train.core.model_loading import build_tiny
 
     paths = write_synthetic(workdir / "synthetic", seed=0, **DEMO_COUNTS)
     rows = [json.loads(line) for line in paths.sft_train.read_text().splitlines()]
@@ -108,7 +108,7 @@ def our_overrides(workdir: Path, args) -> list[str]:
 
 
 def run_ours(workdir: Path, args) -> dict:
-    from recipe import load_recipe
+    from config import load_recipe
     from train import grpo
 
     counts = count_vision_calls()
@@ -191,8 +191,8 @@ def run_trl(workdir: Path, args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     import models
+    from config import load_recipe
     from eval.metrics import exact_match
-    from recipe import load_recipe
 
     recipe = load_recipe(RECIPE)
     counts = count_vision_calls()

@@ -10,8 +10,8 @@
    torch AdamW), `qlora` (nf4, double quantisation, torch AdamW), `qlora_8bit` (nf4, bitsandbytes AdamW8bit). The
    parent saves the tiny base and the synthetic data once, then runs each mode in a fresh subprocess, round-robin,
    `--rounds` times, so that modes share no allocator or high-water mark and a burst of load from other programs
-   hits one run rather than one mode. Each child builds what the SFT stage builds (train.model_loading.load_model's
-   quantisation, train.trainable.configure_trainable, train.optim.make_optimizer with the recipe's groups), fetches
+   hits one run rather than one mode. Each child builds what the SFT stage builds (train.core.model_loading.load_model's
+   quantisation, train.core.trainable.configure_trainable, train.core.optim.make_optimizer with the recipe's groups), fetches
    its batches first, then times forward + backward + clip + optimizer step; torch threads 1 (`--threads`). Reported
    per mode: the median over rounds of each round's median step time, and of the peak RSS (VmHWM of the whole
    process), with the min-max over rounds; paired per round against `lora` (the step-time ratio and the RSS
@@ -81,14 +81,14 @@ def optimizer_bytes(optimizer) -> int:
 
 
 def run_mode(mode: str, workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
+    from config import load_recipe
     from data.loaders import load_samples, loader_factory, plan
     from data.sources import SkipCounter
     from models.quantization import language_linears, weight_bytes
-    from recipe import load_recipe
-    from train import optim
-    from train.losses import sft_loss_sum
-    from train.model_loading import load_model
-    from train.trainable import configure_trainable, parameter_groups, upcast_trainable_
+    from train.core import optim
+    from train.core.losses import sft_loss_sum
+    from train.core.model_loading import load_model
+    from train.core.trainable import configure_trainable, parameter_groups, upcast_trainable_
 
     overrides = [
         f"output_dir={workdir / 'run'}",
@@ -240,9 +240,9 @@ def full_size_table(lora_r: int = 64) -> tuple[list[tuple[str, float, float, flo
 
 def check_formula_on_tiny() -> None:
     """The byte formula equals what bitsandbytes' real layers hold (tiny model)."""
+    from config import load_recipe
     from models.quantization import language_linears, quantize_language_model_, weight_bytes
-    from recipe import load_recipe
-    from train.model_loading import build_tiny
+    from train.core.model_loading import build_tiny
 
     recipe = load_recipe(REPO / "recipes" / "demo.yaml")
     for quantization, double_quant in (("nf4", False), ("nf4", True), ("int8", False)):

@@ -22,7 +22,7 @@ Same work on both sides:
   `num_items_in_batch`), AdamW at the demo's SFT learning rate (constant), clipping at 1.0, fp32, no gradient
   checkpointing. The parent asserts that both sides log the same loss at every step (`--loss-rtol`).
 
-- ours: `train.loop.train_step` with `train.losses.sft_loss_sum`: logits only at the supervised (row, position)
+- ours: `train.core.loop.train_step` with `train.core.losses.sft_loss_sum`: logits only at the supervised (row, position)
   pairs, from `models.phi3v.supervised_forward` (one process, SDPA, right padding): the decoder's layers run on the
   batch's real tokens only (the padding, ~40% of these batches' positions, is never computed) and the last layer's
   queries, attention output, MLP and final norm only at the supervised positions. Same logits and gradients as the
@@ -75,7 +75,7 @@ SIDES = ("ours", "trl")
 
 def prepare_workdir(workdir: Path, num_samples: int) -> None:
     from data.synthetic import write_synthetic
-    from train.model_loading import build_tiny
+    from train.core.model_loading import build_tiny
 
     write_synthetic(
         workdir / "synthetic", seed=SEED, n_train=num_samples, n_eval=0, n_pref_train=0, n_pref_eval=0
@@ -88,10 +88,10 @@ def prepare_workdir(workdir: Path, num_samples: int) -> None:
 
 def rendered_rows(workdir: Path, recipe, processor, num_samples: int):
     """Our RenderedDataset over the first `num_samples` conversations of sft_train.jsonl, in file order."""
+    from config import Source
     from data.collate import RenderedDataset
     from data.loaders import load_samples, plan
     from data.sources import SkipCounter
-    from recipe import Source
 
     source = Source(
         format="trl_messages",
@@ -130,9 +130,9 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     from torch.utils.data import DataLoader
 
     from data.collate import SFTCollator
-    from train import device, optim
-    from train.losses import sft_loss_sum, supervised_tokens
-    from train.trainable import configure_trainable, dpo_parts, parameter_groups, upcast_trainable_
+    from train.core import device, optim
+    from train.core.losses import sft_loss_sum, supervised_tokens
+    from train.core.trainable import configure_trainable, dpo_parts, parameter_groups, upcast_trainable_
 
     recipe = load_demo_recipe()
     total = warmup + steps

@@ -9,9 +9,9 @@ image per sample at num_crops 16; `--model phi35v`: Phi-3.5-vision, `--images` 4
 4,146,621,440 parameters, built directly in bf16 (torch's default dtype is bf16 while the modules are created, so
 no fp32 copy ever exists) on the target device, weights drawn by the model's own initialiser. `--size small` keeps
 every width and cuts the decoder to 2 layers and CLIP to 3 (for tests). Training is what a recipe with
-`model.language: lora, vision: frozen, projector: full` does: `train.trainable.configure_trainable` (LoRA r 64 on
-qkv/o/gate_up/down, fp32 masters), AdamW, bf16 autocast, the project's losses (`train.losses.sft_loss_sum`,
-`train.losses.DPOLoss` with one vision pass per pair and the adapter-disabled reference).
+`model.language: lora, vision: frozen, projector: full` does: `train.core.trainable.configure_trainable` (LoRA r 64 on
+qkv/o/gate_up/down, fp32 masters), AdamW, bf16 autocast, the project's losses (`train.core.losses.sft_loss_sum`,
+`train.preference.stage_loss.DPOLoss` with one vision pass per pair and the adapter-disabled reference).
 
 On CPU the defaults shrink the batch to one short sequence (`--num-crops 1`: 313 image tokens, 64 text tokens,
 SFT only), so that one full-size step runs in minutes within 24 GB.
@@ -30,7 +30,7 @@ With d = hidden 3072, P = decoder linear parameters (32 x 113,246,208 = 3,623,87
   LM forward      = 2 P T  +  4 d L sum_rows(T_row^2)  +  2 d V K
                     T: tokens computed (padding included; a pack: its tokens), T_row: each sequence's length (a
                     pack: each sample's; attention counted over the full square, as FlopCounterMode counts SDPA),
-                    K: the supervised (row, position) pairs, the only ones that get logits (train/losses.py).
+                    K: the supervised (row, position) pairs, the only ones that get logits (train/core/losses.py).
                     SFT without gradient checkpointing, with SDPA, executes less than this on a padded batch:
                     its loss skips the padding and runs the last layer at the K pairs only
                     (models/phi3v/supervised_forward.py); the count stays the model's, as MFU's convention has it.
@@ -70,11 +70,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from config.schema import DpoSection, LoraSection, ModelSection  # noqa: E402
 from data.collate import supervised_token_count  # noqa: E402
 from data.render import IGNORE_INDEX  # noqa: E402
 from models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor  # noqa: E402
 from models.phi3v.sizes import full_size_config  # noqa: E402
-from recipe.schema import DpoSection, LoraSection, ModelSection  # noqa: E402
 
 IMAGE_TOKEN = 32044
 CHART_SIZES = [(800, 600), (850, 600), (1000, 700), (900, 560), (640, 480)]
@@ -327,7 +327,7 @@ def lm_forward_flops(config, tokens: int, row_lengths: list[int], logits_rows: i
 
 def batch_counts(batch: dict, crop: int = 336, patch: int = 14) -> dict:
     """Tokens, sequence lengths, logits rows, CLIP views and projected image vectors of a batch."""
-    # train/losses.py computes logits only at the supervised (row, position) pairs.
+    # train/core/losses.py computes logits only at the supervised (row, position) pairs.
     supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     grids = [(int(h) // crop, int(w) // crop) for h, w in batch["image_sizes"].tolist()]
     g = crop // patch // 2
@@ -405,9 +405,10 @@ def run_variant(
     """`share_prompt` (DPO): the prefix-sharing batch (`shared_dpo_batch`); `quantization` ('nf4', 'fp4', 'int8'):
     the decoder linears quantised as a QLoRA recipe does (models.quantization.apply_quantization)."""
     from models.quantization import apply_quantization
-    from train.device import apply_liger
-    from train.losses import DPOLoss, sft_loss_sum
-    from train.trainable import configure_trainable, upcast_trainable_
+    from train.core.device import apply_liger
+    from train.core.losses import sft_loss_sum
+    from train.core.trainable import configure_trainable, upcast_trainable_
+    from train.preference.stage_loss import DPOLoss
 
     apply_liger(liger)
     config = make_config(args.size, args.model, attn)

@@ -295,7 +295,7 @@ class PackedSFTCollator:
         if sum(lengths) > self.max_tokens:
             raise ValueError(
                 f"the batch holds {sum(lengths)} tokens ({len(rows)} rows), over the packing budget "
-                f"max_tokens={self.max_tokens}; batch with data.loaders.PackedBatchSampler (what `data.packing: true` "
+                f"max_tokens={self.max_tokens}; batch with data.samplers.PackedBatchSampler (what `data.packing: true` "
                 "uses), which fills each pack up to the budget"
             )
         ids, labels, positions = [], [], []
@@ -336,7 +336,7 @@ class DPOCollator:
     With `share_prompt` (the default), and when no pair of the batch has its own rejected images, the batch also
     carries the prefix-sharing layout (`shared_layout`, keys `shared_*`): B rows of `prompt + chosen + rejected`, so
     that the LM computes each prompt once instead of twice (the prompt holds most tokens: 93% image slots at
-    num_crops 16). `train.losses.DPOLoss` runs it; the 2B-row keys stay for the paths that need them (mDPO's term,
+    num_crops 16). `train.preference.stage_loss.DPOLoss` runs it; the 2B-row keys stay for the paths that need them (mDPO's term,
     flash-attention-2, which takes no block mask).
     """
 
@@ -395,7 +395,7 @@ def shared_layout(pairs: Sequence[RenderedPair], pad_token_id: int) -> dict[str,
         the positions it has in the 2B-row layout), padding 0. The largest position + 1 is the 2B-row batch's padded
         length, so Phi-3's long/short RoPE switch (taken from the largest position id) is the same in both layouts;
       - `shared_segments` (B, L) int64: 0 prompt, 1 chosen, 2 rejected, 3 padding. Token q attends token k <= q when
-        k is in the prompt or in q's own segment (`train.losses.prefix_sharing_mask`): the rejected completion never
+        k is in the prompt or in q's own segment (`train.core.losses.prefix_sharing_mask`): the rejected completion never
         sees the chosen one, and each completion sees exactly the prompt it sees in the 2B-row layout;
       - `shared_keep` (B, L) bool: the positions whose next-token logits a supervised token needs (transformers'
         `logits_to_keep` as a boolean mask: the logits come back flattened, row-major, N x vocab). The prompt's last

@@ -34,9 +34,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from config.schema import MAX_IMAGE_PIXELS
 from data.paths import os_error_problem, path_problem, text_problem
 from data.sample import DataError, ImageRef, Origin
-from recipe.schema import MAX_IMAGE_PIXELS
 
 DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 """The same bound as Pillow's default `MAX_IMAGE_PIXELS` (~ 9459 x 9459), stated here so it holds even where

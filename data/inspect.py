@@ -292,8 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--html", type=Path, help="also write an HTML page with the images to this path")
     args = parser.parse_intermixed_args(argv)
 
+    from config import load_recipe
     from data.sources import SkipCounter
-    from recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     processor = load_processor(recipe)
@@ -320,6 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from recipe.errors import run_main
+    from runtime.command import run_main
 
     run_main("python -m data.inspect", main)

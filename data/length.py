@@ -1,8 +1,7 @@
-"""Length planning from image headers alone, and batching by length.
+"""Length planning from image headers alone (batching by length is data/samplers.py).
 
     skips = SkipCounter()
     planned = plan_lengths(samples, processor, max_length=4096, on_overlong="drop", on_bad_sample="skip", skips=skips)
-    sampler = LengthGroupedSampler([p.num_tokens for p in planned], batch_size=4, seed=42, num_replicas=2, rank=0)
     print(skips.summary())
 
 `plan_lengths` reads each image's (width, height) from its file header (`data.images.image_size`, no pixel is
@@ -17,22 +16,19 @@ starts each problem (`"over-long"`, `"unreadable image"`, ...).
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing as mp
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from data.images import DEFAULT_MAX_PIXELS, image_size
-from data.ranks import Ranks
 from data.render import render_preference, sft_length
 from data.sample import DataError, ImageRef, Origin, PreferenceSample, SFTSample
 from data.sources import SkipCounter
 from models.phi3v.processing import Phi3VProcessor
+from runtime.processes import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +173,7 @@ def plan_lengths(
     (per dataset and reason; the first of each kind is logged as a warning) and summarised in the log at the end.
 
     Sharing the work (the result is the same, sample for sample, skip for skip, as one process planning alone):
-    `ranks` (data.ranks.Ranks, several processes of one job, every one calling this with the same samples): each
+    `ranks` (runtime.processes.Ranks, several processes of one job, every one calling this with the same samples): each
     rank plans a contiguous block of the samples and the numbers are gathered, so every rank ends with the whole
     plan; `workers` > 1: this process plans its block in that many forked processes (length planning is
     tokenisation and header reads, Python-bound). `progress`: a bar with an ETA."""
@@ -345,101 +341,3 @@ def _assemble(
             "length planning kept %d samples; rows left out so far:\n%s", len(planned), skips.summary()
         )
     return planned
-
-
-# ------------------------------------------------------------------------------------------------ batching
-
-
-def _check_lengths(lengths: Sequence[int]) -> list[int]:
-    values = [int(length) for length in lengths]
-    if not values:
-        raise ValueError("no samples to batch: lengths is empty")
-    if any(length < 1 for length in values):
-        raise ValueError(f"lengths must be positive token counts, got a minimum of {min(values)}")
-    return values
-
-
-class LengthGroupedSampler(Sampler[list[int]]):
-    """A batch sampler (`DataLoader(dataset, batch_sampler=sampler)`) that puts samples of similar length together.
-
-    Per epoch: shuffle all indices (seeded by `seed` and the epoch), cut them into mega-batches of
-    `batch_size * num_replicas * mega_batch_mult`, sort each by length (longest first), cut that into steps of
-    `batch_size * num_replicas` samples (so the ranks of one step get similar lengths and wait little for each
-    other), shuffle the steps, and move the step holding the longest sample first (an out-of-memory shows at step 1,
-    not hours in). Rank `rank` takes the `rank`-th batch of every step, so every rank gets the same number of full
-    batches. The index list is first padded by wrapping around to a whole number of steps (`drop_last=False`, as
-    `DistributedSampler` does), or cut to one (`drop_last=True`).
-
-    The same (seed, epoch) gives the same batches on every rank and every run; call `set_epoch` before each epoch.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        seed: int,
-        mega_batch_mult: int = 50,
-        *,
-        num_replicas: int = 1,
-        rank: int = 0,
-        drop_last: bool = False,
-    ):
-        self.lengths = _check_lengths(lengths)
-        for name, value in (
-            ("batch_size", batch_size),
-            ("mega_batch_mult", mega_batch_mult),
-            ("num_replicas", num_replicas),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
-        self.batch_size, self.seed, self.mega_batch_mult = batch_size, seed, mega_batch_mult
-        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
-        self.epoch = 0
-        if len(self) == 0:
-            raise ValueError(
-                f"{len(self.lengths)} samples do not fill one step of batch_size {batch_size} x "
-                f"{num_replicas} rank(s) with drop_last=True; use drop_last=False or fewer ranks"
-            )
-
-    @property
-    def step_size(self) -> int:
-        return self.batch_size * self.num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        """Batches per rank per epoch."""
-        steps = len(self.lengths) / self.step_size
-        return math.floor(steps) if self.drop_last else math.ceil(steps)
-
-    def steps(self) -> list[list[list[int]]]:
-        """This epoch's steps; step s holds one batch of sample indices per rank."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = _fit(rng.permutation(len(self.lengths)).tolist(), len(self) * self.step_size)
-        mega = self.step_size * self.mega_batch_mult
-        steps = []
-        for start in range(0, len(order), mega):
-            # Python's sort is stable: equal lengths keep their shuffled order.
-            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
-            for first in range(0, len(chunk), self.step_size):
-                step = chunk[first : first + self.step_size]
-                steps.append(
-                    [step[r * self.batch_size : (r + 1) * self.batch_size] for r in range(self.num_replicas)]
-                )
-        steps = [steps[i] for i in rng.permutation(len(steps))]
-        # Each step's first index is its longest sample (sorted above).
-        longest = max(range(len(steps)), key=lambda s: self.lengths[steps[s][0][0]])
-        steps[0], steps[longest] = steps[longest], steps[0]
-        return steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter([step[self.rank] for step in self.steps()])
-
-
-def _fit(order: list[int], size: int) -> list[int]:
-    """`order` cut to `size`, or repeated from its start until it reaches `size`."""
-    repeats = -(-size // len(order))
-    return (order * repeats)[:size]

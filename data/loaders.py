@@ -15,22 +15,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from config.schema import STAGE_FORMATS, SYNTHETIC_DIR, DataSection, Source
 from data import plan_cache
 from data.collate import DPOCollator, PackedSFTCollator, RenderedDataset, SFTCollator
-from data.length import LengthGroupedSampler, PlannedSample, plan_lengths
+from data.decode_check import validate_images
+from data.length import PlannedSample, plan_lengths
 from data.multipage import write_multipage
 from data.plan_build import build_table
 from data.plan_table import PlanTable
-from data.ranks import Ranks, cores_per_rank
 from data.sample import DataError, Origin
+from data.samplers import LengthGroupedSampler, PackedBatchSampler, ShuffledBatchSampler
 from data.sources import SkipCounter, iter_samples, mix, source_name
 from data.synthetic import DEMO_COUNTS, write_synthetic
-from data.validate import validate_images
-from recipe.schema import STAGE_FORMATS, SYNTHETIC_DIR, DataSection, Source
+from runtime.processes import Ranks, cores_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def plan(
     ranks: Ranks | None = None,
     workers: int = 1,
 ) -> list[PlannedSample]:
-    """Token lengths from image headers (data/length.py), then every image decoded once (data/validate.py), so
+    """Token lengths from image headers (data/length.py), then every image decoded once (data/decode_check.py), so
     that a corrupt file stops the run (or is skipped and counted) before step 1. `cache_dir` remembers the files
     that decoded; `main_first` lets rank 0 decode (and fill the cache) before the other ranks read it. `ranks`
     (every rank calling this with the same samples): planning and decoding are shared out over the ranks instead,
@@ -173,7 +173,7 @@ def decoded(
     main_first: Callable,
     ranks: Ranks,
 ):
-    """`planned` less the samples with an image that does not decode (data/validate.py): shared out over the ranks
+    """`planned` less the samples with an image that does not decode (data/decode_check.py): shared out over the ranks
     when there are several, else decoded by rank 0 first (`main_first`) so that the others read its cache."""
     if planned and ranks.world > 1:
         return validate_images(
@@ -212,76 +212,6 @@ def token_lengths(planned, *, shared: bool = False) -> list[int]:
     if isinstance(planned, PlanTable):
         return planned.lengths(shared=shared).tolist()
     return [(p.shared_tokens or p.num_tokens) if shared else p.num_tokens for p in planned]
-
-
-class ShuffledBatchSampler(Sampler[list[int]]):
-    """Shuffle (seeded by seed and epoch), cut into steps of `batch_size * num_replicas` samples; rank r takes the
-    r-th batch of each step. The sample order does not depend on batch size or rank count, so batch 8 x accumulation
-    1, batch 1 x accumulation 8 and 2 ranks x accumulation 4 see the same samples in the same optimizer step.
-    A tail shorter than one step is left out, so every rank gets the same number of batches."""
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int, *, num_replicas: int = 1, rank: int = 0):
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples // (self.batch_size * self.num_replicas)
-
-    def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist()
-        step = self.batch_size * self.num_replicas
-        for start in range(0, len(self) * step, step):
-            first = start + self.rank * self.batch_size
-            yield order[first : first + self.batch_size]
-
-
-def pack_first_fit(lengths: list[int], max_tokens: int, seed: int) -> list[list[int]]:
-    """Packs of whole samples whose token SUM is at most `max_tokens` (a packed sequence has no padding), by
-    first-fit decreasing: fewer, fuller packs than a padded budget (len x longest), which never puts two samples
-    longer than half the budget together. Samples are shuffled first so that equal lengths mix across epochs."""
-    order = np.random.default_rng(seed).permutation(len(lengths)).tolist()
-    order.sort(key=lambda i: -lengths[i])  # stable: the shuffle decides among equal lengths
-    packs: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        slot = next((k for k, free in enumerate(room) if free >= lengths[i]), None)
-        if slot is None:
-            packs.append([i])
-            room.append(max_tokens - lengths[i])
-        else:
-            packs[slot].append(i)
-            room[slot] -= lengths[i]
-    return packs
-
-
-class PackedBatchSampler(Sampler[list[int]]):
-    """Packs up to `max_tokens` (pack_first_fit), reshuffled per epoch, sharded by rank (the tail that does not
-    divide by the rank count is left out, so every rank runs the same number of steps)."""
-
-    def __init__(
-        self, lengths: list[int], max_tokens: int, seed: int, *, num_replicas: int = 1, rank: int = 0
-    ):
-        self.lengths, self.max_tokens, self.seed = lengths, max_tokens, seed
-        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
-        self._count = len(self._packs()) // num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _packs(self) -> list[list[int]]:
-        packs = pack_first_fit(self.lengths, self.max_tokens, seed=self.seed + self.epoch)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(packs))
-        return [packs[i] for i in order]
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self):
-        packs = self._packs()[: self._count * self.num_replicas]
-        return iter(packs[self.rank :: self.num_replicas])
 
 
 SKIPPED_KEY = "skipped_rows"
@@ -531,7 +461,7 @@ def stage_loaders(
 ):
     """(planned samples, epoch -> DataLoader, micro-batches per rank per epoch) of the recipe's training data for
     `stage` ('sft' or 'dpo'), sharded over `num_replicas` ranks; `main_first` lets rank 0 write shared files first;
-    `cache_dir` remembers the images that decoded (recipe.run_dir.cache_dir). Too few samples for one optimizer
+    `cache_dir` remembers the images that decoded (rundir.layout.cache_dir). Too few samples for one optimizer
     step is an error naming the sources and the batch geometry."""
     planned = plan_stage(recipe, processor, stage, skips, main_first=main_first, cache_dir=cache_dir)
     make_loader, batches_per_epoch = loader_factory(

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from data.adapters import adapter_for, resolved_under
 from data.length import MIN_ROWS_PER_WORKER, PlannedSample, _check_policies, overlong_error, plan_sample
 from data.plan_table import PlanTable, decode_sample, encode_sample
-from data.ranks import Ranks
 from data.sample import DataError, Origin
 from data.sources import SkipCounter, adapt_row, image_root_of, indexed_rows, rows_in_range, source_name
+from runtime.processes import Ranks
 
 # Per row: (row, None, field, problem) when the adapter refused it; (row, numbers, record) once adapted, numbers
 # being data.length's tuple (num_tokens, counts, sizes, rejected counts, rejected sizes, shared) or

@@ -51,7 +51,7 @@ import numpy as np
 
 from data.plan_table import PlanTable
 from data.sample import DataError, Origin
-from recipe.run_dir import CACHE  # caches written inside a dataset folder are not the dataset
+from rundir.layout import CACHE  # caches written inside a dataset folder are not the dataset
 
 logger = logging.getLogger(__name__)
 

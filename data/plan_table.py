@@ -3,7 +3,7 @@
     table = PlanTable.from_planned(planned)      # list[PlannedSample] -> table (same order)
     table[i]                                     # the i-th PlannedSample, rebuilt on demand (equal to planned[i])
     table.lengths()                              # token lengths as an int array, without rebuilding a sample
-    table.data_fingerprint()                     # == train.checkpoint.data_fingerprint(planned)
+    table.data_fingerprint()                     # == train.core.checkpoint.data_fingerprint(planned)
 
 A `list[PlannedSample]` costs about 2 KB of Python objects per row (the sample's turns, parts, strings, paths,
 origin and the plan's tuples); at a million rows that is GBs on every rank, and every DataLoader worker forked from
@@ -34,7 +34,7 @@ FINGERPRINT_KEY = "data_fingerprint"
 
 
 def fingerprint_line(origin: Origin, num_tokens: int, image_token_counts: tuple[int, ...]) -> bytes:
-    """One planned sample's line of the data fingerprint (train.checkpoint.data_fingerprint hashes these in order)."""
+    """One planned sample's line of the data fingerprint (train.core.checkpoint.data_fingerprint hashes these in order)."""
     return f"{origin}|{num_tokens}|{image_token_counts}\n".encode()
 
 
@@ -275,7 +275,7 @@ class PlanTable(Sequence[PlannedSample]):
         return np.where(self.shared_tokens >= 0, self.shared_tokens, self.num_tokens)
 
     def data_fingerprint(self) -> str:
-        """sha256 of `fingerprint_line` over the samples in order: train.checkpoint.data_fingerprint's value."""
+        """sha256 of `fingerprint_line` over the samples in order: train.core.checkpoint.data_fingerprint's value."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
             offsets, counts = self.image_offsets.tolist(), self.image_counts.tolist()

@@ -27,10 +27,10 @@ from typing import Any, Literal, TypeVar
 
 import datasets
 
+from config.schema import Source
 from data.adapters import Adapter, adapter_for, apply_columns, resolved_under, skip_reason
 from data.paths import path_problem, resolved
 from data.sample import DataError, Origin, PreferenceSample, SFTSample
-from recipe.schema import Source
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
     accelerate launch -m eval recipes/chartqa.yaml --model ...                          # generation sharded
 
 `--model` is a run directory, a checkpoint folder or a hub id. In a run directory a stage's weights are what
-`recipe.run_dir.stage_weights` says, the same answer DPO and export get: the stage's adapter over what it started
+`rundir.weights.stage_weights` says, the same answer DPO and export get: the stage's adapter over what it started
 from (the base for SFT, the starting point DPO recorded for DPO), else its `merged/` checkpoint. Scores are written to
 `<run dir>/eval/` (a run directory) or `--output-dir` and merged with the stages scored before.
 """
@@ -25,25 +25,14 @@ from pathlib import Path
 import torch
 
 import models
+from config import Recipe, load_recipe
 from eval.hook import EvalGateError, evaluate_stage
 from eval.report import STAGES
 from eval.summary import results_table
 from eval.tasks import TASKS
-from recipe import Recipe, load_recipe
-from recipe.errors import run_main
-from recipe.run_dir import (
-    ADAPTER_CONFIG,
-    Weights,
-    base_weights,
-    is_adapter,
-    is_run_dir,
-    latest_stage,
-    read_start,
-    report_file,
-    resolve_output_dir,
-    stage_weights,
-    verify_weights,
-)
+from rundir.layout import ADAPTER_CONFIG, is_adapter, is_run_dir, report_file, resolve_output_dir
+from rundir.weights import Weights, base_weights, latest_stage, read_start, stage_weights, verify_weights
+from runtime.command import run_main
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +115,7 @@ def plan_model(model: str, recipe: Recipe, *, stage: str | None, adapter: Path |
 def load_planned(plan: ModelPlan, recipe: Recipe):
     """(model in eval mode, processor): the weights, then the adapters (all but the last merged, the last kept as a
     PeftModel, as the training-time eval scores it). With `model.quantization` the language model is quantised after
-    the merges and before the last adapter, as training loaded it (train/model_loading.py)."""
+    the merges and before the last adapter, as training loaded it (train/core/model_loading.py)."""
     from models.adapters import apply_adapter
     from models.quantization import apply_quantization
 

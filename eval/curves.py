@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipe.run_dir import TRAINED_STAGES, summary_file
+from rundir.layout import TRAINED_STAGES, summary_file
 
 WIDTH, HEIGHT = 360, 230
 LEFT, RIGHT, TOP, BOTTOM = 62, 14, 28, 42  # margins around the plot area, in pixels

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from data.images import image_size, load_rgb
 from data.sample import ImageRef
 from eval.tasks import EvalExample
+from runtime.processes import shards_parameters
 
 
 def prompt_text(processor, example: EvalExample) -> str:
@@ -104,17 +105,6 @@ def _decode(processor, new_ids: torch.Tensor, end_ids: set[int]) -> str:
     ids = new_ids.tolist()
     stop = next((i for i, token in enumerate(ids) if token in end_ids), len(ids))
     return processor.decode(ids[:stop], skip_special_tokens=True).strip()
-
-
-def shards_parameters(accelerator) -> bool:
-    """Whether the prepared model's parameters are partitioned across ranks (DeepSpeed ZeRO-3, FSDP); False without
-    an accelerator or for a stand-in without a distributed type. train.device imports this one."""
-    from accelerate import DistributedType
-
-    distributed_type = getattr(accelerator, "distributed_type", None)
-    if distributed_type == DistributedType.DEEPSPEED:
-        return accelerator.state.deepspeed_plugin.zero_stage == 3
-    return distributed_type == DistributedType.FSDP
 
 
 @contextlib.contextmanager

@@ -48,13 +48,8 @@ from eval.report import (
     write_report,
 )
 from eval.tasks import EvalExample, Task, load_examples, resolve_tasks, score_task
-from recipe.run_dir import (
-    during_training_file,
-    eval_cache_dir,
-    report_file,
-    results_file,
-    write_text_atomically,
-)
+from rundir.atomic import write_text_atomically
+from rundir.layout import during_training_file, eval_cache_dir, report_file, results_file
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +381,7 @@ def evaluate_stage(
 
 def tracker_scores(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Scores as tracker keys, `eval/<task>/<metric>`. The stage is not in the key: each stage is its own tracker
-    run (train/tracking.py), so that in SFT's run the base (step 0), the scores during training and SFT's own (its
+    run (train/core/tracking.py), so that in SFT's run the base (step 0), the scores during training and SFT's own (its
     last step) draw one curve, and DPO's run continues it on DPO's steps."""
     return {
         f"eval/{task}/{metric}": value

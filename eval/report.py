@@ -30,14 +30,8 @@ from PIL import Image
 
 from eval.curves import STYLE as CURVES_STYLE
 from eval.curves import curves_section
-from recipe.run_dir import (
-    eval_dir,
-    predictions_file,
-    report_file,
-    results_file,
-    write_file_atomically,
-    write_text_atomically,
-)
+from rundir.atomic import write_file_atomically, write_text_atomically
+from rundir.layout import eval_dir, predictions_file, report_file, results_file
 
 STAGES = ("base", "sft", "dpo", "grpo")
 DELTAS = (("sft", "base"), ("dpo", "sft"), ("dpo", "base"), ("grpo", "sft"), ("grpo", "base"))

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eval.report import STAGES
-from recipe.errors import run_main
-from recipe.run_dir import (
+from rundir.layout import (
     TRAINED_STAGES,
     adapter_dir,
     is_adapter,
@@ -23,6 +22,7 @@ from recipe.run_dir import (
     results_file,
     summary_file,
 )
+from runtime.command import run_main
 
 
 def results_table(run_dir: Path, tasks: Sequence[str] | None = None) -> str:

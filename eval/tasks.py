@@ -25,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from config.schema import SYNTHETIC_DIR, Source
 from data.adapters import adapt_row, apply_columns, resolve_image, vqa_references
 from data.multipage import is_multipage_question
 from data.render import to_messages
@@ -32,7 +33,6 @@ from data.sample import DataError, ImageRef, Origin, SFTSample
 from data.sources import LOCAL_FILE_BUILDERS, image_root_of, load_rows, source_name
 from data.synthetic import question_task
 from eval import metrics
-from recipe.schema import SYNTHETIC_DIR, Source
 
 SINGLE_WORD_OR_PHRASE = "\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "\nAnswer with the option's letter from the given choices directly."

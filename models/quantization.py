@@ -8,7 +8,7 @@ would change the image features every answer depends on (and LoRA or full traini
 needs real weights), and the embeddings and `lm_head` are where a 4-bit rounding error reaches every token.
 
 The layers are replaced in place, after loading (and after merging earlier adapters, which needs the real
-weights: see train/model_loading.py), rather than through `from_pretrained(quantization_config=...)`: one path
+weights: see train/core/model_loading.py), rather than through `from_pretrained(quantization_config=...)`: one path
 serves loading a checkpoint and quantising a model merged in memory (DPO's starting point), on CPU and GPU alike,
 and it covers exactly the decoder's linears. `bitsandbytes_config` gives the equivalent `BitsAndBytesConfig` for
 users who load the base themselves.

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 # One intra-op thread for the test process (and, inherited, for what it launches) unless the caller set a count:
-# on a shared 2-core machine, two processes at two threads each oversubscribe (train/device.py set_threads).
+# on a shared 2-core machine, two processes at two threads each oversubscribe (train/core/device.py set_threads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np

@@ -12,6 +12,7 @@ import datasets
 import pytest
 from PIL import Image
 
+from config import Source as SourceSpec
 from data.adapters import (
     adapt_llava,
     adapt_rlaif_v,
@@ -25,7 +26,6 @@ from data.adapters import (
 )
 from data.sample import DataError, ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
 from data.sources import SkipCounter, apportion, iter_samples, mix
-from recipe import Source as SourceSpec
 
 ORIGIN = Origin(dataset="fixture", row=7)
 
@@ -814,8 +814,8 @@ def test_mix_rejects_bad_arguments_and_one_shot_iterators():
 
 
 def test_training_mixes_sources_by_weight_and_keeps_origins(root):
+    from config import DataSection
     from data.loaders import load_samples
-    from recipe import DataSection
 
     chart = write_rows(
         root / "chart.jsonl", [{"image": "a.png", "query": f"C{i}", "label": "c"} for i in range(6)]

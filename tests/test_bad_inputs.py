@@ -3,7 +3,7 @@ run-directory states), each through a real entry point. Every case asserts the e
 what it should (the key, file, row or field), that no traceback is printed, and (for the training stages) that no
 half-made run directory is left behind.
 
-Most cases call the entry point's `main` in-process through `recipe.errors.run_main`, exactly what its `__main__`
+Most cases call the entry point's `main` in-process through `runtime.command.run_main`, exactly what its `__main__`
 block does (the subprocess cases at the end check those blocks and `--debug`). The model is a tiny Phi-3-V built
 once into a folder (what `model.name_or_path=tiny` builds into each run), so a case costs a recipe parse, a model
 load and the data it reads.
@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from config import load_recipe
+from config.parse import resolved_yaml
 from data.synthetic import synthetic_texts, write_synthetic
 from models.phi3v.tiny import build_demo_model
-from recipe import load_recipe
-from recipe.errors import message_of, redact_message, run_main
-from recipe.parse import resolved_yaml
+from runtime.command import message_of, redact_message, run_main
 
 from .conftest import REPO
 
@@ -41,10 +41,10 @@ ENTRIES = {  # entry -> (prog, module, function): what each `__main__` runs
     "sft": ("train/sft.py", "train.sft", "cli"),
     "dpo": ("train/dpo.py", "train.dpo", "cli"),
     "eval": ("python -m eval", "eval.__main__", "main"),
-    "export": ("python -m train.export", "train.export", "main"),
+    "export": ("python -m train.export", "train.export.merge", "main"),
     "inspect": ("python -m data.inspect", "data.inspect", "main"),
-    "dry_run": ("python -m train.dry_run", "train.dry_run", "cli"),
-    "launch_plan": ("launch.sh", "train.launch_plan", "main"),
+    "dry_run": ("python -m train.dry_run", "train.tools.dry_run", "cli"),
+    "launch_plan": ("launch.sh", "train.tools.launch_plan", "main"),
     "summary": ("python -m eval.summary", "eval.summary", "main"),
 }
 
@@ -612,7 +612,7 @@ def odd_source(world: World, make) -> Path:
 
 def run_with_weights(world: World, damage: str) -> Path:
     """A run directory whose SFT adapter's weight file was cut short or changed after its manifest was written."""
-    from recipe.run_dir import write_weights_manifest
+    from rundir.weights import write_weights_manifest
 
     run = world.folder()
     shutil.copy(world.stopped_run / "recipe.resolved.yaml", run)
@@ -630,8 +630,8 @@ def run_with_weights(world: World, damage: str) -> Path:
 
 def locked_run(world: World) -> Path:
     """A run directory whose lock is held by a live process of this host (pid 1, which outlives every test)."""
-    from recipe.run_dir import lock_file
-    from recipe.run_lock import process_start
+    from rundir.layout import lock_file
+    from rundir.run_lock import process_start
 
     run = world.folder()
     lock_file(run).write_text(
@@ -768,13 +768,15 @@ def test_debug_raises_the_error_itself(world, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no PEFT adapter"):
         run_main(
             "python -m train.export",
-            importlib.import_module("train.export").main,
+            importlib.import_module("train.export.merge").main,
             [str(world.stopped_run), "--debug"],
         )
     monkeypatch.setenv("PHI3V_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="no PEFT adapter"):
         run_main(
-            "python -m train.export", importlib.import_module("train.export").main, [str(world.stopped_run)]
+            "python -m train.export",
+            importlib.import_module("train.export.merge").main,
+            [str(world.stopped_run)],
         )
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from recipe import RecipeError, load_recipe
-from recipe.run_dir import write_folder_manifest
-from train import callbacks, checkpoint, sft
-from train.checkpoint import Checkpointer, ResumeRefused, check_resume, recover_replaced
-from train.loop import Diverged, Interrupted
+from config import RecipeError, load_recipe
+from rundir.weights import write_folder_manifest
+from train import sft
+from train.core import callbacks, checkpoint
+from train.core.checkpoint import Checkpointer, ResumeRefused, check_resume, recover_replaced
+from train.core.loop import Diverged, Interrupted
 
 from .train_helpers import DEMO, adapter, assert_same_adapter, run_stage, small_overrides
 
@@ -282,7 +283,7 @@ def test_resume_names_a_cut_short_and_a_missing_file_and_continues_from_the_newe
     tensor.write_bytes(tensor.read_bytes()[: tensor.stat().st_size // 2])
     (folders[1] / "optimizer.safetensors").unlink()  # a copy that stopped
 
-    with caplog.at_level("WARNING", logger="train.checkpoint"):
+    with caplog.at_level("WARNING", logger="train.core.checkpoint"):
         run_stage("sft", [*overrides, "train.resume=true"])
     warned = caplog.text
     assert "trainable.safetensors in" in warned and "not the" in warned and "cut short" in warned, warned

@@ -6,15 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from config import load_recipe
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
 from models.adapters import apply_adapter
 from models.phi3v import Phi3VForCausalLM, Phi3VProcessor
 from models.phi3v.export_files import hub_layout_problems
-from recipe import load_recipe
-from recipe.run_dir import load_run_recipe
-from train import export
-from train.trainable import configure_trainable
+from rundir.layout import load_run_recipe
+from train.core.trainable import configure_trainable
+from train.export import merge as export
 
 from .train_helpers import run_stage
 
@@ -78,7 +78,7 @@ def test_run_directory_holds_exactly_the_expected_files(demo_run):
         "special_tokens_map.json",
         "manifest.json",
     }
-    # Lean and pickle-free (train/checkpoint.py): trainable weights, optimizer, scheduler, RNG, loop state, run record.
+    # Lean and pickle-free (train/core/checkpoint.py): trainable weights, optimizer, scheduler, RNG, loop state, run record.
     checkpoint_files = {
         "loop_state.json",
         "optimizer.json",

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from functools import partial
 
 import pytest
 
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
-from recipe.run_dir import diagnostics_file, rank_log_file
-from train import diagnostics
+from rundir.layout import diagnostics_file, rank_log_file
+from runtime import diagnostics
 
 from .conftest import REPO
 from .train_helpers import DEMO, run_stage, small_overrides
@@ -30,7 +31,13 @@ def stage_diagnostics(tmp_path):
 
 
 def test_sigusr1_writes_this_ranks_stacks(stage_diagnostics):
-    path = diagnostics.start(stage_diagnostics, rank=0, world=1, timeout_s=60)
+    path = diagnostics.start(
+        partial(diagnostics_file, stage_diagnostics),
+        rank_log_file(stage_diagnostics, 0),
+        rank=0,
+        world=1,
+        timeout_s=60,
+    )
     assert path == diagnostics_file(stage_diagnostics, 0) and path.name == "rank-0.txt"
 
     def a_frame_to_find():
@@ -45,7 +52,13 @@ def test_sigusr1_writes_this_ranks_stacks(stage_diagnostics):
 
 
 def test_a_collective_timeout_becomes_an_error_naming_the_stack_files(stage_diagnostics):
-    diagnostics.start(stage_diagnostics, rank=1, world=2, timeout_s=10)
+    diagnostics.start(
+        partial(diagnostics_file, stage_diagnostics),
+        rank_log_file(stage_diagnostics, 1),
+        rank=1,
+        world=2,
+        timeout_s=10,
+    )
     with pytest.raises(diagnostics.CollectiveTimeout) as raised:
         with diagnostics.step_guard():
             raise RuntimeError("[gloo] Timed out waiting 10000ms for recv operation to complete")
@@ -61,7 +74,13 @@ def test_a_collective_timeout_becomes_an_error_naming_the_stack_files(stage_diag
 
 
 def test_the_watchdog_writes_the_stacks_of_a_step_that_outlasts_the_timeout(stage_diagnostics):
-    diagnostics.start(stage_diagnostics, rank=0, world=2, timeout_s=1)  # watchdog at max(1, 0.9 s) = 1 s
+    diagnostics.start(
+        partial(diagnostics_file, stage_diagnostics),
+        rank_log_file(stage_diagnostics, 0),
+        rank=0,
+        world=2,
+        timeout_s=1,
+    )  # watchdog at max(1, 0.9 s) = 1 s
 
     def a_slow_step():
         time.sleep(1.5)
@@ -85,7 +104,8 @@ def test_a_stage_writes_its_rank_log(tmp_path):
 SLEEPER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {repo!r})
-    from train import sft, trainer
+    from train import sft
+    from train.core import trainer
 
     fit = trainer.fit
 

@@ -1,4 +1,4 @@
-"""train.dpo_losses against TRL 1.16's own DPOTrainer loss code, run on random log-probs.
+"""train.preference.losses against TRL 1.16's own DPOTrainer loss code, run on random log-probs.
 
 TRL computes its losses inside `DPOTrainer._compute_loss(model, inputs, ...)`. We call that method on a trainer made
 with `__new__` (no model loading, no datasets) holding only the attributes the method reads, with a stand-in
@@ -18,9 +18,9 @@ import pytest
 import torch
 from trl.trainer.dpo_trainer import DPOTrainer
 
-from recipe.schema import LABEL_SMOOTHING_LOSSES, DpoLossType
-from train import dpo_losses
-from train.dpo_losses import (
+from config.schema import LABEL_SMOOTHING_LOSSES, DpoLossType
+from train.preference import losses as dpo_losses
+from train.preference.losses import (
     LABEL_SMOOTHING_LOSS_TYPES,
     LOSS_TYPES,
     combined_loss,

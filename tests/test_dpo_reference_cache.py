@@ -6,7 +6,7 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from recipe.run_dir import write_weights_manifest
+from rundir.weights import write_weights_manifest
 
 from .train_helpers import adapter, assert_same_adapter, history, run_stage, small_overrides
 
@@ -77,7 +77,7 @@ def test_mdpo_term_trains(synthetic, tmp_path):
 def test_a_dpo_only_run_scores_the_base_and_its_resume_does_not_score_it_again(
     synthetic, tmp_path, monkeypatch
 ):
-    from train import callbacks
+    from train.core import callbacks
 
     run = tmp_path / "run"
     overrides = [

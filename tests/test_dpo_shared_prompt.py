@@ -15,22 +15,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from config import load_recipe
 from data.collate import SEGMENT_PAD, DPOCollator, RenderedDataset, shared_layout
 from data.loaders import load_samples, loader_factory, plan
 from data.sources import SkipCounter
 from data.synthetic import DEMO_COUNTS, write_synthetic
-from recipe import load_recipe
-from train import model_loading as common
-from train.losses import (
-    DPOLoss,
-    completion_logps,
-    pair_logps,
-    prefix_sharing_mask,
-    sft_loss_sum,
-    shared_completion_logps,
-    shares_prompt,
-)
-from train.trainable import configure_trainable, dpo_parts
+from train.core import model_loading as common
+from train.core.losses import completion_logps, prefix_sharing_mask, sft_loss_sum
+from train.core.trainable import configure_trainable, dpo_parts
+from train.preference.stage_loss import DPOLoss, pair_logps, shared_completion_logps, shares_prompt
 
 from .train_helpers import DEMO, history, run_stage, small_overrides
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from config import load_recipe
 from data.loaders import load_samples, loader_factory, plan
 from data.sources import SkipCounter
 from data.synthetic import write_synthetic
-from recipe import load_recipe
-from train import model_loading as common
+from train.core import model_loading as common
+from train.core.trainable import configure_trainable, dpo_parts
 from train.dpo import chosen_trend, warn_if_chosen_falls
-from train.losses import DPOLoss
-from train.trainable import configure_trainable, dpo_parts
+from train.preference.stage_loss import DPOLoss
 
 from .train_helpers import DEMO
 

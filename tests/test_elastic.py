@@ -14,7 +14,7 @@ import pytest
 
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
-from recipe.run_dir import checkpoints_dir, diagnostics_file, rank_log_file
+from rundir.layout import checkpoints_dir, diagnostics_file, rank_log_file
 
 from .conftest import REPO
 from .train_helpers import (

@@ -18,13 +18,13 @@ from PIL import Image
 
 import eval.generate as generate_module
 import eval.hook as hook_module
+from config import EvalSection, parse_recipe
 from data.synthetic import write_synthetic
 from eval.__main__ import ModelPlan, main, plan_model
 from eval.generate import common_width, generate_answers, left_pad, merge_gathered, shard_for_rank
 from eval.hook import EvalGateError, evaluate_stage, gate_violations
 from eval.report import biggest_changes, write_report
 from eval.tasks import TASKS, load_examples
-from recipe import EvalSection, parse_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -526,7 +526,7 @@ def touch(folder: Path, name: str) -> Path:
 
 
 def test_model_plans_for_run_directories(tmp_path):
-    from recipe.run_dir import Weights, write_start
+    from rundir.weights import Weights, write_start
 
     recipe = parse_recipe(
         {"model": {"name_or_path": "org/base"}, "stages": ["eval"], "eval": {"tasks": ["chartqa"]}},
@@ -579,7 +579,7 @@ def test_dpo_eval_and_export_agree_on_a_runs_weights(tmp_path):
     export's merge chain are the same weights, and they are what dpo/start.json records."""
     import json
 
-    from recipe.run_dir import dpo_start, stage_weights, write_start
+    from rundir.weights import dpo_start, stage_weights, write_start
 
     recipe = parse_recipe(
         {
@@ -612,7 +612,7 @@ def test_dpo_eval_and_export_agree_on_a_runs_weights(tmp_path):
 
 
 def yaml_dump(recipe) -> str:
-    from recipe.parse import resolved_yaml
+    from config.parse import resolved_yaml
 
     return resolved_yaml(recipe)
 

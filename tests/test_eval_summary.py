@@ -3,7 +3,7 @@
 import json
 
 from eval.summary import run_summary
-from recipe.run_dir import adapter_dir, eval_dir, merged_dir, summary_file
+from rundir.layout import adapter_dir, eval_dir, merged_dir, summary_file
 
 
 def test_the_summary_lists_scores_skips_and_paths(tmp_path):

@@ -25,6 +25,8 @@ from transformers import (
 )
 
 import models
+from config import load_recipe
+from config.parse import resolved_yaml
 from models.adapters import ADAPTER_CONFIG, FULL_WEIGHTS, PEFT_011_LORA_KEYS, apply_adapter, portable_config
 from models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from models.phi3v.export_files import (
@@ -34,12 +36,11 @@ from models.phi3v.export_files import (
     write_hub_files,
 )
 from models.phi3v.tiny import build_tiny_tokenizer, tiny_config
-from recipe import load_recipe
-from recipe.parse import resolved_yaml
-from recipe.run_dir import adapter_dir, merged_dir, recipe_file, write_text_atomically
-from train import export
-from train.model_loading import save_trained
-from train.trainable import configure_trainable
+from rundir.atomic import write_text_atomically
+from rundir.layout import adapter_dir, merged_dir, recipe_file
+from train.core.model_loading import save_trained
+from train.core.trainable import configure_trainable
+from train.export import merge as export
 
 from .conftest import PHI3V_HUB, PHI35V_HUB, REPO, needs_hub
 
@@ -315,7 +316,7 @@ def test_push_to_hub_against_a_local_stub(exported, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the stub is local; nothing else is reached
-    from train.hub_export import push_to_hub
+    from train.export.hub import push_to_hub
 
     try:
         report = push_to_hub(

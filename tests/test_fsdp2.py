@@ -15,8 +15,8 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
-from recipe.run_dir import checkpoints_dir, diagnostics_file
-from train.validation import filler_batches
+from rundir.layout import checkpoints_dir, diagnostics_file
+from train.core.validation_loss import filler_batches
 
 from .train_helpers import (
     REPO,

@@ -20,13 +20,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from config.parse import RecipeError, _schema_walk, load_recipe, parse_recipe
+from config.schema import Recipe
+from config.strict_yaml import strict_safe_load
 from data.adapters import ADAPTERS, adapt_row
 from data.images import image_size, load_rgb
 from data.sample import DataError, ImageRef, Origin
-from recipe.manifest import ManifestError, read_manifest, verify_manifest, write_manifest
-from recipe.parse import RecipeError, _schema_walk, load_recipe, parse_recipe
-from recipe.schema import Recipe
-from recipe.strict_yaml import strict_safe_load
+from rundir.manifest import ManifestError, read_manifest, verify_manifest, write_manifest
 
 FUZZ = settings(
     max_examples=300,

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from recipe import load_recipe
-from train import export, grpo, sft
+from config import load_recipe
+from train import grpo, sft
+from train.export import merge as export
 
 from .train_helpers import DEMO, REPO, adapter, assert_same_adapter, history, launch_two_processes
 

@@ -1,4 +1,4 @@
-"""train.grpo_losses against TRL 1.16's own GRPOTrainer loss code, on random log-probs and advantages.
+"""train.rl.losses against TRL 1.16's own GRPOTrainer loss code, on random log-probs and advantages.
 
 TRL computes the GRPO loss family inside `GRPOTrainer._compute_loss(model, inputs)`. We call that method on a trainer
 made with `__new__` (no model, no datasets, no generation) holding only the attributes the method reads, with its
@@ -19,8 +19,8 @@ import torch
 from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from train import grpo_losses
-from train.grpo_losses import (
+from train.rl import losses as grpo_losses
+from train.rl.losses import (
     LOSS_TYPES,
     batch_loss,
     clip_metrics,

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from config.schema import GrpoReward
 from data.sample import Origin
 from eval.tasks import TASKS, EvalExample
-from recipe.schema import GrpoReward
-from train.grpo_rewards import REWARD_TYPES, RewardError, build_rewards, extract_answer, score_completions
+from train.rl.rewards import REWARD_TYPES, RewardError, build_rewards, extract_answer, score_completions
 
 from .test_metrics import OPTIONS, PIX2STRUCT_PAIRS
 
@@ -42,7 +42,7 @@ def score(spec_type, completion, ex, **kwargs):
 def test_the_schema_lists_every_reward_type():
     from typing import get_args
 
-    from recipe.schema import GrpoRewardType
+    from config.schema import GrpoRewardType
 
     assert set(get_args(GrpoRewardType)) == set(REWARD_TYPES)
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from config import load_recipe
 from data.loaders import load_samples, plan
 from data.sources import SkipCounter
 from eval.curves import curves_section
-from recipe import load_recipe
-from recipe.run_dir import start_file
+from rundir.layout import start_file
 from train import grpo
-from train import model_loading as common
-from train.callbacks import Preempted
-from train.grpo_rollout import TorchRollout
-from train.grpo_step import completion_seeds, completion_token_logps, prompt_example, rollout_batch
-from train.trainable import configure_trainable, dpo_parts
+from train.core import model_loading as common
+from train.core.callbacks import Preempted
+from train.core.trainable import configure_trainable, dpo_parts
+from train.rl.rollout import TorchRollout
+from train.rl.step import completion_seeds, completion_token_logps, prompt_example, rollout_batch
 
 from .train_helpers import REPO, adapter, assert_same_adapter, history
 

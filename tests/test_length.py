@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from data.length import LengthGroupedSampler, plan_lengths
+from data.length import plan_lengths
 from data.render import render_preference, render_sft
 from data.sample import DataError, ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
+from data.samplers import LengthGroupedSampler
 from data.sources import SkipCounter
 from tests.conftest import drawn_image
 

@@ -1,4 +1,4 @@
-"""The memory planner (train/memory.py): parameter counts of the real model built on the meta device, model-state
+"""The memory planner (train/tools/memory_plan.py): parameter counts of the real model built on the meta device, model-state
 bytes equal to DeepSpeed's own estimator, plans for the ChartQA LoRA recipe and a full fine-tune on 8 x 80 GB, and
 the activation estimate against the measured peak RSS of the tiny model on CPU."""
 
@@ -16,8 +16,8 @@ import textwrap
 
 import pytest
 
-from recipe import load_recipe
-from train import memory
+from config import load_recipe
+from train.tools import memory_plan as memory
 
 from .conftest import REPO
 
@@ -139,10 +139,10 @@ def test_the_command_line_prints_every_strategy():
 MEASURE = textwrap.dedent("""
     import gc, json, sys, torch
     from PIL import Image
-    from recipe import load_recipe
-    from train.losses import sft_loss_sum
-    from train.memory import activation_bytes, build_model, count
-    from train.model_loading import build_tiny
+    from config import load_recipe
+    from train.core.losses import sft_loss_sum
+    from train.tools.memory_plan import activation_bytes, build_model, count
+    from train.core.model_loading import build_tiny
 
     def status(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as torch_mp
 
+from config import load_recipe
 from data import length as length_module
 from data.length import plan_lengths
 from data.loaders import plan_stage
@@ -21,9 +22,8 @@ from data.plan_cache import PLANS_DIR
 from data.plan_table import PlanTable
 from data.sample import ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
 from data.sources import SkipCounter
-from recipe import load_recipe
 from tests.conftest import drawn_image
-from train.checkpoint import data_fingerprint
+from train.core.checkpoint import data_fingerprint
 
 from .conftest import REPO
 
@@ -201,7 +201,7 @@ def test_planning_by_row_ranges_equals_reading_then_planning(tiny_processor, tmp
     what reading every sample and planning them gives: samples, order, skips, and the first error."""
     from data import length as length_module
     from data.loaders import plan, read_samples
-    from data.ranks import cores_per_rank
+    from runtime.processes import cores_per_rank
 
     monkeypatch.setattr(length_module, "MIN_ROWS_PER_WORKER", 2)
     monkeypatch.setattr("data.plan_build.MIN_ROWS_PER_WORKER", 2)
@@ -265,11 +265,11 @@ def test_planning_in_worker_processes_gives_the_same_plan_and_skips(tiny_process
 def _two_ranks(rank: int, port: int, folder: str, results: dict) -> None:
     import torch.distributed as dist
 
+    from config.schema import DataSection
     from data.loaders import plan
-    from data.ranks import Ranks
     from models.phi3v import Phi3VImageProcessor, Phi3VProcessor
     from models.phi3v.tiny import build_tiny_tokenizer
-    from recipe.schema import DataSection
+    from runtime.processes import Ranks
     from tests.conftest import TINY_TEXTS
 
     torch.set_num_threads(1)
@@ -311,8 +311,8 @@ def free_port() -> int:
 def test_two_ranks_share_planning_and_decoding_and_agree(tiny_processor, tmp_path):
     samples = many_samples(tmp_path, 30)
     skips = SkipCounter()
+    from config.schema import DataSection
     from data.loaders import plan
-    from recipe.schema import DataSection
 
     expected = plan(
         samples, tiny_processor, DataSection(max_length=90, on_bad_sample="skip"), skips, progress=False

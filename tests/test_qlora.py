@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from config import RecipeError, load_recipe, parse_recipe, recipe_to_dict
 from eval.__main__ import ModelPlan, load_planned
 from eval.hook import evaluate_stage
 from models.phi3v import Phi3VForCausalLM
@@ -25,13 +26,13 @@ from models.quantization import (
     quantize_language_model_,
     weight_bytes,
 )
-from recipe import RecipeError, load_recipe, parse_recipe, recipe_to_dict
-from recipe.run_dir import stage_weights
-from train import export, optim
-from train.callbacks import Preempted
-from train.dry_run import dry_run
-from train.model_loading import build_tiny, load_weights
-from train.trainable import configure_trainable, trainable_counts
+from rundir.weights import stage_weights
+from train.core import optim
+from train.core.callbacks import Preempted
+from train.core.model_loading import build_tiny, load_weights
+from train.core.trainable import configure_trainable, trainable_counts
+from train.export import merge as export
+from train.tools.dry_run import dry_run
 
 from .train_helpers import (
     DEMO,
@@ -240,7 +241,7 @@ def test_the_8bit_optimizer_trains_with_8bit_states(language, synthetic, tmp_pat
     assert sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
     from safetensors.torch import load_file
 
-    from train.checkpoint import OPTIMIZER_TENSORS
+    from train.core.checkpoint import OPTIMIZER_TENSORS
 
     tensors = load_file(str(next((run / "sft" / "checkpoints").glob("step-*")) / OPTIMIZER_TENSORS))
     # bitsandbytes' quant state; parameters under its min_8bit_size keep 32-bit moments
@@ -258,8 +259,8 @@ def test_the_paged_optimizer_is_refused_without_cuda_naming_the_one_that_runs():
 def test_the_optimizer_choices_equal_the_implemented_ones():
     import typing
 
+    from config import schema
     from models.quantization import QUANTIZATIONS
-    from recipe import schema
 
     assert typing.get_args(schema.Optimizer) == optim.OPTIMIZERS
     assert typing.get_args(schema.Quantization) == ("none", *QUANTIZATIONS)
@@ -389,8 +390,8 @@ def test_a_quantized_dpo_step_zero_is_log_2_on_a_batch(synthetic):
     """The DPO loss on one batch of the quantised policy with a fresh adapter (no training loop)."""
     from data.loaders import load_samples, loader_factory, plan
     from data.sources import SkipCounter
-    from train.losses import DPOLoss
-    from train.trainable import dpo_parts
+    from train.core.trainable import dpo_parts
+    from train.preference.stage_loss import DPOLoss
 
     recipe = demo_recipe(f"data.train.0.path={synthetic}", "model.quantization=nf4", "dpo.sft_weight=0.0")
     model, processor = build_tiny(recipe.model, seed=0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipe.parse import (
+from config.parse import (
     RecipeError,
     RecipeWarning,
     load_recipe,
@@ -24,13 +24,14 @@ from recipe.parse import (
     redact_secrets,
     resolved_yaml,
 )
-from recipe.run_dir import RESOLVED_RECIPE as RESOLVED_RECIPE_NAME
-from recipe.run_dir import recipe_file, resolve_output_dir, write_text_atomically
-from recipe.schema import DpoLoss, LoraSection, Recipe, Source
+from config.schema import DpoLoss, LoraSection, Recipe, Source
+from rundir.atomic import write_text_atomically
+from rundir.layout import RESOLVED_RECIPE as RESOLVED_RECIPE_NAME
+from rundir.layout import recipe_file, resolve_output_dir
 
 
 def save_resolved(recipe, run_dir):
-    """What the run directory writes at a stage's start (recipe.run_dir.prepare_stage_dir)."""
+    """What the run directory writes at a stage's start (rundir.stage_dir.prepare_stage_dir)."""
     return write_text_atomically(recipe_file(run_dir), resolved_yaml(recipe))
 
 
@@ -625,7 +626,7 @@ def test_a_key_given_twice_in_one_mapping_is_an_error_naming_the_key_and_both_li
 
 
 def test_strict_yaml_reads_what_safe_load_reads_merge_keys_and_anchors_included(tmp_path):
-    from recipe.strict_yaml import strict_safe_load
+    from config.strict_yaml import strict_safe_load
 
     text = (
         "base: &b {lr: 1, steps: 2}\nother:\n  <<: *b\n  lr: 3\nlist: [*b, *b]\nwhen: 2026-01-01\n"

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from accelerate.utils import DistributedType
 
+from config import RecipeError, Source, load_recipe, parse_recipe
+from config.checks import fewest_image_tokens
 from data.sample import DataError
-from recipe import RecipeError, Source, load_recipe, parse_recipe
-from recipe.checks import fewest_image_tokens
-from train.dry_run import cli, dry_run
-from train.trainable import PARTS
+from train.core.trainable import PARTS
+from train.tools.dry_run import cli, dry_run
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))

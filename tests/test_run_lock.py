@@ -1,4 +1,4 @@
-"""One writer per run directory (recipe/run_lock.py): of two launches at once one runs and the other exits 2 naming
+"""One writer per run directory (rundir/run_lock.py): of two launches at once one runs and the other exits 2 naming
 the holder; a crashed holder's lock is stale (its process is gone, or its lease ran out) and the next launch takes it."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import pytest
 
 from data.synthetic import DEMO_COUNTS as SYNTHETIC_COUNTS
 from data.synthetic import write_synthetic
-from recipe import run_lock
-from recipe.run_dir import lock_file
+from rundir import run_lock
+from rundir.layout import lock_file
 
 from .train_helpers import DEMO, REPO, run_stage, small_overrides, wait_for_file
 
 HOLD = (
-    "import sys, time; from recipe import run_lock; run_lock.acquire(sys.argv[1], command='holder'); "
+    "import sys, time; from rundir import run_lock; run_lock.acquire(sys.argv[1], command='holder'); "
     "print('held', flush=True); time.sleep(600)"
 )
 
@@ -54,7 +54,7 @@ def test_a_live_holder_refuses_a_second_writer_and_a_killed_one_leaves_a_stale_l
         job.send_signal(signal.SIGKILL)
         job.wait()
     assert json.loads(lock_file(run).read_text())["pid"] == job.pid  # SIGKILL: nothing released it
-    with caplog.at_level("WARNING", logger="recipe.run_lock"):
+    with caplog.at_level("WARNING", logger="rundir.run_lock"):
         lock = run_lock.acquire(run, command="after the crash")
     assert f"its process {job.pid} is gone" in caplog.text
     assert json.loads(lock_file(run).read_text())["pid"] == os.getpid()
@@ -81,7 +81,7 @@ def test_a_lock_of_another_host_is_stale_only_once_its_lease_ran_out(tmp_path):
 
 
 def test_a_stage_joins_the_lock_of_its_own_launch(tmp_path, monkeypatch, capsys):
-    """launch.sh takes the lock for its own pid (`python -m recipe.run_lock acquire`) and hands the token on."""
+    """launch.sh takes the lock for its own pid (`python -m rundir.run_lock acquire`) and hands the token on."""
     assert run_lock.main(["acquire", str(tmp_path), "--pid", str(os.getpid()), "--command", "launch.sh"]) == 0
     token = capsys.readouterr().out.strip()
     monkeypatch.setenv(run_lock.TOKEN_ENV, token)

@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from data.multipage import write_multipage
-from recipe.run_dir import checkpoints_dir, diagnostics_file
+from rundir.layout import checkpoints_dir, diagnostics_file
 
 from .train_helpers import (
     REPO,

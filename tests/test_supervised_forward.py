@@ -4,13 +4,13 @@ the kept positions and the same gradients, and hands every batch it cannot take 
 import pytest
 import torch
 
+from config.schema import LoraSection, ModelSection
 from data.collate import SFTCollator
 from models.phi3v import supervised_forward
 from models.phi3v.supervised_forward import supervised_logits
-from recipe.schema import LoraSection, ModelSection
 from tests.conftest import chat, drawn_image
-from train.losses import model_inputs, supervised_positions
-from train.trainable import configure_trainable
+from train.core.losses import model_inputs, supervised_positions
+from train.core.trainable import configure_trainable
 
 
 def rows(processor, answers=("red", "two blue", "circle", "The answer is three")):

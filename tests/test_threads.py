@@ -1,14 +1,14 @@
 """Intra-op threads: `train.num_threads`, then $OMP_NUM_THREADS, then cores // local processes on CPU; launch.sh's
-per-process default (train/device.py set_threads, launch.sh)."""
+per-process default (train/core/device.py set_threads, launch.sh)."""
 
 import os
 
 import pytest
 import torch
 
-from recipe import load_recipe
+from config import load_recipe
 from tests.test_launch import REPO, launch
-from train.device import set_threads
+from train.core.device import set_threads
 
 
 @pytest.fixture()

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import load_recipe
 from data.synthetic import DEMO_COUNTS, write_synthetic
 from eval.curves import nice_ticks
 from eval.report import render_report
-from recipe import load_recipe
-from train.tracking import batch_tokens, make_trackers
+from train.core.tracking import batch_tokens, make_trackers
 
 from .train_helpers import DEMO, run_stage, small_overrides
 
@@ -40,9 +40,9 @@ def test_batch_tokens_counts_every_unpadded_token_and_the_supervised_ones():
 def test_validation_loss_is_per_supervised_token_whatever_the_batch_size(tmp_path):
     from accelerate import Accelerator
 
-    from train.losses import sft_loss_sum, supervised_tokens
-    from train.model_loading import build_tiny
-    from train.validation import ValidationLoss
+    from train.core.losses import sft_loss_sum, supervised_tokens
+    from train.core.model_loading import build_tiny
+    from train.core.validation_loss import ValidationLoss
 
     synthetic = tmp_path / "synthetic"
     write_synthetic(synthetic, seed=0, **DEMO_COUNTS)
@@ -100,8 +100,8 @@ def test_a_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
     import wandb
     from accelerate import Accelerator
 
-    from recipe.run_dir import wandb_id_file
-    from train import tracking
+    from rundir.layout import wandb_id_file
+    from train.core import tracking
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

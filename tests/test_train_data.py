@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from data.loaders import PackedBatchSampler, ShuffledBatchSampler, pack_first_fit
+from data.samplers import PackedBatchSampler, ShuffledBatchSampler, pack_first_fit
 
 
 def step_sets(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from train.callbacks import Preempted
+from train.core.callbacks import Preempted
 
 from .train_helpers import (
     adapter,

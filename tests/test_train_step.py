@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from config.schema import LoraSection, ModelSection
 from models.phi3v import Phi3VForCausalLM, Phi3VImageProcessor
 from models.phi3v.sizes import PARAMETERS, full_size_config
-from recipe.schema import LoraSection, ModelSection
 from tests.test_launch import REPO
-from train.losses import sft_loss_sum
-from train.trainable import configure_trainable
+from train.core.losses import sft_loss_sum
+from train.core.trainable import configure_trainable
 
 spec = importlib.util.spec_from_file_location("train_step", REPO / "benchmarks" / "train_step.py")
 train_step = importlib.util.module_from_spec(spec)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
+from config import LoraSection, ModelSection
 from data.synthetic import DEMO_COUNTS, write_synthetic
-from recipe import LoraSection, ModelSection
-from train.model_loading import build_tiny
-from train.trainable import PROJECTOR, VISION, configure_trainable, part_of, trainable_counts
+from train.core.model_loading import build_tiny
+from train.core.trainable import PROJECTOR, VISION, configure_trainable, part_of, trainable_counts
 
 from .train_helpers import run_stage, small_overrides
 

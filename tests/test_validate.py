@@ -1,4 +1,4 @@
-"""Decode before you train (data/validate.py): a corrupt image is an error or a counted skip before step 1, the
+"""Decode before you train (data/decode_check.py): a corrupt image is an error or a counted skip before step 1, the
 decode cache spares known-good files, and a decode that still fails in a DataLoader worker follows the skip policy."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data.validate as validate
+import data.decode_check as validate
+from config import Source, load_recipe
 from data.loaders import SKIPPED_KEY, load_samples, loader_factory, plan
 from data.sample import DataError
 from data.sources import SkipCounter
-from recipe import Source, load_recipe
-from recipe.run_dir import summary_file
+from rundir.layout import summary_file
 from train import sft
 
 from .conftest import REPO

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from eval.report import predictions_path
-from recipe.run_dir import checkpoints_dir, eval_dir, merged_dir
+from rundir.layout import checkpoints_dir, eval_dir, merged_dir
 
 from .train_helpers import (
     REPO,

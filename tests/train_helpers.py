@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from recipe import load_recipe
+from config import load_recipe
 from train import dpo, sft
 
 from .conftest import REPO
@@ -64,7 +64,7 @@ def two_process_command(
     processes: int = 2,
 ) -> tuple[list[str], dict[str, str]]:
     """(command, environment) that launch the stage in 2 (or `processes`) CPU processes over gloo: DDP, DeepSpeed, or
-    FSDP2 (the shipped recipes/accelerate/fsdp2.yaml with 2 processes in fp32; train.device selects FSDP2 on CPU)."""
+    FSDP2 (the shipped recipes/accelerate/fsdp2.yaml with 2 processes in fp32; train.core.device selects FSDP2 on CPU)."""
     command = [
         sys.executable,
         "-m",

@@ -3,14 +3,14 @@
     accelerate launch train/dpo.py recipes/rlaif_v.yaml [key=value ...]
     ./launch.sh recipes/demo.yaml                          # SFT, then this stage on the same run directory
 
-Starting point (recipe/run_dir.py `dpo_start`): `dpo.from_sft` (an SFT run directory or adapter), else this run's
+Starting point (rundir/layout.py `dpo_start`): `dpo.from_sft` (an SFT run directory or adapter), else this run's
 SFT model when the recipe's stages include sft, else the base model; the run directory records it
-(`recipe.run_dir.write_start`) with the SFT adapter's content hash. The SFT adapter is merged into the weights; DPO trains a fresh LoRA on top (the language
+(`rundir.weights.write_start`) with the SFT adapter's content hash. The SFT adapter is merged into the weights; DPO trains a fresh LoRA on top (the language
 model, and the CLIP tower when `model.vision: lora`; everything else is frozen), and the reference model is the same
 network with the adapter disabled: exactly the SFT policy, no second copy in memory.
 
-One vision pass per pair (train/losses.py `DPOLoss`). The loss is summed over pairs and divided by the pairs of the
-whole optimizer step (train/loop.py).
+One vision pass per pair (train/core/losses.py `DPOLoss`). The loss is summed over pairs and divided by the pairs of the
+whole optimizer step (train/core/loop.py).
 """
 
 from __future__ import annotations
@@ -24,26 +24,22 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import Recipe
 from data.loaders import stage_loaders
 from data.sources import SkipCounter
-from recipe import Recipe
-from recipe.run_dir import (
-    adapter_dir,
-    cache_dir,
-    dpo_start,
-    mark_training_started,
-    preference_eval_file,
-    write_json_atomically,
-    write_start,
-)
-from train import callbacks, device, reference_cache, sequence_groups, trainer
-from train.checkpoint import data_fingerprint
-from train.cli import run_cli
-from train.loop import total_steps_for
-from train.losses import DPOLoss, count_pairs
-from train.model_loading import load_policy, save_trained
-from train.preference_eval import preference_eval
-from train.trainable import configure_trainable, dpo_parts, report_trainable, upcast_trainable_
+from rundir.atomic import write_json_atomically
+from rundir.layout import adapter_dir, cache_dir, preference_eval_file
+from rundir.stage_dir import mark_training_started
+from rundir.weights import dpo_start, write_start
+from train.core import callbacks, device, sequence_groups, trainer
+from train.core.checkpoint import data_fingerprint
+from train.core.cli import run_cli
+from train.core.loop import total_steps_for
+from train.core.model_loading import load_policy, save_trained
+from train.core.trainable import configure_trainable, dpo_parts, report_trainable, upcast_trainable_
+from train.preference import reference_cache
+from train.preference.heldout_accuracy import preference_eval
+from train.preference.stage_loss import DPOLoss, count_pairs
 
 log = logging.getLogger("train.dpo")
 
@@ -139,7 +135,7 @@ def main(
     upcast_trainable_(model)
     log.info(report_trainable(model))
     # A frozen tower's image features are computed once per pair, outside the passes, except under FSDP, where
-    # they can be computed only inside the model's forward (train.device.model_forward_only): there each pass
+    # they can be computed only inside the model's forward (train.core.device.model_forward_only): there each pass
     # encodes its images (two vision passes per pair, the same values).
     share = parts.vision != "lora" and not device.model_forward_only(accelerator)
     sequence_groups.attach(model, sp)

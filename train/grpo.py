@@ -3,16 +3,16 @@
     accelerate launch train/grpo.py recipes/chartqa_grpo.yaml [key=value ...]
     ./launch.sh recipes/demo_grpo.yaml                      # SFT, then this stage on the same run directory
 
-Starting point (recipe/run_dir.py `grpo_start`): this run's DPO model when its stages include dpo, else its SFT
-model, else the base; the run directory records it (`recipe.run_dir.write_start`) with the adapters' content hashes. The starting adapters
+Starting point (rundir/layout.py `grpo_start`): this run's DPO model when its stages include dpo, else its SFT
+model, else the base; the run directory records it (`rundir.weights.write_start`) with the adapters' content hashes. The starting adapters
 are merged into the weights and GRPO trains a fresh LoRA on top (`model.language: full` with `grpo.beta: 0` trains
 the language model in full instead); the KL reference (`grpo.beta > 0`) is the same network with the adapter
 disabled.
 
 Each optimizer step: `grpo.num_generations` completions sampled per prompt with the training model (one vision
 pass and one prompt prefill per prompt, the KV cache shared by the G completions), rewarded by the task metrics
-(`grpo.rewards`), advantages within each group, TRL's clipped loss on the completion tokens (train/grpo_step.py,
-train/grpo_losses.py, docs/grpo.md).
+(`grpo.rewards`), advantages within each group, TRL's clipped loss on the completion tokens (train/rl/step.py,
+train/rl/losses.py, docs/grpo.md).
 """
 
 from __future__ import annotations
@@ -25,27 +25,22 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import Recipe
 from data.loaders import check_enough, load_samples, plan
 from data.sources import SkipCounter
-from recipe import Recipe
-from recipe.run_dir import (
-    adapter_dir,
-    cache_dir,
-    grpo_start,
-    mark_training_started,
-    summary_file,
-    write_start,
-)
-from train import callbacks, device, trainer
-from train.checkpoint import data_fingerprint
-from train.cli import run_cli
-from train.grpo_losses import check_options
-from train.grpo_rewards import build_rewards
-from train.grpo_rollout import TorchRollout
-from train.grpo_step import GRPOData, GRPOLoss, grpo_parts
-from train.loop import total_steps_for
-from train.model_loading import load_policy, save_trained
-from train.trainable import configure_trainable, report_trainable, upcast_trainable_
+from rundir.layout import adapter_dir, cache_dir, summary_file
+from rundir.stage_dir import mark_training_started
+from rundir.weights import grpo_start, write_start
+from train.core import callbacks, device, trainer
+from train.core.checkpoint import data_fingerprint
+from train.core.cli import run_cli
+from train.core.loop import total_steps_for
+from train.core.model_loading import load_policy, save_trained
+from train.core.trainable import configure_trainable, report_trainable, upcast_trainable_
+from train.rl.losses import check_options
+from train.rl.rewards import build_rewards
+from train.rl.rollout import TorchRollout
+from train.rl.step import GRPOData, GRPOLoss, grpo_parts
 
 log = logging.getLogger("train.grpo")
 

@@ -6,7 +6,7 @@
 
 Reads top to bottom: recipe, run directory, model, data, base eval, trainable parts, preflight, loop, save, eval.
 The loss is summed over supervised tokens and divided by the supervised tokens of the whole optimizer step, across
-micro-batches and ranks (train/loop.py).
+micro-batches and ranks (train/core/loop.py).
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (accelerate launch train/sft.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import Recipe
 from data.loaders import stage_loaders
 from data.sources import SkipCounter
-from recipe import Recipe
-from recipe.run_dir import adapter_dir, cache_dir, mark_training_started, merged_dir
-from train import callbacks, device, sequence_groups, trainer
-from train.checkpoint import data_fingerprint
-from train.cli import run_cli
-from train.loop import total_steps_for
-from train.losses import sft_loss_sum, supervised_tokens
-from train.model_loading import is_peft, load_model, save_trained
-from train.trainable import (
+from rundir.layout import adapter_dir, cache_dir, merged_dir
+from rundir.stage_dir import mark_training_started
+from train.core import callbacks, device, sequence_groups, trainer
+from train.core.checkpoint import data_fingerprint
+from train.core.cli import run_cli
+from train.core.loop import total_steps_for
+from train.core.losses import sft_loss_sum, supervised_tokens
+from train.core.model_loading import is_peft, load_model, save_trained
+from train.core.trainable import (
     LANGUAGE,
     check_gradients,
     configure_trainable,
@@ -38,7 +39,7 @@ from train.trainable import (
     trained_parts,
     upcast_trainable_,
 )
-from train.validation import ValidationLoss
+from train.core.validation_loss import ValidationLoss
 
 log = logging.getLogger("train.sft")
 

@@ -26,6 +26,8 @@ from transformers.models.phi3.modeling_phi3 import (
     Phi3RotaryEmbedding,
 )
 
+from runtime.processes import several_processes
+
 from .configuration import Phi3VConfig
 from .sequence_parallel import SPLIT_ATTENTION, SequenceParallel, decoder_forward
 from .vision import Phi3VImageEmbedding
@@ -305,15 +307,6 @@ def enable_sequence_parallel(model, sp: SequenceParallel) -> None:
             )
     decoder.sequence_parallel = sp
     decoder.vision_embed_tokens.sequence_parallel = sp
-
-
-def several_processes() -> bool:
-    """Whether a torch.distributed process group of more than one rank exists (DDP, DeepSpeed, FSDP)."""
-    return (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
 
 
 def check_attn_implementation(name: str) -> None:

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
-from .modeling import Phi3VForCausalLM, several_processes
+from runtime.processes import several_processes
+
+from .modeling import Phi3VForCausalLM
 
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_features", "sequence_images")
 
