@@ -7,7 +7,7 @@
 Every piece builds the real Phi-3-vision-128k-instruct geometry (`models.phi3v.sizes.full_size_config`: hidden
 3072, 32 layers, vocab 32,064, CLIP ViT-L/14-336) with random weights drawn by the model's own initialiser, directly
 in bf16 on the device (no download), and reuses benchmarks/train_step.py's batches, steps and FLOP model
-(`step_flops`, checked against torch's FlopCounterMode in tests/test_train_step.py). A batch is one ChartQA-sized
+(`step_flops`, checked against torch's FlopCounterMode in tests/train/test_train_step.py). A batch is one ChartQA-sized
 chart per sample at num_crops 16 plus 256 text tokens (the last 32 supervised). The pieces:
 
 1. `sft`: LoRA r 64 SFT steps (tower frozen, projector full, gradient checkpointing on, as recipes/chartqa.yaml)
@@ -37,7 +37,7 @@ table) under `--out` (default `benchmarks/results/`).
 
 `--smoke` runs the same pieces on the CPU at `train_step.tiny_size_config` (the real layout, vocabulary and crop
 geometry; widths of 64), one crop per image, 64 text tokens and a 1,024-token "long" sample: it checks that the
-check runs, not the GPU's speed (tests/test_gpu_check.py runs it; tests marked `gpu` run the pieces at small size
+check runs, not the GPU's speed (tests/benchmarks/test_gpu_check.py runs it; tests marked `gpu` run the pieces at small size
 where CUDA exists).
 """
 

@@ -30,7 +30,7 @@ Measured per side over the timed steps: completions/s, s/step, completion tokens
 different ids: TRL at the tokenizer's EOS, ours at `<|end|>` too), CLIP calls and images per step (forward hooks on
 the CLIP trunk, counted by patching `Phi3VImageEmbedding.forward`). Losses are not compared: each side samples its
 completions from its own random stream, so the sides train on different completions; the loss formulas are shown
-equal to TRL's, on the same inputs, by tests/test_grpo_losses.py.
+equal to TRL's, on the same inputs, by tests/train/test_grpo_losses.py.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ Same work on both sides:
   pairs, from `models.phi3v.supervised_forward` (one process, SDPA, right padding): the decoder's layers run on the
   batch's real tokens only (the padding, ~40% of these batches' positions, is never computed) and the last layer's
   queries, attention output, MLP and final norm only at the supervised positions. Same logits and gradients as the
-  full forward (tests/test_supervised_forward.py); LM tokens/step shows the positions it computes. No CLIP pass for
+  full forward (tests/models/test_supervised_forward.py); LM tokens/step shows the positions it computes. No CLIP pass for
   a text-only batch in one process;
 - TRL: `trl.SFTTrainer(model, args=SFTConfig(...), train_dataset=rows, data_collator=..., peft_config=LoraConfig)`:
   its fused log-prob head over every position, plus its entropy and token-accuracy metrics.

@@ -22,7 +22,7 @@ Batches (built in-process, no tokenizer): per sample `--images` chart-like pictu
 with two `--answer-tokens` completions. `--packing 1` packs the micro-batch into one row (`PackedSFTCollator`'s
 layout, position ids restarting, no attention mask; SFT only).
 
-FLOP model (`step_flops`; checked against torch.utils.flop_counter.FlopCounterMode in tests/test_train_step.py:
+FLOP model (`step_flops`; checked against torch.utils.flop_counter.FlopCounterMode in tests/train/test_train_step.py:
 exactly equal for the forward and for a full fine-tune's forward + backward, with eager attention: on CPU,
 FlopCounterMode counts SDPA as 0, torch 2.13 having no formula for _scaled_dot_product_flash_attention_for_cpu).
 Counted: matmuls, convolutions and attention (what FlopCounterMode counts); not norms, activations, softmax.

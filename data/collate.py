@@ -13,7 +13,7 @@ Rows (what `RenderedDataset[i]` returns, and what the collators take):
 
 Crops stay uint8 (4x fewer bytes through the worker queues than float32); the model normalises them on its device.
 
-Example (runs as is; `python -c` it or see tests/test_collate.py)::
+Example (runs as is; `python -c` it or see tests/data/test_collate.py)::
 
     import io, torch
     from PIL import Image
@@ -277,7 +277,7 @@ class PackedSFTCollator:
     config has `use_cache: true`, so a plain `model(input_ids=..., position_ids=...)` creates a cache and, under
     SDPA, silently attends across samples (checked: the second sample's logits move by ~2 on the tiny model). The
     batch therefore carries `use_cache=False`, and `model(**batch)` gives each sample the logits it gets alone
-    (tests/test_collate.py checks it with SDPA on the tiny model). A 4D mask would also work but costs N^2 memory
+    (tests/data/test_collate.py checks it with SDPA on the tiny model). A 4D mask would also work but costs N^2 memory
     and rules out flash-attention's varlen path.
 
     Phi-3's long/short RoPE factors are picked per forward from the largest position id (> 4096 -> long), as in a

@@ -7,7 +7,7 @@ Rank r reads the r-th contiguous block of the source's rows (a map-style `datase
 its Arrow file), in `workers` forked processes; each row is adapted (data/adapters.py), planned (data/length.py:
 chat template, tokens, image headers) and encoded for the table (data/plan_table.py). The blocks' results are
 gathered in row order, so every rank assembles the same table. The result equals what `data.loaders.read_samples`
-+ `data.length.plan_lengths` give (tests/test_plan_cache.py): the same samples, the same skips in the same order
++ `data.length.plan_lengths` give (tests/data/test_plan_cache.py): the same samples, the same skips in the same order
 (rows the adapter refuses first, then rows planning refuses or finds over-long, in row order), the same first error
 under `on_bad_sample: error`, and the same "every row is bad" error.
 

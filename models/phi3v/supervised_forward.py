@@ -10,7 +10,7 @@ not needed (docs/architecture.md#sft-forward-on-real-tokens):
 - the last decoder layer: its keys and values are needed at every real token, but its queries, attention output,
   MLP and the final norm only at the kept positions, whose logits are all that leave the model.
 
-The result equals the full forward's `logits_to_keep` logits up to float rounding (tests/test_supervised_forward.py),
+The result equals the full forward's `logits_to_keep` logits up to float rounding (tests/models/test_supervised_forward.py),
 and so do the gradients. (Dropout, e.g. LoRA's, draws its masks for the positions computed: the same distribution,
 not the same random numbers as the full forward.) The decoder is run here from its own modules (LoRA layers included, since peft replaces the
 Linear modules in place), so `supervised_logits` takes this path only where nothing else has to see the model's

@@ -66,7 +66,7 @@ def pair_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) of the 2B completions (chosen 0..B-1, rejected B..2B-1): from the
     prefix-sharing layout where `shares_prompt`, else from the 2B-row layout; the same values either way
-    (tests/test_dpo_shared_prompt.py). Under sequence parallelism every rank of the group gets the whole sums."""
+    (tests/train/test_dpo_shared_prompt.py). Under sequence parallelism every rank of the group gets the whole sums."""
     if shares_prompt(model, batch):
         return shared_completion_logps(model, batch, image_kwargs, sp)
     return completion_logps(model, batch, image_kwargs, sp)

@@ -21,7 +21,7 @@ positions, right-padded; `mask` (N, T) is 1 on a completion's tokens (its end to
   dr_grpo (so equal micro-batches give TRL's mean of micro-batch losses), completion tokens for dapo (TRL's global
   token normalisation). `units(...)` counts them.
 
-tests/test_grpo_losses.py calls TRL's own `GRPOTrainer._compute_loss` on the same inputs and asserts equality (1e-6).
+tests/train/test_grpo_losses.py calls TRL's own `GRPOTrainer._compute_loss` on the same inputs and asserts equality (1e-6).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ L is DeepSpeed's "largest layer" (the most parameters one module holds directly:
 U the largest FSDP wrap unit (a decoder layer, 113M) and R the root unit (what no decoder or CLIP layer holds:
 embeddings, lm_head, the projector), gathered in 16 bit while they compute (two units with prefetch). With T = P and
 w = 2, ZeRO-2 is DeepSpeed's own 2P + 18P/N and ZeRO-3 its 4L + 18P/N
-(`estimate_zero{2,3}_model_states_mem_needs_all_cold`; tests/test_memory.py checks both on the real model).
+(`estimate_zero{2,3}_model_states_mem_needs_all_cold`; tests/train/test_memory.py checks both on the real model).
 
 Activations (per GPU, one micro-batch of `train.micro_batch_size` samples of `data.max_length` tokens, each with one
 image of `model.num_crops` crops plus the global view; a worst case, as recipes are planned to fit it): a decoder
@@ -38,7 +38,7 @@ sequence's embeddings during the image merge (T h a, before the split), and the 
 projector on every image token (the projector runs whole on each rank). `--sequence-parallel` tries each group size
 and the report names the smallest that fits.
 
-Checked on the demo's tiny model on CPU (fp32, LoRA, no checkpointing, 40 x 256 tokens; tests/test_memory.py
+Checked on the demo's tiny model on CPU (fp32, LoRA, no checkpointing, 40 x 256 tokens; tests/train/test_memory.py
 asserts within 35%): estimate 287 MiB against a measured peak RSS growth of 254 MiB for one forward + backward,
 +13%. Not modelled: allocator caching and fragmentation, the attention kernels' workspaces, NCCL buckets. "Fits" leaves 10% of the GPU for the CUDA
 context, NCCL buffers and fragmentation.
