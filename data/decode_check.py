@@ -33,11 +33,11 @@ from data.images import DEFAULT_MAX_PIXELS, load_rgb
 from data.length import PlannedSample
 from data.sample import DataError, ImageRef, Origin
 from data.sources import SkipCounter
+from rundir.layout import DECODED_IMAGES
 from runtime.processes import Ranks, cores_per_rank
 
 logger = logging.getLogger(__name__)
 
-CACHE_FILE = "decoded-images.txt"
 MAX_WORKERS = 8
 UNDECODABLE = "image cannot be decoded"  # the reason skipped rows are counted under
 
@@ -140,7 +140,7 @@ def validate_images(
     of one job, each calling this with the same planned samples: each decodes its share of the images, the verdicts
     are gathered, every rank returns the same samples, and rank 0 alone appends to the cache."""
     ranks = ranks or Ranks()
-    cache_file = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
+    cache_file = Path(cache_dir) / DECODED_IMAGES if cache_dir is not None else None
     known = _read_cache(cache_file)
     # One decode per distinct image: key -> (first origin, field, ref) that uses it.
     todo: dict[str, tuple[Origin, str, ImageRef]] = {}

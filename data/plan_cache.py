@@ -51,12 +51,11 @@ import numpy as np
 
 from data.plan_table import PlanTable
 from data.sample import DataError, Origin
-from rundir.layout import CACHE  # caches written inside a dataset folder are not the dataset
+from rundir.layout import CACHE, PLANS_DIR  # caches written inside a dataset folder are not the dataset
 
 logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = 1
-PLANS_DIR = "plans"
 KEEP_PLANS = 8
 META = "meta"
 

@@ -63,7 +63,7 @@ def quantization_tag(model_section) -> str:
 def apply_quantization(model: nn.Module, model_section) -> nn.Module:
     """Quantise `model`'s decoder linears as a recipe's model section says (`quantization`, `double_quant`,
     `quant_compute_dtype`, else `dtype`); the model unchanged for `quantization: none`. The section is duck-typed:
-    `models` sits below the recipe package."""
+    `models` sits below the `config` package."""
     if model_section.quantization == "none":
         return model
     compute = getattr(torch, model_section.quant_compute_dtype or model_section.dtype)

@@ -1,5 +1,6 @@
-"""The run directory: the one module that knows its layout, which weights each stage holds, and how files in it are
-written (atomically). Every stage, the eval CLI and export ask it; no other module spells a path of the layout.
+"""The run directory's layout: every file and folder name is a constant here and every path a function of them.
+Every stage, the eval CLI, data preparation's caches and export ask this module; no other module spells a name of
+the layout (tests/test_layers.py checks each constant, docs/architecture.md#run-directory lists them all).
 
     <run>/
       run.lock                    while a launch or stage writes here: its host, pid, start, command, lease
@@ -31,9 +32,8 @@ written (atomically). Every stage, the eval CLI and export ask it; no other modu
       diagnostics/rank-<r>.txt    each rank's Python stacks, written on SIGUSR1, by the step watchdog (a step that
                                   outlasts the collective timeout) and when a collective fails
 
-`stage_weights(run_dir, stage)` is the one answer to "which weights are this run's SFT (or DPO) model": a stage's
-adapter over the weights it started from (exact: merged in float32 when loaded), else its `merged/` checkpoint
-(a stage trained in full). DPO's starting point is read from `dpo/start.json`, never guessed.
+Which weights a stage holds is answered by `rundir.weights.stage_weights`; how files here are written, by
+`rundir.atomic`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,12 @@ EVAL_CACHE = "cache"
 DURING_TRAINING = "during_training.jsonl"
 PREFERENCE_EVAL = "preference_eval.json"
 REFERENCE_LOGPS = "ref_logps"  # the shared cache's folder, and <stage>/ref_logps.json (the key's fields)
-STEP = "step-"  # a checkpoint folder: step-NNNNNNNN
+STEP = "step-"
+FAILED = ".failed-"  # a checkpoint that failed its manifest on resume: renamed .failed-step-N (kept, never resumed)
+TENSORBOARD = "tensorboard"
+WANDB = "wandb"  # W&B writes its run folders under <run>/logs/wandb/ (wandb_dir)
+PLANS_DIR = "plans"  # <runs>/.cache/plans/<stage>-<key>.npz (data/plan_cache.py)
+DECODED_IMAGES = "decoded-images.txt"  # <runs>/.cache/: fingerprints of the images known to decode  # a checkpoint folder: step-NNNNNNNN
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -181,7 +186,7 @@ def diagnostics_file(run_dir: Path, rank: int) -> Path:
 
 def tensorboard_dir(run_dir: Path, stage: str) -> Path:
     """A stage's TensorBoard event files: one TensorBoard run per stage, `<run>/logs/tensorboard/<stage>`."""
-    return logs_dir(run_dir) / "tensorboard" / stage
+    return logs_dir(run_dir) / TENSORBOARD / stage
 
 
 def wandb_id_file(run_dir: Path, stage: str) -> Path:

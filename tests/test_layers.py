@@ -149,6 +149,8 @@ SHARED_WORDS = {
     "PREDICTIONS": "'predictions' is also a key of the eval cache's entries",
     "EVAL_CACHE": "'cache' is also the KV cache's keyword in generation",
     "REFERENCE_LOGPS": "'ref_logps' is also the name of a tensor in that cache and in a GRPO batch",
+    "TENSORBOARD": "'tensorboard' is also a tracker's name in the recipe (logging.report_to)",
+    "WANDB": "'wandb' is also a tracker's name in the recipe and a package whose version env.json records",
 }
 
 
@@ -163,7 +165,9 @@ def test_every_name_the_run_directory_owner_exports_is_spelled_only_there():
         and isinstance(node.value, ast.Constant)
         and isinstance(node.value.value, str)
     }
-    assert {"RESULTS", "REPORT", "LOCK", "STEP", "PREFERENCE_EVAL", "DURING_TRAINING"} <= set(names)
+    assert {"RESULTS", "REPORT", "LOCK", "STEP", "PREFERENCE_EVAL", "DURING_TRAINING", "PLANS_DIR"} <= set(
+        names
+    )
     assert set(SHARED_WORDS) <= set(names)
     spelled = [
         f"{name} {value!r}: {p.relative_to(REPO)}:{i}"
@@ -194,3 +198,17 @@ def test_no_code_comment_cites_a_document_outside_the_repository():
                     for h in re.findall(r"^#+ (.+)$", doc.read_text(encoding="utf-8"), flags=re.M)
                 }
                 assert anchor[1] in headings, f"{path} cites docs/{anchor[0]}#{anchor[1]}, no such heading"
+
+
+def test_the_layout_document_lists_every_name_the_owner_exports():
+    names = {
+        node.targets[0].id: node.value.value
+        for node in ast.parse(OWNER.read_text()).body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    }
+    document = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = document[document.index("## Run directory") :]
+    section = section[: section.index("\n## ", 1)]
+    assert [f"{name} {value!r}" for name, value in names.items() if value not in section] == []

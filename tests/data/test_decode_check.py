@@ -17,7 +17,7 @@ from config import Source, load_recipe
 from data.loaders import SKIPPED_KEY, load_samples, loader_factory, plan
 from data.sample import DataError
 from data.sources import SkipCounter
-from rundir.layout import summary_file
+from rundir.layout import DECODED_IMAGES, summary_file
 from train import sft
 
 from ..conftest import REPO
@@ -87,7 +87,7 @@ def test_one_truncated_png_among_60_is_skipped_and_counted_or_stops_the_run_befo
     assert summary["skipped_rows"] == {f"{data}:train": {validate.UNDECODABLE: 1}}
     assert "sft: 1 rows skipped" in capsys.readouterr().out  # the end-of-stage summary
     # 59 good files are remembered next to the runs; the truncated one is not.
-    cache = (tmp_path / "runs" / ".cache" / validate.CACHE_FILE).read_text().split()
+    cache = (tmp_path / "runs" / ".cache" / DECODED_IMAGES).read_text().split()
     assert len(cache) == 59
 
     with pytest.raises(SystemExit) as exited:

@@ -18,10 +18,10 @@ from config import load_recipe
 from data import length as length_module
 from data.length import plan_lengths
 from data.loaders import plan_stage
-from data.plan_cache import PLANS_DIR
 from data.plan_table import PlanTable
 from data.sample import ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
 from data.sources import SkipCounter
+from rundir.layout import PLANS_DIR
 from tests.conftest import drawn_image
 from train.core.checkpoint import data_fingerprint
 

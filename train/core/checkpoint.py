@@ -59,14 +59,13 @@ from safetensors.torch import load_file, save_file
 from config import Recipe, recipe_to_dict
 from config.schema import RESUME_KEYS_COMMON, RESUME_KEYS_DPO, RESUME_KEYS_GRPO
 from data.plan_table import PlanTable, fingerprint_line
-from rundir.layout import MANIFEST, STEP, checkpoint_name
+from rundir.layout import FAILED, MANIFEST, STEP, checkpoint_name
 from rundir.manifest import ManifestError
 from rundir.weights import manifest_file, verify_folder, write_folder_manifest
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-FAILED = ".failed-"  # a checkpoint that failed its manifest is renamed `.failed-step-N` (kept, never resumed)
 STATE_FILE = "loop_state.json"
 RUN_FILE = "run.json"
 TRAINABLE_FILE = "trainable.safetensors"
