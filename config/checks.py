@@ -25,7 +25,7 @@ from config.schema import (
 )
 from models.phi3v.image_processing import num_image_tokens
 from models.phi3v.tiny import DEMO_MODEL
-from runtime.command import REDACTED, SECRET_KEY, redact_secrets
+from runtime.user_errors import REDACTED, SECRET_KEY, redact_secrets
 
 PHI3V_HUB_IDS = frozenset({"microsoft/Phi-3-vision-128k-instruct", "microsoft/Phi-3.5-vision-instruct"})
 PHI3V_GEOMETRY = (336, 14)  # (crop_size, patch_size) of the real CLIP tower

@@ -29,7 +29,7 @@ import yaml
 from config.checks import issue, recipe_problems, recipe_warnings, show
 from config.schema import Recipe
 from config.strict_yaml import DuplicateKeys, duplicate_message, strict_safe_load
-from runtime.command import REDACTED, SECRET_KEY, URL_CREDENTIALS, redact_message, redact_secrets  # noqa: F401 (re-exported)
+from runtime.user_errors import REDACTED, SECRET_KEY, URL_CREDENTIALS, redact_message, redact_secrets  # noqa: F401 (re-exported)
 
 DEFAULT = "default"
 OVERRIDE = "override"

@@ -320,6 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from runtime.command import run_main
+    from runtime.user_errors import run_main
 
     run_main("python -m data.inspect", main)

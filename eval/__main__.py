@@ -32,7 +32,7 @@ from eval.summary import results_table
 from eval.tasks import TASKS
 from rundir.layout import ADAPTER_CONFIG, is_adapter, is_run_dir, report_file, resolve_output_dir
 from rundir.weights import Weights, base_weights, latest_stage, read_start, stage_weights, verify_weights
-from runtime.command import run_main
+from runtime.user_errors import run_main
 
 
 @dataclass(frozen=True, kw_only=True)

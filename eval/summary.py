@@ -22,7 +22,7 @@ from rundir.layout import (
     results_file,
     summary_file,
 )
-from runtime.command import run_main
+from runtime.user_errors import run_main
 
 
 def results_table(run_dir: Path, tasks: Sequence[str] | None = None) -> str:

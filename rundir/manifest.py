@@ -4,7 +4,7 @@ them, checked before any of them is trusted.
 A checkpoint, a stage's adapter and a merged model each hold one (the file name is `rundir.layout.MANIFEST`; the
 run directory's module writes and verifies them through `write_manifest` and `verify_manifest` here). A tensor file
 cut short by a disk that lied or a copy that stopped, a file deleted or replaced, shows as a size or hash that differs
-from the record, named in a `ManifestError` (a ValueError: the message alone, exit 2, runtime/command.py).
+from the record, named in a `ManifestError` (a ValueError: the message alone, exit 2, runtime/user_errors.py).
 
     write_manifest(folder, path)                           # after every other file is written
     verify_manifest(folder, path)                          # raises ManifestError naming the first bad file

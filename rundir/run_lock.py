@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rundir.layout import lock_file
-from runtime.command import run_main
+from runtime.user_errors import run_main
 
 log = logging.getLogger(__name__)
 

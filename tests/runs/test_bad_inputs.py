@@ -3,7 +3,7 @@ run-directory states), each through a real entry point. Every case asserts the e
 what it should (the key, file, row or field), that no traceback is printed, and (for the training stages) that no
 half-made run directory is left behind.
 
-Most cases call the entry point's `main` in-process through `runtime.command.run_main`, exactly what its `__main__`
+Most cases call the entry point's `main` in-process through `runtime.user_errors.run_main`, exactly what its `__main__`
 block does (the subprocess cases at the end check those blocks and `--debug`). The model is a tiny Phi-3-V built
 once into a folder (what `model.name_or_path=tiny` builds into each run), so a case costs a recipe parse, a model
 load and the data it reads.
@@ -31,7 +31,7 @@ from config import load_recipe
 from config.parse import resolved_yaml
 from data.synthetic import synthetic_texts, write_synthetic
 from models.phi3v.tiny import build_demo_model
-from runtime.command import message_of, redact_message, run_main
+from runtime.user_errors import message_of, redact_message, run_main
 
 from ..conftest import REPO
 

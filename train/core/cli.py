@@ -1,6 +1,6 @@
 """The command line the training entry points share: `<stage>.py RECIPE [key=value ...] [--debug]`, or `--help`.
 
-User errors (a bad recipe, file, row or path) print as one message with exit code 2 (runtime/command.py); a stage that
+User errors (a bad recipe, file, row or path) print as one message with exit code 2 (runtime/user_errors.py); a stage that
 fails before its first step leaves no half-made run directory (rundir/layout.py `removed_if_failed_before_training`).
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from config import load_recipe, recipe_help
 from rundir import run_lock
 from rundir.stage_dir import removed_if_failed_before_training
-from runtime.command import run_main
+from runtime.user_errors import run_main
 from train.core.loop import StopTraining
 
 log = logging.getLogger("train.core.cli")

@@ -58,7 +58,7 @@ from data.synthetic import write_synthetic
 from models import DTYPES
 from models.phi3v.sequence_parallel import SequenceParallel
 from models.quantization import apply_quantization, weight_bytes
-from runtime.command import debug_requested
+from runtime.user_errors import debug_requested
 from train.core.device import set_threads
 from train.core.losses import sft_loss_sum, supervised_positions, supervised_tokens
 from train.core.model_loading import build_tiny

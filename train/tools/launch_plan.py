@@ -48,6 +48,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from runtime.command import run_main
+    from runtime.user_errors import run_main
 
     run_main("launch.sh", main)
