@@ -110,7 +110,7 @@ def init_restartable_process_group(timeout: timedelta) -> bool:
     store prefixed by the restart attempt; True if it did. With the static rendezvous (accelerate's default) the
     agent keeps one TCPStore across restarts and the ranks' gloo/NCCL bootstrap keys carry no attempt in their
     name, so a restarted rank can read the address its peer had in the attempt before and connect to a dead
-    process ("Gloo connectFullMesh failed ... Connection refused", or a hang): seen in tests/runs/test_elastic.py.
+    process ("Gloo connectFullMesh failed ... Connection refused", or a hang): seen in tests/whole_run/test_elastic.py.
     accelerate (and DeepSpeed) then use the group formed here."""
     if (
         int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) < 1

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny Phi-3-V-shaped model and processor built in-process, the real hub files when present, the
 synthetic dataset (once per session) and the repository root.
 
-The tests mirror the packages (tests/models/ tests models/, tests/data/ tests data/, ...); tests/runs/ holds the
+The tests mirror the packages (tests/models/ tests models/, tests/data/ tests data/, ...); tests/whole_run/ holds the
 tests that run whole stages or launches (every test there carries the `whole_run` marker: `-m "not whole_run"`
 leaves them out), and the house rules that span every package are at this level (test_layers.py, test_fuzz.py)."""
 
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root: every test mo
 HUB_DIR = Path(os.environ.get("PHI3V_HUB_DIR", REPO.parent / "shared" / "phi3v" / "hub"))
 PHI3V_HUB = HUB_DIR / "Phi-3-vision-128k-instruct"
 PHI35V_HUB = HUB_DIR / "Phi-3.5-vision-instruct"
-WHOLE_RUNS = Path(__file__).resolve().parent / "runs"
+WHOLE_RUNS = Path(__file__).resolve().parent / "whole_run"
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from config import load_recipe
-from tests.runs.test_launch import REPO, launch
+from tests.whole_run.test_launch import REPO, launch
 from train.core.device import set_threads
 
 

@@ -3,7 +3,7 @@ process with twice the accumulation (SFT LoRA and full, DPO LoRA), the same eval
 model, exact resume from its checkpoint, and no hang when one rank's batch is text-only and the other's has images.
 
 Tolerances: losses rtol 1e-4 and trained tensors 1e-3 in relative Frobenius norm, as for DDP and ZeRO-2
-(tests/runs/test_train_invariants.py): the 2-rank run sums its gradients in another order (a reduce-scatter of fp32
+(tests/whole_run/test_train_invariants.py): the 2-rank run sums its gradients in another order (a reduce-scatter of fp32
 partitions) than 1 process accumulating 4 micro-batches, and Adam's normalisation amplifies those last-bit
 differences on near-zero gradients. Every launch has a timeout: a hang fails the test instead of stalling the suite."""
 

@@ -80,7 +80,7 @@ def test_a_killed_rank_restarts_the_stage_which_resumes_and_ends_with_the_uninte
     assert [h["step"] for h in history(run, "sft")] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(history(straight, "sft"), history(run, "sft")):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4), (x, y)
-    # The DDP equality tolerance (tests/runs/test_train_invariants.py): 2 ranks x 2 micro-batches against 1 x 4.
+    # The DDP equality tolerance (tests/whole_run/test_train_invariants.py): 2 ranks x 2 micro-batches against 1 x 4.
     assert_same_adapter(adapter(straight, "sft"), adapter(run, "sft"), rel=1e-3)
 
 
