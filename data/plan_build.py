@@ -24,7 +24,15 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from data.adapters import adapter_for, resolved_under
-from data.length import MIN_ROWS_PER_WORKER, PlannedSample, _check_policies, overlong_error, plan_sample
+from data.length import (
+    MIN_ROWS_PER_WORKER,
+    PLAN_BATCH,
+    BatchPlanner,
+    PlannedSample,
+    Sample,
+    _check_policies,
+    overlong_error,
+)
 from data.plan_table import PlanTable, decode_sample, encode_sample
 from data.ranks import Ranks
 from data.sample import DataError, Origin
@@ -38,42 +46,44 @@ _Part = tuple[list[tuple], list[tuple], list[str]]
 
 class _Block:
     def __init__(self, dataset, source, processor, max_pixels: int):
-        self.dataset, self.source, self.processor, self.max_pixels = dataset, source, processor, max_pixels
+        self.dataset, self.source = dataset, source
+        self.planner = BatchPlanner(processor, max_pixels)
         self.adapter = adapter_for(source.format, dataset=source_name(source))
         self.image_root = image_root_of(source)
 
     def run(self, start: int, stop: int, bar=None) -> _Part:
-        refused, planned, paths, sizes = [], [], {}, {}
+        refused: list[tuple] = []
+        planned: list[tuple] = []
+        paths: dict[str, None] = {}
+        batch: list[tuple[int, Sample]] = []
+
+        def plan_batch() -> None:
+            for (row, sample), numbers in zip(
+                batch, self.planner.numbers([s for _, s in batch]), strict=True
+            ):
+                planned.append((row, numbers, b"" if numbers[0] is None else encode_sample(sample)))
+            if bar is not None:
+                bar.update(len(batch))
+            batch.clear()
+
         for row, raw in enumerate(rows_in_range(self.dataset, start, stop), start=start):
             try:
                 sample = adapt_row(self.adapter, raw, self.source, row, self.image_root)
             except DataError as error:
                 refused.append((row, error.field, error.problem))
+                if bar is not None:
+                    bar.update(1)
                 continue
+            except Exception:
+                plan_batch()  # the rows before this one first, as when each row was planned right after reading
+                raise
             for ref in (*sample.images, *(getattr(sample, "rejected_images", None) or ())):
                 if ref.path is not None:
                     paths.setdefault(str(ref.path))
-            try:
-                plan = plan_sample(sample, self.processor, max_image_pixels=self.max_pixels, sizes=sizes)
-            except DataError as error:
-                planned.append((row, (None, error.field, error.problem), b""))
-            else:
-                planned.append(
-                    (
-                        row,
-                        (
-                            plan.num_tokens,
-                            plan.image_token_counts,
-                            plan.image_sizes,
-                            plan.rejected_image_token_counts,
-                            plan.rejected_image_sizes,
-                            plan.shared_tokens,
-                        ),
-                        encode_sample(sample),
-                    )
-                )
-            if bar is not None:
-                bar.update(1)
+            batch.append((row, sample))
+            if len(batch) == PLAN_BATCH:
+                plan_batch()
+        plan_batch()
         return refused, planned, list(paths)
 
 

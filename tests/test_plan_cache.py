@@ -232,6 +232,34 @@ def test_planning_by_row_ranges_equals_reading_then_planning(tiny_processor, tmp
             )  # every row is adapted before any is planned: the refused row comes first
 
 
+def test_the_one_source_plan_equals_planning_each_sample_straightforwardly(
+    tiny_processor, tmp_path, monkeypatch
+):
+    """The fast path (rows read in Arrow batches, chunks tokenised a batch at a time, in 2 worker processes) keeps
+    exactly the samples, lengths and image plans that `plan_sample` gives each adapted row alone (a transformers
+    tokenizer call per chunk), less the over-long rows and the rows whose image does not decode."""
+    from data.loaders import read_samples
+    from data.sample import DataError
+
+    monkeypatch.setattr("data.plan_build.MIN_ROWS_PER_WORKER", 2)
+    monkeypatch.setattr("data.plan_build.PLAN_BATCH", 3)
+    monkeypatch.setattr("data.loaders.cores_per_rank", lambda world: 2)
+    source = write_source(tmp_path / "data", rows=40)
+    recipe = recipe_for(source)
+    table = plan_stage(recipe, tiny_processor, "sft", SkipCounter(), cache_dir=None)
+    samples = read_samples(list(recipe.data.train), recipe.data, seed=recipe.seed, skips=SkipCounter())
+    expected = []
+    for sample in samples:
+        try:
+            plan = length_module.plan_sample(sample, tiny_processor)
+        except DataError:
+            continue
+        broken = any(ref.path is not None and ref.path.name == "broken.png" for ref in sample.images)
+        if plan.num_tokens <= recipe.data.max_length and not broken:
+            expected.append(plan)
+    assert list(table) == expected and len(expected) == 40 - 3
+
+
 def many_samples(tmp_path: Path, count: int) -> list[SFTSample]:
     drawn_image(40, 30).save(tmp_path / "a.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
