@@ -260,6 +260,42 @@ def test_the_one_source_plan_equals_planning_each_sample_straightforwardly(
     assert list(table) == expected and len(expected) == 40 - 3
 
 
+def test_rows_in_range_reads_what_the_iterable_dataset_yields(tmp_path):
+    """Rows read in Arrow batches equal the rows of the iterable dataset they replace: JSON columns of mixed types
+    decoded, image columns left encoded, any range, a `limit`ed source."""
+    import datasets
+
+    from data.sources import _with_undecoded_images, indexed_rows, rows_in_range
+    from recipe.schema import Source
+
+    def iterable(dataset, start, stop):
+        rows = dataset.select(range(start, stop)).to_iterable_dataset()
+        return list(rows.cast(_with_undecoded_images(rows.features)))
+
+    source = write_source(tmp_path / "data", rows=40)
+    buffer = tmp_path / "a.png"
+    drawn_image(20, 10).save(buffer)
+    with_images = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": buffer.read_bytes(), "path": None}, {"bytes": None, "path": str(buffer)}] * 5,
+            "images": [[{"bytes": buffer.read_bytes(), "path": None}], []] * 5,
+            "n": list(range(10)),
+        },
+        features=datasets.Features(
+            image=datasets.Image(), images=datasets.List(datasets.Image()), n=datasets.Value("int64")
+        ),
+    )
+    for dataset in (
+        indexed_rows(Source(format="trl_messages", path=str(source))),
+        indexed_rows(Source(format="trl_messages", path=str(source), limit=25)),
+        with_images,
+    ):
+        for start, stop in ((0, len(dataset)), (3, 7), (len(dataset) - 1, len(dataset))):
+            assert list(rows_in_range(dataset, start, stop)) == iterable(dataset, start, stop)
+        assert list(rows_in_range(dataset, 5, 5)) == []  # (the iterable dataset cannot even be made)
+    assert isinstance(next(rows_in_range(with_images, 0, 1))["image"], dict)
+
+
 def many_samples(tmp_path: Path, count: int) -> list[SFTSample]:
     drawn_image(40, 30).save(tmp_path / "a.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
