@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from data.images import DEFAULT_MAX_PIXELS, image_size
 from data.ranks import Ranks
-from data.render import ChunkCounter, render_preference, sft_chunks, sft_length
+from data.render import ChatTemplate, ChunkCounter, render_preference, sft_chunks, sft_length
 from data.sample import DataError, ImageRef, Origin, PreferenceSample, SFTSample
 from data.sources import SkipCounter
 from models.phi3v.processing import Phi3VProcessor
@@ -153,6 +153,7 @@ class BatchPlanner:
         self.processor, self.max_pixels = processor, max_pixels
         self.sizes: dict = {} if sizes is None else sizes
         self.counter = ChunkCounter(processor.tokenizer)
+        self.template = ChatTemplate(processor)
 
     def numbers(self, samples: Sequence[Sample], stop_at_error: bool = False) -> list[_Numbers]:
         """One result per sample, in order; `stop_at_error`: the results end at the first bad sample (later samples
@@ -168,7 +169,7 @@ class BatchPlanner:
                     images = _image_plan(
                         sample.images, self.processor, sample.origin, "images", self.max_pixels, self.sizes
                     )
-                    texts, slots = sft_chunks(sample, self.processor, images.token_counts)
+                    texts, slots = sft_chunks(sample, self.processor, images.token_counts, self.template)
                     pending.append((len(results), len(texts), slots, images))
                     chunks += texts
                     results.append(None)

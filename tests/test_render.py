@@ -9,10 +9,18 @@ import pytest
 from data.inspect import format_text, inspect_sample
 from data.inspect import main as inspect_main
 from data.length import plan_sample
-from data.render import IGNORE_INDEX, ChunkCounter, prompt_chunks, render_preference, render_sft, to_messages
+from data.render import (
+    IGNORE_INDEX,
+    ChatTemplate,
+    ChunkCounter,
+    prompt_chunks,
+    render_preference,
+    render_sft,
+    to_messages,
+)
 from data.sample import DataError, ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
 from models.phi3v import Phi3VProcessor, crop_grid
-from tests.conftest import PHI3V_HUB, drawn_image, needs_hub
+from tests.conftest import PHI3V_HUB, PHI35V_HUB, drawn_image, needs_hub
 
 ORIGIN = Origin(dataset="unit", row=7)
 SIZES = [(40, 30), (30, 70), (64, 64)]  # landscape, portrait, square: different crop grids
@@ -398,3 +406,25 @@ def test_chunk_counter_counts_as_the_tokenizer_does(tiny_processor):
 @needs_hub(PHI3V_HUB)
 def test_chunk_counter_counts_as_the_hub_tokenizer_does(hub_processor):
     check_chunk_counter(hub_processor.tokenizer)
+
+
+def check_chat_template(processor) -> None:
+    template = ChatTemplate(processor)
+    assert template.compiled is not None  # the fast rendering is in use with this transformers
+    conversations = [sample.turns for sample in SAMPLES.values()] + [ChatTemplate.PROBE]
+    conversations += [
+        (Turn(role="user", parts=(TextPart(text),)), Turn(role="assistant", parts=(TextPart(text),)))
+        for text in COUNTED_CHUNKS
+    ]
+    for turns in conversations:
+        assert template.text(turns) == processor.apply_chat_template(to_messages(turns))
+
+
+def test_chat_template_renders_as_the_processor_does(tiny_processor):
+    """`ChatTemplate` (transformers' compiled template rendered directly) gives the processor's text."""
+    check_chat_template(tiny_processor)
+
+
+@pytest.mark.parametrize("hub", [pytest.param(hub, marks=needs_hub(hub)) for hub in (PHI3V_HUB, PHI35V_HUB)])
+def test_chat_template_renders_as_the_hub_processor_does(hub):
+    check_chat_template(Phi3VProcessor.from_pretrained(hub))
