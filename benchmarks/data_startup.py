@@ -19,8 +19,10 @@ with that file as `data.train`, `train.max_steps=1`, stages [sft] and a fresh `o
 Per run: the seconds from launch to rank 0's log line "first batch: ..." (the preflight batch, drawn right before
 step 1: imports, the tiny model, the whole data start-up, the DataLoader's first batches), to its line "N samples
 planned", and to the end of the whole command (plus one step, the adapter save and the demo's validation loss on its
-held-out split), and the peak
-resident memory of the largest process (`ru_maxrss` of the waited-for children, so per rank, not summed). The machine
+held-out split), the peak
+resident memory of the largest process (`ru_maxrss` of the waited-for children, so per rank, not summed), and the
+CPU seconds of every process of the run to its end (user + system of the waited-for children, forked planning
+workers and ranks included: what the work costs, much less moved by other jobs on the machine than the seconds). The machine
 line says what else was running: figures taken while other jobs load the machine are noted as such.
 
 `--trees before=PATH,after=PATH` runs two checkouts (e.g. `git worktree add /tmp/base <commit>`) on the same data,
@@ -77,7 +79,9 @@ WORDS = (
 )
 PEAK_WRAPPER = (
     "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "usage = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print('PEAK_RSS_KB', usage.ru_maxrss, file=sys.stderr); "
+    "print('CPU_S', usage.ru_utime + usage.ru_stime, file=sys.stderr); "
     "sys.exit(code)"
 )
 PLANNED_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* (\d+) samples planned")
@@ -230,6 +234,7 @@ def run_once(
     if result.returncode != 0:
         raise SystemExit(f"run failed ({' '.join(argv)}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     peak_kb = int(re.findall(r"^PEAK_RSS_KB (\d+)$", result.stderr, re.MULTILINE)[-1])
+    cpu_s = float(re.findall(r"^CPU_S ([\d.]+)$", result.stderr, re.MULTILINE)[-1])
     planned_s, planned, first_s = log_times(run_dir / "logs" / "rank-0.log", launched)
     return {
         "kind": kind,
@@ -239,6 +244,7 @@ def run_once(
         "planned": planned,
         "first_batch_s": None if first_s is None else round(first_s, 2),
         "peak_rss_mb": round(peak_kb / 1024, 1),
+        "cpu_s": round(cpu_s, 1),
     }
 
 
@@ -261,7 +267,8 @@ def spread(values: list[float], fmt: str = ".1f") -> str:
 def print_summary(results: list[dict], names: list[str]) -> None:
     """Per (processes, kind): median (min-max) seconds and peak per tree, and the paired ratio first / other."""
     print(
-        "\n## seconds from launch to the first batch (planned at; the whole run), peak RSS MB: median (min-max)"
+        "\n## seconds from launch to the first batch (planned at; the whole run), peak RSS MB, CPU seconds of all "
+        "processes to the end of the run: median (min-max)"
     )
     keys = sorted({(r["processes"], r["kind"]) for r in results}, key=lambda k: (k[0], k[1] != "cold"))
     for processes, kind in keys:
@@ -272,7 +279,8 @@ def print_summary(results: list[dict], names: list[str]) -> None:
             cells.append(
                 f"{name}: {spread([r['first_batch_s'] for r in runs])} s (planned at "
                 f"{spread(planned) if planned else '-'}; {spread([r['wall_s'] for r in runs])}), "
-                f"{spread([r['peak_rss_mb'] for r in runs], '.0f')} MB"
+                f"{spread([r['peak_rss_mb'] for r in runs], '.0f')} MB, "
+                f"{spread([r['cpu_s'] for r in runs])} CPU s"
             )
         line = f"{processes} process(es), {kind}: " + "; ".join(cells)
         if len(names) == 2:
@@ -286,6 +294,16 @@ def print_summary(results: list[dict], names: list[str]) -> None:
                 and (a["processes"], a["kind"]) == (b["processes"], b["kind"]) == (processes, kind)
             ]
             line += f"; first batch {names[0]}/{names[1]} paired {spread([a / b for a, b in pairs], '.2f')}x"
+            cpu = [
+                a["cpu_s"] / b["cpu_s"]
+                for a in results
+                for b in results
+                if a["tree"] == names[0]
+                and b["tree"] == names[1]
+                and a["repeat"] == b["repeat"]
+                and (a["processes"], a["kind"]) == (b["processes"], b["kind"]) == (processes, kind)
+            ]
+            line += f", CPU seconds paired {spread(cpu, '.2f')}x"
         print(line)
 
 
@@ -360,7 +378,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     print(
                         f"repeat {repeat + 1}, {name}, {processes} process(es), {kind}: first batch at {first}, "
                         f"planned ({result['planned']} samples) at {planned}, {result['wall_s']:.1f} s to the end of "
-                        f"the run, peak RSS {result['peak_rss_mb']:.0f} MB",
+                        f"the run, peak RSS {result['peak_rss_mb']:.0f} MB, {result['cpu_s']:.1f} CPU s (all "
+                        "processes, to the end of the run)",
                         flush=True,
                     )
     print_summary(results, list(trees))

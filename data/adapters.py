@@ -144,7 +144,7 @@ def confined_image_path(
             f"image {str(value)!r} is a path but the source has no image_root; set the source's image_root "
             "to the folder that holds its images",
         )
-    root, root_problem, target, target_problem, problem = resolved_under(str(image_root), str(value))
+    root, root_problem, target, target_problem, problem, inside = resolved_under(str(image_root), str(value))
     if root is None:
         raise _error(
             origin,
@@ -161,7 +161,7 @@ def confined_image_path(
             f"{str(value)!r} (under {root}) {target_problem}. Fix: "
             "correct the path in this row, or drop the row",
         )
-    if not target.is_relative_to(root):
+    if not inside:  # target.is_relative_to(root), memoised with the resolution instead of recomputed per row
         raise _error(
             origin,
             field,
@@ -186,17 +186,17 @@ def confined_image_path(
 
 @functools.lru_cache(maxsize=1 << 16)
 def resolved_under(image_root: str, value: str):
-    """(root, why the root cannot be resolved, the resolved path, why it cannot be, why it is no readable file)
-    (data/paths.py phrases; None where fine): resolving walks every component with lstat, and datasets re-use their
-    images across many rows; memoised while one source is read (data.sources clears it before each read, so a file
-    that appears or vanishes between runs is seen)."""
+    """(root, why the root cannot be resolved, the resolved path, why it cannot be, why it is no readable file,
+    whether it lies inside the root) (data/paths.py phrases; None where fine): resolving walks every component with
+    lstat, and datasets re-use their images across many rows; memoised while one source is read (data.sources clears
+    it before each read, so a file that appears or vanishes between runs is seen)."""
     root, root_problem = resolved(Path(image_root))
     if root is None:
-        return None, root_problem, None, None, None
+        return None, root_problem, None, None, None, False
     target, target_problem = resolved(root / value)
     if target is None or not target.is_relative_to(root):
-        return root, None, target, target_problem, None
-    return root, None, target, None, path_problem(target)
+        return root, None, target, target_problem, None, False
+    return root, None, target, None, path_problem(target), True
 
 
 def resolve_image(value: Any, *, image_root: Path | None, origin: Origin, field: str) -> ImageRef:

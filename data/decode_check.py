@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from data.images import DEFAULT_MAX_PIXELS, load_rgb
 from data.length import PlannedSample
+from data.plan_table import PlanTable
 from data.sample import DataError, ImageRef, Origin
 from data.sources import SkipCounter
 from rundir.layout import DECODED_IMAGES
@@ -147,9 +148,12 @@ def validate_images(
     keys_of: list[list[tuple[str, str]]] = []  # per sample: (field, key)
     uncached = 0
     path_keys: dict = {}  # a file used by many rows is stat'ed once
-    for plan in planned:
+    table = planned if isinstance(planned, PlanTable) else None
+    for i in range(len(planned)):
+        # A PlanTable's images are read from its records, without rebuilding each sample.
+        fields = table.image_fields(i) if table is not None else image_fields(planned[i])
         keys = []
-        for field, ref in image_fields(plan):
+        for field, ref in fields:
             if ref.path is not None and ref.path in path_keys:
                 key = path_keys[ref.path]
             else:
@@ -161,7 +165,7 @@ def validate_images(
                 uncached += 1
             keys.append((field, key))
             if key not in known and key not in todo:
-                todo[key] = (plan.sample.origin, field, ref)
+                todo[key] = (table.origin(i) if table is not None else planned[i].sample.origin, field, ref)
         keys_of.append(keys)
     started = time.perf_counter()
     items = list(todo.items())

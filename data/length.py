@@ -24,7 +24,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from data.images import DEFAULT_MAX_PIXELS, image_size
-from data.render import render_preference, sft_length
+from data.render import ChatTemplate, ChunkCounter, render_preference, sft_chunks, sft_length
 from data.sample import DataError, ImageRef, Origin, PreferenceSample, SFTSample
 from data.sources import SkipCounter
 from models.phi3v.processing import Phi3VProcessor
@@ -134,6 +134,70 @@ def plan_sample(
     )
 
 
+PLAN_BATCH = 256
+"""Samples whose text chunks go to the tokenizer together (`BatchPlanner`)."""
+
+
+class BatchPlanner:
+    """`plan_sample`'s numbers for a batch of samples at once, equal to planning them one by one (tests/
+    test_length.py): per sample the same image plan (headers, memoised in `sizes` as `plan_sample` does), the same
+    validation and chat template (`data.render.sft_chunks`); then the text chunks of every SFT sample of the batch
+    are counted in one tokenizer call (`data.render.ChunkCounter`) instead of one call per chunk. A preference pair
+    is planned by `plan_sample` itself. Each result is what crosses process boundaries (see `_Numbers`)."""
+
+    def __init__(self, processor: Phi3VProcessor, max_pixels: int, sizes: dict | None = None):
+        self.processor, self.max_pixels = processor, max_pixels
+        self.sizes: dict = {} if sizes is None else sizes
+        self.counter = ChunkCounter(processor.tokenizer)
+        self.template = ChatTemplate(processor)
+
+    def numbers(self, samples: Sequence[Sample], stop_at_error: bool = False) -> list[_Numbers]:
+        """One result per sample, in order; `stop_at_error`: the results end at the first bad sample (later samples
+        are not planned, as `plan_lengths` stops there under on_bad_sample 'error')."""
+        results: list = []
+        pending: list[
+            tuple[int, int, int, _ImagePlan]
+        ] = []  # (result index, chunks, image slots, image plan)
+        chunks: list[str] = []
+        for sample in samples:
+            try:
+                if isinstance(sample, SFTSample):
+                    images = _image_plan(
+                        sample.images, self.processor, sample.origin, "images", self.max_pixels, self.sizes
+                    )
+                    texts, slots = sft_chunks(sample, self.processor, images.token_counts, self.template)
+                    pending.append((len(results), len(texts), slots, images))
+                    chunks += texts
+                    results.append(None)
+                else:
+                    plan = plan_sample(
+                        sample, self.processor, max_image_pixels=self.max_pixels, sizes=self.sizes
+                    )
+                    results.append(_numbers_of(plan))
+            except DataError as error:
+                results.append((None, error.field, error.problem))
+                if stop_at_error:
+                    break
+        counts = self.counter.count(chunks) if chunks else []
+        at = 0
+        for index, num_chunks, slots, images in pending:
+            num_tokens = sum(counts[at : at + num_chunks]) + slots
+            results[index] = (num_tokens, images.token_counts, images.sizes, None, None, None)
+            at += num_chunks
+        return results
+
+
+def _numbers_of(plan: PlannedSample) -> _Numbers:
+    return (
+        plan.num_tokens,
+        plan.image_token_counts,
+        plan.image_sizes,
+        plan.rejected_image_token_counts,
+        plan.rejected_image_sizes,
+        plan.shared_tokens,
+    )
+
+
 def overlong_error(planned: PlannedSample, max_length: int) -> DataError:
     image_tokens = sum(planned.image_token_counts)
     field = "turns" if isinstance(planned.sample, SFTSample) else "chosen/rejected"
@@ -215,28 +279,12 @@ class _NumbersOf:
         max_pixels: int,
         stop_at_error: bool = False,
     ):
-        self.samples, self.processor, self.max_pixels = samples, processor, max_pixels
+        self.samples = samples
         self.stop_at_error = stop_at_error
-        self.sizes: dict = {}
-
-    def one(self, i: int) -> _Numbers:
-        try:
-            plan = plan_sample(
-                self.samples[i], self.processor, max_image_pixels=self.max_pixels, sizes=self.sizes
-            )
-        except DataError as error:
-            return (None, error.field, error.problem)
-        return (
-            plan.num_tokens,
-            plan.image_token_counts,
-            plan.image_sizes,
-            plan.rejected_image_token_counts,
-            plan.rejected_image_sizes,
-            plan.shared_tokens,
-        )
+        self.planner = BatchPlanner(processor, max_pixels)
 
     def run(self, indices: range, progress: bool = False) -> list[_Numbers]:
-        results = []
+        results: list[_Numbers] = []
         with tqdm(
             total=len(indices),
             desc="planning lengths",
@@ -245,10 +293,14 @@ class _NumbersOf:
             leave=False,
             mininterval=2.0,
         ) as bar:
-            for i in indices:
-                results.append(self.one(i))
-                bar.update(1)
-                if self.stop_at_error and results[-1][0] is None:
+            for start in range(indices.start, indices.stop, PLAN_BATCH):
+                batch = range(start, min(start + PLAN_BATCH, indices.stop))
+                part = self.planner.numbers(
+                    [self.samples[i] for i in batch], stop_at_error=self.stop_at_error
+                )
+                results += part
+                bar.update(len(part))
+                if self.stop_at_error and part and part[-1][0] is None:
                     break  # the assembly raises it; later rows need not be planned
         return results
 

@@ -18,17 +18,29 @@ caller plans as before.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
+import time
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from data.adapters import adapter_for, resolved_under
-from data.length import MIN_ROWS_PER_WORKER, PlannedSample, _check_policies, overlong_error, plan_sample
+from data.length import (
+    MIN_ROWS_PER_WORKER,
+    PLAN_BATCH,
+    BatchPlanner,
+    PlannedSample,
+    Sample,
+    _check_policies,
+    overlong_error,
+)
 from data.plan_table import PlanTable, decode_sample, encode_sample
 from data.sample import DataError, Origin
 from data.sources import SkipCounter, adapt_row, image_root_of, indexed_rows, rows_in_range, source_name
 from runtime.processes import Ranks
+
+logger = logging.getLogger(__name__)
 
 # Per row: (row, None, field, problem) when the adapter refused it; (row, numbers, record) once adapted, numbers
 # being data.length's tuple (num_tokens, counts, sizes, rejected counts, rejected sizes, shared) or
@@ -38,42 +50,44 @@ _Part = tuple[list[tuple], list[tuple], list[str]]
 
 class _Block:
     def __init__(self, dataset, source, processor, max_pixels: int):
-        self.dataset, self.source, self.processor, self.max_pixels = dataset, source, processor, max_pixels
+        self.dataset, self.source = dataset, source
+        self.planner = BatchPlanner(processor, max_pixels)
         self.adapter = adapter_for(source.format, dataset=source_name(source))
         self.image_root = image_root_of(source)
 
     def run(self, start: int, stop: int, bar=None) -> _Part:
-        refused, planned, paths, sizes = [], [], {}, {}
+        refused: list[tuple] = []
+        planned: list[tuple] = []
+        paths: dict[str, None] = {}
+        batch: list[tuple[int, Sample]] = []
+
+        def plan_batch() -> None:
+            for (row, sample), numbers in zip(
+                batch, self.planner.numbers([s for _, s in batch]), strict=True
+            ):
+                planned.append((row, numbers, b"" if numbers[0] is None else encode_sample(sample)))
+            if bar is not None:
+                bar.update(len(batch))
+            batch.clear()
+
         for row, raw in enumerate(rows_in_range(self.dataset, start, stop), start=start):
             try:
                 sample = adapt_row(self.adapter, raw, self.source, row, self.image_root)
             except DataError as error:
                 refused.append((row, error.field, error.problem))
+                if bar is not None:
+                    bar.update(1)
                 continue
+            except Exception:
+                plan_batch()  # the rows before this one first, as when each row was planned right after reading
+                raise
             for ref in (*sample.images, *(getattr(sample, "rejected_images", None) or ())):
                 if ref.path is not None:
                     paths.setdefault(str(ref.path))
-            try:
-                plan = plan_sample(sample, self.processor, max_image_pixels=self.max_pixels, sizes=sizes)
-            except DataError as error:
-                planned.append((row, (None, error.field, error.problem), b""))
-            else:
-                planned.append(
-                    (
-                        row,
-                        (
-                            plan.num_tokens,
-                            plan.image_token_counts,
-                            plan.image_sizes,
-                            plan.rejected_image_token_counts,
-                            plan.rejected_image_sizes,
-                            plan.shared_tokens,
-                        ),
-                        encode_sample(sample),
-                    )
-                )
-            if bar is not None:
-                bar.update(1)
+            batch.append((row, sample))
+            if len(batch) == PLAN_BATCH:
+                plan_batch()
+        plan_batch()
         return refused, planned, list(paths)
 
 
@@ -84,10 +98,17 @@ def _run_range(bounds: tuple[int, int]) -> _Part:
     return _FORKED.run(*bounds)
 
 
+def _processes(workers: int, rows: int) -> int:
+    """Worker processes a block of `rows` is planned in: 1 (this process) when forking costs more than it saves."""
+    if workers <= 1 or rows < 2 * MIN_ROWS_PER_WORKER or "fork" not in mp.get_all_start_methods():
+        return 1
+    return workers
+
+
 def _run_block(block_reader: _Block, block: range, workers: int, progress: bool) -> _Part:
     global _FORKED
     desc = "reading + planning rows"
-    if workers <= 1 or len(block) < 2 * MIN_ROWS_PER_WORKER or "fork" not in mp.get_all_start_methods():
+    if _processes(workers, len(block)) == 1:
         with tqdm(
             total=len(block), desc=desc, unit="row", disable=not progress, leave=False, mininterval=2.0
         ) as bar:
@@ -124,13 +145,25 @@ def build_table(
     """(the planned samples of `source` before decoding, the distinct image files they use), or None for a
     source this path does not read (see the module docstring)."""
     _check_policies(data.max_length, data.on_overlong, data.on_bad_sample)
+    started = time.perf_counter()
     dataset = indexed_rows(source)
     if dataset is None:
         return None
+    opened = time.perf_counter()
     resolved_under.cache_clear()  # image paths are resolved afresh for each read of a source (forks inherit this)
     reader = _Block(dataset, source, processor, data.max_image_pixels)
     block = ranks.block(len(dataset))
     parts = ranks.gather_results(lambda: _run_block(reader, block, workers, progress))
+    logger.info(
+        "%s: %d rows opened as Arrow in %.1f s (converted by datasets on a first read), then read, adapted and "
+        "planned in %.1f s over %d rank(s) x %d process(es)",
+        source_name(source),
+        len(dataset),
+        opened - started,
+        time.perf_counter() - opened,
+        ranks.world,
+        _processes(workers, len(block)),
+    )
     refused = [item for part in parts for item in part[0]]
     planned = [item for part in parts for item in part[1]]
     paths = list(dict.fromkeys(path for part in parts for path in part[2]))

@@ -115,6 +115,21 @@ ARRAY_NAMES = (
 class PlanTable(Sequence[PlannedSample]):
     """A read-only sequence of PlannedSample backed by arrays (see the module docstring)."""
 
+    # The arrays (ARRAY_NAMES), set from `arrays` in __init__.
+    dataset_index: np.ndarray
+    row: np.ndarray
+    num_tokens: np.ndarray
+    shared_tokens: np.ndarray
+    image_offsets: np.ndarray
+    image_counts: np.ndarray
+    image_sizes: np.ndarray
+    has_rejected: np.ndarray
+    rejected_offsets: np.ndarray
+    rejected_counts: np.ndarray
+    rejected_sizes: np.ndarray
+    record_offsets: np.ndarray
+    records: np.ndarray
+
     def __init__(self, datasets: list[str], arrays: dict[str, np.ndarray], fingerprint: str | None = None):
         missing = [name for name in ARRAY_NAMES if name not in arrays]
         if missing:
@@ -264,6 +279,14 @@ class PlanTable(Sequence[PlannedSample]):
             rejected_image_sizes=rejected_sizes,
             shared_tokens=None if shared < 0 else shared,
         )
+
+    def image_fields(self, i: int) -> list[tuple[str, ImageRef]]:
+        """(field, ref) of every image sample i decodes in training, as `data.decode_check.image_fields(self[i])` gives
+        them, from its record alone (no sample rebuilt)."""
+        start, end = int(self.record_offsets[i]), int(self.record_offsets[i + 1])
+        record = json.loads(self.records[start:end].tobytes())
+        fields = [(f"images[{k}]", _ref(v)) for k, v in enumerate(record["i"])]
+        return fields + [(f"rejected_images[{k}]", _ref(v)) for k, v in enumerate(record.get("ri") or ())]
 
     def __iter__(self) -> Iterator[PlannedSample]:
         return (self[i] for i in range(len(self)))

@@ -49,8 +49,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from data.conversation import check_completion, validate_conversation
-from data.sample import DataError, ImagePart, Origin, PreferenceSample, SFTSample, Turn
-from models.phi3v.processing import Phi3VProcessor
+from data.sample import DataError, ImagePart, Origin, PreferenceSample, SFTSample, TextPart, Turn
+from models.phi3v.configuration import IMAGE_TOKEN
+from models.phi3v.processing import IMAGE_TAG, Phi3VProcessor
 
 IGNORE_INDEX = -100
 """The label of a token that is not predicted (PyTorch cross-entropy's default ignore_index)."""
@@ -289,6 +290,136 @@ def sft_length(sample: SFTSample, processor: Phi3VProcessor, image_token_counts:
     check_sft(sample)
     counts = _check_counts(image_token_counts, len(sample.images), sample.origin, "image_token_counts")
     return len(encode_turns(processor, sample.turns, counts, where=str(sample.origin)))
+
+
+def sft_chunks(
+    sample: SFTSample,
+    processor: Phi3VProcessor,
+    image_token_counts: Sequence[int],
+    template: ChatTemplate | None = None,
+) -> tuple[list[str], int]:
+    """What `sft_length` tokenises, without tokenising it: (the text chunks between the image tags, the image slots),
+    so that `sft_length(...) == sum(ChunkCounter(processor.tokenizer).count(chunks)) + slots`. The same validation,
+    the same chat template and the same errors as `sft_length` (`Phi3VProcessor.encode_prompt`'s checks);
+    `template` (a `ChatTemplate` of this processor) renders it faster, to the same text."""
+    check_sft(sample)
+    counts = _check_counts(image_token_counts, len(sample.images), sample.origin, "image_token_counts")
+    text = (
+        template.text(sample.turns)
+        if template is not None
+        else processor.apply_chat_template(to_messages(sample.turns), add_generation_prompt=False)
+    )
+    num_images = sum(turn.num_images for turn in sample.turns)
+    counts = counts[:num_images]
+    return prompt_chunks(text, len(counts), where=str(sample.origin)), sum(counts)
+
+
+def prompt_chunks(text: str, num_images: int, where: str = "prompt") -> list[str]:
+    """The text chunks `Phi3VProcessor.encode_prompt` tokenises one by one (each with its own `<s>`), after the same
+    checks with the same errors (tests/data/test_render.py holds the two together)."""
+    tags = [int(m) for m in IMAGE_TAG.findall(text)]
+    if tags != list(range(1, num_images + 1)):
+        raise ValueError(
+            f"{where}: image tags {[f'<|image_{t}|>' for t in tags]} do not match the "
+            f"{num_images} image(s) given; tags must be <|image_1|> ... <|image_n|>, each once, "
+            f"in order, one per image"
+        )
+    chunks = IMAGE_TAG.split(text)[::2]
+    if any(IMAGE_TOKEN in chunk for chunk in chunks):
+        raise ValueError(f"{where}: the text holds a literal {IMAGE_TOKEN}; write images as <|image_N|> tags")
+    return chunks
+
+
+class ChatTemplate:
+    """`processor.apply_chat_template(to_messages(turns))` (add_generation_prompt=False) for many conversations: the
+    messages flattened as `Phi3VProcessor.apply_chat_template` flattens them (an image part is `<|image_k|>\\n`), and
+    the template that `transformers` compiles (its own cached compile) rendered with the variables `transformers`
+    gives it for plain-text messages (the special tokens, no tools, no documents), without the ~15 us a row of its
+    per-call preparation (copying the messages into plain types twice, normalising them). Checked once on a probe
+    conversation against `processor.apply_chat_template`; where `transformers` does not offer these pieces, or the
+    probe differs, every row goes through `processor.apply_chat_template` itself."""
+
+    PROBE = (
+        Turn(role="system", parts=(TextPart(" Be brief.\n"),)),
+        Turn(role="user", parts=(ImagePart(), TextPart("What is it? <b>été</b> 🙂"), ImagePart())),
+        Turn(role="assistant", parts=(TextPart("  A cat. "),)),
+        Turn(role="user", parts=(TextPart("And {{ this }}?"),)),
+        Turn(role="assistant", parts=(TextPart(""),)),
+    )
+
+    def __init__(self, processor: Phi3VProcessor):
+        self.processor = processor
+        self.compiled = None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+
+            tokenizer = processor.tokenizer
+            self.compiled = _compile_jinja_template(
+                tokenizer.get_chat_template(processor.chat_template, None)
+            )
+            self.variables = _plain_template_data(dict(tokenizer.special_tokens_map))
+            if self.text(self.PROBE) != self._slow(self.PROBE):
+                self.compiled = None
+        except Exception:  # noqa: BLE001 - any change in transformers' internals: the public call
+            self.compiled = None
+
+    def _slow(self, turns: Sequence[Turn]) -> str:
+        return self.processor.apply_chat_template(to_messages(turns), add_generation_prompt=False)
+
+    def text(self, turns: Sequence[Turn]) -> str:
+        if self.compiled is None:
+            return self._slow(turns)
+        messages, count = [], 0
+        for turn in turns:
+            pieces = []
+            for part in turn.parts:
+                if isinstance(part, ImagePart):
+                    count += 1
+                    pieces.append(f"<|image_{count}|>\n")
+                else:
+                    pieces.append(part.text or "")
+            messages.append({"role": turn.role, "content": "".join(pieces)})
+        return self.compiled.render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=False, **self.variables
+        )
+
+
+class ChunkCounter:
+    """Token counts of text chunks, as `len(tokenizer(chunk, add_special_tokens=True).input_ids)` gives them, for
+    many chunks at once: one call of the fast tokenizer's Rust backend per batch (`encode_batch_fast`: no offsets),
+    instead of one `transformers` call per chunk (about 50 us of Python each), and a chunk seen before (the
+    `<|user|>\\n` before every first image) is counted once. The backend is used only in the state `transformers`
+    itself would encode with (no truncation, no padding, special tokens not split); otherwise, or for a tokenizer
+    without a Rust backend, each chunk goes through `tokenizer(...)` as before."""
+
+    MEMO_CHARS = 64
+    """Only chunks up to this long are remembered (the template's fixed pieces repeat; long texts rarely do)."""
+    MEMO_ENTRIES = 100_000
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.backend = (
+            backend
+            if backend is not None
+            and hasattr(backend, "encode_batch_fast")
+            and backend.truncation is None
+            and backend.padding is None
+            and bool(backend.encode_special_tokens) == bool(getattr(tokenizer, "split_special_tokens", False))
+            else None
+        )
+        self.memo: dict[str, int] = {}
+
+    def count(self, chunks: Sequence[str]) -> list[int]:
+        new = [c for c in dict.fromkeys(chunks) if c not in self.memo]
+        if self.backend is not None:
+            lengths = [len(e.ids) for e in self.backend.encode_batch_fast(new, add_special_tokens=True)]
+        else:
+            lengths = [len(self.tokenizer(c, add_special_tokens=True).input_ids) for c in new]
+        fresh = dict(zip(new, lengths, strict=True))
+        if len(self.memo) < self.MEMO_ENTRIES:
+            self.memo.update((c, n) for c, n in fresh.items() if len(c) <= self.MEMO_CHARS)
+        return [fresh[c] if c in fresh else self.memo[c] for c in chunks]
 
 
 def _rejected_counts(

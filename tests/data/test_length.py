@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data.length import plan_lengths
+from data.images import DEFAULT_MAX_PIXELS
+from data.length import BatchPlanner, _numbers_of, plan_lengths, plan_sample
 from data.render import render_preference, render_sft
 from data.sample import DataError, ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
 from data.samplers import LengthGroupedSampler
@@ -180,3 +181,79 @@ def test_sampler_groups_similar_lengths_and_starts_with_the_longest():
     # The ranks of one step get neighbouring lengths: rank 0's batch is never shorter than rank 1's.
     rank0, rank1 = rank_batches(2)
     assert all(min(LENGTHS[i] for i in a) >= max(LENGTHS[i] for i in b) for a, b in zip(rank0, rank1))
+
+
+def varied_samples(tmp_path: Path) -> list:
+    """SFT samples of every shape planning meets (no image, one, two, images in a later turn, a system turn, odd
+    text, a bad file, a too-small count...) and preference pairs."""
+    a, b = png(tmp_path, "a", (40, 30)), png(tmp_path, "b", (64, 64))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+
+    def turn(role: str, *parts) -> Turn:
+        return Turn(role=role, parts=tuple(TextPart(p) if isinstance(p, str) else p for p in parts))
+
+    def sft(row: int, images: tuple, *turns: Turn) -> SFTSample:
+        return SFTSample(turns=turns, images=images, origin=Origin(dataset="d", row=row))
+
+    texts = ["What colour?", "  padded  ", "été, 漢字 and 🙂", "line\nbreak", "word " * 40, "x"]
+    samples: list = []
+    for i, text in enumerate(texts):
+        samples += [
+            sft(10 * i, (), turn("user", text), turn("assistant", texts[i - 1])),
+            sft(10 * i + 1, (a,), turn("user", ImagePart(), text), turn("assistant", "red")),
+            sft(10 * i + 2, (a, b), turn("user", ImagePart(), ImagePart(), text), turn("assistant", text)),
+            sft(
+                10 * i + 3,
+                (b,),
+                turn("system", "Be brief."),
+                turn("user", text),
+                turn("assistant", "ok"),
+                turn("user", ImagePart(), "and this?"),
+                turn("assistant", text),
+            ),
+            sft(10 * i + 4, (ImageRef(path=bad),), turn("user", ImagePart(), text), turn("assistant", "no")),
+            sft(10 * i + 5, (a,), turn("user", text), turn("assistant", "two parts")),  # image count mismatch
+        ]
+    user = turn("user", ImagePart(), "Which is it?")
+    samples.append(
+        PreferenceSample(
+            prompt=(user,),
+            chosen=turn("assistant", "the red one"),
+            rejected=turn("assistant", "blue"),
+            images=(a,),
+            origin=Origin(dataset="d", row=99),
+        )
+    )
+    return samples
+
+
+def straightforward_numbers(samples, processor) -> list[tuple]:
+    """Each sample planned alone by `plan_sample` (a transformers tokenizer call per chunk)."""
+    results = []
+    for sample in samples:
+        try:
+            results.append(_numbers_of(plan_sample(sample, processor)))
+        except DataError as error:
+            results.append((None, error.field, error.problem))
+    return results
+
+
+@pytest.mark.parametrize("batch", [1, 4, 256])
+def test_batched_planning_equals_planning_each_sample_alone(tiny_processor, tmp_path, batch):
+    """`BatchPlanner` (the chunks of a batch counted in one tokenizer call, short chunks remembered) gives
+    `plan_sample`'s numbers and errors, sample by sample, with the tokenizer's Rust backend and without it."""
+    samples = varied_samples(tmp_path)
+    expected = straightforward_numbers(samples, tiny_processor)
+    assert sum(result[0] is None for result in expected) == 12  # the bad files and the mismatched counts
+    for backend in (True, False):
+        planner = BatchPlanner(tiny_processor, DEFAULT_MAX_PIXELS)
+        if not backend:
+            planner.counter.backend = None
+        got = []
+        for start in range(0, len(samples), batch):
+            got += planner.numbers(samples[start : start + batch])
+        assert got == expected
+    first_bad = next(k for k, result in enumerate(expected) if result[0] is None)
+    stopped = BatchPlanner(tiny_processor, DEFAULT_MAX_PIXELS).numbers(samples, stop_at_error=True)
+    assert stopped == expected[: first_bad + 1]

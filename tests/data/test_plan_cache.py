@@ -232,6 +232,70 @@ def test_planning_by_row_ranges_equals_reading_then_planning(tiny_processor, tmp
             )  # every row is adapted before any is planned: the refused row comes first
 
 
+def test_the_one_source_plan_equals_planning_each_sample_straightforwardly(
+    tiny_processor, tmp_path, monkeypatch
+):
+    """The fast path (rows read in Arrow batches, chunks tokenised a batch at a time, in 2 worker processes) keeps
+    exactly the samples, lengths and image plans that `plan_sample` gives each adapted row alone (a transformers
+    tokenizer call per chunk), less the over-long rows and the rows whose image does not decode."""
+    from data.loaders import read_samples
+    from data.sample import DataError
+
+    monkeypatch.setattr("data.plan_build.MIN_ROWS_PER_WORKER", 2)
+    monkeypatch.setattr("data.plan_build.PLAN_BATCH", 3)
+    monkeypatch.setattr("data.loaders.cores_per_rank", lambda world: 2)
+    source = write_source(tmp_path / "data", rows=40)
+    recipe = recipe_for(source)
+    table = plan_stage(recipe, tiny_processor, "sft", SkipCounter(), cache_dir=None)
+    samples = read_samples(list(recipe.data.train), recipe.data, seed=recipe.seed, skips=SkipCounter())
+    expected = []
+    for sample in samples:
+        try:
+            plan = length_module.plan_sample(sample, tiny_processor)
+        except DataError:
+            continue
+        broken = any(ref.path is not None and ref.path.name == "broken.png" for ref in sample.images)
+        if plan.num_tokens <= recipe.data.max_length and not broken:
+            expected.append(plan)
+    assert list(table) == expected and len(expected) == 40 - 3
+
+
+def test_rows_in_range_reads_what_the_iterable_dataset_yields(tmp_path):
+    """Rows read in Arrow batches equal the rows of the iterable dataset they replace: JSON columns of mixed types
+    decoded, image columns left encoded, any range, a `limit`ed source."""
+    import datasets
+    from config.schema import Source
+
+    from data.sources import _with_undecoded_images, indexed_rows, rows_in_range
+
+    def iterable(dataset, start, stop):
+        rows = dataset.select(range(start, stop)).to_iterable_dataset()
+        return list(rows.cast(_with_undecoded_images(rows.features)))
+
+    source = write_source(tmp_path / "data", rows=40)
+    buffer = tmp_path / "a.png"
+    drawn_image(20, 10).save(buffer)
+    with_images = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": buffer.read_bytes(), "path": None}, {"bytes": None, "path": str(buffer)}] * 5,
+            "images": [[{"bytes": buffer.read_bytes(), "path": None}], []] * 5,
+            "n": list(range(10)),
+        },
+        features=datasets.Features(
+            image=datasets.Image(), images=datasets.List(datasets.Image()), n=datasets.Value("int64")
+        ),
+    )
+    for dataset in (
+        indexed_rows(Source(format="trl_messages", path=str(source))),
+        indexed_rows(Source(format="trl_messages", path=str(source), limit=25)),
+        with_images,
+    ):
+        for start, stop in ((0, len(dataset)), (3, 7), (len(dataset) - 1, len(dataset))):
+            assert list(rows_in_range(dataset, start, stop)) == iterable(dataset, start, stop)
+        assert list(rows_in_range(dataset, 5, 5)) == []  # (the iterable dataset cannot even be made)
+    assert isinstance(next(rows_in_range(with_images, 0, 1))["image"], dict)
+
+
 def many_samples(tmp_path: Path, count: int) -> list[SFTSample]:
     drawn_image(40, 30).save(tmp_path / "a.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")

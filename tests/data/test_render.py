@@ -9,10 +9,18 @@ import pytest
 from data.inspect import format_text, inspect_sample
 from data.inspect import main as inspect_main
 from data.length import plan_sample
-from data.render import IGNORE_INDEX, render_preference, render_sft, to_messages
+from data.render import (
+    IGNORE_INDEX,
+    ChatTemplate,
+    ChunkCounter,
+    prompt_chunks,
+    render_preference,
+    render_sft,
+    to_messages,
+)
 from data.sample import DataError, ImagePart, ImageRef, Origin, PreferenceSample, SFTSample, TextPart, Turn
 from models.phi3v import Phi3VProcessor, crop_grid
-from tests.conftest import PHI3V_HUB, drawn_image, needs_hub
+from tests.conftest import PHI3V_HUB, PHI35V_HUB, drawn_image, needs_hub
 
 ORIGIN = Origin(dataset="unit", row=7)
 SIZES = [(40, 30), (30, 70), (64, 64)]  # landscape, portrait, square: different crop grids
@@ -329,3 +337,94 @@ def test_inspector_cli_prints_and_writes_html(tmp_path, capsys):
     )
     html = page.read_text()
     assert html.count("data:image/png;base64,") == 2 and html.count("<mark>") == 3
+
+
+# ------------------------------------------------------------------------------------------------ counting only
+
+
+@pytest.mark.parametrize(
+    "text,num_images",
+    [
+        ("<|user|>\n<|image_1|>\nQ?<|end|>\n", 1),
+        ("a<|image_1|>b<|image_2|>c", 2),
+        ("no image at all", 0),
+        ("<|image_2|>a", 1),
+        ("<|image_1|><|image_1|>", 2),
+        ("a<|image|>b", 0),
+        ("<|image_1|>", 0),
+    ],
+)
+def test_prompt_chunks_check_and_count_as_encode_prompt(tiny_processor, text, num_images):
+    """`prompt_chunks` + `ChunkCounter` (length planning) give `len(encode_prompt(...))`, or its exact error."""
+    counts = [3 + k for k in range(num_images)]
+    try:
+        expected = ("ids", len(tiny_processor.encode_prompt(text, counts, where="row 7")))
+    except ValueError as error:
+        expected = ("error", str(error))
+    try:
+        chunks = prompt_chunks(text, num_images, where="row 7")
+        got = ("ids", sum(ChunkCounter(tiny_processor.tokenizer).count(chunks)) + sum(counts))
+    except ValueError as error:
+        got = ("error", str(error))
+    assert got == expected
+
+
+COUNTED_CHUNKS = [
+    "",
+    " ",
+    "\n",
+    "<|user|>\n",
+    "\nWhat is it?<|end|>\n<|assistant|>\nred<|end|>\n",
+    "<s>",
+    "<|end|><|endoftext|>",
+    "  leading and trailing  ",
+    "été, 漢字 and 🙂 — ünïcödé",
+    "word " * 300,
+    "<|user|>\n",  # repeated: counted from the memo
+]
+
+
+def check_chunk_counter(tokenizer) -> None:
+    chunks = COUNTED_CHUNKS
+    expected = [len(tokenizer(chunk, add_special_tokens=True).input_ids) for chunk in chunks]
+    counter = ChunkCounter(tokenizer)
+    assert counter.backend is not None
+    assert counter.count(chunks) == expected
+    assert counter.count(chunks[::-1]) == expected[::-1]  # now partly from the memo
+    assert "<|user|>\n" in counter.memo and "word " * 300 not in counter.memo
+    plain = ChunkCounter(tokenizer)
+    plain.backend = None
+    assert plain.count(chunks) == expected
+
+
+def test_chunk_counter_counts_as_the_tokenizer_does(tiny_processor):
+    """The Rust backend in one call (and the memo of short chunks) counts every chunk as
+    `tokenizer(chunk, add_special_tokens=True)` does; without a backend it calls the tokenizer itself."""
+    check_chunk_counter(tiny_processor.tokenizer)
+
+
+@needs_hub(PHI3V_HUB)
+def test_chunk_counter_counts_as_the_hub_tokenizer_does(hub_processor):
+    check_chunk_counter(hub_processor.tokenizer)
+
+
+def check_chat_template(processor) -> None:
+    template = ChatTemplate(processor)
+    assert template.compiled is not None  # the fast rendering is in use with this transformers
+    conversations = [sample.turns for sample in SAMPLES.values()] + [ChatTemplate.PROBE]
+    conversations += [
+        (Turn(role="user", parts=(TextPart(text),)), Turn(role="assistant", parts=(TextPart(text),)))
+        for text in COUNTED_CHUNKS
+    ]
+    for turns in conversations:
+        assert template.text(turns) == processor.apply_chat_template(to_messages(turns))
+
+
+def test_chat_template_renders_as_the_processor_does(tiny_processor):
+    """`ChatTemplate` (transformers' compiled template rendered directly) gives the processor's text."""
+    check_chat_template(tiny_processor)
+
+
+@pytest.mark.parametrize("hub", [pytest.param(hub, marks=needs_hub(hub)) for hub in (PHI3V_HUB, PHI35V_HUB)])
+def test_chat_template_renders_as_the_hub_processor_does(hub):
+    check_chat_template(Phi3VProcessor.from_pretrained(hub))
