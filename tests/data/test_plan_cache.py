@@ -264,8 +264,8 @@ def test_rows_in_range_reads_what_the_iterable_dataset_yields(tmp_path):
     """Rows read in Arrow batches equal the rows of the iterable dataset they replace: JSON columns of mixed types
     decoded, image columns left encoded, any range, a `limit`ed source."""
     import datasets
-    from config.schema import Source
 
+    from config.schema import Source
     from data.sources import _with_undecoded_images, indexed_rows, rows_in_range
 
     def iterable(dataset, start, stop):
