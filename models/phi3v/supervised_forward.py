@@ -12,49 +12,78 @@ not needed (docs/architecture.md#sft-forward-on-real-tokens):
 
 The result equals the full forward's `logits_to_keep` logits up to float rounding (tests/test_supervised_forward.py),
 and so do the gradients. (Dropout, e.g. LoRA's, draws its masks for the positions computed: the same distribution,
-not the same random numbers as the full forward.) The decoder is run here from its own modules (LoRA layers included, since peft replaces the
-Linear modules in place), so `supervised_logits` takes this path only where nothing else has to see the model's
-forward: one process, a module that is not wrapped (DDP, DeepSpeed), SDPA, no gradient checkpointing, no packing
-(`position_ids`) and a right-padded mask; anywhere else it calls the model.
+not the same random numbers as the full forward.)
+
+The path runs inside the model's own forward: `supervised_logits` calls `model(..., real_tokens=True)` through
+whatever wraps it (PeftModel, DDP, the DeepSpeed engine), and `Phi3VForCausalLM.forward` hands the call to
+`real_token_logits`. So DDP's forward still prepares its reducer (the gradients are all-reduced as usual) and a
+text-only batch on one of several ranks still runs the blank vision term (`Phi3VModel.embed_inputs`). The decoder's
+layers are called through their modules' parts (LoRA layers included, since peft replaces the Linear modules in
+place); under gradient checkpointing each layer's part is checkpointed as transformers' GradientCheckpointingLayer
+checkpoints the layer (its `_gradient_checkpointing_func`, when the layer's `gradient_checkpointing` is set and it
+trains with gradients enabled), so the backward recomputes it on the real tokens. It applies with SDPA, a
+right-padded 2-D mask, no packing (`position_ids`), no cache, no sequence parallelism and plain parameters; under
+FSDP2 or ZeRO-3, whose hooks gather a layer's parameters only when the layer module itself is called, and anywhere
+else, the model's own forward runs.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
-from .modeling import Phi3VForCausalLM, several_processes
 
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_features", "sequence_images")
 
 
 def supervised_logits(model, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
     """(N, vocab) logits at the positions `keep` (B, T) marks, row-major: `model(**inputs, logits_to_keep=keep)`'s
-    logits, from the fast path where it applies (module docstring)."""
-    base = fast_path_model(model, inputs)
-    if base is None or not right_padded_keep(inputs["attention_mask"], keep):
-        return model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    logits, from the real-token path where the model's forward can take it (module docstring)."""
+    return model(**inputs, logits_to_keep=keep, use_cache=False, real_tokens=True).logits
+
+
+def real_token_logits(base: torch.nn.Module, inputs: dict, keep) -> torch.Tensor | None:
+    """What `Phi3VForCausalLM.forward(**inputs, logits_to_keep=keep)` returns as logits, from the real tokens; None
+    where the model's own forward must run. `inputs`: the forward's arguments other than logits_to_keep."""
+    if not takes_real_tokens(base, inputs, keep) or not right_padded_keep(inputs["attention_mask"], keep):
+        return None
     return kept_logits(base, inputs, keep)
 
 
-def fast_path_model(model, inputs: dict) -> Phi3VForCausalLM | None:
-    """The Phi3VForCausalLM the fast path runs (inside a PeftModel), or None where the model's own forward must run."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, Phi3VForCausalLM) or hasattr(model, "module") or several_processes():
-        return None
-    config, decoder = base.config, base.model
-    length = inputs["input_ids"].shape[1]
-    if (
-        config._attn_implementation != "sdpa"
-        or decoder.gradient_checkpointing
-        or "attention_mask" not in inputs
-        or "position_ids" in inputs
-        or (config.sliding_window is not None and length > config.sliding_window)
-        or any(getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers)
+# Arguments the path accepts: any other one a caller sets (not None or False: use_cache=True, position_ids, labels,
+# a cache, inputs_embeds, output_hidden_states ...) sends the call to the model's own forward.
+ACCEPTED = {"input_ids", "attention_mask", *IMAGE_KEYS}
+
+
+def takes_real_tokens(base: torch.nn.Module, inputs: dict, keep) -> bool:
+    """Whether the call's arguments and the model's set-up allow the path (module docstring); no host sync."""
+    given = {k for k, v in inputs.items() if v is not None and v is not False}
+    if given - ACCEPTED or "input_ids" not in given or "attention_mask" not in given:
+        return False
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if not (
+        isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.shape == ids.shape == mask.shape
     ):
-        return None
-    return base
+        return False
+    config, decoder = base.config, base.model
+    return (
+        config._attn_implementation == "sdpa"
+        and not decoder.splits_sequence(None, False)
+        and not (config.sliding_window is not None and ids.shape[1] > config.sliding_window)
+        and plain_parameters(decoder)
+    )
+
+
+def plain_parameters(decoder) -> bool:
+    """False under FSDP2 (each layer a `fully_shard`ed FSDPModule) or DeepSpeed ZeRO-3 (parameters with a `ds_id`):
+    their hooks gather a layer's parameters when the layer module is called, which this path does not do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    layer = decoder.layers[0]
+    return not isinstance(layer, FSDPModule) and not any(hasattr(p, "ds_id") for p in layer.parameters())
 
 
 def right_padded_keep(mask: torch.Tensor, keep: torch.Tensor) -> bool:
@@ -65,7 +94,7 @@ def right_padded_keep(mask: torch.Tensor, keep: torch.Tensor) -> bool:
     return bool(ordered & ~(keep & ~real).any() & keep.any())
 
 
-def kept_logits(base: Phi3VForCausalLM, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+def kept_logits(base: torch.nn.Module, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
     decoder = base.model
     rows, length = inputs["input_ids"].shape
     embeds = decoder.embed_inputs(inputs["input_ids"], **{k: inputs[k] for k in IMAGE_KEYS if k in inputs})
@@ -77,9 +106,17 @@ def kept_logits(base: Phi3VForCausalLM, inputs: dict, keep: torch.Tensor) -> tor
     hidden = embeds.reshape(rows * length, -1)[layout.real]  # (tokens, hidden)
     *body, last = decoder.layers[: base.config.num_hidden_layers]
     for layer in body:
-        hidden = layer_on_tokens(layer, hidden, cos, sin, layout)
-    hidden = last_layer_at_kept(last, hidden, cos, sin, layout)
+        hidden = run_layer(layer_on_tokens, layer, hidden, cos, sin, layout)
+    hidden = run_layer(last_layer_at_kept, last, hidden, cos, sin, layout)
     return base.lm_head(decoder.norm(hidden))
+
+
+def run_layer(part, layer, hidden, cos, sin, layout: TokenLayout) -> torch.Tensor:
+    """`part(layer, hidden, cos, sin, layout)`, checkpointed where transformers' GradientCheckpointingLayer would
+    checkpoint the layer's forward: the tensors positional (what a re-entrant checkpoint needs to pass gradients)."""
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(partial(part, layer, layout=layout), hidden, cos, sin)
+    return part(layer, hidden, cos, sin, layout)
 
 
 class TokenLayout:
