@@ -159,13 +159,20 @@ class StepMeter:
         clip.register_forward_hook(self._on_clip_end)
         # On the first layer's norm, which every path calls: SFT's loss runs the layer's parts on the real tokens.
         backbone.layers[0].input_layernorm.register_forward_pre_hook(self._on_decoder)
+        # Phases: each decoder layer's call from its first norm to its MLP (a recomputation under gradient
+        # checkpointing is a call too: it runs whole before that layer's backward), and the LM head's calls.
+        for layer in backbone.layers:
+            layer.input_layernorm.register_forward_pre_hook(self._on_layer_start)
+            layer.mlp.register_forward_hook(self._on_layer_end)
+        model.lm_head.register_forward_pre_hook(self._on_head_start)
+        model.lm_head.register_forward_hook(self._on_head_end)
         self._saving = None
-        self._clip_started = 0.0
+        self._clip_started = self._layer_started = self._head_started = 0.0
         self._reset()
 
     def _reset(self) -> None:
         self.clip_calls = self.clip_images = self.lm_tokens = 0
-        self.clip_seconds = 0.0
+        self.clip_seconds = self.decoder_seconds = self.head_seconds = 0.0
         self.saved_bytes: dict[int, int] = {}  # storage address -> bytes: views of one storage count once
 
     def _on_clip_start(self, _module, args) -> None:
@@ -175,6 +182,18 @@ class StepMeter:
 
     def _on_clip_end(self, _module, _args, _output) -> None:
         self.clip_seconds += time.perf_counter() - self._clip_started
+
+    def _on_layer_start(self, _module, _args) -> None:
+        self._layer_started = time.perf_counter()
+
+    def _on_layer_end(self, _module, _args, _output) -> None:
+        self.decoder_seconds += time.perf_counter() - self._layer_started
+
+    def _on_head_start(self, _module, _args) -> None:
+        self._head_started = time.perf_counter()
+
+    def _on_head_end(self, _module, _args, _output) -> None:
+        self.head_seconds += time.perf_counter() - self._head_started
 
     def _on_decoder(self, _module, args) -> None:
         self.lm_tokens += int(args[0].shape[:-1].numel())  # (rows, padded length, hidden) or (tokens, hidden)
@@ -197,6 +216,8 @@ class StepMeter:
             "clip_calls": self.clip_calls,
             "clip_images": self.clip_images,
             "clip_seconds": self.clip_seconds,
+            "decoder_seconds": self.decoder_seconds,
+            "head_seconds": self.head_seconds,
             "lm_tokens": self.lm_tokens,
             "saved_mb": sum(self.saved_bytes.values()) / 2**20,
         }
@@ -205,36 +226,117 @@ class StepMeter:
 # ------------------------------------------------------------------------------------------------ shared setup
 
 
+# --width real: every dimension of Phi-3-vision-128k (models.phi3v.sizes: hidden 3072, 32 heads, MLP 8192, vocab
+# 32,064; CLIP ViT-L/14-336: hidden 1024, 16 heads, MLP 4096, 336 px crops of 14 px patches), fewer layers, the
+# chartqa recipe's LoRA (r 64, alpha 128, the same targets; dropout 0 so both sides draw no random masks) and
+# gradient checkpointing on. Set in each side's process by `configure_width`.
+REAL_DEPTHS = (2, 3)  # decoder layers: each side is timed at both (the difference is one layer's cost)
+REAL_VISION_LAYERS = (
+    2  # CLIP layers built; the feature layer is -2, so 1 runs (the real tower: 24 built, 23 run)
+)
+REAL_NUM_CROPS = 1  # one 336 px crop + the global view per image: 313 image tokens
+REAL_FULL_DEPTH = 32
+WIDTH = {"width": "tiny", "depth": None}
+
+
+def configure_width(width: str, depth: int | None) -> None:
+    WIDTH.update(width=width, depth=depth)
+
+
 def load_demo_recipe():
+    """The demo recipe (DPO's sigmoid loss without the RPO term); at real width with the real run's LoRA, gradient
+    checkpointing, max_length and the crop count above."""
     from recipe import load_recipe
 
-    return load_recipe(RECIPE)
+    recipe = load_recipe(RECIPE)
+    # The sigmoid loss alone on both sides: the demo adds RPO's NLL term (dpo.sft_weight), which TRL's side does
+    # not compute.
+    recipe = replace(recipe, dpo=replace(recipe.dpo, sft_weight=0.0))
+    if WIDTH["width"] != "real":
+        return recipe
+    return replace(
+        recipe,
+        model=replace(recipe.model, gradient_checkpointing=True, num_crops=REAL_NUM_CROPS),
+        lora=replace(recipe.lora, r=64, alpha=128, dropout=0.0),
+        data=replace(recipe.data, max_length=4096),  # chartqa's: 313 image slots exceed the demo's 256
+    )
+
+
+def real_width_config(tokenizer, depth: int, vision_layers: int = REAL_VISION_LAYERS):
+    """Phi-3-vision-128k's config (`full_size_config`) cut to `depth` decoder and `vision_layers` CLIP layers, with
+    the special token ids of the benchmark's tokenizer (the synthetic data's; its ids sit below 32,064)."""
+    from models.phi3v.sizes import full_size_config
+    from models.phi3v.tiny import tiny_config
+
+    ids = tiny_config(tokenizer)
+    config = full_size_config(
+        "phi3v",
+        num_hidden_layers=depth,
+        bos_token_id=ids.bos_token_id,
+        eos_token_id=ids.eos_token_id,
+        pad_token_id=ids.pad_token_id,
+        image_token_id=ids.image_token_id,
+        end_token_ids=ids.end_token_ids,
+    )
+    config.img_processor = {**config.img_processor, "vision_config": {"num_hidden_layers": vision_layers}}
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def prepare_base(workdir: Path, recipe) -> None:
+    """The tiny base model (saved once; both sides load this copy), or at real width the processor only (336 px
+    crops, `REAL_NUM_CROPS`): each side builds the real-width model from its config and a fixed seed."""
+    from train.model_loading import build_tiny
+
+    model, processor = build_tiny(recipe.model, recipe.seed)
+    if WIDTH["width"] == "real":
+        from models.phi3v import Phi3VImageProcessor, Phi3VProcessor
+
+        image_processor = Phi3VImageProcessor(num_crops=REAL_NUM_CROPS, crop_size=336, patch_size=14)
+        Phi3VProcessor(image_processor, processor.tokenizer).save_pretrained(workdir / "base")
+        return
+    model.save_pretrained(workdir / "base")
+    processor.save_pretrained(workdir / "base")
 
 
 def prepare_workdir(workdir: Path, num_pairs: int) -> None:
-    """The synthetic preference pairs and the tiny base model (saved once; both sides load this copy)."""
+    """The synthetic preference pairs and the base model (`prepare_base`)."""
     from data.synthetic import write_synthetic
-    from train.model_loading import build_tiny
 
     # Only the training preference pairs are read.
     write_synthetic(
         workdir / "synthetic", seed=SEED, n_train=0, n_eval=0, n_pref_train=num_pairs, n_pref_eval=0
     )
-    recipe = load_demo_recipe()
-    model, processor = build_tiny(recipe.model, recipe.seed)
-    model.save_pretrained(workdir / "base")
-    processor.save_pretrained(workdir / "base")
+    prepare_base(workdir, load_demo_recipe())
 
 
 def load_base(workdir: Path, recipe):
     import models
 
-    return models.load(
-        str(workdir / "base"),
-        dtype=recipe.model.dtype,
-        attn_implementation=recipe.model.attn_implementation,
-        num_crops=recipe.model.num_crops,
-    )
+    if WIDTH["width"] != "real":
+        return models.load(
+            str(workdir / "base"),
+            dtype=recipe.model.dtype,
+            attn_implementation=recipe.model.attn_implementation,
+            num_crops=recipe.model.num_crops,
+        )
+    from models.phi3v import Phi3VForCausalLM, Phi3VProcessor
+
+    processor = Phi3VProcessor.from_pretrained(str(workdir / "base"))
+    torch.manual_seed(SEED)  # the same random weights on both sides and in every run
+    model = Phi3VForCausalLM(real_width_config(processor.tokenizer, WIDTH["depth"]))
+    return model.float(), processor
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_batches(count: int, batch_size: int) -> list[list[int]]:
+    """This process's `count` batches of row indices: file order, batch i of the run going to rank i % world (what
+    accelerate's prepared DataLoader hands each rank of a Trainer)."""
+    rank, world = rank_and_world()
+    return [list(range(b * batch_size, (b + 1) * batch_size)) for b in range(rank, count * world, world)]
 
 
 def lora_config(model, recipe):
@@ -276,11 +378,12 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prom
 
     recipe = load_demo_recipe()
     total = warmup + steps
+    rows = total * batch_size * rank_and_world()[1]  # every rank's batches (rank_batches picks this one's)
     source = Source(
         format="trl_preference",
         path=str(workdir / "synthetic" / "pref_train.jsonl"),
         image_root=str(workdir / "synthetic"),
-        limit=total * batch_size,
+        limit=rows,
     )
     data = replace(recipe.data, train=(source,), num_workers=0)
     accelerator = device.make_accelerator(
@@ -293,15 +396,12 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int, share_prom
         data.train, "dpo", data, seed=recipe.seed, skips=skips, main_first=accelerator.main_process_first
     )
     planned = plan(samples, processor, data, skips)
-    if len(planned) != total * batch_size:
-        raise RuntimeError(
-            f"ours: {len(planned)} pairs planned, {total * batch_size} needed:\n{skips.summary()}"
-        )
-    # File order in batches of batch_size, as TRL's sequential sampler gives them.
+    if len(planned) != rows:
+        raise RuntimeError(f"ours: {len(planned)} pairs planned, {rows} needed:\n{skips.summary()}")
+    # File order in batches of batch_size, as TRL's sequential sampler gives them (each rank its share).
     loader = DataLoader(
         RenderedDataset(planned, processor),
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=rank_batches(total, batch_size),
         num_workers=0,
         collate_fn=DPOCollator(pad_token_id=processor.tokenizer.pad_token_id, share_prompt=share_prompt),
     )
@@ -422,7 +522,8 @@ def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
         adam_epsilon=train.adam_eps,
         max_grad_norm=train.max_grad_norm or 0.0,
         max_length=None,  # the vision collator would cut input_ids but not the images
-        gradient_checkpointing=False,
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # what ours uses (transformers' default)
         bf16=False,
         fp16=False,
         use_cpu=True,
@@ -481,7 +582,7 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     trainer = DPOTrainer(
         model=model,
         args=trl_config(workdir, recipe, total, batch_size),
-        train_dataset=trl_dataset(workdir, total * batch_size),
+        train_dataset=trl_dataset(workdir, total * batch_size * rank_and_world()[1]),
         processing_class=processor,
         peft_config=lora_config(model, recipe),
     )
@@ -510,14 +611,20 @@ def trl_result(recorder: TrlStepRecorder, losses: list[float]) -> dict:
 
 
 def write_result(workdir: Path, side: str, result: dict) -> None:
-    """What a side's subprocess hands its parent: the result, with the process's peak memory and threads."""
+    """What a side's subprocess hands its parent: the result, with the process's peak memory and threads (under
+    DDP, rank 0's)."""
+    if rank_and_world()[0] != 0:
+        return
     result.update(side=side, lifetime_peak_mb=lifetime_peak_mb(), torch_threads=torch.get_num_threads())
     (workdir / f"{side}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
-def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int) -> None:
+def run_side(
+    side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int, width: str, depth
+) -> None:
     if threads:
         torch.set_num_threads(threads)
+    configure_width(width, depth)
     if side == "trl":
         result = run_trl(workdir, steps, warmup, batch_size)
     else:
@@ -536,6 +643,8 @@ class SideSummary:
     clip_calls: float
     clip_images: float
     clip_ms: float
+    decoder_ms: float
+    head_ms: float
     lm_tokens: float
     saved_mb: float
     peak_mb: float
@@ -558,6 +667,8 @@ def summarise(result: dict, warmup: int, batch_size: int) -> SideSummary:
         clip_calls=mean("clip_calls"),
         clip_images=mean("clip_images"),
         clip_ms=1000 * mean("clip_seconds"),
+        decoder_ms=1000 * mean("decoder_seconds"),
+        head_ms=1000 * mean("head_seconds"),
         lm_tokens=mean("lm_tokens"),
         saved_mb=mean("saved_mb"),
         peak_mb=result["lifetime_peak_mb"],
@@ -571,10 +682,10 @@ def spawn_side(
     side: str, workdir: Path, args: argparse.Namespace, script: Path = Path(__file__)
 ) -> tuple[dict | None, str]:
     """(result, '') or (None, the tail of the failed subprocess's output) of `script --side side` (this benchmark,
-    or another built like it)."""
-    command = [
-        sys.executable,
-        str(script.resolve()),
+    or another built like it). `args.processes` > 1: the side runs in that many CPU processes over gloo (DDP), through
+    accelerate's launcher as tests/train_helpers.py launches them; rank 0 writes the result. `args.width` 'real':
+    the side builds the real-width model at `args.depth` decoder layers."""
+    side_args = [
         "--side",
         side,
         "--workdir",
@@ -588,10 +699,30 @@ def spawn_side(
         "--threads",
         str(args.threads),
     ]
+    if getattr(args, "width", "tiny") == "real":
+        side_args += ["--width", "real", "--depth", str(args.depth)]
+    processes = getattr(args, "processes", 1)
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += [
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--multi_gpu",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(29500 + os.getpid() % 1000),
+        ]
+    command = [*launcher, str(script.resolve()), *side_args]
     env = {
         **os.environ,
         **OFFLINE_ENV,
         **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}),
+        **({"ACCELERATE_USE_CPU": "1"} if processes > 1 else {}),
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -631,13 +762,14 @@ def print_header(args: argparse.Namespace, recipe) -> None:
     lora = recipe.lora
     print_machine("DPO steps, ours vs TRL DPOTrainer", args)
     print(
-        f"model: tiny Phi-3-V {TINY_MODEL}, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
-        f"{recipe.model.num_crops}; LoRA r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on the LM's "
-        f"{', '.join(lora.target_modules)}; tower and projector frozen"
+        f"model: {model_description(args, TINY_MODEL)}, {recipe.model.dtype}, {recipe.model.attn_implementation}, "
+        f"num_crops {recipe.model.num_crops}; LoRA r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout} on the "
+        f"LM's {', '.join(lora.target_modules)}; tower and projector frozen; gradient checkpointing "
+        f"{'on' if recipe.model.gradient_checkpointing else 'off'}; {args.processes} process(es) per side"
     )
     print(
-        f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} pairs, the first "
-        f"{(args.warmup + args.steps) * args.batch_size} synthetic pairs in file order; "
+        f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} pairs per process, the first "
+        f"{(args.warmup + args.steps) * args.batch_size * args.processes} synthetic pairs in file order; "
         f"{'+'.join(loss.type for loss in recipe.dpo.losses)} loss, beta {recipe.dpo.beta}, AdamW lr "
         f"{dpo_lr(recipe):g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
         f"alternating (ours first), each in a fresh subprocess; medians per side and paired ratios"
@@ -645,12 +777,14 @@ def print_header(args: argparse.Namespace, recipe) -> None:
 
 
 COLUMNS = (
-    ("pairs/s", "pairs_per_s", "{:.1f}"),
+    ("pairs/s", "pairs_per_s", "{:.4g}"),
     ("s/step", "seconds_per_step", "{:.3f}"),
     ("data ms/step", "data_ms_per_step", "{:.0f}"),
     ("CLIP calls/step", "clip_calls", "{:.1f}"),
     ("CLIP images/step", "clip_images", "{:.0f}"),
     ("CLIP ms/step", "clip_ms", "{:.1f}"),
+    ("layers ms/step", "decoder_ms", "{:.0f}"),
+    ("head ms/step", "head_ms", "{:.0f}"),
     ("LM tokens/step", "lm_tokens", "{:.0f}"),
     ("saved MB/step", "saved_mb", "{:.1f}"),
     ("peak RSS MB", "peak_mb", "{:.0f}"),
@@ -702,7 +836,7 @@ def paired_ratios(ours: list[float], theirs: list[float], unit: str, names: str 
     return (
         f"{names} {unit}: paired median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max "
         f"{max(ratios):.2f}x) over {len(ratios)} pairs [" + ", ".join(f"{r:.2f}" for r in ratios) + "]; "
-        f"medians {statistics.median(ours):.1f} vs {statistics.median(theirs):.1f} {unit}"
+        f"medians {statistics.median(ours):.4g} vs {statistics.median(theirs):.4g} {unit}"
     )
 
 
@@ -728,34 +862,62 @@ def run_both(args: argparse.Namespace) -> None:
 
     transformers.logging.set_verbosity_error()  # build_tiny's config notes and save progress bars
     transformers.logging.disable_progress_bar()
+    configure_width(args.width, None)
     recipe = load_demo_recipe()
     print_header(args, recipe)
     sides = ["ours", "trl"] + (["ours-2b"] if args.with_2b else [])
-    runs: dict[str, list[SideSummary]] = {LABELS[side]: [] for side in sides}
-    losses: dict[str, list[list[float]]] = {LABELS[side]: [] for side in sides}
-    fingerprints: dict[str, set[str]] = {LABELS[side]: set() for side in sides}
+    # Keyed by decoder depth (None: the tiny model), then by side label; one entry per repeat.
+    runs: dict = {d: {LABELS[side]: [] for side in sides} for d in depths(args)}
+    losses: dict = {d: {LABELS[side]: [] for side in sides} for d in depths(args)}
+    fingerprints: dict = {d: {LABELS[side]: set() for side in sides} for d in depths(args)}
     with tempfile.TemporaryDirectory(prefix="dpo_vs_trl-") as tmp:
         workdir = Path(tmp)
-        prepare_workdir(workdir, (args.warmup + args.steps) * args.batch_size)
+        prepare_workdir(workdir, (args.warmup + args.steps) * args.batch_size * args.processes)
         for repeat in range(args.repeats):
-            for side in sides:
-                label = LABELS[side]
-                started = time.perf_counter()
-                result, failure = spawn_side(side, workdir, args)
-                if result is None:
-                    print(
-                        f"run {repeat + 1} {label}: failed after {time.perf_counter() - started:.0f} s; the tail "
-                        f"of its output:\n{failure}"
+            for depth in depths(args):
+                for side in sides:
+                    label = LABELS[side]
+                    where = "" if depth is None else f" at {depth} layers"
+                    started = time.perf_counter()
+                    result, failure = spawn_side(side, workdir, with_depth(args, depth))
+                    if result is None:
+                        print(
+                            f"run {repeat + 1} {label}{where}: failed after {time.perf_counter() - started:.0f} s; "
+                            f"the tail of its output:\n{failure}"
+                        )
+                        sys.exit(1)
+                    runs[depth][label].append(
+                        summarise(result, args.warmup, args.batch_size * args.processes)
                     )
-                    sys.exit(1)
-                runs[label].append(summarise(result, args.warmup, args.batch_size))
-                losses[label].append([step["loss"] for step in result["steps"]])
-                fingerprints[label].add(result["initial_trainable"])
-                print(
-                    f"run {repeat + 1} {label}: {runs[label][-1].pairs_per_s:.1f} pairs/s, subprocess "
-                    f"{time.perf_counter() - started:.0f} s; memory high-water mark reset: {result['peak_reset']}; "
-                    f"load average now {os.getloadavg()[0]:.2f}"
-                )
+                    losses[depth][label].append([step["loss"] for step in result["steps"]])
+                    fingerprints[depth][label].add(result["initial_trainable"])
+                    print(
+                        f"run {repeat + 1} {label}{where}: {runs[depth][label][-1].pairs_per_s:.4g} pairs/s, "
+                        f"subprocess {time.perf_counter() - started:.0f} s; memory high-water mark reset: "
+                        f"{result['peak_reset']}; load average now {os.getloadavg()[0]:.2f}",
+                        flush=True,
+                    )
+    for depth in depths(args):
+        if depth is not None:
+            print(f"## {depth} decoder layers")
+        report_depth(args, runs[depth], losses[depth], fingerprints[depth])
+    if args.width == "real":
+        print_projection(
+            {
+                label: {d: [r.seconds_per_step for r in runs[d][label]] for d in REAL_DEPTHS}
+                for label in ("ours", "TRL")
+            },
+            {
+                label: {d: [r.clip_ms / 1000 for r in runs[d][label]] for d in REAL_DEPTHS}
+                for label in ("ours", "TRL")
+            },
+            args.batch_size * args.processes,
+            "pairs/s",
+        )
+
+
+def report_depth(args, runs: dict, losses: dict, fingerprints: dict) -> None:
+    """One model's runs: fingerprints, losses, the table and the paired ratios."""
     print_fingerprints(fingerprints)
     for label, side_losses in losses.items():  # every run of a side computes the same losses
         for other in side_losses[1:]:
@@ -794,14 +956,129 @@ def run_both(args: argparse.Namespace) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------------ real width
+
+
+def add_width_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--width",
+        choices=("tiny", "real"),
+        default="tiny",
+        help="tiny: the demo's model; real: Phi-3-vision-128k's widths at fewer layers (module docstring)",
+    )
+    parser.add_argument("--depth", type=int, help="(a side at --width real) its decoder layers")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="processes per side: 2 runs DDP over gloo, one thread each"
+    )
+
+
+def fill_width_defaults(args: argparse.Namespace, tiny: dict, real: dict) -> None:
+    """Options left unset take the width's defaults."""
+    for key, value in (real if args.width == "real" else tiny).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def depths(args: argparse.Namespace) -> tuple:
+    return REAL_DEPTHS if args.width == "real" else (None,)
+
+
+def with_depth(args: argparse.Namespace, depth) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "depth": depth})
+
+
+def model_description(args: argparse.Namespace, tiny_model: dict) -> str:
+    if args.width != "real":
+        return f"tiny Phi-3-V {tiny_model}"
+    return (
+        f"Phi-3-vision-128k at real width (hidden 3072, 32 heads, MLP 8192, vocab 32064; CLIP ViT-L/14-336: "
+        f"hidden 1024, 16 heads, MLP 4096, 336 px crops of 14 px patches), random weights (seed {SEED}), "
+        f"decoder layers {' and '.join(map(str, REAL_DEPTHS))} (timed at each), CLIP {REAL_VISION_LAYERS} layers "
+        f"built, {REAL_VISION_LAYERS - 1} run (real: 24 built, 23 run)"
+    )
+
+
+def clip_depth_factor() -> float:
+    """The FLOP model's CLIP forward per view at the real depth (23 layers run) over the benchmark's (1 run):
+    benchmarks/train_step.py `vision_forward_flops` (patch convolution + the layers run)."""
+    from benchmarks.train_step import vision_forward_flops
+    from models.phi3v.sizes import full_size_config
+
+    real = full_size_config("phi3v")
+    used = full_size_config("phi3v")
+    used.img_processor = {**used.img_processor, "vision_config": {"num_hidden_layers": REAL_VISION_LAYERS}}
+    return vision_forward_flops(real, 1) / vision_forward_flops(used, 1)
+
+
+def project_to_full_depth(seconds: dict, clip_seconds: dict) -> list[float]:
+    """Per repeat, one side's seconds per step projected to 32 decoder layers and the real CLIP depth:
+    s(L1) + (32 - L1) x [s(L2) - s(L1)] / (L2 - L1) + (f - 1) x CLIP seconds, where L1 < L2 are REAL_DEPTHS (the
+    difference of the two runs is the cost of one more decoder layer: forward, recomputation and backward), and f
+    is `clip_depth_factor` applied to the measured CLIP seconds of the step (the tower is frozen: forward only).
+    `seconds[depth]` and `clip_seconds[depth]`: one value per repeat."""
+    low, high = REAL_DEPTHS
+    factor = clip_depth_factor()
+    projected = []
+    for s_low, s_high, c_low, c_high in zip(
+        seconds[low], seconds[high], clip_seconds[low], clip_seconds[high]
+    ):
+        layer = (s_high - s_low) / (high - low)
+        projected.append(s_low + (REAL_FULL_DEPTH - low) * layer + (factor - 1) * (c_low + c_high) / 2)
+    return projected
+
+
+def print_projection(
+    seconds: dict[str, dict],
+    clip_seconds: dict[str, dict],
+    units_per_step: int,
+    unit: str,
+    sides=("ours", "TRL"),
+) -> None:
+    """The per-layer cost, CLIP, the projected step and throughput of each side (medians over repeats), and the
+    paired ratio of the projected throughputs (TRL's seconds / ours, repeat by repeat)."""
+    low, high = REAL_DEPTHS
+    print(
+        f"projection to {REAL_FULL_DEPTH} decoder layers and CLIP's 23: s({low}) + ({REAL_FULL_DEPTH} - {low}) x "
+        f"[s({high}) - s({low})] + (f - 1) x CLIP s, f = {clip_depth_factor():.2f} (the FLOP model's CLIP forward "
+        "at 23 layers over 1), per repeat; medians over repeats:"
+    )
+    projected = {}
+    for side in sides:
+        projected[side] = project_to_full_depth(seconds[side], clip_seconds[side])
+        layers = [(b - a) / (high - low) for a, b in zip(seconds[side][low], seconds[side][high])]
+        print(
+            f"  {side:<5} s/step at {low}: {statistics.median(seconds[side][low]):.2f}, at {high}: "
+            f"{statistics.median(seconds[side][high]):.2f}; one decoder layer {statistics.median(layers):.2f} s; "
+            f"CLIP {statistics.median(clip_seconds[side][low]):.2f} s; projected {statistics.median(projected[side]):.1f}"
+            f" s/step = {units_per_step / statistics.median(projected[side]):.3f} {unit}"
+        )
+    ours, theirs = sides
+    print(
+        paired_ratios(
+            [units_per_step / s for s in projected[ours]],
+            [units_per_step / s for s in projected[theirs]],
+            unit,
+            names=f"projected {REAL_FULL_DEPTH}-layer {ours}/{theirs}",
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per side")
-    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not timed")
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (the demo's 16)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternating; paired medians")
+    parser.add_argument(
+        "--steps", type=int, help="timed optimizer steps per side (default 30; --width real: 3)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, help="optimizer steps run first and not timed (default 3; --width real: 1)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="pairs per optimizer step and process (default the demo's 16; real: 2)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="runs per side, alternating; paired medians (default 5; --width real: 3)"
+    )
     parser.add_argument(
         "--with-2b",
         action="store_true",
@@ -821,16 +1098,34 @@ def main() -> None:
     )
     parser.add_argument("--side", choices=SIDES, help="run one side in this process (needs --workdir)")
     parser.add_argument("--workdir", type=Path, help="a folder the parent prepared (with --side)")
+    add_width_arguments(parser)
     args = parser.parse_args()
-    if min(args.steps, args.batch_size, args.repeats) < 1 or min(args.warmup, args.threads) < 0:
+    fill_width_defaults(
+        args,
+        tiny=dict(steps=30, warmup=3, batch_size=16, repeats=5),
+        real=dict(steps=3, warmup=1, batch_size=2, repeats=3),
+    )
+    if (
+        min(args.steps, args.batch_size, args.repeats, args.processes) < 1
+        or min(args.warmup, args.threads) < 0
+    ):
         parser.error(
-            f"need --steps, --batch-size, --repeats >= 1 and --warmup, --threads >= 0; got {args.steps}, "
-            f"{args.batch_size}, {args.repeats}, {args.warmup}, {args.threads}"
+            f"need --steps, --batch-size, --repeats, --processes >= 1 and --warmup, --threads >= 0; got "
+            f"{args.steps}, {args.batch_size}, {args.repeats}, {args.processes}, {args.warmup}, {args.threads}"
         )
     if args.side:
         if args.workdir is None:
             parser.error("--side needs --workdir (a folder prepared by the parent run)")
-        run_side(args.side, args.workdir, args.steps, args.warmup, args.batch_size, args.threads)
+        run_side(
+            args.side,
+            args.workdir,
+            args.steps,
+            args.warmup,
+            args.batch_size,
+            args.threads,
+            args.width,
+            args.depth,
+        )
     else:
         run_both(args)
 
