@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from data.collate import SFTCollator
-from models.phi3v import supervised_forward
 from models.phi3v.supervised_forward import supervised_logits
 from recipe.schema import LoraSection, ModelSection
 from tests.conftest import chat, drawn_image
@@ -73,7 +72,9 @@ class FirstLayerRows:
     def __init__(self, model):
         mlp = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
         self.calls: list[int] = []
-        self.hook = mlp.register_forward_pre_hook(lambda _m, args: self.calls.append(args[0].shape[:-1].numel()))
+        self.hook = mlp.register_forward_pre_hook(
+            lambda _m, args: self.calls.append(args[0].shape[:-1].numel())
+        )
 
     def take(self) -> list[int]:
         calls, self.calls = self.calls, []

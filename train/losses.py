@@ -96,10 +96,11 @@ def splitting(sp: SequenceParallel | None):
 
 
 def completion_logps(
-    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None
+    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None, real_tokens: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) of each of the 2B rows' supervised tokens, on the 2B-row layout; only the
-    supervised (row, position) pairs get logits."""
+    supervised (row, position) pairs get logits, from the decoder on the real tokens where it can
+    (models/phi3v/supervised_forward.py; `real_tokens=False`: the model's forward)."""
     keep, targets = supervised_positions(batch["labels"])
     # use_cache=False: no cache in training, and with packed position_ids a cache would let samples see each other.
     with splitting(sp):
@@ -108,6 +109,7 @@ def completion_logps(
             attention_mask=batch["attention_mask"],
             logits_to_keep=keep,
             use_cache=False,
+            real_tokens=real_tokens,
             **image_kwargs,
         ).logits  # (N, V)
     rows = keep.nonzero()[:, 0]
@@ -152,10 +154,13 @@ def prefix_sharing_mask(segments: torch.Tensor, attn_implementation: str, dtype:
 
 
 def shared_completion_logps(
-    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None
+    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None, real_tokens: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `completion_logps` returns for the 2B rows, from the prefix-sharing layout: B rows, one LM pass over
-    each prompt for both completions."""
+    each prompt for both completions; with SDPA the decoder runs on the real tokens only and the last layer at the
+    kept positions (models/phi3v/supervised_forward.py; `real_tokens=False`: the model's forward)."""
+    from data.collate import SEGMENT_PAD
+
     pairs = batch["shared_input_ids"].shape[0]
     kwargs = dict(image_kwargs)
     if "sequence_images" in kwargs:  # row b holds pair b's prompt images once: those of its chosen row
@@ -169,6 +174,7 @@ def shared_completion_logps(
             position_ids=batch["shared_position_ids"],
             logits_to_keep=batch["shared_keep"],
             use_cache=False,
+            real_tokens=(batch["shared_segments"] != SEGMENT_PAD) if real_tokens else False,
             **kwargs,
         ).logits  # (N, V): each kept position once
     logps = kept_token_logps(

@@ -207,9 +207,11 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         # Phi3ForCausalLM.forward's parameters, named (generate validates its arguments against them). Under sequence
         # parallelism the decoder returns this rank's chunk: a (B, T) mask of kept positions is cut to the same
         # chunk, and the logits are those of the chunk's kept positions (row-major).
-        # `real_tokens=True` (supervised_forward.supervised_logits): the same logits from the decoder on the real
-        # tokens only, where that path applies; inside this forward, so that DDP's and peft's wrapping still hold.
-        if kwargs.pop("real_tokens", False):
+        # `real_tokens` (True, or a (B, T) mask of the real tokens under a block mask: supervised_forward): the same
+        # logits from the decoder on the real tokens only, where that path applies; inside this forward, so that
+        # DDP's and peft's wrapping still hold.
+        real_tokens = kwargs.pop("real_tokens", False)
+        if real_tokens is not False:
             logits = real_token_logits(
                 self,
                 dict(
@@ -223,6 +225,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
                     use_cache=use_cache,
                 ),
                 logits_to_keep,
+                real_tokens,
             )
             if logits is not None:
                 return CausalLMOutputWithPast(logits=logits)
