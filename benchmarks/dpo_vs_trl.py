@@ -2,6 +2,8 @@
 
     python benchmarks/dpo_vs_trl.py                        # 3 warm-up + 30 timed steps of 16 pairs, 3 runs a side
     python benchmarks/dpo_vs_trl.py --steps 10 --batch-size 8 --repeats 1
+    python benchmarks/dpo_vs_trl.py --width real           # real widths, 2 and 3 layers, 1 warm-up + 3 steps of 2, 3 repeats
+    python benchmarks/dpo_vs_trl.py --width real --processes 2      # the same, each side as 2 DDP processes (gloo)
     python benchmarks/dpo_vs_trl.py --side ours --workdir DIR ...   # one side only (what the parent runs)
 
 The parent prepares one temporary folder: the synthetic preference pairs (`data.synthetic.write_synthetic`,
@@ -54,6 +56,33 @@ Measured per side over the timed steps (the warm-up steps run but are not counte
   getrusage's ru_maxrss is shown instead, which reads 0 if setup peaked higher.
 The losses of the first and last step are printed as a sanity check. Both sides start at ln 2 = 0.6931: LoRA's B
 starts at zero, so policy = reference.
+
+`--width real` (shared with sft_vs_trl.py): the model has every dimension of Phi-3-vision-128k
+(`models.phi3v.sizes.full_size_config`: hidden 3072, 32 heads, MLP 8192, vocab 32,064; CLIP ViT-L/14-336 at its
+width: hidden 1024, 16 heads, MLP 4096, 336 px crops of 14 px patches) with fewer layers: 2 and 3 decoder layers
+(each side is run at both), 2 CLIP layers built of which 1 runs (the feature layer is -2; the real tower builds 24
+and runs 23). Random fp32 weights from a fixed seed, built in each side's process (the same weights on both sides);
+the synthetic data's tokenizer (its ids fit the 32,064 rows). Both sides: the chartqa recipe's LoRA (r 64, alpha 128,
+on qkv_proj, o_proj, gate_up_proj, down_proj; dropout 0, so that neither side draws random masks), gradient
+checkpointing on (non-reentrant, transformers' default, on both sides), num_crops 1 (one 336 px crop and the
+global view per image: 313 image tokens), max_length 4096. Defaults at real width: 1 warm-up + 3 timed steps of 2
+pairs (SFT: 2 samples), 3 repeats; each repeat runs ours and TRL at 2 layers, then at 3.
+
+Projection to the real depth (`project_to_full_depth`), per side and per repeat: the difference of the steps at 3 and
+2 decoder layers is one more layer's cost (its forward, its recomputation and its backward, on that side's tokens),
+so s(32) = s(2) + 30 x [s(3) - s(2)], plus the CLIP tower at its real depth: the step's measured CLIP seconds times
+(f - 1), f being the project's FLOP model's CLIP forward at 23 layers over the one that ran
+(benchmarks/train_step.py `vision_forward_flops`: patch convolution + layers; about 22). What does not grow with
+depth (embedding, the LM head and the loss, the optimizer, data) stays as measured. The projected ratio is the
+median of the repeats' TRL s(32) / ours s(32), with min-max. Per-phase columns show where the step goes: CLIP,
+the decoder layers' calls (forward, and under checkpointing the recomputation: each layer's first norm to its
+MLP), the LM head's module calls (TRL's DPO and SFT compute their logits through the model's forward at every
+position: its loss reads them), and the rest (mostly the backward).
+
+`--processes 2`: each side runs as 2 processes over gloo (accelerate's launcher, `--multi_gpu` with
+ACCELERATE_USE_CPU, one torch thread each), DDP, each process `--batch-size` pairs a step (batch i of the file order
+to rank i % 2, as accelerate's prepared DataLoader hands a Trainer's ranks their batches); the per-step figures are
+rank 0's (pairs/s counts both ranks' pairs).
 
 Each side runs single-threaded by default (`--threads 1`). On a 2-core machine that other programs keep busy, two
 OpenMP threads per side stall at every parallel region whenever one thread is descheduled. At 2 threads, with

@@ -2,6 +2,8 @@
 
     python benchmarks/sft_vs_trl.py                        # 3 warm-up + 20 timed steps of 16 samples, 5 runs a side
     python benchmarks/sft_vs_trl.py --steps 10 --repeats 2
+    python benchmarks/sft_vs_trl.py --width real           # real widths, 2 and 3 layers: see dpo_vs_trl.py's docstring
+    python benchmarks/sft_vs_trl.py --width real --processes 2      # the same, each side as 2 DDP processes (gloo)
     python benchmarks/sft_vs_trl.py --side ours --workdir DIR ...   # one side only (what the parent runs)
 
 Built like `dpo_vs_trl.py` (whose measuring helpers it imports): the parent writes the synthetic SFT conversations
@@ -30,6 +32,10 @@ Same work on both sides:
   a text-only batch in one process;
 - TRL: `trl.SFTTrainer(model, args=SFTConfig(...), train_dataset=rows, data_collator=..., peft_config=LoraConfig)`:
   its fused log-prob head over every position, plus its entropy and token-accuracy metrics.
+
+`--width real` and `--processes 2` are dpo_vs_trl.py's (the model, LoRA r 64, gradient checkpointing on both sides,
+2 samples a step, the projection to 32 layers; each rank its share of the batches, TRL's loss averaged over the ranks
+as its DDP gradient is). At real width ours takes the real-token path under gradient checkpointing and under DDP.
 
 Timed span per step: forward, backward, clipping, optimizer step (TRL: `on_step_begin` to `on_step_end`); fetching
 and collating the batch is timed apart (data ms/step), and both sides fetch it the same way (the same rows, the same
