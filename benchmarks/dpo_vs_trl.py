@@ -193,6 +193,7 @@ class StepMeter:
         for layer in backbone.layers:
             layer.input_layernorm.register_forward_pre_hook(self._on_layer_start)
             layer.mlp.register_forward_hook(self._on_layer_end)
+        self._layers = list(backbone.layers)
         model.lm_head.register_forward_pre_hook(self._on_head_start)
         model.lm_head.register_forward_hook(self._on_head_end)
         self._saving = None
@@ -247,6 +248,8 @@ class StepMeter:
             "clip_seconds": self.clip_seconds,
             "decoder_seconds": self.decoder_seconds,
             "head_seconds": self.head_seconds,
+            # Whether every decoder layer was set to checkpoint itself during the step (what the trainer enabled).
+            "checkpointing": all(getattr(layer, "gradient_checkpointing", False) for layer in self._layers),
             "lm_tokens": self.lm_tokens,
             "saved_mb": sum(self.saved_bytes.values()) / 2**20,
         }
@@ -899,6 +902,7 @@ def run_both(args: argparse.Namespace) -> None:
     runs: dict = {d: {LABELS[side]: [] for side in sides} for d in depths(args)}
     losses: dict = {d: {LABELS[side]: [] for side in sides} for d in depths(args)}
     fingerprints: dict = {d: {LABELS[side]: set() for side in sides} for d in depths(args)}
+    checkpointing: dict = {LABELS[side]: set() for side in sides}
     with tempfile.TemporaryDirectory(prefix="dpo_vs_trl-") as tmp:
         workdir = Path(tmp)
         prepare_workdir(workdir, (args.warmup + args.steps) * args.batch_size * args.processes)
@@ -919,6 +923,7 @@ def run_both(args: argparse.Namespace) -> None:
                         summarise(result, args.warmup, args.batch_size * args.processes)
                     )
                     losses[depth][label].append([step["loss"] for step in result["steps"]])
+                    checkpointing[label].update(step["checkpointing"] for step in result["steps"])
                     fingerprints[depth][label].add(result["initial_trainable"])
                     print(
                         f"run {repeat + 1} {label}{where}: {runs[depth][label][-1].pairs_per_s:.4g} pairs/s, "
@@ -926,6 +931,7 @@ def run_both(args: argparse.Namespace) -> None:
                         f"{result['peak_reset']}; load average now {os.getloadavg()[0]:.2f}",
                         flush=True,
                     )
+    print_checkpointing(checkpointing)
     for depth in depths(args):
         if depth is not None:
             print(f"## {depth} decoder layers")
@@ -943,6 +949,17 @@ def run_both(args: argparse.Namespace) -> None:
             args.batch_size * args.processes,
             "pairs/s",
         )
+
+
+def print_checkpointing(checkpointing: dict[str, set]) -> None:
+    """Whether each side's decoder layers checkpointed themselves in its timed and warm-up steps (every step alike)."""
+    print(
+        "gradient checkpointing set on every decoder layer, per side over all steps: "
+        + ", ".join(
+            f"{label} {'yes' if flags == {True} else 'no' if flags == {False} else 'mixed' if flags else 'n/a'}"
+            for label, flags in checkpointing.items()
+        )
+    )
 
 
 def report_depth(args, runs: dict, losses: dict, fingerprints: dict) -> None:

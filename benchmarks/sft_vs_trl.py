@@ -75,6 +75,7 @@ from dpo_vs_trl import (  # noqa: E402
     model_description,
     paired_ratios,
     prepare_base,
+    print_checkpointing,
     print_machine,
     print_projection,
     rank_and_world,
@@ -374,6 +375,7 @@ def run_both(args: argparse.Namespace) -> None:
     labels = {"ours": "ours", "trl": "TRL"}
     runs: dict = {d: {label: [] for label in labels.values()} for d in depths(args)}
     fingerprints: dict = {d: set() for d in depths(args)}
+    checkpointing: dict = {label: set() for label in labels.values()}
     with tempfile.TemporaryDirectory(prefix="sft_vs_trl-") as tmp:
         workdir = Path(tmp)
         prepare_workdir(workdir, (args.warmup + args.steps) * per_step)
@@ -390,12 +392,14 @@ def run_both(args: argparse.Namespace) -> None:
                         sys.exit(1)
                     runs[depth][label].append(summarise(result, args.warmup, per_step))
                     fingerprints[depth].add(result["initial_trainable"])
+                    checkpointing[label].update(step["checkpointing"] for step in result["steps"])
                     print(
                         f"run {repeat + 1} {label}{where}: {runs[depth][label][-1]['samples_per_s']:.4g} samples/s, "
                         f"subprocess {time.perf_counter() - started:.0f} s; load average now "
                         f"{os.getloadavg()[0]:.2f}",
                         flush=True,
                     )
+    print_checkpointing(checkpointing)
     for depth in depths(args):
         if depth is not None:
             print(f"## {depth} decoder layers")
