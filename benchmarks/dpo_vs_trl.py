@@ -197,33 +197,36 @@ class StepMeter:
         model.lm_head.register_forward_pre_hook(self._on_head_start)
         model.lm_head.register_forward_hook(self._on_head_end)
         self._saving = None
-        self._clip_started = self._layer_started = self._head_started = 0.0
+        self._clip_started = self._clip_cpu_started = self._layer_started = self._head_started = 0.0
         self._reset()
 
     def _reset(self) -> None:
         self.clip_calls = self.clip_images = self.lm_tokens = 0
-        self.clip_seconds = self.decoder_seconds = self.head_seconds = 0.0
+        self.clip_seconds = self.clip_cpu_seconds = self.decoder_seconds = self.head_seconds = 0.0
         self.saved_bytes: dict[int, int] = {}  # storage address -> bytes: views of one storage count once
 
     def _on_clip_start(self, _module, args) -> None:
         self.clip_calls += 1
         self.clip_images += int(args[0].shape[0])  # (global views + crops, 3, S, S)
         self._clip_started = time.perf_counter()
+        self._clip_cpu_started = time.process_time()
 
     def _on_clip_end(self, _module, _args, _output) -> None:
         self.clip_seconds += time.perf_counter() - self._clip_started
+        self.clip_cpu_seconds += time.process_time() - self._clip_cpu_started
 
+    # The decoder's and the head's phases in CPU seconds of this process: what another program's load changes least.
     def _on_layer_start(self, _module, _args) -> None:
-        self._layer_started = time.perf_counter()
+        self._layer_started = time.process_time()
 
     def _on_layer_end(self, _module, _args, _output) -> None:
-        self.decoder_seconds += time.perf_counter() - self._layer_started
+        self.decoder_seconds += time.process_time() - self._layer_started
 
     def _on_head_start(self, _module, _args) -> None:
-        self._head_started = time.perf_counter()
+        self._head_started = time.process_time()
 
     def _on_head_end(self, _module, _args, _output) -> None:
-        self.head_seconds += time.perf_counter() - self._head_started
+        self.head_seconds += time.process_time() - self._head_started
 
     def _on_decoder(self, _module, args) -> None:
         self.lm_tokens += int(args[0].shape[:-1].numel())  # (rows, padded length, hidden) or (tokens, hidden)
@@ -246,6 +249,7 @@ class StepMeter:
             "clip_calls": self.clip_calls,
             "clip_images": self.clip_images,
             "clip_seconds": self.clip_seconds,
+            "clip_cpu_seconds": self.clip_cpu_seconds,
             "decoder_seconds": self.decoder_seconds,
             "head_seconds": self.head_seconds,
             # Whether every decoder layer was set to checkpoint itself during the step (what the trainer enabled).
@@ -499,12 +503,13 @@ def time_our_steps(
         fetched = time.perf_counter()
         batch = next(batches)
         meter.begin(model)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         record = train_step(accelerator, model, optimizer, scheduler, [batch], loss_on_device, count, config)
         ended = time.perf_counter()
         records.append(
             {
                 "seconds": ended - started,
+                "cpu_seconds": time.process_time() - cpu_started,
                 "data_seconds": started - fetched,
                 "loss": record["loss"],
                 **(extra(record) if extra else {}),
@@ -597,11 +602,18 @@ class TrlStepRecorder(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.meter.begin(model)
-        self.started = time.perf_counter()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         seconds = time.perf_counter() - self.started
-        self.records.append({"seconds": seconds, "data_seconds": self.fetch_seconds, **self.meter.end()})
+        self.records.append(
+            {
+                "seconds": seconds,
+                "cpu_seconds": time.process_time() - self.cpu_started,
+                "data_seconds": self.fetch_seconds,
+                **self.meter.end(),
+            }
+        )
 
 
 def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
@@ -670,11 +682,14 @@ def run_side(
 @dataclass(frozen=True, kw_only=True)
 class SideSummary:
     pairs_per_s: float
+    pairs_per_cpu_s: float
     seconds_per_step: float
+    cpu_seconds_per_step: float
     data_ms_per_step: float
     clip_calls: float
     clip_images: float
     clip_ms: float
+    clip_cpu_ms: float
     decoder_ms: float
     head_ms: float
     lm_tokens: float
@@ -688,17 +703,21 @@ class SideSummary:
 def summarise(result: dict, warmup: int, batch_size: int) -> SideSummary:
     timed = result["steps"][warmup:]
     seconds = sum(step["seconds"] for step in timed)
+    cpu_seconds = sum(step["cpu_seconds"] for step in timed)
 
     def mean(key: str) -> float:
         return sum(step[key] for step in timed) / len(timed)
 
     return SideSummary(
         pairs_per_s=batch_size * len(timed) / seconds,
+        pairs_per_cpu_s=batch_size * len(timed) / cpu_seconds,
         seconds_per_step=seconds / len(timed),
+        cpu_seconds_per_step=cpu_seconds / len(timed),
         data_ms_per_step=1000 * mean("data_seconds"),
         clip_calls=mean("clip_calls"),
         clip_images=mean("clip_images"),
         clip_ms=1000 * mean("clip_seconds"),
+        clip_cpu_ms=1000 * mean("clip_cpu_seconds"),
         decoder_ms=1000 * mean("decoder_seconds"),
         head_ms=1000 * mean("head_seconds"),
         lm_tokens=mean("lm_tokens"),
@@ -811,12 +830,13 @@ def print_header(args: argparse.Namespace, recipe) -> None:
 COLUMNS = (
     ("pairs/s", "pairs_per_s", "{:.4g}"),
     ("s/step", "seconds_per_step", "{:.3f}"),
+    ("CPU s/step", "cpu_seconds_per_step", "{:.3f}"),
     ("data ms/step", "data_ms_per_step", "{:.0f}"),
     ("CLIP calls/step", "clip_calls", "{:.1f}"),
     ("CLIP images/step", "clip_images", "{:.0f}"),
     ("CLIP ms/step", "clip_ms", "{:.1f}"),
-    ("layers ms/step", "decoder_ms", "{:.0f}"),
-    ("head ms/step", "head_ms", "{:.0f}"),
+    ("layers CPU ms", "decoder_ms", "{:.0f}"),
+    ("head CPU ms", "head_ms", "{:.0f}"),
     ("LM tokens/step", "lm_tokens", "{:.0f}"),
     ("saved MB/step", "saved_mb", "{:.1f}"),
     ("peak RSS MB", "peak_mb", "{:.0f}"),
@@ -936,19 +956,25 @@ def run_both(args: argparse.Namespace) -> None:
         if depth is not None:
             print(f"## {depth} decoder layers")
         report_depth(args, runs[depth], losses[depth], fingerprints[depth])
-    if args.width == "real":
-        print_projection(
-            {
-                label: {d: [r.seconds_per_step for r in runs[d][label]] for d in REAL_DEPTHS}
-                for label in ("ours", "TRL")
-            },
-            {
-                label: {d: [r.clip_ms / 1000 for r in runs[d][label]] for d in REAL_DEPTHS}
-                for label in ("ours", "TRL")
-            },
-            args.batch_size * args.processes,
-            "pairs/s",
-        )
+    if projects(args):
+        sides = ("ours", "TRL")
+        for clock, step_key, clip_key in (
+            ("wall", "seconds_per_step", "clip_ms"),
+            ("CPU", "cpu_seconds_per_step", "clip_cpu_ms"),
+        ):
+            print_projection(
+                {
+                    side: {d: [getattr(r, step_key) for r in runs[d][side]] for d in REAL_DEPTHS}
+                    for side in sides
+                },
+                {
+                    side: {d: [getattr(r, clip_key) / 1000 for r in runs[d][side]] for d in REAL_DEPTHS}
+                    for side in sides
+                },
+                args.batch_size * args.processes,
+                "pairs/s",
+                clock,
+            )
 
 
 def print_checkpointing(checkpointing: dict[str, set]) -> None:
@@ -983,6 +1009,14 @@ def report_depth(args, runs: dict, losses: dict, fingerprints: dict) -> None:
     print(
         paired_ratios([s.pairs_per_s for s in runs["ours"]], [s.pairs_per_s for s in runs["TRL"]], "pairs/s")
     )
+    print(
+        paired_ratios(
+            [s.pairs_per_cpu_s for s in runs["ours"]],
+            [s.pairs_per_cpu_s for s in runs["TRL"]],
+            "pairs/CPU-s",
+            names="ours/TRL (process CPU time)",
+        )
+    )
     if args.with_2b:
         print(
             paired_ratios(
@@ -1016,6 +1050,12 @@ def add_width_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--processes", type=int, default=1, help="processes per side: 2 runs DDP over gloo, one thread each"
     )
+    parser.add_argument(
+        "--depths",
+        default=",".join(map(str, REAL_DEPTHS)),
+        help="(--width real) decoder depths to time, comma-separated; the 32-layer projection needs the two "
+        "default ones",
+    )
 
 
 def fill_width_defaults(args: argparse.Namespace, tiny: dict, real: dict) -> None:
@@ -1026,7 +1066,14 @@ def fill_width_defaults(args: argparse.Namespace, tiny: dict, real: dict) -> Non
 
 
 def depths(args: argparse.Namespace) -> tuple:
-    return REAL_DEPTHS if args.width == "real" else (None,)
+    if args.width != "real":
+        return (None,)
+    return tuple(int(depth) for depth in str(args.depths).split(","))
+
+
+def projects(args: argparse.Namespace) -> bool:
+    """Whether the run timed the two depths the 32-layer projection reads."""
+    return args.width == "real" and set(REAL_DEPTHS) <= set(depths(args))
 
 
 def with_depth(args: argparse.Namespace, depth) -> argparse.Namespace:
@@ -1039,7 +1086,7 @@ def model_description(args: argparse.Namespace, tiny_model: dict) -> str:
     return (
         f"Phi-3-vision-128k at real width (hidden 3072, 32 heads, MLP 8192, vocab 32064; CLIP ViT-L/14-336: "
         f"hidden 1024, 16 heads, MLP 4096, 336 px crops of 14 px patches), random weights (seed {SEED}), "
-        f"decoder layers {' and '.join(map(str, REAL_DEPTHS))} (timed at each), CLIP {REAL_VISION_LAYERS} layers "
+        f"decoder layers {' and '.join(map(str, depths(args)))} (timed at each), CLIP {REAL_VISION_LAYERS} layers "
         f"built, {REAL_VISION_LAYERS - 1} run (real: 24 built, 23 run)"
     )
 
@@ -1078,15 +1125,17 @@ def print_projection(
     clip_seconds: dict[str, dict],
     units_per_step: int,
     unit: str,
+    clock: str = "wall",
     sides=("ours", "TRL"),
 ) -> None:
     """The per-layer cost, CLIP, the projected step and throughput of each side (medians over repeats), and the
-    paired ratio of the projected throughputs (TRL's seconds / ours, repeat by repeat)."""
+    paired ratio of the projected throughputs (TRL's seconds / ours, repeat by repeat), on one clock (wall or the
+    process's CPU seconds)."""
     low, high = REAL_DEPTHS
     print(
-        f"projection to {REAL_FULL_DEPTH} decoder layers and CLIP's 23: s({low}) + ({REAL_FULL_DEPTH} - {low}) x "
-        f"[s({high}) - s({low})] + (f - 1) x CLIP s, f = {clip_depth_factor():.2f} (the FLOP model's CLIP forward "
-        "at 23 layers over 1), per repeat; medians over repeats:"
+        f"projection to {REAL_FULL_DEPTH} decoder layers and CLIP's 23, {clock} seconds: s({low}) + "
+        f"({REAL_FULL_DEPTH} - {low}) x [s({high}) - s({low})] + (f - 1) x CLIP s, f = {clip_depth_factor():.2f} "
+        "(the FLOP model's CLIP forward at 23 layers over 1), per repeat; medians over repeats:"
     )
     projected = {}
     for side in sides:
@@ -1094,9 +1143,10 @@ def print_projection(
         layers = [(b - a) / (high - low) for a, b in zip(seconds[side][low], seconds[side][high])]
         print(
             f"  {side:<5} s/step at {low}: {statistics.median(seconds[side][low]):.2f}, at {high}: "
-            f"{statistics.median(seconds[side][high]):.2f}; one decoder layer {statistics.median(layers):.2f} s; "
-            f"CLIP {statistics.median(clip_seconds[side][low]):.2f} s; projected {statistics.median(projected[side]):.1f}"
-            f" s/step = {units_per_step / statistics.median(projected[side]):.3f} {unit}"
+            f"{statistics.median(seconds[side][high]):.2f}; one decoder layer {statistics.median(layers):.2f} s "
+            f"(min {min(layers):.2f}, max {max(layers):.2f}); CLIP {statistics.median(clip_seconds[side][low]):.2f} s;"
+            f" projected {statistics.median(projected[side]):.1f} s/step = "
+            f"{units_per_step / statistics.median(projected[side]):.4f} {unit}"
         )
     ours, theirs = sides
     print(
@@ -1104,7 +1154,7 @@ def print_projection(
             [units_per_step / s for s in projected[ours]],
             [units_per_step / s for s in projected[theirs]],
             unit,
-            names=f"projected {REAL_FULL_DEPTH}-layer {ours}/{theirs}",
+            names=f"projected {REAL_FULL_DEPTH}-layer {ours}/{theirs} ({clock})",
         )
     )
 

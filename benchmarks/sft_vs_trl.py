@@ -78,6 +78,7 @@ from dpo_vs_trl import (  # noqa: E402
     print_checkpointing,
     print_machine,
     print_projection,
+    projects,
     rank_and_world,
     rank_batches,
     spawn_side,
@@ -277,16 +278,20 @@ def run_side(
 def summarise(result: dict, warmup: int, batch_size: int) -> dict:
     timed = result["steps"][warmup:]
     seconds = sum(step["seconds"] for step in timed)
+    cpu_seconds = sum(step["cpu_seconds"] for step in timed)
 
     def mean(key: str) -> float:
         return sum(step[key] for step in timed) / len(timed)
 
     return {
         "samples_per_s": batch_size * len(timed) / seconds,
+        "samples_per_cpu_s": batch_size * len(timed) / cpu_seconds,
         "seconds_per_step": seconds / len(timed),
+        "cpu_seconds_per_step": cpu_seconds / len(timed),
         "data_ms": 1000 * mean("data_seconds"),
         "clip_calls": mean("clip_calls"),
         "clip_ms": 1000 * mean("clip_seconds"),
+        "clip_cpu_ms": 1000 * mean("clip_cpu_seconds"),
         "decoder_ms": 1000 * mean("decoder_seconds"),
         "head_ms": 1000 * mean("head_seconds"),
         "lm_tokens": mean("lm_tokens"),
@@ -300,11 +305,12 @@ def summarise(result: dict, warmup: int, batch_size: int) -> dict:
 COLUMNS = (
     ("samples/s", "samples_per_s", "{:.4g}"),
     ("s/step", "seconds_per_step", "{:.3f}"),
+    ("CPU s/step", "cpu_seconds_per_step", "{:.3f}"),
     ("data ms/step", "data_ms", "{:.0f}"),
     ("CLIP calls/step", "clip_calls", "{:.2f}"),
     ("CLIP ms/step", "clip_ms", "{:.1f}"),
-    ("layers ms/step", "decoder_ms", "{:.0f}"),
-    ("head ms/step", "head_ms", "{:.0f}"),
+    ("layers CPU ms", "decoder_ms", "{:.0f}"),
+    ("head CPU ms", "head_ms", "{:.0f}"),
     ("LM tokens/step", "lm_tokens", "{:.0f}"),
     ("saved MB/step", "saved_mb", "{:.1f}"),
     ("peak RSS MB", "peak_mb", "{:.0f}"),
@@ -404,19 +410,22 @@ def run_both(args: argparse.Namespace) -> None:
         if depth is not None:
             print(f"## {depth} decoder layers")
         report_depth(args, runs[depth], fingerprints[depth])
-    if args.width == "real":
-        print_projection(
-            {
-                label: {d: [r["seconds_per_step"] for r in runs[d][label]] for d in REAL_DEPTHS}
-                for label in labels.values()
-            },
-            {
-                label: {d: [r["clip_ms"] / 1000 for r in runs[d][label]] for d in REAL_DEPTHS}
-                for label in labels.values()
-            },
-            per_step,
-            "samples/s",
-        )
+    if projects(args):
+        sides = tuple(labels.values())
+        for clock, step_key, clip_key in (
+            ("wall", "seconds_per_step", "clip_ms"),
+            ("CPU", "cpu_seconds_per_step", "clip_cpu_ms"),
+        ):
+            print_projection(
+                {side: {d: [r[step_key] for r in runs[d][side]] for d in REAL_DEPTHS} for side in sides},
+                {
+                    side: {d: [r[clip_key] / 1000 for r in runs[d][side]] for d in REAL_DEPTHS}
+                    for side in sides
+                },
+                per_step,
+                "samples/s",
+                clock,
+            )
 
 
 def report_depth(args: argparse.Namespace, runs: dict[str, list[dict]], fingerprints: set[str]) -> None:
@@ -434,6 +443,14 @@ def report_depth(args: argparse.Namespace, runs: dict[str, list[dict]], fingerpr
     print(
         paired_ratios(
             [s["samples_per_s"] for s in runs["ours"]], [s["samples_per_s"] for s in runs["TRL"]], "samples/s"
+        )
+    )
+    print(
+        paired_ratios(
+            [s["samples_per_cpu_s"] for s in runs["ours"]],
+            [s["samples_per_cpu_s"] for s in runs["TRL"]],
+            "samples/CPU-s",
+            names="ours/TRL (process CPU time)",
         )
     )
 
