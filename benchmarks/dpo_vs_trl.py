@@ -79,6 +79,15 @@ the decoder layers' calls (forward, and under checkpointing the recomputation: e
 MLP), the LM head's module calls (TRL's DPO and SFT compute their logits through the model's forward at every
 position: its loss reads them), and the rest (mostly the backward).
 
+Clocks: each step is timed in wall seconds and in the process's CPU seconds (`time.process_time`, user + system of
+all its threads: one torch thread here). On a machine that other programs load, wall time also counts the time the
+side waited for a core; CPU time does not (it still feels shared caches and memory bandwidth). Both are reported,
+paired, and projected; the phase columns (decoder layers, LM head) are CPU milliseconds. Under DDP a rank's CPU
+time leaves out its waits in the all-reduce: read the wall figures there.
+
+`--depths 2` (a comma list) times only the depths given: the DDP runs below time 2 layers only, and the projection
+is printed when both of REAL_DEPTHS were timed.
+
 `--processes 2`: each side runs as 2 processes over gloo (accelerate's launcher, `--multi_gpu` with
 ACCELERATE_USE_CPU, one torch thread each), DDP, each process `--batch-size` pairs a step (batch i of the file order
 to rank i % 2, as accelerate's prepared DataLoader hands a Trainer's ranks their batches); the per-step figures are
