@@ -2,6 +2,8 @@
 
     python benchmarks/sft_vs_trl.py                        # 3 warm-up + 20 timed steps of 16 samples, 5 runs a side
     python benchmarks/sft_vs_trl.py --steps 10 --repeats 2
+    python benchmarks/sft_vs_trl.py --width real           # real widths, 2 and 3 layers: see dpo_vs_trl.py's docstring
+    python benchmarks/sft_vs_trl.py --width real --processes 2      # the same, each side as 2 DDP processes (gloo)
     python benchmarks/sft_vs_trl.py --side ours --workdir DIR ...   # one side only (what the parent runs)
 
 Built like `dpo_vs_trl.py` (whose measuring helpers it imports): the parent writes the synthetic SFT conversations
@@ -31,6 +33,10 @@ Same work on both sides:
 - TRL: `trl.SFTTrainer(model, args=SFTConfig(...), train_dataset=rows, data_collator=..., peft_config=LoraConfig)`:
   its fused log-prob head over every position, plus its entropy and token-accuracy metrics.
 
+`--width real` and `--processes 2` are dpo_vs_trl.py's (the model, LoRA r 64, gradient checkpointing on both sides,
+2 samples a step, the projection to 32 layers; each rank its share of the batches, TRL's loss averaged over the ranks
+as its DDP gradient is). At real width ours takes the real-token path under gradient checkpointing and under DDP.
+
 Timed span per step: forward, backward, clipping, optimizer step (TRL: `on_step_begin` to `on_step_end`); fetching
 and collating the batch is timed apart (data ms/step), and both sides fetch it the same way (the same rows, the same
 collator, no worker processes). Columns as in dpo_vs_trl.py.
@@ -55,18 +61,31 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 from dpo_vs_trl import (  # noqa: E402
+    REAL_DEPTHS,
     SEED,
     StepMeter,
     TrlStepRecorder,
+    add_width_arguments,
+    configure_width,
+    depths,
+    fill_width_defaults,
     load_base,
     load_demo_recipe,
     lora_config,
+    model_description,
     paired_ratios,
+    prepare_base,
+    print_checkpointing,
     print_machine,
+    print_projection,
+    projects,
+    rank_and_world,
+    rank_batches,
     spawn_side,
     time_our_steps,
     trainable_fingerprint,
     trl_result,
+    with_depth,
     write_result,
 )
 
@@ -75,15 +94,11 @@ SIDES = ("ours", "trl")
 
 def prepare_workdir(workdir: Path, num_samples: int) -> None:
     from data.synthetic import write_synthetic
-    from train.core.model_loading import build_tiny
 
     write_synthetic(
         workdir / "synthetic", seed=SEED, n_train=num_samples, n_eval=0, n_pref_train=0, n_pref_eval=0
     )
-    recipe = load_demo_recipe()
-    model, processor = build_tiny(recipe.model, recipe.seed)
-    model.save_pretrained(workdir / "base")
-    processor.save_pretrained(workdir / "base")
+    prepare_base(workdir, load_demo_recipe())
 
 
 def rendered_rows(workdir: Path, recipe, processor, num_samples: int):
@@ -139,10 +154,9 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     accelerator = device.make_accelerator(recipe, workdir / "ours_run", grad_accum=1)
     model, processor = load_base(workdir, recipe)
     meter = StepMeter(model)
-    loader = DataLoader(
-        rendered_rows(workdir, recipe, processor, total * batch_size),
-        batch_size=batch_size,
-        shuffle=False,
+    loader = DataLoader(  # file order, each rank its share of the batches (as the Trainer's prepared loader)
+        rendered_rows(workdir, recipe, processor, total * batch_size * rank_and_world()[1]),
+        batch_sampler=rank_batches(total, batch_size),
         num_workers=0,
         collate_fn=SFTCollator(pad_token_id=processor.tokenizer.pad_token_id),
     )
@@ -189,7 +203,8 @@ def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
         adam_epsilon=train.adam_eps,
         max_grad_norm=train.max_grad_norm or 0.0,
         max_length=None,
-        gradient_checkpointing=False,
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # what ours uses (transformers' default)
         bf16=False,
         fp16=False,
         use_cpu=True,
@@ -212,14 +227,15 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
 
     recipe = load_demo_recipe()
     total = warmup + steps
+    rows = total * batch_size * rank_and_world()[1]
     model, processor = load_base(workdir, recipe)
     recorder = TrlStepRecorder(StepMeter(model))
     trainer = SFTTrainer(
         model=model,
         args=trl_config(workdir, recipe, total, batch_size),
-        train_dataset=Dataset.from_dict({"index": list(range(total * batch_size))}),
+        train_dataset=Dataset.from_dict({"index": list(range(rows))}),
         data_collator=TrlCollator(
-            rendered_rows(workdir, recipe, processor, total * batch_size), processor.tokenizer.pad_token_id
+            rendered_rows(workdir, recipe, processor, rows), processor.tokenizer.pad_token_id
         ),
         processing_class=processor,
         peft_config=lora_config(model, recipe),
@@ -238,12 +254,21 @@ def run_trl(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
     trainer.train()
     if len(losses) != len(recorder.records):
         raise RuntimeError(f"trl: {len(losses)} losses for {len(recorder.records)} steps")
+    if rank_and_world()[1] > 1:
+        # compute_loss returns this rank's sum / the step's tokens on all ranks x ranks (what DDP averages): the
+        # mean over the ranks is the step's loss.
+        gathered = torch.tensor(losses, dtype=torch.float64)
+        torch.distributed.all_reduce(gathered)
+        losses = (gathered / rank_and_world()[1]).tolist()
     return trl_result(recorder, losses)
 
 
-def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int) -> None:
+def run_side(
+    side: str, workdir: Path, steps: int, warmup: int, batch_size: int, threads: int, width: str, depth
+) -> None:
     if threads:
         torch.set_num_threads(threads)
+    configure_width(width, depth)
     write_result(workdir, side, (run_ours if side == "ours" else run_trl)(workdir, steps, warmup, batch_size))
 
 
@@ -253,16 +278,22 @@ def run_side(side: str, workdir: Path, steps: int, warmup: int, batch_size: int,
 def summarise(result: dict, warmup: int, batch_size: int) -> dict:
     timed = result["steps"][warmup:]
     seconds = sum(step["seconds"] for step in timed)
+    cpu_seconds = sum(step["cpu_seconds"] for step in timed)
 
     def mean(key: str) -> float:
         return sum(step[key] for step in timed) / len(timed)
 
     return {
         "samples_per_s": batch_size * len(timed) / seconds,
+        "samples_per_cpu_s": batch_size * len(timed) / cpu_seconds,
         "seconds_per_step": seconds / len(timed),
+        "cpu_seconds_per_step": cpu_seconds / len(timed),
         "data_ms": 1000 * mean("data_seconds"),
         "clip_calls": mean("clip_calls"),
         "clip_ms": 1000 * mean("clip_seconds"),
+        "clip_cpu_ms": 1000 * mean("clip_cpu_seconds"),
+        "decoder_ms": 1000 * mean("decoder_seconds"),
+        "head_ms": 1000 * mean("head_seconds"),
         "lm_tokens": mean("lm_tokens"),
         "saved_mb": mean("saved_mb"),
         "peak_mb": result["lifetime_peak_mb"],
@@ -272,11 +303,14 @@ def summarise(result: dict, warmup: int, batch_size: int) -> dict:
 
 
 COLUMNS = (
-    ("samples/s", "samples_per_s", "{:.1f}"),
+    ("samples/s", "samples_per_s", "{:.4g}"),
     ("s/step", "seconds_per_step", "{:.3f}"),
+    ("CPU s/step", "cpu_seconds_per_step", "{:.3f}"),
     ("data ms/step", "data_ms", "{:.0f}"),
     ("CLIP calls/step", "clip_calls", "{:.2f}"),
     ("CLIP ms/step", "clip_ms", "{:.1f}"),
+    ("layers CPU ms", "decoder_ms", "{:.0f}"),
+    ("head CPU ms", "head_ms", "{:.0f}"),
     ("LM tokens/step", "lm_tokens", "{:.0f}"),
     ("saved MB/step", "saved_mb", "{:.1f}"),
     ("peak RSS MB", "peak_mb", "{:.0f}"),
@@ -323,43 +357,82 @@ def check_losses(runs: dict[str, list[dict]], rtol: float) -> float:
 def run_both(args: argparse.Namespace) -> None:
     import transformers
 
+    from models.phi3v.tiny import DEMO_MODEL
+
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    configure_width(args.width, None)
     recipe = load_demo_recipe()
+    per_step = args.batch_size * args.processes
     print_machine("SFT steps, ours vs TRL SFTTrainer", args)
     print(
-        f"model: the demo's tiny Phi-3-V, {recipe.model.dtype}, {recipe.model.attn_implementation}, num_crops "
-        f"{recipe.model.num_crops}; LoRA r {recipe.lora.r} on the LM's {', '.join(recipe.lora.target_modules)}; "
-        "tower and projector frozen"
+        f"model: {model_description(args, DEMO_MODEL)}, {recipe.model.dtype}, {recipe.model.attn_implementation}, "
+        f"num_crops {recipe.model.num_crops}; LoRA r {recipe.lora.r}, alpha {recipe.lora.alpha}, dropout "
+        f"{recipe.lora.dropout} on the LM's {', '.join(recipe.lora.target_modules)}; tower and projector frozen; "
+        f"gradient checkpointing {'on' if recipe.model.gradient_checkpointing else 'off'}; {args.processes} "
+        "process(es) per side"
     )
     print(
-        f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} samples, the first "
-        f"{(args.warmup + args.steps) * args.batch_size} synthetic conversations in file order; AdamW lr "
+        f"run: {args.warmup} warm-up + {args.steps} timed steps of {args.batch_size} samples per process, the first "
+        f"{(args.warmup + args.steps) * per_step} synthetic conversations in file order; AdamW lr "
         f"{recipe.train.lr:g} constant, clip {recipe.train.max_grad_norm}; {args.repeats} run(s) per side, "
         "alternating (ours first), each in a fresh subprocess"
     )
     labels = {"ours": "ours", "trl": "TRL"}
-    runs: dict[str, list[dict]] = {label: [] for label in labels.values()}
-    fingerprints: set[str] = set()
+    runs: dict = {d: {label: [] for label in labels.values()} for d in depths(args)}
+    fingerprints: dict = {d: set() for d in depths(args)}
+    checkpointing: dict = {label: set() for label in labels.values()}
     with tempfile.TemporaryDirectory(prefix="sft_vs_trl-") as tmp:
         workdir = Path(tmp)
-        prepare_workdir(workdir, (args.warmup + args.steps) * args.batch_size)
+        prepare_workdir(workdir, (args.warmup + args.steps) * per_step)
         for repeat in range(args.repeats):
-            for side, label in labels.items():
-                started = time.perf_counter()
-                result, failure = spawn_side(side, workdir, args, script=Path(__file__))
-                if result is None:
-                    print(f"run {repeat + 1} {label}: failed; the tail of its output:\n{failure}")
-                    sys.exit(1)
-                runs[label].append(summarise(result, args.warmup, args.batch_size))
-                fingerprints.add(result["initial_trainable"])
-                print(
-                    f"run {repeat + 1} {label}: {runs[label][-1]['samples_per_s']:.1f} samples/s, subprocess "
-                    f"{time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}"
-                )
+            for depth in depths(args):
+                for side, label in labels.items():
+                    where = "" if depth is None else f" at {depth} layers"
+                    started = time.perf_counter()
+                    result, failure = spawn_side(
+                        side, workdir, with_depth(args, depth), script=Path(__file__)
+                    )
+                    if result is None:
+                        print(f"run {repeat + 1} {label}{where}: failed; the tail of its output:\n{failure}")
+                        sys.exit(1)
+                    runs[depth][label].append(summarise(result, args.warmup, per_step))
+                    fingerprints[depth].add(result["initial_trainable"])
+                    checkpointing[label].update(step["checkpointing"] for step in result["steps"])
+                    print(
+                        f"run {repeat + 1} {label}{where}: {runs[depth][label][-1]['samples_per_s']:.4g} samples/s, "
+                        f"subprocess {time.perf_counter() - started:.0f} s; load average now "
+                        f"{os.getloadavg()[0]:.2f}",
+                        flush=True,
+                    )
+    print_checkpointing(checkpointing)
+    for depth in depths(args):
+        if depth is not None:
+            print(f"## {depth} decoder layers")
+        report_depth(args, runs[depth], fingerprints[depth])
+    if projects(args):
+        sides = tuple(labels.values())
+        for clock, step_key, clip_key in (
+            ("wall", "seconds_per_step", "clip_ms"),
+            ("CPU", "cpu_seconds_per_step", "clip_cpu_ms"),
+        ):
+            print_projection(
+                {side: {d: [r[step_key] for r in runs[d][side]] for d in REAL_DEPTHS} for side in sides},
+                {
+                    side: {d: [r[clip_key] / 1000 for r in runs[d][side]] for d in REAL_DEPTHS}
+                    for side in sides
+                },
+                per_step,
+                "samples/s",
+                clock,
+            )
+
+
+def report_depth(args: argparse.Namespace, runs: dict[str, list[dict]], fingerprints: set[str]) -> None:
+    """One model's runs: fingerprints, the losses of both sides step by step, the table and the paired ratio."""
     if len(fingerprints) != 1:
         raise AssertionError(f"initial trainable weights differ between runs: {sorted(fingerprints)}")
-    print(f"initial trainable weights: identical in every run of both sides ({fingerprints.pop()})")
+    print(f"initial trainable weights: identical in every run of both sides ({next(iter(fingerprints))})")
     worst = check_losses(runs, args.loss_rtol)
     losses = runs["ours"][0]["losses"]
     print(
@@ -372,18 +445,34 @@ def run_both(args: argparse.Namespace) -> None:
             [s["samples_per_s"] for s in runs["ours"]], [s["samples_per_s"] for s in runs["TRL"]], "samples/s"
         )
     )
+    print(
+        paired_ratios(
+            [s["samples_per_cpu_s"] for s in runs["ours"]],
+            [s["samples_per_cpu_s"] for s in runs["TRL"]],
+            "samples/CPU-s",
+            names="ours/TRL (process CPU time)",
+        )
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per side")
-    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps run first and not timed")
     parser.add_argument(
-        "--batch-size", type=int, default=16, help="samples per optimizer step (the demo's 16)"
+        "--steps", type=int, help="timed optimizer steps per side (default 20; --width real: 3)"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternating; paired medians")
+    parser.add_argument(
+        "--warmup", type=int, help="optimizer steps run first and not timed (default 3; --width real: 1)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="samples per optimizer step and process (default the demo's 16; real: 2)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="runs per side, alternating; paired medians (default 5; --width real: 3)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per side (0: torch's default)")
     parser.add_argument(
         "--loss-rtol",
@@ -393,13 +482,31 @@ def main() -> None:
     )
     parser.add_argument("--side", choices=SIDES, help="run one side in this process (needs --workdir)")
     parser.add_argument("--workdir", type=Path, help="a folder the parent prepared (with --side)")
+    add_width_arguments(parser)
     args = parser.parse_args()
-    if min(args.steps, args.batch_size, args.repeats) < 1 or min(args.warmup, args.threads) < 0:
-        parser.error("need --steps, --batch-size, --repeats >= 1 and --warmup, --threads >= 0")
+    fill_width_defaults(
+        args,
+        tiny=dict(steps=20, warmup=3, batch_size=16, repeats=5),
+        real=dict(steps=3, warmup=1, batch_size=2, repeats=3),
+    )
+    if (
+        min(args.steps, args.batch_size, args.repeats, args.processes) < 1
+        or min(args.warmup, args.threads) < 0
+    ):
+        parser.error("need --steps, --batch-size, --repeats, --processes >= 1 and --warmup, --threads >= 0")
     if args.side:
         if args.workdir is None:
             parser.error("--side needs --workdir (a folder prepared by the parent run)")
-        run_side(args.side, args.workdir, args.steps, args.warmup, args.batch_size, args.threads)
+        run_side(
+            args.side,
+            args.workdir,
+            args.steps,
+            args.warmup,
+            args.batch_size,
+            args.threads,
+            args.width,
+            args.depth,
+        )
     else:
         run_both(args)
 

@@ -31,9 +31,10 @@ With d = hidden 3072, P = decoder linear parameters (32 x 113,246,208 = 3,623,87
                     T: tokens computed (padding included; a pack: its tokens), T_row: each sequence's length (a
                     pack: each sample's; attention counted over the full square, as FlopCounterMode counts SDPA),
                     K: the supervised (row, position) pairs, the only ones that get logits (train/core/losses.py).
-                    SFT without gradient checkpointing, with SDPA, executes less than this on a padded batch:
-                    its loss skips the padding and runs the last layer at the K pairs only
-                    (models/phi3v/supervised_forward.py); the count stays the model's, as MFU's convention has it.
+                    SFT and DPO with SDPA (with or without gradient checkpointing, under DDP too) execute less
+                    than this on a padded batch: their losses skip the padding and run the last layer at the K
+                    pairs only (models/phi3v/supervised_forward.py); the count stays the model's, as MFU's
+                    convention has it.
   CLIP forward    = per view (crops + one global view per image): 2 * 3*14*14 * 1024 * 576 (patch conv)
                     + 23 layers x (2 * 12,582,912 * 577 + 4 * 1024 * 577^2)   (only layer -2's stack runs)
   projector fwd   = 2 * (4096 * 3072 + 3072 * 3072) * image tokens (separators included: they are projected too)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import Phi3ForCausalLM, Phi3Model
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 from transformers.models.phi3.modeling_phi3 import (
     Phi3DecoderLayer,
@@ -30,6 +30,7 @@ from runtime.processes import several_processes
 
 from .configuration import Phi3VConfig
 from .sequence_parallel import SPLIT_ATTENTION, SequenceParallel, decoder_forward
+from .supervised_forward import real_token_logits
 from .vision import Phi3VImageEmbedding
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -208,6 +209,28 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         # Phi3ForCausalLM.forward's parameters, named (generate validates its arguments against them). Under sequence
         # parallelism the decoder returns this rank's chunk: a (B, T) mask of kept positions is cut to the same
         # chunk, and the logits are those of the chunk's kept positions (row-major).
+        # `real_tokens` (True, or a (B, T) mask of the real tokens under a block mask: supervised_forward): the same
+        # logits from the decoder on the real tokens only, where that path applies; inside this forward, so that
+        # DDP's and peft's wrapping still hold.
+        real_tokens = kwargs.pop("real_tokens", False)
+        if real_tokens is not False:
+            logits = real_token_logits(
+                self,
+                dict(
+                    kwargs,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    inputs_embeds=inputs_embeds,
+                    labels=labels,
+                    use_cache=use_cache,
+                ),
+                logits_to_keep,
+                real_tokens,
+            )
+            if logits is not None:
+                return CausalLMOutputWithPast(logits=logits)
         if (
             self.model.splits_sequence(cache, use_cache)
             and isinstance(logits_to_keep, torch.Tensor)

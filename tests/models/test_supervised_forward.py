@@ -1,12 +1,12 @@
 """models/phi3v/supervised_forward.py: the SFT loss's forward on real tokens only gives the full forward's logits at
-the kept positions and the same gradients, and hands every batch it cannot take to the model's own forward."""
+the kept positions and the same gradients, with and without gradient checkpointing, and hands every batch it cannot
+take to the model's own forward. Under DDP: tests/models/test_supervised_forward_ddp.py."""
 
 import pytest
 import torch
 
 from config.schema import LoraSection, ModelSection
 from data.collate import SFTCollator
-from models.phi3v import supervised_forward
 from models.phi3v.supervised_forward import supervised_logits
 from tests.conftest import chat, drawn_image
 from train.core.losses import model_inputs, supervised_positions
@@ -32,7 +32,7 @@ def rows(processor, answers=("red", "two blue", "circle", "The answer is three")
     return out
 
 
-def lora_model(tiny_model):
+def lora_model(tiny_model, checkpointing: bool = False):
     model = configure_trainable(
         tiny_model,
         ModelSection(
@@ -40,7 +40,7 @@ def lora_model(tiny_model):
             language="lora",
             vision="frozen",
             projector="full",
-            gradient_checkpointing=False,
+            gradient_checkpointing=checkpointing,
         ),
         LoraSection(r=4, dropout=0.0),
     )  # dropout would draw different masks
@@ -65,13 +65,36 @@ def full_forward(model, inputs, keep):
     return model(**inputs, logits_to_keep=keep, use_cache=False).logits
 
 
-def test_same_logits_and_gradients_as_the_full_forward(tiny_model, tiny_processor):
-    model = lora_model(tiny_model)
+class FirstLayerRows:
+    """The positions each call of the first decoder layer's MLP computes (a recomputation under checkpointing is a
+    call too): (tokens, hidden) on the real-token path, B x T on the model's forward."""
+
+    def __init__(self, model):
+        mlp = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
+        self.calls: list[int] = []
+        self.hook = mlp.register_forward_pre_hook(
+            lambda _m, args: self.calls.append(args[0].shape[:-1].numel())
+        )
+
+    def take(self) -> list[int]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_same_logits_and_gradients_as_the_full_forward(tiny_model, tiny_processor, checkpointing):
+    model = lora_model(tiny_model, checkpointing)
+    assert all(layer.gradient_checkpointing == checkpointing for layer in tiny_model.model.layers)
     batch = SFTCollator(pad_token_id=tiny_processor.tokenizer.pad_token_id)(rows(tiny_processor))
     assert not batch["attention_mask"].all()  # padding to skip
-    assert supervised_forward.fast_path_model(model, model_inputs(batch)) is not None
+    rows_seen = FirstLayerRows(model)
     expected, expected_grads = loss_and_grads(model, full_forward, batch)
+    padded = batch["input_ids"].numel()
+    assert rows_seen.take() == [padded] * (2 if checkpointing else 1)
     got, grads = loss_and_grads(model, supervised_logits, batch)
+    # The real-token path ran, and under checkpointing the backward recomputed the layer on the real tokens.
+    real = int(batch["attention_mask"].sum())
+    assert rows_seen.take() == [real] * (2 if checkpointing else 1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert expected_grads.keys() == grads.keys() and any("img_projection" in n for n in grads)
     for name, grad in grads.items():
@@ -101,7 +124,7 @@ def test_the_decoder_runs_on_real_tokens_and_the_last_layer_at_kept_positions(ti
     assert seen == {"first": int(batch["attention_mask"].sum()), "last": int(keep.sum())}
 
 
-@pytest.mark.parametrize("case", ["left padding", "packed", "eager", "checkpointing"])
+@pytest.mark.parametrize("case", ["left padding", "packed", "eager", "cache"])
 def test_batches_it_cannot_take_run_the_models_forward(tiny_model, tiny_processor, case):
     collate = SFTCollator(
         pad_token_id=tiny_processor.tokenizer.pad_token_id,
@@ -113,15 +136,13 @@ def test_batches_it_cannot_take_run_the_models_forward(tiny_model, tiny_processo
         inputs["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
     elif case == "eager":
         tiny_model.config._attn_implementation = "eager"
-    elif case == "checkpointing":
-        tiny_model.activation_checkpointing_enable()
-        tiny_model.train()
     keep, _ = supervised_positions(batch["labels"])
-    calls = []
-    hook = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    rows_seen = FirstLayerRows(tiny_model)
     with torch.no_grad():
-        got = supervised_logits(tiny_model, inputs, keep)
-    hook.remove()
-    assert calls == [1]
+        if case == "cache":
+            got = tiny_model(**inputs, logits_to_keep=keep, use_cache=True, real_tokens=True).logits
+        else:
+            got = supervised_logits(tiny_model, inputs, keep)
+    assert rows_seen.take() == [batch["input_ids"].numel()]  # the model's forward: every padded position
     with torch.no_grad():
         torch.testing.assert_close(got, full_forward(tiny_model, inputs, keep))

@@ -109,6 +109,47 @@ def test_shared_layout_gives_the_same_log_probs_and_gradients(setup, attn):
             assert (a - b).norm() <= 1e-5 * b.norm(), float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("layout", ["shared", "2b"])
+def test_real_token_forward_gives_the_models_log_probs_and_gradients(setup, layout, checkpointing):
+    """Both layouts' log-probs from the decoder on the real tokens (the last layer at the kept positions) equal the
+    model's forward's, with and without gradient checkpointing; the first layer sees only the real tokens (twice
+    under checkpointing: the backward recomputes it)."""
+    recipe, _, _, batches = setup
+    model = policy(recipe)
+    if checkpointing:
+        model.get_base_model().activation_checkpointing_enable()
+    model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    rows_seen: list[int] = []
+    mlp = model.get_base_model().model.layers[0].mlp
+    hook = mlp.register_forward_pre_hook(lambda _m, args: rows_seen.append(args[0].shape[:-1].numel()))
+    fn = shared_completion_logps if layout == "shared" else completion_logps
+    for batch in batches:
+        kwargs, _ = DPOLoss.image_kwargs_for(model, batch, share_features=True)
+        results = []
+        for real_tokens in (False, True):
+            model.zero_grad(set_to_none=True)
+            rows_seen.clear()
+            logps, counts = fn(model, batch, kwargs, real_tokens=real_tokens)
+            (logps * torch.linspace(0.5, 1.5, logps.numel())).sum().backward()
+            results.append((logps.detach(), counts, [p.grad.clone() for p in lora], list(rows_seen)))
+        (full, counts_full, grads_full, rows_full), (fast, counts_fast, grads_fast, rows_fast) = results
+        ids = batch["shared_input_ids"] if layout == "shared" else batch["input_ids"]
+        real = (
+            int((batch["shared_segments"] != SEGMENT_PAD).sum())
+            if layout == "shared"
+            else int(batch["attention_mask"].sum())
+        )
+        calls = 2 if checkpointing else 1
+        assert rows_full == [ids.numel()] * calls and rows_fast == [real] * calls
+        assert counts_full.tolist() == counts_fast.tolist()
+        torch.testing.assert_close(fast, full, atol=ATOL_LOGPS, rtol=0)
+        for a, b in zip(grads_fast, grads_full):
+            assert (a - b).norm() <= 1e-5 * b.norm(), float((a - b).norm() / b.norm())
+    hook.remove()
+
+
 def test_long_rope_switch_is_the_same_in_both_layouts(setup):
     """With the long/short switch at 48 tokens, batches cross it (some rows longer, some shorter): same log-probs."""
     recipe, processor, _, batches = setup
@@ -187,13 +228,14 @@ def test_pair_logps_dispatches_to_the_shared_layout(setup):
     hook = (
         model.get_base_model()
         .model.layers[0]
-        .register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+        .input_layernorm.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[:-1].numel()))
     )
     batch = batches[0]
     with torch.no_grad():
         pair_logps(model, batch, DPOLoss.image_kwargs_for(model, batch, share_features=True)[0])
     hook.remove()
-    assert calls == [batch["input_ids"].shape[0] // 2]  # B rows, not 2B
+    # The B shared rows' real tokens (the real-token path), not the 2B rows.
+    assert calls == [int((batch["shared_segments"] != SEGMENT_PAD).sum())]
 
 
 def test_sft_logits_only_at_supervised_pairs(tiny_model, tiny_processor):

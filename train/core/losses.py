@@ -90,10 +90,11 @@ def splitting(sp: SequenceParallel | None):
 
 
 def completion_logps(
-    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None
+    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None, real_tokens: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, token counts) of each of the 2B rows' supervised tokens, on the 2B-row layout; only the
-    supervised (row, position) pairs get logits."""
+    supervised (row, position) pairs get logits, from the decoder on the real tokens where it can
+    (models/phi3v/supervised_forward.py; `real_tokens=False`: the model's forward)."""
     keep, targets = supervised_positions(batch["labels"])
     # use_cache=False: no cache in training, and with packed position_ids a cache would let samples see each other.
     with splitting(sp):
@@ -102,6 +103,7 @@ def completion_logps(
             attention_mask=batch["attention_mask"],
             logits_to_keep=keep,
             use_cache=False,
+            real_tokens=real_tokens,
             **image_kwargs,
         ).logits  # (N, V)
     rows = keep.nonzero()[:, 0]

@@ -34,10 +34,13 @@ def shares_prompt(model, batch: dict) -> bool:
 
 
 def shared_completion_logps(
-    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None
+    model, batch: dict, image_kwargs: dict, sp: SequenceParallel | None = None, real_tokens: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `completion_logps` returns for the 2B rows, from the prefix-sharing layout: B rows, one LM pass over
-    each prompt for both completions."""
+    each prompt for both completions; with SDPA the decoder runs on the real tokens only and the last layer at the
+    kept positions (models/phi3v/supervised_forward.py; `real_tokens=False`: the model's forward)."""
+    from data.collate import SEGMENT_PAD
+
     pairs = batch["shared_input_ids"].shape[0]
     kwargs = dict(image_kwargs)
     if "sequence_images" in kwargs:  # row b holds pair b's prompt images once: those of its chosen row
@@ -51,6 +54,7 @@ def shared_completion_logps(
             position_ids=batch["shared_position_ids"],
             logits_to_keep=batch["shared_keep"],
             use_cache=False,
+            real_tokens=(batch["shared_segments"] != SEGMENT_PAD) if real_tokens else False,
             **kwargs,
         ).logits  # (N, V): each kept position once
     logps = kept_token_logps(
