@@ -12,6 +12,7 @@ gradients equal the reference's."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,12 @@ def worker(rank: int, world: int, port: int, checkpointing: bool, out: str) -> N
                 )
         if rank == 0:
             Path(out).write_text(f"{float(reference):.6f}")
+        # The DDP reducer holds the process group: freed after destroy_process_group (when this frame is torn
+        # down), it would run the group's destructor, which joins gloo's worker threads while holding the GIL that
+        # a worker needs to free a finished all-reduce's tensors (a hang seen in CI). Free it first, in order.
+        del ddp
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
