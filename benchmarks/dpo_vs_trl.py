@@ -548,19 +548,15 @@ def trl_dataset(workdir: Path, num_pairs: int):
     return Dataset.from_list(rows).cast_column("images", List(Image()))
 
 
-def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
-    from trl import DPOConfig
-
+def trl_trainer_args(workdir: Path, recipe, steps: int, batch_size: int) -> dict:
+    """The trainer arguments TRL's side takes in both benchmarks (this one and sft_vs_trl.py): our recipe's optimizer,
+    clipping and checkpointing, a constant learning rate, fp32 on CPU, the batches in file order, no saving."""
     train = recipe.train
-    return DPOConfig(
+    return dict(
         output_dir=str(workdir / "trl_run"),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,
         max_steps=steps,
-        beta=recipe.dpo.beta,
-        loss_type=[loss.type for loss in recipe.dpo.losses],
-        loss_weights=[loss.weight for loss in recipe.dpo.losses],
-        learning_rate=dpo_lr(recipe),
         lr_scheduler_type="constant",
         weight_decay=train.weight_decay,
         adam_beta1=train.adam_betas[0],
@@ -581,6 +577,18 @@ def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
         logging_steps=1,
         save_strategy="no",
         disable_tqdm=True,
+    )
+
+
+def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **trl_trainer_args(workdir, recipe, steps, batch_size),
+        learning_rate=dpo_lr(recipe),
+        beta=recipe.dpo.beta,
+        loss_type=[loss.type for loss in recipe.dpo.losses],
+        loss_weights=[loss.weight for loss in recipe.dpo.losses],
     )
 
 
@@ -743,7 +751,7 @@ def spawn_side(
 ) -> tuple[dict | None, str]:
     """(result, '') or (None, the tail of the failed subprocess's output) of `script --side side` (this benchmark,
     or another built like it). `args.processes` > 1: the side runs in that many CPU processes over gloo (DDP), through
-    accelerate's launcher as tests/train_helpers.py launches them; rank 0 writes the result. `args.width` 'real':
+    accelerate's launcher as tests/run_helpers.py launches them; rank 0 writes the result. `args.width` 'real':
     the side builds the real-width model at `args.depth` decoder layers."""
     side_args = [
         "--side",

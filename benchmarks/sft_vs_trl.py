@@ -85,6 +85,7 @@ from dpo_vs_trl import (  # noqa: E402
     time_our_steps,
     trainable_fingerprint,
     trl_result,
+    trl_trainer_args,
     with_depth,
     write_result,
 )
@@ -189,33 +190,9 @@ def run_ours(workdir: Path, steps: int, warmup: int, batch_size: int) -> dict:
 def trl_config(workdir: Path, recipe, steps: int, batch_size: int):
     from trl import SFTConfig
 
-    train = recipe.train
     return SFTConfig(
-        output_dir=str(workdir / "trl_run"),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=1,
-        max_steps=steps,
-        learning_rate=train.lr,
-        lr_scheduler_type="constant",
-        weight_decay=train.weight_decay,
-        adam_beta1=train.adam_betas[0],
-        adam_beta2=train.adam_betas[1],
-        adam_epsilon=train.adam_eps,
-        max_grad_norm=train.max_grad_norm or 0.0,
-        max_length=None,
-        gradient_checkpointing=recipe.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # what ours uses (transformers' default)
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        train_sampling_strategy="sequential",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        seed=recipe.seed,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
+        **trl_trainer_args(workdir, recipe, steps, batch_size),
+        learning_rate=recipe.train.lr,
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
     )
