@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data.decode_check as validate
+import data.decode_check as decode_check
 from config import Source, load_recipe
 from data.loaders import SKIPPED_KEY, load_samples, loader_factory, plan
 from data.sample import DataError
@@ -84,7 +84,7 @@ def test_one_truncated_png_among_60_is_skipped_and_counted_or_stops_the_run_befo
     run = sft.main(load_recipe(DEMO, overrides(tmp_path / "runs" / "skip", data, "skip")), DEMO)
     summary = json.loads(summary_file(run, "sft").read_text())
     assert summary["steps"] == 2
-    assert summary["skipped_rows"] == {f"{data}:train": {validate.UNDECODABLE: 1}}
+    assert summary["skipped_rows"] == {f"{data}:train": {decode_check.UNDECODABLE: 1}}
     assert "sft: 1 rows skipped" in capsys.readouterr().out  # the end-of-stage summary
     # 59 good files are remembered next to the runs; the truncated one is not.
     cache = (tmp_path / "runs" / ".cache" / DECODED_IMAGES).read_text().split()
@@ -105,8 +105,8 @@ def test_known_good_files_are_not_decoded_again(tmp_path, tiny_processor, monkey
         (Source(format="trl_messages", path=str(data)),), "sft", section, seed=0, skips=SkipCounter()
     )
     decoded = []
-    real = validate.load_rgb
-    monkeypatch.setattr(validate, "load_rgb", lambda ref, *args: decoded.append(ref) or real(ref, *args))
+    real = decode_check.load_rgb
+    monkeypatch.setattr(decode_check, "load_rgb", lambda ref, *args: decoded.append(ref) or real(ref, *args))
     plan(samples, tiny_processor, section, SkipCounter(), cache_dir=tmp_path / "cache")
     assert len(decoded) == 6
     plan(samples, tiny_processor, section, SkipCounter(), cache_dir=tmp_path / "cache")
