@@ -6,6 +6,7 @@ import math
 import os
 import re
 import struct
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -109,6 +110,9 @@ def test_a_resumed_stage_continues_its_wandb_run(tmp_path, monkeypatch):
     ids = []
     try:
         for resume in ("false", "true", "false"):
+            # W&B names an offline run's folder by the second it started: two starts in one second share a folder
+            # (CI saw 1 folder where 2 were expected), so each start waits for a new second.
+            time.sleep(1.05 - time.time() % 1)
             recipe = load_recipe(
                 DEMO, ["logging.report_to=[wandb]", f"train.resume={resume}", f"output_dir={run}"]
             )
